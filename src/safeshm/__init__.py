@@ -1,0 +1,67 @@
+"""safeshm: typed, process-safe shared data structures on shared memory.
+
+Counters and locks that any process of the same user can attach to by name, that stay
+exact under any mix of processes and threads, and that survive workers dying at the
+worst moment. See ``README.md`` for a tour and ``python -m safeshm --help`` for the CLI.
+"""
+
+from __future__ import annotations
+
+from ._counter import CounterStatistics, SafeCounter, ShardedCounter, ShardedCounterStatistics
+from ._errors import (
+    HolderDiedWarning,
+    IncompatibleSegmentError,
+    InvalidNameError,
+    LockNotHeldError,
+    LockReentryError,
+    LockTimeoutError,
+    SafeShmError,
+    SafeShmWarning,
+    SegmentClosedError,
+    SegmentPermissionError,
+)
+from ._lock import LockStatistics, SafeLock
+
+__version__ = "0.1.0.dev0"
+
+# Public classes say `safeshm.X` in reprs, tracebacks and pickles, not `safeshm._counter.X`.
+for _obj in (
+    CounterStatistics,
+    HolderDiedWarning,
+    IncompatibleSegmentError,
+    InvalidNameError,
+    LockNotHeldError,
+    LockReentryError,
+    LockStatistics,
+    LockTimeoutError,
+    SafeCounter,
+    SafeLock,
+    SafeShmError,
+    SafeShmWarning,
+    SegmentClosedError,
+    SegmentPermissionError,
+    ShardedCounter,
+    ShardedCounterStatistics,
+):
+    _obj.__module__ = __name__
+del _obj
+
+__all__ = [
+    "CounterStatistics",
+    "HolderDiedWarning",
+    "IncompatibleSegmentError",
+    "InvalidNameError",
+    "LockNotHeldError",
+    "LockReentryError",
+    "LockStatistics",
+    "LockTimeoutError",
+    "SafeCounter",
+    "SafeLock",
+    "SafeShmError",
+    "SafeShmWarning",
+    "SegmentClosedError",
+    "SegmentPermissionError",
+    "ShardedCounter",
+    "ShardedCounterStatistics",
+    "__version__",
+]

@@ -1,0 +1,363 @@
+"""``python -m safeshm`` / ``safeshm``: list, inspect and remove segments; demo; bench."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import fcntl
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import _compat
+from ._counter import SafeCounter, ShardedCounter
+from ._errors import SafeShmError
+from ._lock import SafeLock
+from ._segment import (
+    Header,
+    Kind,
+    SharedStructure,
+    describe_kind,
+    read_header,
+    segment_path,
+    validate_name,
+)
+
+_CLASSES: dict[int, type[SharedStructure]] = {
+    Kind.COUNTER: SafeCounter,
+    Kind.SHARDED_COUNTER: ShardedCounter,
+    Kind.LOCK: SafeLock,
+}
+
+
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    kind: str
+    size: int
+    creator_pid: int | None
+    creator_alive: bool | None
+    in_use: bool | None
+    summary: str
+    stats: dict[str, Any] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _in_use(path: str) -> bool | None:
+    """Whether any process holds the segment open (each handle keeps a shared flock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing drops the probe lock, if we got it
+    return False
+
+
+def _summary(stats: Any) -> str:
+    fields = dataclasses.asdict(stats)
+    fields.pop("name", None)
+    fields.pop("creator_pid", None)
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _entry(filename: str) -> _Entry | None:
+    path = os.path.join(_compat.SHM_DIR, filename)
+    if filename.startswith(_compat.TMP_PREFIX):
+        try:
+            size = os.stat(path, follow_symlinks=False).st_size
+        except OSError:
+            return None
+        return _Entry(filename, "incomplete", size, None, None, _in_use(path),
+                      "a create that never finished (its creator died)", None)
+    name = filename[len(_compat.FILE_PREFIX):]
+    try:
+        header, st = read_header(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return _Entry(name, "?", 0, None, None, None, f"unreadable: {e.strerror}", None)
+    if header is None:
+        return _Entry(name, "not safeshm", st.st_size, None, None, None,
+                      "no safeshm header", None)
+    return _describe(name, header, st.st_size, path)
+
+
+def _describe(name: str, header: Header, size: int, path: str) -> _Entry:
+    alive = _compat.process_alive(header.creator_pid, header.creator_start,
+                                  _compat.pid_namespace())
+    cls = _CLASSES.get(header.kind)
+    kind = describe_kind(header.kind, header.layout)[2:]
+    summary = ""
+    stats = None
+    if cls is not None:
+        try:
+            handle = cls.attach(name)
+        except (OSError, SafeShmError) as e:
+            summary = f"cannot attach: {e}"
+        else:
+            try:
+                st = handle.statistics()  # type: ignore[attr-defined]
+                stats = dataclasses.asdict(st)
+                summary = _summary(st)
+            finally:
+                handle.close()
+    return _Entry(name, kind, size, header.creator_pid, alive, _in_use(path), summary, stats)
+
+
+def _entries() -> list[_Entry]:
+    try:
+        names = sorted(os.listdir(_compat.SHM_DIR))
+    except FileNotFoundError:
+        return []
+    out = []
+    for filename in names:
+        if filename.startswith(_compat.FILE_PREFIX):
+            entry = _entry(filename)
+            if entry is not None:
+                out.append(entry)
+    return out
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    entries = _entries()
+    if args.json:
+        print(json.dumps([e.as_json() for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no safeshm segments in {_compat.SHM_DIR}")
+        return 0
+    rows = [("NAME", "KIND", "SIZE", "CREATOR", "IN USE", "SUMMARY")]
+    for e in entries:
+        creator = "-" if e.creator_pid is None else (
+            f"{e.creator_pid} ({'alive' if e.creator_alive else 'exited'})")
+        in_use = {True: "yes", False: "no", None: "?"}[e.in_use]
+        rows.append((e.name, e.kind, str(e.size), creator, in_use, e.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    name = validate_name(args.name)
+    path = segment_path(name)
+    try:
+        header, st = read_header(path)
+    except FileNotFoundError:
+        print(f"safeshm: no segment named {name!r}", file=sys.stderr)
+        return 1
+    if header is None:
+        print(f"safeshm: {name!r} is not a safeshm segment", file=sys.stderr)
+        return 1
+    entry = _describe(name, header, st.st_size, path)
+    info: dict[str, Any] = {
+        "name": name,
+        "kind": entry.kind,
+        "size": st.st_size,
+        "path": path,
+        "creator_pid": header.creator_pid,
+        "creator_alive": entry.creator_alive,
+        "in_use": entry.in_use,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(header.created_ns / 1e9)),
+        "statistics": entry.stats,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "statistics" and isinstance(value, dict):
+            for k, v in value.items():
+                print(f"  {k:>16}: {v}")
+        else:
+            print(f"{key:>18}: {value}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    targets: list[str] = []
+    if args.stale:
+        targets = [e.name for e in _entries()
+                   if e.in_use is False and e.kind not in ("not safeshm", "?")]
+    for name in args.names:
+        validate_name(name)
+        targets.append(name)
+    if not targets:
+        print("nothing to remove")
+        return 0
+    status = 0
+    for name in targets:
+        filename = name if name.startswith(_compat.TMP_PREFIX) else _compat.FILE_PREFIX + name
+        path = os.path.join(_compat.SHM_DIR, filename)
+        if not name.startswith(_compat.TMP_PREFIX):
+            try:
+                header, _ = read_header(path)
+            except FileNotFoundError:
+                print(f"safeshm: no segment named {name!r}", file=sys.stderr)
+                status = 1
+                continue
+            if header is None:
+                print(f"safeshm: {name!r} is not a safeshm segment; left alone", file=sys.stderr)
+                status = 1
+                continue
+        if not args.yes:
+            answer = input(f"remove {name!r}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            print(f"safeshm: {name!r} is already gone", file=sys.stderr)
+            status = 1
+        else:
+            print(f"removed {name}")
+    return status
+
+
+# -- demo ----------------------------------------------------------------------------------
+_DEMO_ADDS = 20_000
+
+
+def _demo_worker(exact: SafeCounter, sharded: ShardedCounter, lock: SafeLock,
+                 under_lock: SafeCounter, worker: int) -> None:
+    for _ in range(_DEMO_ADDS):
+        exact.add()
+        sharded.add()
+    for _ in range(200):
+        with lock:
+            # A read-modify-write that is only safe under the lock.
+            under_lock.set(under_lock.value + 1)
+    exact.add(worker)  # distinct per worker: a lost or duplicated add shows in the total
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    workers = args.workers
+    print(f"safeshm demo: {workers} worker processes per start method, sharing counters "
+          "and a lock")
+    exact = SafeCounter.create()
+    sharded = ShardedCounter.create()
+    lock = SafeLock.create()
+    under_lock = SafeCounter.create()
+    failures = 0
+    try:
+        print(f"  SafeCounter implementation: {exact.implementation}")
+        total_procs = 0
+        for method in ("spawn", "fork"):
+            ctx = multiprocessing.get_context(method)
+            t0 = time.perf_counter()
+            procs = [ctx.Process(target=_demo_worker,
+                                 args=(exact, sharded, lock, under_lock, w))
+                     for w in range(workers)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(timeout=120)
+            bad = [p.exitcode for p in procs if p.exitcode != 0]
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            total_procs += workers
+            print(f"  {workers} {method} workers done in {time.perf_counter() - t0:.2f} s"
+                  + (f" -- {len(bad)} failed (exit codes {bad})" if bad else ""))
+            failures += len(bad)
+        checks = [
+            ("SafeCounter total", exact.value,
+             total_procs * _DEMO_ADDS + 2 * sum(range(workers))),
+            ("ShardedCounter total", sharded.value, total_procs * _DEMO_ADDS),
+            ("read-modify-writes under SafeLock", under_lock.value, total_procs * 200),
+        ]
+        for label, got, want in checks:
+            ok = got == want
+            failures += not ok
+            print(f"  [{'ok' if ok else 'FAIL'}] {label}: {got} (expected {want})")
+    finally:
+        for handle in (exact, sharded, under_lock):
+            handle.close()
+            handle.unlink()
+        lock.close()
+        lock.unlink()
+    print("demo passed" if not failures else f"demo FAILED ({failures} problems)")
+    return 1 if failures else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ._bench import main as bench_main
+
+    argv = ["--processes", *map(str, args.processes), "--seconds", str(args.seconds)]
+    if args.json:
+        argv.append("--json")
+    return bench_main(argv)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeshm", description=(
+        "Inspect and manage safeshm shared-memory segments, run the demo or the benchmark."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ls = sub.add_parser("ls", help="list every safeshm segment on this machine")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_ls)
+
+    ins = sub.add_parser("inspect", help="show everything known about one segment")
+    ins.add_argument("name")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(func=cmd_inspect)
+
+    rm = sub.add_parser("rm", help="remove segments (only safeshm's own)")
+    rm.add_argument("names", nargs="*", metavar="NAME")
+    rm.add_argument("--stale", action="store_true",
+                    help="also remove every segment that no process has open")
+    rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    rm.set_defaults(func=cmd_rm)
+
+    demo = sub.add_parser("demo", help="worker processes sharing counters and a lock, checked")
+    demo.add_argument("--workers", type=_positive_int, default=4)
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmark safeshm against the alternatives")
+    bench.add_argument("--processes", type=_positive_int, nargs="+", default=[1, 2])
+    bench.add_argument("--seconds", type=float, default=1.0,
+                       help="approximate duration of each measurement")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SafeShmError, ValueError, TypeError) as e:
+        print(f"safeshm: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # pragma: no cover - output piped into `head`
+            return 0
+        print(f"safeshm: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130

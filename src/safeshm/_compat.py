@@ -1,0 +1,212 @@
+"""Per-platform and per-Python-version differences, and nowhere else.
+
+safeshm needs three things from the platform:
+
+* a shared-memory filesystem we can create files in with ``O_TMPFILE`` (or at least
+  ``O_EXCL``) and hard-link into place: Linux's ``/dev/shm`` (tmpfs);
+* robust, process-shared pthread mutexes (``pthread_mutexattr_setrobust``): glibc and
+  musl both provide them;
+* optionally ``libatomic`` for lock-free 64-bit compare-and-swap. Without it counters
+  fall back to the robust mutex, which is slower but equally correct.
+
+Anything else (macOS, Windows, 32-bit) gets a clear ``ImportError`` at import, never
+silently wrong behaviour.
+
+The resource-tracker problem (CPython gh-82300): on Python 3.11 and 3.12,
+``multiprocessing.shared_memory.SharedMemory`` registers every segment a process merely
+*attaches to* with the resource tracker, which unlinks it when that process exits and
+prints a "leaked shared_memory objects" warning; 3.13 added ``track=False``. safeshm
+sidesteps the tracker for every segment on every version by opening its segment files
+itself (``os.open`` under :data:`SHM_DIR`, which is what ``shm_open`` does on Linux)
+instead of going through ``SharedMemory``. Nothing in the standard library is patched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import sys
+from typing import Any, Final
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - exercised on other OSes only
+    raise ImportError(
+        f"safeshm supports Linux only (found sys.platform={sys.platform!r}): it needs "
+        "/dev/shm and robust process-shared pthread mutexes"
+    )
+if sys.maxsize <= 2**32:  # pragma: no cover
+    raise ImportError("safeshm needs a 64-bit Python: its counters rely on 8-byte atomic words")
+
+SHM_DIR: Final = os.environ.get("SAFESHM_DIR", "/dev/shm")
+"""Where segment files live. ``SAFESHM_DIR`` overrides it (tests, sandboxes)."""
+
+FILE_PREFIX: Final = "safeshm."
+"""Every segment file is ``SHM_DIR/safeshm.<name>``: ``ls`` and cleanup never touch
+files that are not ours."""
+
+TMP_PREFIX: Final = "safeshm.~tmp."
+"""Named temporaries of the fallback create path (only without ``O_TMPFILE``)."""
+
+# --- the current process ----------------------------------------------------------------
+# glibc stopped caching getpid() (2.25), so os.getpid() is a system call. Hot paths read
+# this instead; the at-fork hook keeps it right in children.
+pid: int = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global pid  # noqa: PLW0603 - the one process-wide fact that fork changes
+    pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def process_start_time(target_pid: int) -> int | None:
+    """Start time of ``target_pid`` in clock ticks since boot, or ``None`` if it is gone.
+
+    Paired with the pid it identifies a process even after its pid is reused.
+    """
+    try:
+        with open(f"/proc/{target_pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:  # pragma: no cover - /proc unreadable: cannot tell
+        return 0
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19])  # field 22 overall: starttime
+
+
+def pid_namespace() -> int:
+    """An identifier of this process's pid namespace (0 when it cannot be read)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # pragma: no cover - no /proc
+        return 0
+
+
+def process_alive(target_pid: int, start_time: int, namespace: int) -> bool:
+    """Whether the process that was ``(target_pid, start_time)`` in ``namespace`` lives.
+
+    Errs on the side of "alive": a process in another pid namespace, or one we cannot
+    inspect, is reported alive, so nothing it owns is ever reused under it.
+    """
+    if target_pid <= 0:
+        return False
+    if namespace != pid_namespace():
+        return True
+    try:
+        os.kill(target_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = process_start_time(target_pid)
+    if now is None:
+        return False
+    # 0 on either side means "unknown": assume it is the same process.
+    return start_time == 0 or now in (0, start_time)
+
+
+# --- libc: robust process-shared mutexes ----------------------------------------------------
+# Two handles on the C library: calls through ``_libc_nogil`` release the GIL (they may
+# block in the kernel); calls through ``_libc_gil`` keep it (they never block, and skipping
+# the GIL hand-off saves ~100 ns per call on the hot path).
+_libc_nogil: Final = ctypes.CDLL(None, use_errno=True)
+_libc_gil: Final = ctypes.PyDLL(None)
+
+for _name in (
+    "pthread_mutexattr_init",
+    "pthread_mutexattr_setpshared",
+    "pthread_mutexattr_setrobust",
+    "pthread_mutexattr_settype",
+    "pthread_mutexattr_destroy",
+    "pthread_mutex_init",
+    "pthread_mutex_consistent",
+):
+    if not hasattr(_libc_nogil, _name):  # pragma: no cover - ancient or exotic libc
+        raise ImportError(
+            f"safeshm needs robust process-shared mutexes, but this C library lacks {_name}()"
+        )
+
+mutexattr_init: Final[Any] = _libc_gil.pthread_mutexattr_init
+mutexattr_setpshared: Final[Any] = _libc_gil.pthread_mutexattr_setpshared
+mutexattr_setrobust: Final[Any] = _libc_gil.pthread_mutexattr_setrobust
+mutexattr_settype: Final[Any] = _libc_gil.pthread_mutexattr_settype
+mutexattr_destroy: Final[Any] = _libc_gil.pthread_mutexattr_destroy
+mutex_init: Final[Any] = _libc_gil.pthread_mutex_init
+mutex_trylock: Final[Any] = _libc_gil.pthread_mutex_trylock
+mutex_unlock: Final[Any] = _libc_gil.pthread_mutex_unlock
+mutex_consistent: Final[Any] = _libc_gil.pthread_mutex_consistent
+
+# Blocking waits: pthread_mutex_clocklock (glibc >= 2.30) takes a CLOCK_MONOTONIC deadline,
+# immune to wall-clock jumps; musl and older glibc only have timedlock (CLOCK_REALTIME).
+mutex_clocklock: Final[Any | None] = getattr(_libc_nogil, "pthread_mutex_clocklock", None)
+mutex_timedlock: Final[Any] = _libc_nogil.pthread_mutex_timedlock
+
+def _is_glibc() -> bool:
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):  # pragma: no cover - not glibc
+        return False
+
+
+GLIBC: Final = _is_glibc()
+
+PTHREAD_PROCESS_SHARED: Final = 1
+PTHREAD_MUTEX_ROBUST: Final = 1
+PTHREAD_MUTEX_ERRORCHECK: Final = 2
+CLOCK_REALTIME: Final = 0
+CLOCK_MONOTONIC: Final = 1
+
+PTHREAD_MUTEX_SIZE: Final = 64
+"""Bytes reserved for a ``pthread_mutex_t`` (40 on x86_64 glibc, 48 on aarch64)."""
+PTHREAD_MUTEXATTR_SIZE: Final = 16
+
+EBUSY: Final = errno.EBUSY
+EDEADLK: Final = errno.EDEADLK
+EOWNERDEAD: Final = errno.EOWNERDEAD
+ENOTRECOVERABLE: Final = errno.ENOTRECOVERABLE
+EPERM: Final = errno.EPERM
+ETIMEDOUT: Final = errno.ETIMEDOUT
+
+
+class Timespec(ctypes.Structure):
+    """``struct timespec`` (``time_t`` and ``long`` are both 64-bit on supported ABIs)."""
+
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+# --- libatomic: lock-free 64-bit compare-and-swap -------------------------------------------
+def _load_libatomic() -> Any | None:
+    if os.environ.get("SAFESHM_DISABLE_ATOMICS"):
+        return None
+    for candidate in ("libatomic.so.1", ctypes.util.find_library("atomic")):
+        if not candidate:
+            continue
+        try:
+            # PyDLL: the call keeps the GIL; a CAS never blocks, so releasing and
+            # re-taking the GIL around it would only cost time.
+            return ctypes.PyDLL(candidate)
+        except OSError:
+            continue
+    return None
+
+
+_libatomic: Final = _load_libatomic()
+
+compare_exchange: Final[Any | None] = None if _libatomic is None else _libatomic.__atomic_compare_exchange
+"""``bool __atomic_compare_exchange(size_t, void *ptr, void *expected, void *desired, int, int)``.
+
+Called without ``argtypes`` and with pre-built ``byref`` arguments only: that is the
+cheapest way through ctypes (measured: about half the cost of declared argtypes).
+On failure it writes the current value into ``*expected``.
+"""
+if compare_exchange is not None:
+    compare_exchange.restype = ctypes.c_bool
+
+ATOMIC_SEQ_CST: Final = 5
+
+HAVE_ATOMICS: Final = compare_exchange is not None

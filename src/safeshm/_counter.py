@@ -1,0 +1,744 @@
+"""SafeCounter (exact, linearizable) and ShardedCounter (write-scalable) in shared memory."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import mmap
+import operator
+import os
+import struct
+import threading
+import time
+import weakref
+from typing import Final, Literal, Self, overload
+
+from . import _compat
+from ._errors import IncompatibleSegmentError
+from ._lock import MUTEX_BLOCK, RobustMutex, init_mutex
+from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+# --- SafeCounter layout -------------------------------------------------------------------
+#   128  value (int64), alone on its cache line
+#   192  robust mutex block (used when lock-free atomics are unavailable)
+_VALUE_OFFSET: Final = HEADER_SIZE
+_VALUE: Final = _VALUE_OFFSET // 8  # index in the mapping's int64 view
+_COUNTER_MUTEX_OFFSET: Final = HEADER_SIZE + 64
+_COUNTER_PAYLOAD: Final = 64 + MUTEX_BLOCK
+
+# Header flags: which protocol every process must use on this segment. Mixing a CAS
+# writer with a lock-based writer on one word would lose updates, so the choice is made
+# once, at creation, and recorded.
+IMPL_ATOMIC: Final = 1
+IMPL_LOCKED: Final = 2
+_IMPL_NAMES: Final = {IMPL_ATOMIC: "lock-free (atomic compare-and-swap)",
+                      IMPL_LOCKED: "robust lock"}
+
+
+def _check_int64(what: str, v: object) -> int:
+    """Validate an int64 argument the way the hot paths' memoryview stores do."""
+    try:
+        i = operator.index(v)  # int, bool, numpy integers; not float, not str
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(v).__name__}") from None
+    if not INT64_MIN <= i <= INT64_MAX:
+        raise OverflowError(f"{what} {i} is outside the int64 range; nothing was changed")
+    return i
+
+
+class _Scratch:
+    """Private, per-call memory for one compare-and-swap: ``expected`` and ``desired``.
+
+    libatomic's CAS takes both by pointer. A scratch is popped from a pool for the
+    duration of one call, so threads -- and a signal handler that interrupts a call
+    and counts something itself -- never share one.
+    """
+
+    __slots__ = ("buf", "mv", "pdes", "pexp")
+
+    def __init__(self) -> None:
+        self.buf = (ctypes.c_int64 * 2)()
+        self.mv = memoryview(self.buf).cast("B").cast("q")
+        self.pexp = ctypes.byref(self.buf, 0)
+        self.pdes = ctypes.byref(self.buf, 8)
+
+
+_scratch_pool: list[_Scratch] = []
+_pop_scratch: Final = _scratch_pool.pop
+_push_scratch: Final = _scratch_pool.append
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CounterStatistics:
+    """A snapshot of a :class:`SafeCounter` (see :meth:`SafeCounter.statistics`)."""
+
+    name: str
+    value: int
+    implementation: str
+    """``"lock-free (atomic compare-and-swap)"`` or ``"robust lock"``."""
+    creator_pid: int
+
+
+class SafeCounter(SharedStructure):
+    """A signed 64-bit integer shared by processes and threads, exact under any load.
+
+    Every operation is atomic and linearizable: ``add``, ``exchange`` and
+    ``compare_and_set`` are single compare-and-swap operations on the shared word
+    (through libatomic; where it is missing, under a robust lock), so no interleaving of
+    processes and threads loses or duplicates an update, and no process's death can leave
+    the counter locked or half-written. Leaving the int64 range raises ``OverflowError``
+    and changes nothing.
+
+    For write-heavy metrics whose increments must scale with cores, see
+    :class:`ShardedCounter` (``SafeCounter.create(sharded=True)``).
+
+    Example:
+        >>> with SafeCounter.create() as hits:
+        ...     hits.add()
+        ...     hits.add(41)
+        ...     hits.value
+        1
+        42
+        42
+    """
+
+    _KIND = Kind.COUNTER
+    _LAYOUT = 1
+    _MAPPED = ("_mv", "_pval", "_cas", "_mutex")
+
+    _mv: memoryview
+    _pval: object
+    _cas: object
+    _mutex: RobustMutex
+
+    # -- construction ----------------------------------------------------------------------
+    @overload
+    @classmethod
+    def create(cls, initial: int = 0, name: str | None = None, *,
+               sharded: Literal[False] = False) -> Self: ...
+    @overload
+    @classmethod
+    def create(cls, initial: int = 0, name: str | None = None, *,
+               sharded: Literal[True], slots: int | None = None) -> ShardedCounter: ...
+
+    @classmethod
+    def create(cls, initial: int = 0, name: str | None = None, *, sharded: bool = False,
+               slots: int | None = None) -> Self | ShardedCounter:
+        """Create a new counter holding ``initial``.
+
+        Args:
+            initial: the starting value (int64).
+            name: the name to attach by; a random one when ``None``.
+            sharded: return a :class:`ShardedCounter` instead (write-scalable metrics).
+            slots: ``ShardedCounter`` only: how many per-thread slots to reserve.
+
+        Raises:
+            FileExistsError: a segment with this name exists.
+            InvalidNameError: ``name`` is not a valid segment name.
+            OverflowError: ``initial`` is outside the int64 range.
+            TypeError: ``initial`` is not an int.
+        """
+        if sharded:
+            return ShardedCounter.create(initial, name, slots=slots)
+        if slots is not None:
+            raise TypeError("slots= applies to sharded counters only")
+        initial = _check_int64("initial value", initial)
+        impl = IMPL_ATOMIC if _compat.HAVE_ATOMICS else IMPL_LOCKED
+
+        def init(mm: mmap.mmap) -> None:
+            struct.pack_into("=q", mm, _VALUE_OFFSET, initial)
+            init_mutex(mm, _COUNTER_MUTEX_OFFSET)
+
+        seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
+                             payload_size=_COUNTER_PAYLOAD, init=init, flags=impl)
+        return cls._from_segment(seg)
+
+    @classmethod
+    def attach(cls, name: str) -> Self:
+        """Attach to an existing counter by name, from any process of the same user.
+
+        Raises:
+            FileNotFoundError: no segment has this name.
+            IncompatibleSegmentError: the segment is not a ``SafeCounter`` (the message
+                says what it is).
+        """
+        return cls._from_segment(cls._attach_segment(name))
+
+    @overload
+    @classmethod
+    def open(cls, name: str, initial: int = 0, *,
+             sharded: Literal[False] = False) -> Self: ...
+    @overload
+    @classmethod
+    def open(cls, name: str, initial: int = 0, *, sharded: Literal[True],
+             slots: int | None = None) -> ShardedCounter: ...
+
+    @classmethod
+    def open(cls, name: str, initial: int = 0, *, sharded: bool = False,
+             slots: int | None = None) -> Self | ShardedCounter:
+        """Attach to the counter ``name``, creating it with ``initial`` if it does not
+        exist. Race-free: many processes calling it at once all end up on one counter,
+        and exactly one of them initialises it.
+        """
+        if sharded:
+            return ShardedCounter.open(name, initial, slots=slots)
+        if slots is not None:
+            raise TypeError("slots= applies to sharded counters only")
+        initial = _check_int64("initial value", initial)
+        return cls._open_segment(name, lambda: cls.create(initial, name))
+
+    def _bind(self, mm: mmap.mmap) -> None:
+        impl = self._seg.header.flags
+        self._mv = memoryview(mm).cast("q")
+        self._mutex = RobustMutex(mm, _COUNTER_MUTEX_OFFSET, f"SafeCounter {self._seg.name!r}")
+        if impl == IMPL_ATOMIC:
+            if _compat.compare_exchange is None:
+                raise IncompatibleSegmentError(
+                    f"SafeCounter {self._seg.name!r} was created to use lock-free atomics, "
+                    "but this process has no libatomic (or SAFESHM_DISABLE_ATOMICS is set)")
+            self._pval = ctypes.byref(ctypes.c_int64.from_buffer(mm, _VALUE_OFFSET))
+            self._cas = _compat.compare_exchange
+        elif impl == IMPL_LOCKED:
+            self._pval = None
+            self._cas = None
+        else:
+            raise IncompatibleSegmentError(
+                f"SafeCounter {self._seg.name!r} uses an unknown implementation ({impl})")
+
+    # -- operations ------------------------------------------------------------------------
+    @property
+    def value(self) -> int:
+        """The current value (an atomic read)."""
+        return self._mv[_VALUE]  # type: ignore[no-any-return]
+
+    def add(self, delta: int = 1) -> int:
+        """Atomically add ``delta`` (may be negative) and return the new value.
+
+        Raises:
+            OverflowError: the result would leave the int64 range; nothing changed.
+            TypeError: ``delta`` is not an int; nothing changed.
+        """
+        mv = self._mv
+        cas = self._cas
+        if cas is None:
+            return self._add_locked(delta)
+        try:
+            s = _pop_scratch()
+        except IndexError:
+            s = _Scratch()
+        smv = s.mv
+        pval = self._pval
+        old = mv[_VALUE]
+        while True:
+            smv[0] = old
+            try:
+                smv[1] = new = old + delta
+            except (ValueError, TypeError) as e:
+                _push_scratch(s)
+                raise self._bad_operand(e, "delta", delta, old) from None
+            if cas(8, pval, s.pexp, s.pdes, 5, 5):  # 5: __ATOMIC_SEQ_CST
+                _push_scratch(s)
+                return new  # type: ignore[no-any-return]
+            old = smv[0]  # a failed CAS wrote the current value back into "expected"
+
+    def set(self, value: int) -> None:
+        """Atomically replace the value.
+
+        Raises:
+            OverflowError: ``value`` is outside the int64 range; nothing changed.
+            TypeError: ``value`` is not an int; nothing changed.
+        """
+        mv = self._mv
+        if self._cas is None:
+            value = _check_int64("value", value)
+            with _Held(self._mutex):
+                mv[_VALUE] = value
+            return
+        try:
+            # One aligned 8-byte store: atomic on every supported platform, and ordered
+            # with respect to the compare-and-swaps on the same word.
+            mv[_VALUE] = value
+        except (ValueError, TypeError) as e:
+            raise self._bad_operand(e, "value", value, None) from None
+
+    def exchange(self, value: int) -> int:
+        """Atomically replace the value and return the previous one.
+
+        Raises:
+            OverflowError: ``value`` is outside the int64 range; nothing changed.
+            TypeError: ``value`` is not an int; nothing changed.
+        """
+        value = _check_int64("value", value)
+        mv = self._mv
+        cas = self._cas
+        if cas is None:
+            with _Held(self._mutex):
+                old: int = mv[_VALUE]
+                mv[_VALUE] = value
+                return old
+        try:
+            s = _pop_scratch()
+        except IndexError:
+            s = _Scratch()
+        smv = s.mv
+        smv[0] = mv[_VALUE]
+        smv[1] = value
+        while not cas(8, self._pval, s.pexp, s.pdes, _compat.ATOMIC_SEQ_CST,
+                      _compat.ATOMIC_SEQ_CST):
+            pass  # "expected" now holds the current value: retry with it
+        old = smv[0]
+        _push_scratch(s)
+        return old
+
+    def compare_and_set(self, expected: int, new: int) -> bool:
+        """Atomically set the value to ``new`` if it equals ``expected``.
+
+        Returns:
+            ``True`` if the value was ``expected`` and is now ``new``; ``False`` (and
+            nothing changed) otherwise.
+
+        Raises:
+            OverflowError: ``expected`` or ``new`` is outside the int64 range.
+            TypeError: ``expected`` or ``new`` is not an int.
+        """
+        mv = self._mv
+        cas = self._cas
+        if cas is None:
+            expected = _check_int64("expected", expected)
+            new = _check_int64("new", new)
+            with _Held(self._mutex):
+                if mv[_VALUE] != expected:
+                    return False
+                mv[_VALUE] = new
+                return True
+        try:
+            s = _pop_scratch()
+        except IndexError:
+            s = _Scratch()
+        smv = s.mv
+        try:
+            smv[0] = expected
+            smv[1] = new
+        except (ValueError, TypeError):
+            _push_scratch(s)
+            _check_int64("expected", expected)
+            _check_int64("new", new)
+            raise  # pragma: no cover - the checks above raise the precise error
+        ok: bool = cas(8, self._pval, s.pexp, s.pdes, _compat.ATOMIC_SEQ_CST,
+                       _compat.ATOMIC_SEQ_CST)
+        _push_scratch(s)
+        return ok
+
+    def _add_locked(self, delta: int) -> int:
+        mv = self._mv
+        with _Held(self._mutex):
+            old: int = mv[_VALUE]
+            try:
+                mv[_VALUE] = new = old + delta
+            except (ValueError, TypeError) as e:
+                raise self._bad_operand(e, "delta", delta, old) from None
+            return new
+
+    def _bad_operand(self, e: Exception, what: str, operand: object,
+                     current: int | None) -> Exception:
+        if isinstance(e, ValueError):
+            at = "" if current is None else f" (the counter is at {current})"
+            return OverflowError(
+                f"SafeCounter {self._seg.name!r}: {what} {operand!r} would leave the int64 "
+                f"range{at}; nothing was changed")
+        return TypeError(f"{what} must be an int, not {type(operand).__name__}")
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def implementation(self) -> str:
+        """How updates are made atomic on this segment: lock-free CAS or a robust lock."""
+        return _IMPL_NAMES[self._seg.header.flags]
+
+    def statistics(self) -> CounterStatistics:
+        """A snapshot for monitoring (never blocks)."""
+        return CounterStatistics(name=self._seg.name, value=self.value,
+                                 implementation=self.implementation,
+                                 creator_pid=self._seg.header.creator_pid)
+
+    def _repr_fields(self) -> str:
+        return f"value={self.value}"
+
+
+class _Held:
+    """``with _Held(mutex):`` -- hold an internal robust mutex for a block.
+
+    A dead previous holder is fine here: every structure keeps its state consistent at
+    every instant a holder can die (each commit is one store), so recovery needs no repair.
+    """
+
+    __slots__ = ("_m",)
+
+    def __init__(self, mutex: RobustMutex) -> None:
+        self._m = mutex
+
+    def __enter__(self) -> None:
+        self._m.acquire(None)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._m.release()
+
+
+# --- ShardedCounter layout ----------------------------------------------------------------
+#   128  base (int64): the value not held in any slot; changed only under the mutex
+#   136  high-water mark: how many slots were ever claimed (reads sum only these)
+#   192  robust mutex block (claims, set, exchange)
+#   384  slots, 128 bytes each (two cache lines: no false sharing even with the
+#        adjacent-line prefetcher), each:
+#          +0  value (int64), written only by the owning thread
+#          +8  owner pid (0 = free) -- written last when claiming: the commit
+#          +16 owner start time     +24 owner pid namespace     +32 owner thread id
+_BASE_OFFSET: Final = HEADER_SIZE
+_BASE: Final = _BASE_OFFSET // 8
+_HIGH: Final = _BASE + 1
+_SHARD_MUTEX_OFFSET: Final = HEADER_SIZE + 64
+_SLOTS_OFFSET: Final = 384
+_SLOT_SIZE: Final = 128
+_SLOT_WORDS: Final = _SLOT_SIZE // 8
+_S_VALUE, _S_PID, _S_START, _S_NS, _S_TID = range(5)
+DEFAULT_SLOTS: Final = 256
+MAX_SLOTS: Final = 1 << 16
+_PARAMS: Final = struct.Struct("=I")
+_CLAIM_RETRY_S: Final = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardedCounterStatistics:
+    """A snapshot of a :class:`ShardedCounter` (see :meth:`ShardedCounter.statistics`)."""
+
+    name: str
+    value: int
+    slots: int
+    """Slots reserved at creation."""
+    slots_in_use: int
+    """Slots owned by a live thread right now (owners that died are not counted)."""
+    slots_ever_used: int
+    creator_pid: int
+
+
+class _Lease:
+    """One thread's claim on one slot; releasing it on thread exit lets the slot be reused.
+
+    Stored in the owning thread's ``threading.local``, so CPython drops it when that
+    thread ends. The slot's value stays where it is -- it is still part of the sum --
+    only the ownership is given up.
+    """
+
+    __slots__ = ("counter", "index", "pid", "tid")
+
+    def __init__(self, counter: ShardedCounter, index: int, tid: int) -> None:
+        self.counter = weakref.ref(counter)
+        self.index = index
+        self.pid = _compat.pid
+        self.tid = tid
+
+    def __del__(self) -> None:
+        # A finalizer must not raise. If releasing fails (interpreter shutdown, or this
+        # thread holds the counter's lock), the slot stays owned until this process exits
+        # and is reclaimed then; its value is never lost either way.
+        try:
+            counter = self.counter()
+            # The handle is gone, or we are a forked child: not our slot to free.
+            if counter is not None and self.pid == _compat.pid:
+                counter._release_slot(self.index, self.tid)
+        except Exception:  # noqa: BLE001, S110
+            pass
+
+
+_live_sharded: weakref.WeakSet[ShardedCounter] = weakref.WeakSet()
+
+
+def _forget_slots_after_fork() -> None:
+    # A forked child inherits its parent's thread-locals, and with them the parent's slot
+    # indices; two processes adding into one slot would lose updates. Start afresh.
+    for counter in list(_live_sharded):
+        if counter.closed:
+            continue
+        counter.__dict__["_tls"] = threading.local()
+        counter.__dict__["_leases"] = {}
+
+
+os.register_at_fork(after_in_child=_forget_slots_after_fork)
+
+
+class ShardedCounter(SharedStructure):
+    """A shared integer for write-heavy metrics: increments scale with cores.
+
+    Each thread of each process adds into its own cache-line slot with a plain store,
+    so concurrent ``add()`` calls never contend; ``value`` sums the slots. A slot's value
+    is never lost: when its owning thread ends (or its process dies, even by SIGKILL),
+    the value stays in the sum and the slot is handed to the next thread that needs one.
+    If every slot is owned by a live thread, ``add()`` falls back to a shared word under
+    the robust lock: slower, never wrong.
+
+    Compared with :class:`SafeCounter`:
+
+    * ``add()`` returns ``None``: the new total would need a read of every slot.
+    * ``value`` is exact once adds are quiet; while adds run concurrently it returns a sum
+      that counts each completed add exactly once (never a torn value).
+    * ``set()`` and ``exchange()`` are exact accounting operations: every add lands either
+      in the value ``exchange()`` returns or in the value after it -- never both, never
+      neither -- so ``exchange(0)`` is a loss-free "read and reset". There is no
+      ``compare_and_set()``.
+    * Each slot is an int64; ``value`` is their exact sum.
+
+    Example:
+        >>> with ShardedCounter.create() as requests:
+        ...     for _ in range(1000):
+        ...         requests.add()
+        ...     requests.value
+        1000
+    """
+
+    _KIND = Kind.SHARDED_COUNTER
+    _LAYOUT = 1
+    _MAPPED = ("_mv", "_tls", "_mutex", "_leases")
+
+    _mv: memoryview
+    _tls: threading.local
+    _mutex: RobustMutex
+    _nslots: int
+    _leases: dict[int, int]
+
+    @classmethod
+    def create(cls, initial: int = 0, name: str | None = None, *,
+               slots: int | None = None) -> Self:
+        """Create a new sharded counter holding ``initial``.
+
+        Args:
+            initial: the starting value (int64).
+            name: the name to attach by; a random one when ``None``.
+            slots: how many threads (across all processes) can own a slot at once;
+                default 256. More concurrent writers still work, through a locked
+                fallback.
+
+        Raises:
+            FileExistsError: a segment with this name exists.
+            ValueError: ``slots`` is not between 1 and 65536.
+        """
+        initial = _check_int64("initial value", initial)
+        nslots = DEFAULT_SLOTS if slots is None else slots
+        if isinstance(nslots, bool) or not isinstance(nslots, int):
+            raise TypeError(f"slots must be an int, not {type(nslots).__name__}")
+        if not 1 <= nslots <= MAX_SLOTS:
+            raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, got {nslots}")
+
+        def init(mm: mmap.mmap) -> None:
+            struct.pack_into("=q", mm, _BASE_OFFSET, initial)
+            init_mutex(mm, _SHARD_MUTEX_OFFSET)
+
+        seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
+                             payload_size=_SLOTS_OFFSET - HEADER_SIZE + nslots * _SLOT_SIZE,
+                             init=init, params=_PARAMS.pack(nslots))
+        return cls._from_segment(seg)
+
+    @classmethod
+    def attach(cls, name: str) -> Self:
+        """Attach to an existing sharded counter by name.
+
+        Raises:
+            FileNotFoundError: no segment has this name.
+            IncompatibleSegmentError: the segment is not a ``ShardedCounter``.
+        """
+        return cls._from_segment(cls._attach_segment(name))
+
+    @classmethod
+    def open(cls, name: str, initial: int = 0, *, slots: int | None = None) -> Self:
+        """Attach to ``name``, creating it with ``initial`` first if needed (race-free).
+
+        ``slots`` applies only if this call creates the counter.
+        """
+        initial = _check_int64("initial value", initial)
+        return cls._open_segment(name, lambda: cls.create(initial, name, slots=slots))
+
+    def _bind(self, mm: mmap.mmap) -> None:
+        (nslots,) = _PARAMS.unpack_from(self._seg.header.params)
+        if _SLOTS_OFFSET + nslots * _SLOT_SIZE != self._seg.header.total_size:
+            raise IncompatibleSegmentError(
+                f"ShardedCounter {self._seg.name!r} is damaged: {nslots} slots do not fit "
+                f"its {self._seg.header.total_size} bytes")
+        self._mv = memoryview(mm).cast("q")
+        self._mutex = RobustMutex(mm, _SHARD_MUTEX_OFFSET,
+                                  f"ShardedCounter {self._seg.name!r}")
+        self._nslots = nslots
+        self._tls = threading.local()
+        self._leases = {}
+        _live_sharded.add(self)
+
+    # -- the hot path ----------------------------------------------------------------------
+    def add(self, delta: int = 1) -> None:
+        """Add ``delta`` (may be negative) into this thread's slot.
+
+        Raises:
+            OverflowError: this thread's slot and the shared overflow word would both
+                leave the int64 range; nothing changed.
+            TypeError: ``delta`` is not an int; nothing changed.
+        """
+        try:
+            i = self._tls.index
+        except AttributeError:
+            i = self._claim()
+        mv = self._mv
+        try:
+            # Only this thread ever writes slot i: a plain read-modify-write is safe, and
+            # the 8-byte store is atomic for concurrent readers.
+            mv[i] += delta
+        except (ValueError, TypeError):
+            self._add_slow(i, delta)
+
+    def _add_slow(self, i: int | None, delta: int) -> None:
+        delta = _check_int64("delta", delta)
+        if i is None:
+            tls = self._tls
+            if time.monotonic() >= tls.retry_at:
+                i = self._claim()
+                if i is not None:
+                    self.add(delta)
+                    return
+        with _Held(self._mutex):
+            mv = self._mv
+            new = mv[_BASE] + delta
+            if not INT64_MIN <= new <= INT64_MAX:
+                raise OverflowError(
+                    f"ShardedCounter {self._seg.name!r}: adding {delta} would overflow "
+                    "both this thread's slot and the shared int64 word; nothing was changed")
+            mv[_BASE] = new
+
+    # -- slots ------------------------------------------------------------------------------
+    def _claim(self) -> int | None:
+        """Give the calling thread a slot: a free one, else one whose owner died."""
+        mv = self._mv
+        tls = self._tls
+        me = _compat.pid
+        tid = threading.get_native_id()
+        start = _owner_start_time()
+        ns = _compat.pid_namespace()
+        chosen: int | None = None
+        with _Held(self._mutex):
+            high = mv[_HIGH]
+            for k in range(self._nslots):  # an int: survives close, unlike the views
+                w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
+                if mv[w + _S_PID] == 0:
+                    chosen = k
+                    break
+            else:
+                for k in range(high):
+                    w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
+                    owner = mv[w + _S_PID]
+                    if owner != me and not _compat.process_alive(
+                            owner, mv[w + _S_START], mv[w + _S_NS]):
+                        chosen = k
+                        break
+            if chosen is not None:
+                w = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8
+                mv[w + _S_START] = start
+                mv[w + _S_NS] = ns
+                mv[w + _S_TID] = tid
+                mv[w + _S_PID] = me  # the commit: a crash before this leaves it free
+                if chosen >= high:
+                    mv[_HIGH] = chosen + 1
+        if chosen is None:
+            tls.index = None
+            tls.retry_at = time.monotonic() + _CLAIM_RETRY_S
+            return None
+        index = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8 + _S_VALUE
+        self._leases[index] = tid
+        tls.lease = _Lease(self, index, tid)
+        tls.index = index
+        return index
+
+    def _release_slot(self, index: int, tid: int) -> None:
+        if self._seg.closed:
+            return
+        mv = self._mv
+        self._leases.pop(index, None)
+        with _Held(self._mutex):
+            w = index - _S_VALUE
+            if mv[w + _S_PID] == _compat.pid and mv[w + _S_TID] == tid:
+                mv[w + _S_PID] = 0
+
+    def _before_close(self) -> None:
+        leases = self.__dict__.get("_leases")
+        if not isinstance(leases, dict):
+            return
+        for index, tid in list(leases.items()):
+            self._release_slot(index, tid)
+
+    def _slot_sum(self, high: int) -> int:
+        first = _SLOTS_OFFSET // 8 + _S_VALUE
+        return sum(self._mv[first : first + high * _SLOT_WORDS : _SLOT_WORDS])
+
+    # -- reads and resets ---------------------------------------------------------------------
+    @property
+    def value(self) -> int:
+        """The sum of all slots and the shared word: exact once concurrent adds settle."""
+        mv = self._mv
+        return mv[_BASE] + self._slot_sum(mv[_HIGH])  # type: ignore[no-any-return]
+
+    def set(self, value: int) -> None:
+        """Make the value ``value``; adds that race with it land after it.
+
+        Raises:
+            OverflowError, TypeError: bad ``value``; nothing changed.
+        """
+        self.exchange(value)
+
+    def exchange(self, value: int) -> int:
+        """Replace the value and return the previous one, with exact accounting: each
+        concurrent add is counted in exactly one of the two.
+
+        Raises:
+            OverflowError: ``value`` is outside the int64 range, or the shared word could
+                not represent it; nothing changed.
+            TypeError: ``value`` is not an int; nothing changed.
+        """
+        value = _check_int64("value", value)
+        mv = self._mv
+        with _Held(self._mutex):
+            slots = self._slot_sum(mv[_HIGH])
+            base = value - slots
+            if not INT64_MIN <= base <= INT64_MAX:
+                raise OverflowError(
+                    f"ShardedCounter {self._seg.name!r}: cannot represent {value} while the "
+                    f"slots hold {slots}; nothing was changed")
+            old: int = mv[_BASE] + slots
+            mv[_BASE] = base  # one store: a crash leaves the old value or the new
+        return old
+
+    # -- introspection -------------------------------------------------------------------------
+    def statistics(self) -> ShardedCounterStatistics:
+        """A snapshot for monitoring. Reads ownership without taking the lock."""
+        mv = self._mv
+        high = mv[_HIGH]
+        in_use = 0
+        for k in range(high):
+            w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
+            owner = mv[w + _S_PID]
+            if owner and _compat.process_alive(owner, mv[w + _S_START], mv[w + _S_NS]):
+                in_use += 1
+        return ShardedCounterStatistics(
+            name=self._seg.name, value=self.value, slots=self._nslots,
+            slots_in_use=in_use, slots_ever_used=high,
+            creator_pid=self._seg.header.creator_pid)
+
+    def _repr_fields(self) -> str:
+        return f"value={self.value}"
+
+
+_start_time_cache: dict[int, int] = {}
+
+
+def _owner_start_time() -> int:
+    pid = _compat.pid
+    start = _start_time_cache.get(pid)
+    if start is None:
+        start = _start_time_cache[pid] = _compat.process_start_time(pid) or 0
+    return start
+

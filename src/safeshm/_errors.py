@@ -1,0 +1,84 @@
+"""The library's own exceptions and warnings.
+
+Every leaf also subclasses the builtin it resembles, so code that already catches
+``ValueError``, ``RuntimeError``, ``TimeoutError`` or ``PermissionError`` keeps working.
+All of them pickle (they carry only their message), so they cross process boundaries
+in pools unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HolderDiedWarning",
+    "IncompatibleSegmentError",
+    "InvalidNameError",
+    "LockNotHeldError",
+    "LockReentryError",
+    "LockTimeoutError",
+    "SafeShmError",
+    "SafeShmWarning",
+    "SegmentClosedError",
+    "SegmentPermissionError",
+]
+
+
+class SafeShmError(Exception):
+    """Base class of every error that safeshm raises itself."""
+
+
+class SegmentClosedError(SafeShmError, ValueError):
+    """A handle was used after ``close()``.
+
+    Raised instead of touching unmapped memory: a closed handle never segfaults.
+    """
+
+
+class IncompatibleSegmentError(SafeShmError, ValueError):
+    """The segment exists but is not what the caller asked for.
+
+    It holds another kind of structure, another layout version, different parameters
+    (for ``open()``), or it is not a safeshm segment at all. The message names the
+    segment, what was expected and what was found.
+    """
+
+
+class InvalidNameError(SafeShmError, ValueError):
+    """A segment name is not a short portable name (see ``safeshm`` naming rules)."""
+
+
+class SegmentPermissionError(SafeShmError, PermissionError):
+    """The segment belongs to another user or can be written by other users.
+
+    safeshm segments are private to the user who created them (mode ``0600``);
+    attaching to one that others could have written is refused.
+    """
+
+
+class LockReentryError(SafeShmError, RuntimeError):
+    """The calling thread tried to acquire a lock it already holds.
+
+    A ``SafeLock`` is not reentrant; acquiring it twice from one thread would deadlock
+    forever, so it raises instead.
+    """
+
+
+class LockNotHeldError(SafeShmError, RuntimeError):
+    """``release()`` was called by a thread that does not hold the lock."""
+
+
+class LockTimeoutError(SafeShmError, TimeoutError):
+    """A lock could not be acquired within the given timeout."""
+
+
+class SafeShmWarning(UserWarning):
+    """Base class of the warnings that safeshm issues."""
+
+
+class HolderDiedWarning(SafeShmWarning, RuntimeWarning):
+    """The previous holder of a lock died while holding it.
+
+    The lock has been recovered and is now held by the caller. Whatever the dead
+    holder was doing under the lock may be incomplete; safeshm's own structures are
+    built so that they stay consistent, but data of your own that the lock guarded
+    may need checking.
+    """
