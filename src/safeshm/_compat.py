@@ -48,6 +48,11 @@ files that are not ours."""
 TMP_PREFIX: Final = "safeshm.~tmp."
 """Named temporaries of the fallback create path (only without ``O_TMPFILE``)."""
 
+# mmap duplicates the file descriptor it maps unless told not to (``trackfd``, 3.13+).
+# Segments keep their own descriptor (it carries the liveness flock), so the duplicate
+# would only cost a second descriptor per handle.
+MMAP_KWARGS: Final[dict[str, Any]] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
 # --- the current process ----------------------------------------------------------------
 # glibc stopped caching getpid() (2.25), so os.getpid() is a system call. Hot paths read
 # this instead; the at-fork hook keeps it right in children.
@@ -197,7 +202,7 @@ def _load_libatomic() -> Any | None:
 
 _libatomic: Final = _load_libatomic()
 
-compare_exchange: Final[Any | None] = None if _libatomic is None else _libatomic.__atomic_compare_exchange
+compare_exchange: Any | None = None if _libatomic is None else _libatomic.__atomic_compare_exchange
 """``bool __atomic_compare_exchange(size_t, void *ptr, void *expected, void *desired, int, int)``.
 
 Called without ``argtypes`` and with pre-built ``byref`` arguments only: that is the
@@ -208,5 +213,3 @@ if compare_exchange is not None:
     compare_exchange.restype = ctypes.c_bool
 
 ATOMIC_SEQ_CST: Final = 5
-
-HAVE_ATOMICS: Final = compare_exchange is not None

@@ -11,10 +11,10 @@ import struct
 import threading
 import time
 import weakref
-from typing import Final, Literal, Self, overload
+from typing import Any, Final, Literal, Self, overload
 
 from . import _compat
-from ._errors import IncompatibleSegmentError
+from ._errors import IncompatibleSegmentError, SegmentClosedError
 from ._lock import MUTEX_BLOCK, RobustMutex, init_mutex
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 
@@ -38,7 +38,7 @@ _IMPL_NAMES: Final = {IMPL_ATOMIC: "lock-free (atomic compare-and-swap)",
                       IMPL_LOCKED: "robust lock"}
 
 
-def _check_int64(what: str, v: object) -> int:
+def _check_int64(what: str, v: Any) -> int:
     """Validate an int64 argument the way the hot paths' memoryview stores do."""
     try:
         i = operator.index(v)  # int, bool, numpy integers; not float, not str
@@ -66,6 +66,9 @@ class _Scratch:
         self.pdes = ctypes.byref(self.buf, 8)
 
 
+# Every CAS below is ``cas(8, ptr, expected, desired, 5, 5)``: 8 bytes, and 5 is
+# __ATOMIC_SEQ_CST for success and failure (_compat.ATOMIC_SEQ_CST), spelt as literals
+# because a global lookup per call is measurable on this path.
 _scratch_pool: list[_Scratch] = []
 _pop_scratch: Final = _scratch_pool.pop
 _push_scratch: Final = _scratch_pool.append
@@ -95,6 +98,11 @@ class SafeCounter(SharedStructure):
     For write-heavy metrics whose increments must scale with cores, see
     :class:`ShardedCounter` (``SafeCounter.create(sharded=True)``).
 
+    Operations are safe to call from signal handlers when the counter is lock-free (see
+    :attr:`implementation`); with the robust-lock fallback, a handler that interrupts an
+    operation on the same counter gets a :class:`~safeshm.LockReentryError` instead of a
+    deadlock.
+
     Example:
         >>> with SafeCounter.create() as hits:
         ...     hits.add()
@@ -110,8 +118,8 @@ class SafeCounter(SharedStructure):
     _MAPPED = ("_mv", "_pval", "_cas", "_mutex")
 
     _mv: memoryview
-    _pval: object
-    _cas: object
+    _pval: Any  # ctypes byref() of the value word
+    _cas: Any  # libatomic's __atomic_compare_exchange, or None (locked implementation)
     _mutex: RobustMutex
 
     # -- construction ----------------------------------------------------------------------
@@ -146,7 +154,7 @@ class SafeCounter(SharedStructure):
         if slots is not None:
             raise TypeError("slots= applies to sharded counters only")
         initial = _check_int64("initial value", initial)
-        impl = IMPL_ATOMIC if _compat.HAVE_ATOMICS else IMPL_LOCKED
+        impl = IMPL_ATOMIC if _compat.compare_exchange is not None else IMPL_LOCKED
 
         def init(mm: mmap.mmap) -> None:
             struct.pack_into("=q", mm, _VALUE_OFFSET, initial)
@@ -212,7 +220,7 @@ class SafeCounter(SharedStructure):
     @property
     def value(self) -> int:
         """The current value (an atomic read)."""
-        return self._mv[_VALUE]  # type: ignore[no-any-return]
+        return self._mv[_VALUE]
 
     def add(self, delta: int = 1) -> int:
         """Atomically add ``delta`` (may be negative) and return the new value.
@@ -239,9 +247,9 @@ class SafeCounter(SharedStructure):
             except (ValueError, TypeError) as e:
                 _push_scratch(s)
                 raise self._bad_operand(e, "delta", delta, old) from None
-            if cas(8, pval, s.pexp, s.pdes, 5, 5):  # 5: __ATOMIC_SEQ_CST
+            if cas(8, pval, s.pexp, s.pdes, 5, 5):
                 _push_scratch(s)
-                return new  # type: ignore[no-any-return]
+                return new
             old = smv[0]  # a failed CAS wrote the current value back into "expected"
 
     def set(self, value: int) -> None:
@@ -261,6 +269,8 @@ class SafeCounter(SharedStructure):
             # One aligned 8-byte store: atomic on every supported platform, and ordered
             # with respect to the compare-and-swaps on the same word.
             mv[_VALUE] = value
+        except SegmentClosedError:
+            raise
         except (ValueError, TypeError) as e:
             raise self._bad_operand(e, "value", value, None) from None
 
@@ -286,8 +296,7 @@ class SafeCounter(SharedStructure):
         smv = s.mv
         smv[0] = mv[_VALUE]
         smv[1] = value
-        while not cas(8, self._pval, s.pexp, s.pdes, _compat.ATOMIC_SEQ_CST,
-                      _compat.ATOMIC_SEQ_CST):
+        while not cas(8, self._pval, s.pexp, s.pdes, 5, 5):
             pass  # "expected" now holds the current value: retry with it
         old = smv[0]
         _push_scratch(s)
@@ -327,8 +336,7 @@ class SafeCounter(SharedStructure):
             _check_int64("expected", expected)
             _check_int64("new", new)
             raise  # pragma: no cover - the checks above raise the precise error
-        ok: bool = cas(8, self._pval, s.pexp, s.pdes, _compat.ATOMIC_SEQ_CST,
-                       _compat.ATOMIC_SEQ_CST)
+        ok: bool = cas(8, self._pval, s.pexp, s.pdes, 5, 5)
         _push_scratch(s)
         return ok
 
@@ -590,11 +598,16 @@ class ShardedCounter(SharedStructure):
             # Only this thread ever writes slot i: a plain read-modify-write is safe, and
             # the 8-byte store is atomic for concurrent readers.
             mv[i] += delta
+        except SegmentClosedError:
+            raise
         except (ValueError, TypeError):
             self._add_slow(i, delta)
 
     def _add_slow(self, i: int | None, delta: int) -> None:
-        delta = _check_int64("delta", delta)
+        try:
+            delta = operator.index(delta)
+        except TypeError:
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}") from None
         if i is None:
             tls = self._tls
             if time.monotonic() >= tls.retry_at:
@@ -680,7 +693,7 @@ class ShardedCounter(SharedStructure):
     def value(self) -> int:
         """The sum of all slots and the shared word: exact once concurrent adds settle."""
         mv = self._mv
-        return mv[_BASE] + self._slot_sum(mv[_HIGH])  # type: ignore[no-any-return]
+        return mv[_BASE] + self._slot_sum(mv[_HIGH])
 
     def set(self, value: int) -> None:
         """Make the value ``value``; adds that race with it land after it.

@@ -45,7 +45,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, NamedTuple, Self
 
 from . import _compat
 from ._errors import (
@@ -211,7 +211,7 @@ class Segment:
         self.closed = False
         self._close_lock = threading.Lock()
         self.mm = mmap.mmap(fd, header.total_size, mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE)
+                            mmap.PROT_READ | mmap.PROT_WRITE, **_compat.MMAP_KWARGS)
         # Safety net only: if the handle is dropped without close(), release the file
         # descriptor (and with it the flock). The mapping itself goes away with the last
         # object that references it. Never unlinks.
@@ -240,37 +240,34 @@ class Segment:
         name = random_name() if name is None else validate_name(name)
         if len(params) > PARAMS_SIZE:  # pragma: no cover - programming error in a structure
             raise ValueError("kind parameters too large")
-        total = HEADER_SIZE + payload_size
+        spec = _Spec(name, kind, layout, HEADER_SIZE + payload_size, init,
+                     params.ljust(PARAMS_SIZE, b"\0"), flags)
         dir_fd = _open_shm_dir()
         try:
             if _use_tmpfile:
                 try:
-                    return cls._create_tmpfile(name, dir_fd, kind, layout, total, init,
-                                               params, flags)
+                    return cls._create_tmpfile(spec, dir_fd)
                 except _TmpfileUnsupported:
                     _use_tmpfile = False
-            return cls._create_named_tmp(name, dir_fd, kind, layout, total, init, params, flags)
+            return cls._create_named_tmp(spec, dir_fd)
         finally:
             os.close(dir_fd)
 
     @classmethod
-    def _create_tmpfile(cls, name: str, dir_fd: int, kind: Kind, layout: int, total: int,
-                        init: Callable[[mmap.mmap], None], params: bytes,
-                        flags: int) -> Segment:
+    def _create_tmpfile(cls, spec: _Spec, dir_fd: int) -> Segment:
         try:
             fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise _TmpfileUnsupported from e
             raise
-        seg = cls._build(name, fd, kind, layout, total, init, params, flags)
+        seg = cls._build(spec, fd)
         try:
-            os.link(f"/proc/self/fd/{fd}", _compat.FILE_PREFIX + name,
+            os.link(f"/proc/self/fd/{fd}", _compat.FILE_PREFIX + spec.name,
                     src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=True)
         except FileExistsError:
             seg.close()
-            raise FileExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
-                                  segment_path(name)) from None
+            raise _exists(spec.name) from None
         except OSError as e:
             seg.close()
             if e.errno in (errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EACCES):
@@ -280,24 +277,21 @@ class Segment:
         return seg
 
     @classmethod
-    def _create_named_tmp(cls, name: str, dir_fd: int, kind: Kind, layout: int, total: int,
-                          init: Callable[[mmap.mmap], None], params: bytes,
-                          flags: int) -> Segment:
+    def _create_named_tmp(cls, spec: _Spec, dir_fd: int) -> Segment:
         tmp = f"{_compat.TMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600, dir_fd=dir_fd)
         try:
-            seg = cls._build(name, fd, kind, layout, total, init, params, flags)
+            seg = cls._build(spec, fd)
         except BaseException:
             os.unlink(tmp, dir_fd=dir_fd)
             raise
         try:
-            os.link(tmp, _compat.FILE_PREFIX + name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
-                    follow_symlinks=False)
+            os.link(tmp, _compat.FILE_PREFIX + spec.name, src_dir_fd=dir_fd,
+                    dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
             seg.close()
-            raise FileExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
-                                  segment_path(name)) from None
+            raise _exists(spec.name) from None
         except BaseException:
             seg.close()
             raise
@@ -306,34 +300,34 @@ class Segment:
         return seg
 
     @classmethod
-    def _build(cls, name: str, fd: int, kind: Kind, layout: int, total: int,
-               init: Callable[[mmap.mmap], None], params: bytes, flags: int) -> Segment:
+    def _build(cls, spec: _Spec, fd: int) -> Segment:
         """Size, lock, map and initialise an unpublished segment file. Closes ``fd`` on error."""
         try:
             try:
                 # Reserve the memory now: on a full tmpfs (docker's default /dev/shm is
                 # 64 MiB) this fails here with ENOSPC, instead of a SIGBUS on first touch.
-                os.posix_fallocate(fd, 0, total)
+                os.posix_fallocate(fd, 0, spec.total)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise OSError(errno.ENOSPC, f"not enough space in {_compat.SHM_DIR} for "
-                                  f"a {total}-byte segment {name!r}") from None
+                                  f"a {spec.total}-byte segment {spec.name!r}") from None
                 raise
             fcntl.flock(fd, fcntl.LOCK_SH)
-            start = _compat.process_start_time(_compat.pid) or 0
-            header = Header(kind, layout, flags, total, _compat.pid, start, time.time_ns(),
-                            params.ljust(PARAMS_SIZE, b"\0"))
+            header = Header(spec.kind, spec.layout, spec.flags, spec.total, _compat.pid,
+                            _compat.process_start_time(_compat.pid) or 0, time.time_ns(),
+                            spec.params)
             seg = cls.__new__(cls)
-            seg._setup(name, fd, header, created=True)
+            seg._setup(spec.name, fd, header, created=True)
         except BaseException:
             os.close(fd)
             raise
         try:
             mm = seg.mm
-            _HEADER.pack_into(mm, 0, b"\0" * 8, HEADER_LAYOUT, kind, layout, flags, total,
-                              header.creator_pid, header.creator_start, header.created_ns)
+            _HEADER.pack_into(mm, 0, b"\0" * 8, HEADER_LAYOUT, header.kind, header.layout,
+                              header.flags, header.total_size, header.creator_pid,
+                              header.creator_start, header.created_ns)
             mm[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE] = header.params
-            init(mm)
+            spec.init(mm)
             mm[0:8] = MAGIC  # published last: the ready flag
         except BaseException:
             seg.close()
@@ -387,13 +381,11 @@ class Segment:
             if self.closed:
                 return
             self.closed = True
-        try:
+        # BufferError: another thread is mid-operation and still holds a view of the
+        # mapping. The mapping is released when that last view goes away; the memory it
+        # touches stays valid until then, so nothing can fault.
+        with contextlib.suppress(BufferError):
             self.mm.close()
-        except BufferError:
-            # Another thread is mid-operation and still holds a view of the mapping. The
-            # mapping is released when that last view goes away; the memory it touches
-            # stays valid until then, so nothing can fault.
-            pass
         self._finalizer()  # closes the fd (and so drops our flock) exactly once
 
     def unlink(self) -> None:
@@ -428,6 +420,23 @@ class _Closed:
 
     def __getattr__(self, attr: str) -> Any:
         raise SegmentClosedError(self._message)
+
+
+class _Spec(NamedTuple):
+    """Everything needed to build a new segment file."""
+
+    name: str
+    kind: Kind
+    layout: int
+    total: int
+    init: Callable[[mmap.mmap], None]
+    params: bytes
+    flags: int
+
+
+def _exists(name: str) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
+                           segment_path(name))
 
 
 class _TmpfileUnsupported(Exception):

@@ -1,0 +1,92 @@
+"""Shared fixtures: leak detection, cleanup, hypothesis profiles, process hygiene."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from safeshm import _compat
+
+# -- hypothesis profiles ----------------------------------------------------------------------
+# Multi-process examples cost tens of milliseconds each: no deadline, and health checks that
+# assume cheap examples are off. `ci` is smaller and derandomized so CI runs are repeatable.
+settings.register_profile(
+    "dev",
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def _ours() -> set[str]:
+    try:
+        return {f for f in os.listdir(_compat.SHM_DIR) if f.startswith(_compat.FILE_PREFIX)}
+    except FileNotFoundError:  # pragma: no cover
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_segment_leaks() -> Iterator[None]:
+    """Fail any test that leaves a safeshm segment behind in /dev/shm (and remove it)."""
+    before = _ours()
+    yield
+    leaked = _ours() - before
+    for filename in leaked:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(_compat.SHM_DIR, filename))
+    if leaked:
+        pytest.fail(f"test leaked shared-memory segments: {sorted(leaked)}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leftovers = sorted(_ours())
+    if leftovers and exitstatus == 0:
+        session.exitstatus = 1
+        print(f"\nFAILED: segments left in {_compat.SHM_DIR} after the suite: {leftovers}")
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def name() -> str:
+    """A segment name unique to this test (and process)."""
+    return f"t{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture
+def unique() -> Callable[[], str]:
+    """A factory of unique segment names."""
+    return lambda: f"t{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture
+def cleanup() -> Iterator[Callable[[Any], Any]]:
+    """Register handles to close and unlink at teardown, whatever the test did."""
+    handles: list[Any] = []
+
+    def register(handle: Any) -> Any:
+        handles.append(handle)
+        return handle
+
+    yield register
+    for h in reversed(handles):
+        with contextlib.suppress(Exception):  # teardown must reach every handle
+            h.close()
+        with contextlib.suppress(FileNotFoundError):
+            h.unlink()

@@ -1,0 +1,136 @@
+"""The public surface: names, reprs, pickling, errors, typing marker."""
+
+from __future__ import annotations
+
+import pickle
+from importlib import resources
+from typing import Any
+
+import pytest
+
+import safeshm
+
+STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock]
+
+
+def test_all_is_the_documented_surface() -> None:
+    assert safeshm.__all__ == sorted(safeshm.__all__)
+    assert set(safeshm.__all__) == {
+        "CounterStatistics",
+        "HolderDiedWarning",
+        "IncompatibleSegmentError",
+        "InvalidNameError",
+        "LockNotHeldError",
+        "LockReentryError",
+        "LockStatistics",
+        "LockTimeoutError",
+        "SafeCounter",
+        "SafeLock",
+        "SafeShmError",
+        "SafeShmWarning",
+        "SegmentClosedError",
+        "SegmentPermissionError",
+        "ShardedCounter",
+        "ShardedCounterStatistics",
+        "__version__",
+    }
+    for name in safeshm.__all__:
+        assert hasattr(safeshm, name)
+
+
+@pytest.mark.parametrize("name", [n for n in safeshm.__all__ if n != "__version__"])
+def test_public_objects_live_in_the_facade(name: str) -> None:
+    obj = getattr(safeshm, name)
+    assert obj.__module__ == "safeshm"
+
+
+def test_py_typed_is_shipped() -> None:
+    assert resources.files("safeshm").joinpath("py.typed").is_file()
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_direct_construction_points_to_classmethods(cls: Any) -> None:
+    with pytest.raises(TypeError, match=r"create\(\)"):
+        cls()
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(safeshm.SegmentClosedError, safeshm.SafeShmError)
+    assert issubclass(safeshm.SegmentClosedError, ValueError)
+    assert issubclass(safeshm.IncompatibleSegmentError, ValueError)
+    assert issubclass(safeshm.InvalidNameError, ValueError)
+    assert issubclass(safeshm.SegmentPermissionError, PermissionError)
+    assert issubclass(safeshm.LockReentryError, RuntimeError)
+    assert issubclass(safeshm.LockNotHeldError, RuntimeError)
+    assert issubclass(safeshm.LockTimeoutError, TimeoutError)
+    assert issubclass(safeshm.HolderDiedWarning, safeshm.SafeShmWarning)
+    assert issubclass(safeshm.HolderDiedWarning, RuntimeWarning)
+    for name in safeshm.__all__:
+        obj = getattr(safeshm, name)
+        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(
+                obj, Warning):
+            assert issubclass(obj, safeshm.SafeShmError), name
+
+
+@pytest.mark.parametrize("exc", [
+    safeshm.SafeShmError("x"),
+    safeshm.SegmentClosedError("segment 'a' is closed"),
+    safeshm.IncompatibleSegmentError("segment 'a' is a SafeLock"),
+    safeshm.InvalidNameError("bad"),
+    safeshm.SegmentPermissionError("not yours"),
+    safeshm.LockReentryError("again"),
+    safeshm.LockNotHeldError("not held"),
+    safeshm.LockTimeoutError("slow"),
+    safeshm.HolderDiedWarning("died"),
+])
+def test_errors_pickle(exc: BaseException) -> None:
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is type(exc)
+    assert str(again) == str(exc)
+    assert pickle.dumps(exc).find(b"safeshm._errors") == -1
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_repr_open_and_closed(cls: Any, cleanup: Any) -> None:
+    h = cleanup(cls.create(name=None))
+    r = repr(h)
+    assert r.startswith(f"safeshm.{cls.__name__}(name={h.name!r}")
+    h.close()
+    assert repr(h) == f"safeshm.{cls.__name__}(name={h.name!r}, closed=True)"
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_handles_pickle_by_reference(cls: Any, protocol: int, cleanup: Any) -> None:
+    h = cleanup(cls.create())
+    data = pickle.dumps(h, protocol=protocol)
+    assert b"safeshm._" not in data  # references safeshm.X, not private modules
+    assert len(data) < 200  # a name, not the segment's contents
+    again = pickle.loads(data)
+    try:
+        assert type(again) is cls
+        assert again.name == h.name
+    finally:
+        again.close()
+
+
+def test_pickled_handle_shares_state(cleanup: Any) -> None:
+    c = cleanup(safeshm.SafeCounter.create(7))
+    d = pickle.loads(pickle.dumps(c))
+    try:
+        d.add(3)
+        assert c.value == 10
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_pickling_a_closed_handle_is_an_error(cls: Any, cleanup: Any) -> None:
+    h = cleanup(cls.create())
+    h.close()
+    with pytest.raises(safeshm.SegmentClosedError):
+        pickle.dumps(h)
+
+
+def test_version() -> None:
+    assert isinstance(safeshm.__version__, str)

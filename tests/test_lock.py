@@ -1,0 +1,319 @@
+"""SafeLock: mutual exclusion across processes and threads, timeouts, robustness."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import safeshm
+
+from ._helpers import (
+    JOIN_TIMEOUT,
+    START_METHODS,
+    hold_lock_worker,
+    kill_and_reap,
+    locked_rmw_worker,
+    processes,
+    run_all,
+)
+
+
+@pytest.fixture
+def lock(cleanup: Any) -> safeshm.SafeLock:
+    return cleanup(safeshm.SafeLock.create())  # type: ignore[no-any-return]
+
+
+def test_acquire_release(lock: safeshm.SafeLock) -> None:
+    assert not lock.locked()
+    assert lock.acquire() is True
+    assert lock.locked()
+    lock.release()
+    assert not lock.locked()
+
+
+def test_with_statement(lock: safeshm.SafeLock) -> None:
+    with lock as held:
+        assert held is lock
+        assert lock.locked()
+    assert not lock.locked()
+
+
+def test_with_releases_on_exception(lock: safeshm.SafeLock) -> None:
+    with pytest.raises(KeyError), lock:
+        raise KeyError("x")
+    assert not lock.locked()
+
+
+def test_reentry_is_an_error_not_a_deadlock(lock: safeshm.SafeLock) -> None:
+    with lock:
+        with pytest.raises(safeshm.LockReentryError, match="already held by this thread"):
+            lock.acquire()
+        with pytest.raises(safeshm.LockReentryError):
+            lock.acquire(timeout=5)
+        with pytest.raises(safeshm.LockReentryError), lock:
+            pass
+        assert lock.locked()
+    assert not lock.locked()
+
+
+def test_release_unheld(lock: safeshm.SafeLock) -> None:
+    with pytest.raises(safeshm.LockNotHeldError):
+        lock.release()
+    assert not lock.locked()
+
+
+def test_release_by_another_thread_is_refused(lock: safeshm.SafeLock) -> None:
+    lock.acquire()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            lock.release()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=JOIN_TIMEOUT)
+    assert len(errors) == 1 and isinstance(errors[0], safeshm.LockNotHeldError)
+    assert lock.locked()
+    lock.release()
+
+
+def test_two_handles_in_one_process_exclude_each_other(lock: safeshm.SafeLock) -> None:
+    other = safeshm.SafeLock.attach(lock.name)
+    try:
+        # Same thread, other handle, same mutex: still a re-entry.
+        with lock, pytest.raises(safeshm.LockReentryError):
+            other.acquire(timeout=0)
+        assert other.acquire(timeout=0)
+        other.release()
+    finally:
+        other.close()
+
+
+def test_timeouts_across_processes(lock: safeshm.SafeLock) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    holding, release = ctx.Event(), ctx.Event()
+    with processes("spawn", hold_lock_worker, [(lock.name, holding, release)]):
+        assert holding.wait(JOIN_TIMEOUT)
+        assert lock.locked()
+        assert lock.acquire(blocking=False) is False
+        assert lock.acquire(timeout=0) is False
+        t0 = time.monotonic()
+        assert lock.acquire(timeout=0.3) is False
+        waited = time.monotonic() - t0
+        assert 0.25 <= waited < 2.0
+        with pytest.raises(safeshm.LockTimeoutError), lock.acquired(timeout=0.05):
+            pass
+        # A blocked acquire wakes promptly when the holder releases.
+        release.set()
+        t0 = time.monotonic()
+        assert lock.acquire(timeout=JOIN_TIMEOUT)
+        assert time.monotonic() - t0 < 2.0
+        lock.release()
+
+
+def test_blocking_acquire_wakes_promptly(lock: safeshm.SafeLock) -> None:
+    lock.acquire()
+    got = threading.Event()
+    woke_at: list[float] = []
+
+    def waiter() -> None:
+        lock.acquire()
+        woke_at.append(time.monotonic())
+        got.set()
+        lock.release()
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.25)  # the waiter is asleep in the kernel now
+    assert not got.is_set()
+    released = time.monotonic()
+    lock.release()
+    assert got.wait(JOIN_TIMEOUT)
+    t.join(timeout=JOIN_TIMEOUT)
+    assert woke_at[0] - released < 0.05  # woken by the unlock, not by a polling tick
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan")])
+def test_bad_timeouts(lock: safeshm.SafeLock, bad: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        lock.acquire(timeout=bad)
+    assert not lock.locked()
+
+
+@pytest.mark.parametrize("bad", ["1", [], True, False])
+def test_timeout_type_errors(lock: safeshm.SafeLock, bad: Any) -> None:
+    with pytest.raises(TypeError, match="timeout"):
+        lock.acquire(bad)
+    assert not lock.locked()
+
+
+def test_timeout_with_nonblocking_is_an_error(lock: safeshm.SafeLock) -> None:
+    with pytest.raises(ValueError, match="blocking=False"):
+        lock.acquire(timeout=1, blocking=False)
+
+
+def test_acquired_context(lock: safeshm.SafeLock) -> None:
+    with lock.acquired(timeout=1) as held:
+        assert held is lock and lock.locked()
+    assert not lock.locked()
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_mutual_exclusion_across_processes(method: str, lock: safeshm.SafeLock,
+                                           cleanup: Any) -> None:
+    """Read-modify-writes that race without the lock are exact with it."""
+    counter = cleanup(safeshm.SafeCounter.create())
+    n, rounds = 4, 300
+    barrier = multiprocessing.get_context(method).Barrier(n)
+    run_all(method, locked_rmw_worker, [(lock, counter, barrier, rounds)] * n)
+    assert counter.value == n * rounds
+
+
+def test_mutual_exclusion_across_threads(lock: safeshm.SafeLock) -> None:
+    state = {"v": 0}
+    n, rounds = 6, 2000
+
+    def work() -> None:
+        for _ in range(rounds):
+            with lock:
+                v = state["v"]
+                time.sleep(0) if v % 97 == 0 else None  # invite a switch mid-update
+                state["v"] = v + 1
+
+    ts = [threading.Thread(target=work) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=JOIN_TIMEOUT)
+    assert not any(t.is_alive() for t in ts)
+    assert state["v"] == n * rounds
+
+
+# -- robustness ------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", START_METHODS)
+def test_holder_killed_next_acquirer_recovers_and_is_told(method: str,
+                                                          lock: safeshm.SafeLock) -> None:
+    ctx = multiprocessing.get_context(method)
+    holding, release = ctx.Event(), ctx.Event()
+    with processes(method, hold_lock_worker, [(lock.name, holding, release)]) as (p,):
+        assert holding.wait(JOIN_TIMEOUT)
+        assert lock.acquire(timeout=0.1) is False  # a live holder is never robbed
+        kill_and_reap(p)
+        t0 = time.monotonic()
+        with pytest.warns(safeshm.HolderDiedWarning, match="previous holder died"):
+            assert lock.acquire(timeout=1.0) is True
+        assert time.monotonic() - t0 < 1.0
+        assert lock.statistics().recoveries == 1
+        lock.release()
+        # Fully usable afterwards, with no further warning.
+        assert lock.acquire(timeout=1.0)
+        lock.release()
+
+
+def test_holder_killed_while_we_wait(lock: safeshm.SafeLock) -> None:
+    """A waiter blocked in the kernel is woken by the holder's death, not by a timeout."""
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+    with processes("fork", hold_lock_worker, [(lock.name, holding, release)]) as (p,):
+        assert holding.wait(JOIN_TIMEOUT)
+        result: list[Any] = []
+
+        def waiter() -> None:
+            with pytest.warns(safeshm.HolderDiedWarning):
+                result.append(lock.acquire(timeout=JOIN_TIMEOUT))
+            result.append(time.monotonic())
+            lock.release()
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.3)
+        killed = time.monotonic()
+        kill_and_reap(p)
+        t.join(timeout=JOIN_TIMEOUT)
+        assert result[0] is True
+        assert result[1] - killed < 1.0
+
+
+def test_with_statement_after_dead_holder_warns(lock: safeshm.SafeLock) -> None:
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+    with processes("fork", hold_lock_worker, [(lock.name, holding, release)]) as (p,):
+        assert holding.wait(JOIN_TIMEOUT)
+        kill_and_reap(p)
+        with pytest.warns(safeshm.HolderDiedWarning), lock:
+            assert lock.locked()
+    assert not lock.locked()
+
+
+def test_warning_as_error_leaves_lock_free(lock: safeshm.SafeLock) -> None:
+    """With warnings turned into errors the recovery is reported by raising, and the
+    lock is released first so nothing deadlocks."""
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+    with processes("fork", hold_lock_worker, [(lock.name, holding, release)]) as (p,):
+        assert holding.wait(JOIN_TIMEOUT)
+        kill_and_reap(p)
+        with pytest.raises(safeshm.HolderDiedWarning):
+            lock.acquire(timeout=1)
+        assert not lock.locked()
+        assert lock.acquire(timeout=1)
+        lock.release()
+
+
+def test_thread_dying_while_holding(lock: safeshm.SafeLock) -> None:
+    def take_and_exit() -> None:
+        lock.acquire()
+
+    t = threading.Thread(target=take_and_exit)
+    t.start()
+    t.join(timeout=JOIN_TIMEOUT)
+    with pytest.warns(safeshm.HolderDiedWarning):
+        assert lock.acquire(timeout=1.0)
+    lock.release()
+
+
+def test_close_releases_a_lock_this_thread_holds(cleanup: Any) -> None:
+    lock = cleanup(safeshm.SafeLock.create())
+    other = safeshm.SafeLock.attach(lock.name)
+    try:
+        lock.acquire()
+        lock.close()
+        assert other.acquire(timeout=1.0)
+        other.release()
+    finally:
+        other.close()
+
+
+def test_statistics(lock: safeshm.SafeLock) -> None:
+    import os
+
+    s = lock.statistics()
+    assert (s.name, s.locked, s.holder_pid, s.recoveries) == (lock.name, False, None, 0)
+    assert s.creator_pid == os.getpid()
+    with lock:
+        s = lock.statistics()
+        assert s.locked and s.holder_pid == os.getpid()
+
+
+def test_lock_open(name: str) -> None:
+    a = safeshm.SafeLock.open(name)
+    b = safeshm.SafeLock.open(name)
+    seen: list[bool] = []
+    try:
+        with a:
+            t = threading.Thread(target=lambda: seen.append(b.acquire(timeout=0)))
+            t.start()
+            t.join(timeout=JOIN_TIMEOUT)
+            assert b.locked()
+        assert seen == [False]
+    finally:
+        b.close()
+        a.close()
+        a.unlink()

@@ -1,0 +1,497 @@
+"""The segment layer, through every structure: lifecycle, naming, errors, safety."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import safeshm
+from safeshm import _compat, _segment
+
+from ._helpers import JOIN_TIMEOUT, open_and_add_worker, run_all
+
+STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock]
+SHM = _compat.SHM_DIR
+
+
+def path_of(name: str) -> str:
+    return os.path.join(SHM, _compat.FILE_PREFIX + name)
+
+
+# -- create / attach / open ----------------------------------------------------------------------
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_create_with_random_name(cls: Any, cleanup: Any) -> None:
+    a = cleanup(cls.create())
+    b = cleanup(cls.create())
+    assert a.name != b.name
+    assert os.path.exists(path_of(a.name))
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_create_existing_name_raises(cls: Any, name: str, cleanup: Any) -> None:
+    cleanup(cls.create(name=name))
+    with pytest.raises(FileExistsError, match=repr(name)):
+        cls.create(name=name)
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_attach_missing_raises(cls: Any, name: str) -> None:
+    with pytest.raises(FileNotFoundError, match=repr(name)):
+        cls.attach(name)
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_segment_is_private(cls: Any, cleanup: Any) -> None:
+    h = cleanup(cls.create())
+    st = os.stat(path_of(h.name))
+    assert st.st_mode & 0o777 == 0o600
+    assert st.st_uid == os.geteuid()
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_open_creates_then_attaches(cls: Any, name: str, cleanup: Any) -> None:
+    a = cleanup(cls.open(name))
+    b = cls.open(name)
+    try:
+        assert a.name == b.name == name
+        assert os.stat(path_of(name)).st_nlink == 1
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("cls_name", ["SafeCounter", "ShardedCounter"])
+def test_open_race_ends_on_one_segment(method: str, cls_name: str, name: str) -> None:
+    """Many processes call open() at once: one segment, every add counted."""
+    n = 8
+    ctx = multiprocessing.get_context(method)
+    barrier = ctx.Barrier(n)
+    inodes = ctx.Array("q", n)
+    try:
+        run_all(method, open_and_add_worker,
+                [(cls_name, name, barrier, inodes, i) for i in range(n)])
+        assert len(set(inodes[:])) == 1
+        c = getattr(safeshm, cls_name).attach(name)
+        try:
+            assert c.value == n
+        finally:
+            c.close()
+    finally:
+        if os.path.exists(path_of(name)):
+            os.unlink(path_of(name))
+
+
+def test_attach_wrong_kind(name: str, cleanup: Any) -> None:
+    cleanup(safeshm.SafeLock.create(name=name))
+    with pytest.raises(safeshm.IncompatibleSegmentError) as info:
+        safeshm.SafeCounter.attach(name)
+    msg = str(info.value)
+    assert repr(name) in msg and "SafeLock" in msg and "expected a SafeCounter" in msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_open_wrong_kind(name: str, cleanup: Any) -> None:
+    cleanup(safeshm.SafeCounter.create(name=name))
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="is a SafeCounter"):
+        safeshm.SafeLock.open(name)
+
+
+def test_sharded_and_exact_are_different_kinds(name: str, cleanup: Any) -> None:
+    cleanup(safeshm.SafeCounter.create(name=name, sharded=True))
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="ShardedCounter"):
+        safeshm.SafeCounter.attach(name)
+
+
+def _write_file(name: str, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path_of(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 4096, os.urandom(4096), b"SAFESHM"])
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_attach_garbage_segment(cls: Any, data: bytes, name: str) -> None:
+    _write_file(name, data)
+    try:
+        with pytest.raises(safeshm.IncompatibleSegmentError, match="not a safeshm segment"):
+            cls.attach(name)
+        with pytest.raises(safeshm.IncompatibleSegmentError):
+            cls.open(name)
+        assert pathlib.Path(path_of(name)).read_bytes() == data  # untouched
+    finally:
+        os.unlink(path_of(name))
+
+
+def test_attach_foreign_layout_versions(name: str, cleanup: Any) -> None:
+    c = cleanup(safeshm.SafeCounter.create(name=name))
+    raw = bytearray(pathlib.Path(path_of(name)).read_bytes())
+    c.close()
+    c.unlink()
+    # Same magic, a kind layout from the future.
+    future = bytearray(raw)
+    struct.pack_into("=H", future, 12, 99)
+    _write_file(name, bytes(future))
+    try:
+        with pytest.raises(safeshm.IncompatibleSegmentError, match="layout 99"):
+            safeshm.SafeCounter.attach(name)
+    finally:
+        os.unlink(path_of(name))
+    # A header layout from the future.
+    future = bytearray(raw)
+    struct.pack_into("=H", future, 8, 7)
+    _write_file(name, bytes(future))
+    try:
+        with pytest.raises(safeshm.IncompatibleSegmentError, match="layout 7"):
+            safeshm.SafeCounter.attach(name)
+    finally:
+        os.unlink(path_of(name))
+    # A kind that does not exist.
+    future = bytearray(raw)
+    struct.pack_into("=H", future, 10, 500)
+    _write_file(name, bytes(future))
+    try:
+        with pytest.raises(safeshm.IncompatibleSegmentError, match="unknown kind 500"):
+            safeshm.SafeCounter.attach(name)
+    finally:
+        os.unlink(path_of(name))
+
+
+def test_attach_truncated_segment(name: str, cleanup: Any) -> None:
+    c = cleanup(safeshm.SafeCounter.create(name=name))
+    raw = pathlib.Path(path_of(name)).read_bytes()
+    c.close()
+    c.unlink()
+    _write_file(name, raw[:-8])
+    try:
+        with pytest.raises(safeshm.IncompatibleSegmentError, match="damaged"):
+            safeshm.SafeCounter.attach(name)
+    finally:
+        os.unlink(path_of(name))
+
+
+def test_attach_refuses_symlink(name: str, tmp_path: Any) -> None:
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    os.symlink(target, path_of(name))
+    try:
+        with pytest.raises(safeshm.IncompatibleSegmentError, match="symbolic link"):
+            safeshm.SafeCounter.attach(name)
+        with pytest.raises(safeshm.IncompatibleSegmentError):
+            safeshm.SafeCounter.open(name)
+        assert target.read_bytes() == b"precious"
+    finally:
+        os.unlink(path_of(name))
+
+
+def test_attach_refuses_world_writable(name: str, cleanup: Any) -> None:
+    c = cleanup(safeshm.SafeCounter.create(name=name))
+    os.chmod(path_of(name), 0o666)
+    with pytest.raises(safeshm.SegmentPermissionError, match="writable by other users"):
+        safeshm.SafeCounter.attach(name)
+    os.chmod(path_of(name), 0o600)
+    assert c.value == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_attach_refuses_other_users_segment(name: str, cleanup: Any) -> None:
+    c = cleanup(safeshm.SafeCounter.create(name=name))
+    os.chown(path_of(name), 65534, 65534)
+    try:
+        with pytest.raises(safeshm.SegmentPermissionError, match="uid 65534"):
+            safeshm.SafeCounter.attach(name)
+    finally:
+        os.chown(path_of(name), 0, 0)
+    assert c.value == 0
+
+
+# -- names ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["", "a/b", "/abs", ".hidden", "-dash", "sp ace", "x" * 65,
+                                 "é", "a\x00b", "..", "tab\t"])
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_bad_names(cls: Any, bad: str) -> None:
+    before = set(os.listdir(SHM))
+    with pytest.raises(safeshm.InvalidNameError):
+        cls.create(name=bad)
+    with pytest.raises(safeshm.InvalidNameError):
+        cls.attach(bad)
+    with pytest.raises(safeshm.InvalidNameError):
+        cls.open(bad)
+    assert set(os.listdir(SHM)) == before
+
+
+@pytest.mark.parametrize("bad", [1, b"bytes", None, 1.5])
+def test_name_must_be_str(bad: Any) -> None:
+    with pytest.raises(TypeError, match="must be a str"):
+        safeshm.SafeCounter.attach(bad)
+
+
+@pytest.mark.parametrize("good", ["a", "A9", "jobs.v2", "x" * 64, "_under", "with-dash",
+                                  "0start"])
+def test_good_names(good: str, cleanup: Any) -> None:
+    c = cleanup(safeshm.SafeCounter.create(name=good))
+    assert c.name == good
+
+
+# -- close / unlink / context ----------------------------------------------------------------
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_close_is_idempotent_and_later_use_raises(cls: Any, cleanup: Any) -> None:
+    h = cleanup(cls.create())
+    h.close()
+    h.close()
+    assert h.closed
+    ops: list[Callable[[], Any]] = {
+        safeshm.SafeCounter: [lambda: h.value, lambda: h.add(1), lambda: h.set(1),
+                              lambda: h.exchange(1), lambda: h.compare_and_set(0, 1),
+                              lambda: h.statistics()],
+        safeshm.ShardedCounter: [lambda: h.value, lambda: h.add(1), lambda: h.set(1),
+                                 lambda: h.exchange(1), lambda: h.statistics()],
+        safeshm.SafeLock: [lambda: h.acquire(), lambda: h.release(), lambda: h.locked(),
+                           lambda: h.statistics(), lambda: h.__enter__()],
+    }[cls]
+    for op in ops:
+        with pytest.raises(safeshm.SegmentClosedError, match="closed"):
+            op()
+    with pytest.raises(safeshm.SegmentClosedError):
+        pickle_it(h)
+
+
+def pickle_it(h: Any) -> bytes:
+    import pickle
+
+    return pickle.dumps(h)
+
+
+@pytest.mark.parametrize("cls", [safeshm.SafeCounter, safeshm.ShardedCounter])
+def test_with_closes_and_unlinks_when_created(cls: Any) -> None:
+    with cls.create() as c:
+        c.add(1)
+        name = c.name
+        assert os.path.exists(path_of(name))
+    assert c.closed
+    assert not os.path.exists(path_of(name))
+
+
+@pytest.mark.parametrize("cls", [safeshm.SafeCounter, safeshm.ShardedCounter])
+def test_with_on_attached_handle_does_not_unlink(cls: Any, cleanup: Any) -> None:
+    owner = cleanup(cls.create())
+    with cls.attach(owner.name) as other:
+        other.add(2)
+    assert other.closed
+    assert owner.value == 2
+
+
+@pytest.mark.parametrize("cls", [safeshm.SafeCounter, safeshm.ShardedCounter])
+def test_with_on_opened_handle_unlinks_only_if_it_created(cls: Any, name: str) -> None:
+    with cls.open(name) as first:
+        with cls.open(name) as second:
+            second.add(1)
+        assert os.path.exists(path_of(name))
+        assert first.value == 1
+    assert not os.path.exists(path_of(name))
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_unlink(cls: Any) -> None:
+    h = cls.create()
+    h.unlink()
+    assert not os.path.exists(path_of(h.name))
+    with pytest.raises(FileNotFoundError):
+        cls.attach(h.name)
+    with pytest.raises(FileNotFoundError):
+        h.unlink()
+    h.close()
+
+
+def test_unlinked_segment_stays_usable_by_open_handles() -> None:
+    c = safeshm.SafeCounter.create()
+    d = safeshm.SafeCounter.attach(c.name)
+    c.unlink()
+    d.add(5)
+    assert c.value == 5
+    c.close()
+    d.close()
+
+
+def test_unlink_never_removes_a_newer_segment_of_the_same_name(name: str, cleanup: Any) -> None:
+    old = safeshm.SafeCounter.create(name=name)
+    old.unlink()
+    new = cleanup(safeshm.SafeCounter.create(7, name=name))
+    with pytest.raises(FileNotFoundError, match="newer segment"):
+        old.unlink()
+    old.close()
+    assert new.value == 7
+    assert os.path.exists(path_of(name))
+
+
+def test_unlink_after_close(cleanup: Any) -> None:
+    c = safeshm.SafeCounter.create()
+    c.close()
+    c.unlink()
+    assert not os.path.exists(path_of(c.name))
+
+
+def test_no_descriptor_leak() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        c = safeshm.SafeCounter.create()
+        d = safeshm.SafeCounter.attach(c.name)
+        d.close()
+        c.close()
+        c.unlink()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_dropped_handle_releases_its_descriptor(cleanup: Any) -> None:
+    import gc
+
+    c = cleanup(safeshm.SafeCounter.create())
+
+    def fds_on_segment() -> int:
+        st = os.stat(path_of(c.name))
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                other = os.stat(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            n += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+        return n
+
+    before = fds_on_segment()
+    d = safeshm.SafeCounter.attach(c.name)
+    assert fds_on_segment() > before
+    del d
+    gc.collect()
+    assert fds_on_segment() == before
+
+
+# -- creation paths ---------------------------------------------------------------------------
+def test_named_temporary_fallback(monkeypatch: pytest.MonkeyPatch, name: str,
+                                  cleanup: Any) -> None:
+    """Without O_TMPFILE, creation goes through a named temporary and leaves nothing else."""
+    monkeypatch.setattr(_segment, "_use_tmpfile", False)
+    c = cleanup(safeshm.SafeCounter.create(3, name=name))
+    assert c.add(1) == 4
+    with pytest.raises(FileExistsError):
+        safeshm.SafeCounter.create(name=name)
+    assert not [f for f in os.listdir(SHM) if f.startswith(_compat.TMP_PREFIX)]
+    d = safeshm.SafeCounter.attach(name)
+    assert d.value == 4
+    d.close()
+
+
+def test_failed_init_leaves_nothing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def boom(mm: Any) -> None:
+        raise RuntimeError("init failed")
+
+    for use_tmpfile in (True, False):
+        monkeypatch.setattr(_segment, "_use_tmpfile", use_tmpfile)
+        before = set(os.listdir(SHM))
+        with pytest.raises(RuntimeError, match="init failed"):
+            _segment.Segment.create(name, kind=_segment.Kind.COUNTER, layout=1,
+                                    payload_size=64, init=boom)
+        assert set(os.listdir(SHM)) == before
+
+
+def test_segment_published_only_when_complete(name: str) -> None:
+    """While init runs, the name does not exist yet: nobody can attach to a half-built one."""
+    seen: list[bool] = []
+
+    def init(mm: Any) -> None:
+        seen.append(os.path.exists(path_of(name)))
+
+    seg = _segment.Segment.create(name, kind=_segment.Kind.COUNTER, layout=1,
+                                  payload_size=64, init=init)
+    try:
+        assert seen == [False]
+        assert os.path.exists(path_of(name))
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+# -- the resource tracker and independent processes ---------------------------------------------
+_ATTACH_SCRIPT = textwrap.dedent("""
+    import sys, safeshm
+    c = safeshm.SafeCounter.attach(sys.argv[1])
+    c.add(5)
+    s = safeshm.ShardedCounter.attach(sys.argv[2])
+    s.add(5)
+    l = safeshm.SafeLock.attach(sys.argv[3])
+    with l:
+        pass
+    c.close(); s.close(); l.close()
+""")
+
+
+def test_independent_interpreter_attach_does_not_destroy(cleanup: Any) -> None:
+    """Guarantee 2: an unrelated process attaches, works and exits; everything survives,
+    and nothing (no resource-tracker warning) is printed."""
+    c = cleanup(safeshm.SafeCounter.create(1))
+    s = cleanup(safeshm.ShardedCounter.create(1))
+    lock = cleanup(safeshm.SafeLock.create())
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _ATTACH_SCRIPT, c.name, s.name, lock.name],
+                              capture_output=True, text=True, timeout=JOIN_TIMEOUT, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+        assert proc.stdout == ""
+    import time
+
+    time.sleep(0.5)  # the 3.11/3.12 tracker would have unlinked by now
+    for h in (c, s, lock):
+        assert os.path.exists(path_of(h.name))
+    assert c.value == 11
+    assert s.value == 11
+    d = safeshm.SafeCounter.attach(c.name)
+    assert d.value == 11
+    d.close()
+
+
+def _spawn_child_attach(name: str) -> None:
+    c = safeshm.SafeCounter.attach(name)
+    c.add(1)
+    c.close()
+
+
+def test_spawned_children_that_attach_do_not_destroy(cleanup: Any) -> None:
+    c = cleanup(safeshm.SafeCounter.create())
+    ctx = multiprocessing.get_context("spawn")
+    for _ in range(2):
+        p = ctx.Process(target=_spawn_child_attach, args=(c.name,))
+        p.start()
+        p.join(timeout=JOIN_TIMEOUT)
+        assert p.exitcode == 0
+    assert os.path.exists(path_of(c.name))
+    assert c.value == 2
+
+
+# -- fork ----------------------------------------------------------------------------------------
+def test_forked_child_exiting_with_block_does_not_unlink() -> None:
+    """A handle inherited over fork is not the creator in the child: its with-exit only closes."""
+    with safeshm.SafeCounter.create() as c:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 0
+            try:
+                with c:
+                    c.add(1)
+            except BaseException:  # noqa: BLE001
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.path.exists(path_of(c.name))
+        assert c.value == 1

@@ -1,0 +1,95 @@
+"""Types users see, checked by ``mypy --strict`` (not run by pytest).
+
+Each ``assert_type`` pins what a type checker infers for user code.
+"""
+
+from __future__ import annotations
+
+from typing import assert_type
+
+import safeshm
+from safeshm import (
+    CounterStatistics,
+    LockStatistics,
+    SafeCounter,
+    SafeLock,
+    ShardedCounter,
+    ShardedCounterStatistics,
+)
+
+
+def counters() -> None:
+    c = SafeCounter.create()
+    assert_type(c, SafeCounter)
+    assert_type(SafeCounter.create(5, "hits"), SafeCounter)
+    assert_type(SafeCounter.create(sharded=False), SafeCounter)
+    assert_type(SafeCounter.attach("hits"), SafeCounter)
+    assert_type(SafeCounter.open("hits", 0), SafeCounter)
+    assert_type(c.add(), int)
+    assert_type(c.add(5), int)
+    assert_type(c.value, int)
+    assert_type(c.set(3), None)
+    assert_type(c.exchange(3), int)
+    assert_type(c.compare_and_set(3, 4), bool)
+    assert_type(c.statistics(), CounterStatistics)
+    assert_type(c.implementation, str)
+    assert_type(c.name, str)
+    assert_type(c.closed, bool)
+    with SafeCounter.create() as inside:
+        assert_type(inside, SafeCounter)
+    c.close()
+    c.unlink()
+
+
+def sharded() -> None:
+    s = SafeCounter.create(sharded=True)
+    assert_type(s, ShardedCounter)
+    assert_type(SafeCounter.create(0, "m", sharded=True, slots=8), ShardedCounter)
+    assert_type(SafeCounter.open("m", sharded=True), ShardedCounter)
+    assert_type(ShardedCounter.create(), ShardedCounter)
+    assert_type(ShardedCounter.attach("m"), ShardedCounter)
+    assert_type(ShardedCounter.open("m"), ShardedCounter)
+    assert_type(s.add(1), None)
+    assert_type(s.value, int)
+    assert_type(s.exchange(0), int)
+    assert_type(s.statistics(), ShardedCounterStatistics)
+    with ShardedCounter.create() as inside:
+        assert_type(inside, ShardedCounter)
+
+
+def locks() -> None:
+    lock = SafeLock.create()
+    assert_type(lock, SafeLock)
+    assert_type(SafeLock.attach("l"), SafeLock)
+    assert_type(SafeLock.open("l"), SafeLock)
+    assert_type(lock.acquire(), bool)
+    assert_type(lock.acquire(timeout=1.5), bool)
+    assert_type(lock.acquire(blocking=False), bool)
+    assert_type(lock.release(), None)
+    assert_type(lock.locked(), bool)
+    assert_type(lock.statistics(), LockStatistics)
+    with lock as held:
+        assert_type(held, SafeLock)
+    with lock.acquired(timeout=2) as held2:
+        assert_type(held2, SafeLock)
+
+
+def errors() -> None:
+    try:
+        SafeCounter.attach("x")
+    except safeshm.IncompatibleSegmentError as e:
+        assert_type(e, safeshm.IncompatibleSegmentError)
+        v: ValueError = e
+        del v
+    except safeshm.LockTimeoutError as e:
+        t: TimeoutError = e
+        del t
+
+
+def misuse() -> None:
+    c = SafeCounter.create()
+    c.add("1")  # type: ignore[arg-type]
+    _ = c.vaule  # type: ignore[attr-defined]  # typos are caught: no __getattr__ on handles
+    s = ShardedCounter.create()
+    s.compare_and_set(1, 2)  # type: ignore[attr-defined]
+    SafeCounter.create(slots=3)  # type: ignore[call-overload]
