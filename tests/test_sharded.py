@@ -216,15 +216,23 @@ def test_sigkill_mid_add(method: str, counter: safeshm.ShardedCounter) -> None:
 
 
 def test_forked_child_does_not_share_the_parents_slot(counter: safeshm.ShardedCounter) -> None:
+    """fork() copies the parent's thread-locals, slot index included; the child must take
+    a slot of its own, or the two processes' adds into one slot would be lost."""
     counter.add(1)  # the parent's main thread owns a slot now
-    n = 20000
+    n = 200_000
+    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
+            os.close(go_w)
+            os.read(go_r, 1)  # start together with the parent
             for _ in range(n):
                 counter.add(1)
         finally:
             os._exit(0)
+    os.close(go_r)
+    os.write(go_w, b"x")
+    os.close(go_w)
     for _ in range(n):
         counter.add(1)
     _, status = os.waitpid(pid, 0)
