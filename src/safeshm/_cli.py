@@ -297,7 +297,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ._bench import main as bench_main  # noqa: PLC0415 - only `bench` needs it
 
-    argv = ["--processes", *map(str, args.processes), "--seconds", str(args.seconds)]
+    argv = ["--processes", *map(str, args.processes), "--seconds", str(args.seconds),
+            "--repeats", str(args.repeats)]
     if args.json:
         argv.append("--json")
     return bench_main(argv)
@@ -332,6 +333,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=_positive_int, nargs="+", default=[1, 2])
     bench.add_argument("--seconds", type=float, default=1.0,
                        help="approximate duration of each measurement")
+    bench.add_argument("--repeats", type=_positive_int, default=5,
+                       help="measurements per implementation and process count")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return p

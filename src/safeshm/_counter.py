@@ -590,31 +590,30 @@ class ShardedCounter(SharedStructure):
             TypeError: ``delta`` is not an int; nothing changed.
         """
         try:
-            i = self._tls.index
+            slot = self._tls.slot  # a one-word view of this thread's slot, None if none
         except AttributeError:
-            i = self._claim()
-        mv = self._mv
+            slot = self._claim()
         try:
-            # Only this thread ever writes slot i: a plain read-modify-write is safe, and
-            # the 8-byte store is atomic for concurrent readers.
-            mv[i] += delta
+            # Only this thread ever writes its slot: a plain read-modify-write is safe,
+            # and the 8-byte store is atomic for concurrent readers.
+            slot[0] += delta
         except SegmentClosedError:
             raise
         except (ValueError, TypeError):
-            self._add_slow(i, delta)
+            self._add_slow(delta)
 
-    def _add_slow(self, i: int | None, delta: int) -> None:
+    def _add_slow(self, delta: int) -> None:
+        """No slot (all taken), a full slot, or a bad ``delta``."""
         try:
             delta = operator.index(delta)
         except TypeError:
             raise TypeError(f"delta must be an int, not {type(delta).__name__}") from None
-        if i is None:
-            tls = self._tls
-            if time.monotonic() >= tls.retry_at:
-                i = self._claim()
-                if i is not None:
-                    self.add(delta)
-                    return
+        tls = self._tls
+        if tls.slot is None and time.monotonic() >= tls.retry_at:
+            slot = self._claim()
+            if slot is not None:
+                self.add(delta)
+                return
         with _Held(self._mutex):
             mv = self._mv
             new = mv[_BASE] + delta
@@ -625,7 +624,7 @@ class ShardedCounter(SharedStructure):
             mv[_BASE] = new
 
     # -- slots ------------------------------------------------------------------------------
-    def _claim(self) -> int | None:
+    def _claim(self) -> memoryview | None:
         """Give the calling thread a slot: a free one, else one whose owner died."""
         mv = self._mv
         tls = self._tls
@@ -658,14 +657,14 @@ class ShardedCounter(SharedStructure):
                 if chosen >= high:
                     mv[_HIGH] = chosen + 1
         if chosen is None:
-            tls.index = None
+            tls.slot = None
             tls.retry_at = time.monotonic() + _CLAIM_RETRY_S
             return None
         index = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8 + _S_VALUE
         self._leases[index] = tid
         tls.lease = _Lease(self, index, tid)
-        tls.index = index
-        return index
+        tls.slot = slot = mv[index : index + 1]
+        return slot
 
     def _release_slot(self, index: int, tid: int) -> None:
         if self._seg.closed:

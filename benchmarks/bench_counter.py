@@ -1,0 +1,15 @@
+"""Counter benchmark: the multiprocessing idioms vs safeshm's counters, side by side.
+
+Usage::
+
+    python benchmarks/bench_counter.py [--processes 1 2 4] [--seconds 1] [--repeats 5] [--json]
+
+The same as ``python -m safeshm bench``; see :mod:`safeshm._bench` and
+``docs/benchmarks.md``.
+"""
+
+from safeshm._bench import main
+
+# Guarded: spawn-started workers re-import this script as ``__mp_main__``.
+if __name__ == "__main__":
+    raise SystemExit(main())
