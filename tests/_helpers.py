@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import safeshm
+from safeshm import _compat
 
 JOIN_TIMEOUT = 60.0
 START_METHODS = ("fork", "spawn")
@@ -224,7 +225,7 @@ def open_and_add_worker(cls_name: str, seg_name: str, barrier: Any, out: Any,
     barrier.wait(timeout=JOIN_TIMEOUT)
     handle = getattr(safeshm, cls_name).open(seg_name)
     handle.add(1)
-    out[slot] = os.stat(f"/dev/shm/safeshm.{seg_name}").st_ino
+    out[slot] = os.stat(os.path.join(_compat.SHM_DIR, _compat.FILE_PREFIX + seg_name)).st_ino
     handle.close()
 
 

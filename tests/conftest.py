@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from safeshm import _compat
+# Each test session gets a private directory on /dev/shm's tmpfs for its segments, set up
+# before safeshm is imported (it reads SAFESHM_DIR once) and inherited by every child and
+# subprocess the tests start. Concurrent test runs and benchmarks on the same machine
+# then never see -- or delete -- each other's segments.
+_SESSION_DIR: str | None = None
+if "SAFESHM_DIR" not in os.environ:
+    _SESSION_DIR = f"/dev/shm/safeshm-tests-{os.getpid()}"
+    os.mkdir(_SESSION_DIR, 0o700)
+    os.environ["SAFESHM_DIR"] = _SESSION_DIR
+
+from safeshm import _compat  # noqa: E402 - must follow the SAFESHM_DIR set-up
 
 # -- hypothesis profiles ----------------------------------------------------------------------
 # Multi-process examples cost tens of milliseconds each: no deadline, and health checks that
@@ -54,10 +64,12 @@ def no_segment_leaks() -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leftovers = sorted(_ours())
-    if leftovers and exitstatus == 0:
+    leftovers = sorted(os.listdir(_compat.SHM_DIR))
+    if leftovers:
         session.exitstatus = 1
-        print(f"\nFAILED: segments left in {_compat.SHM_DIR} after the suite: {leftovers}")
+        print(f"\nFAILED: files left in {_compat.SHM_DIR} after the suite: {leftovers}")
+    elif _SESSION_DIR is not None:
+        os.rmdir(_SESSION_DIR)
 
 
 _names = itertools.count()

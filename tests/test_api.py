@@ -134,3 +134,16 @@ def test_pickling_a_closed_handle_is_an_error(cls: Any, cleanup: Any) -> None:
 
 def test_version() -> None:
     assert isinstance(safeshm.__version__, str)
+
+
+@pytest.mark.parametrize("platform", ["darwin", "win32", "freebsd14"])
+def test_unsupported_platform_fails_clearly_at_import(platform: str) -> None:
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.platform = {platform!r}; import safeshm"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode != 0
+    assert "ImportError: safeshm supports Linux only" in proc.stderr
+    assert platform in proc.stderr

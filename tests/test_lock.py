@@ -317,3 +317,21 @@ def test_lock_open(name: str) -> None:
         b.close()
         a.close()
         a.unlink()
+
+
+def test_timedlock_fallback(monkeypatch: pytest.MonkeyPatch, lock: safeshm.SafeLock) -> None:
+    """musl and glibc < 2.30 lack pthread_mutex_clocklock: waits use timedlock instead."""
+    from safeshm import _compat
+
+    monkeypatch.setattr(_compat, "mutex_clocklock", None)
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+    with processes("fork", hold_lock_worker, [(lock.name, holding, release)]) as (p,):
+        assert holding.wait(JOIN_TIMEOUT)
+        t0 = time.monotonic()
+        assert lock.acquire(timeout=0.3) is False
+        assert 0.25 <= time.monotonic() - t0 < 2.0
+        kill_and_reap(p)
+        with pytest.warns(safeshm.HolderDiedWarning):
+            assert lock.acquire(timeout=1.0)
+        lock.release()

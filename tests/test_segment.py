@@ -495,3 +495,26 @@ def test_forked_child_exiting_with_block_does_not_unlink() -> None:
         assert os.waitstatus_to_exitcode(status) == 0
         assert os.path.exists(path_of(c.name))
         assert c.value == 1
+
+
+def test_default_directory_is_dev_shm() -> None:
+    """Outside the test session's private directory, segments live in /dev/shm itself."""
+    code = textwrap.dedent("""
+        import os, safeshm
+        c = safeshm.SafeCounter.create(3)
+        try:
+            path = "/dev/shm/safeshm." + c.name
+            st = os.stat(path)
+            assert st.st_mode & 0o777 == 0o600, oct(st.st_mode)
+            assert safeshm.SafeCounter.attach(c.name).value == 3
+        finally:
+            c.close()
+            c.unlink()
+        assert not os.path.exists(path)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "SAFESHM_DIR"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=JOIN_TIMEOUT, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ok\n"
