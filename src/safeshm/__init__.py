@@ -7,6 +7,8 @@ worst moment. See ``README.md`` for a tour and ``python -m safeshm --help`` for 
 
 from __future__ import annotations
 
+# First: on an unsupported platform this raises a clear ImportError before anything else.
+from . import _compat  # noqa: F401
 from ._counter import CounterStatistics, SafeCounter, ShardedCounter, ShardedCounterStatistics
 from ._errors import (
     HolderDiedWarning,

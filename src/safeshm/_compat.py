@@ -23,13 +23,10 @@ instead of going through ``SharedMemory``. Nothing in the standard library is pa
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import os
 import sys
-from typing import Any, Final
 
+# Checked before anything else is imported: on another platform, even importing the
+# modules below may fail in confusing ways.
 if not sys.platform.startswith("linux"):  # pragma: no cover - exercised on other OSes only
     raise ImportError(
         f"safeshm supports Linux only (found sys.platform={sys.platform!r}): it needs "
@@ -37,6 +34,12 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - exercised on othe
     )
 if sys.maxsize <= 2**32:  # pragma: no cover
     raise ImportError("safeshm needs a 64-bit Python: its counters rely on 8-byte atomic words")
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Any, Final
 
 SHM_DIR: Final = os.environ.get("SAFESHM_DIR", "/dev/shm")
 """Where segment files live. ``SAFESHM_DIR`` overrides it (tests, sandboxes)."""
