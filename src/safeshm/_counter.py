@@ -25,7 +25,6 @@ INT64_MAX: Final = 2**63 - 1
 #   128  value (int64), alone on its cache line
 #   192  robust mutex block (used when lock-free atomics are unavailable)
 _VALUE_OFFSET: Final = HEADER_SIZE
-_VALUE: Final = _VALUE_OFFSET // 8  # index in the mapping's int64 view
 _COUNTER_MUTEX_OFFSET: Final = HEADER_SIZE + 64
 _COUNTER_PAYLOAD: Final = 64 + MUTEX_BLOCK
 
@@ -49,27 +48,22 @@ def _check_int64(what: str, v: Any) -> int:
     return i
 
 
-class _Scratch:
-    """Private, per-call memory for one compare-and-swap: ``expected`` and ``desired``.
+def _new_scratch() -> tuple[memoryview, Any, Any]:
+    """Private memory for one compare-and-swap: ``(words, &expected, &desired)``.
 
-    libatomic's CAS takes both by pointer. A scratch is popped from a pool for the
-    duration of one call, so threads -- and a signal handler that interrupts a call
-    and counts something itself -- never share one.
+    libatomic's CAS takes both operands by pointer. A scratch is popped from a pool for
+    the duration of one call, so threads -- and a signal handler that interrupts a call
+    and counts into the same counter -- never share one. (A tuple, not an object: it
+    unpacks faster than three attribute loads, on the hottest path of the library.)
     """
-
-    __slots__ = ("buf", "mv", "pdes", "pexp")
-
-    def __init__(self) -> None:
-        self.buf = (ctypes.c_int64 * 2)()
-        self.mv = memoryview(self.buf).cast("B").cast("q")
-        self.pexp = ctypes.byref(self.buf, 0)
-        self.pdes = ctypes.byref(self.buf, 8)
+    buf = (ctypes.c_int64 * 2)()
+    return memoryview(buf).cast("B").cast("q"), ctypes.byref(buf, 0), ctypes.byref(buf, 8)
 
 
 # Every CAS below is ``cas(8, ptr, expected, desired, 5, 5)``: 8 bytes, and 5 is
 # __ATOMIC_SEQ_CST for success and failure (_compat.ATOMIC_SEQ_CST), spelt as literals
 # because a global lookup per call is measurable on this path.
-_scratch_pool: list[_Scratch] = []
+_scratch_pool: list[tuple[memoryview, Any, Any]] = []
 _pop_scratch: Final = _scratch_pool.pop
 _push_scratch: Final = _scratch_pool.append
 
@@ -115,11 +109,13 @@ class SafeCounter(SharedStructure):
 
     _KIND = Kind.COUNTER
     _LAYOUT = 1
-    _MAPPED = ("_mv", "_pval", "_cas", "_mutex")
+    _MAPPED = ("_value", "_hot", "_mutex")
 
-    _mv: memoryview
-    _pval: Any  # ctypes byref() of the value word
-    _cas: Any  # libatomic's __atomic_compare_exchange, or None (locked implementation)
+    _value: memoryview
+    # (the value's one-word view, libatomic's __atomic_compare_exchange or None for the
+    # locked implementation, a ctypes byref() of the value word): one attribute load and
+    # a tuple unpack for everything the hot paths need.
+    _hot: tuple[memoryview, Any, Any]
     _mutex: RobustMutex
 
     # -- construction ----------------------------------------------------------------------
@@ -200,18 +196,18 @@ class SafeCounter(SharedStructure):
 
     def _bind(self, mm: mmap.mmap) -> None:
         impl = self._seg.header.flags
-        self._mv = memoryview(mm).cast("q")
+        # A one-word view of the value: reads and stores index it with a constant.
+        self._value = memoryview(mm)[_VALUE_OFFSET : _VALUE_OFFSET + 8].cast("q")
         self._mutex = RobustMutex(mm, _COUNTER_MUTEX_OFFSET, f"SafeCounter {self._seg.name!r}")
         if impl == IMPL_ATOMIC:
             if _compat.compare_exchange is None:
                 raise IncompatibleSegmentError(
                     f"SafeCounter {self._seg.name!r} was created to use lock-free atomics, "
                     "but this process has no libatomic (or SAFESHM_DISABLE_ATOMICS is set)")
-            self._pval = ctypes.byref(ctypes.c_int64.from_buffer(mm, _VALUE_OFFSET))
-            self._cas = _compat.compare_exchange
+            pval = ctypes.byref(ctypes.c_int64.from_buffer(mm, _VALUE_OFFSET))
+            self._hot = (self._value, _compat.compare_exchange, pval)
         elif impl == IMPL_LOCKED:
-            self._pval = None
-            self._cas = None
+            self._hot = (self._value, None, None)
         else:
             raise IncompatibleSegmentError(
                 f"SafeCounter {self._seg.name!r} uses an unknown implementation ({impl})")
@@ -220,7 +216,7 @@ class SafeCounter(SharedStructure):
     @property
     def value(self) -> int:
         """The current value (an atomic read)."""
-        return self._mv[_VALUE]
+        return self._value[0]
 
     def add(self, delta: int = 1) -> int:
         """Atomically add ``delta`` (may be negative) and return the new value.
@@ -229,28 +225,26 @@ class SafeCounter(SharedStructure):
             OverflowError: the result would leave the int64 range; nothing changed.
             TypeError: ``delta`` is not an int; nothing changed.
         """
-        mv = self._mv
-        cas = self._cas
+        value, cas, pval = self._hot
         if cas is None:
             return self._add_locked(delta)
         try:
-            s = _pop_scratch()
+            scratch = _pop_scratch()
         except IndexError:
-            s = _Scratch()
-        smv = s.mv
-        pval = self._pval
-        old = mv[_VALUE]
+            scratch = _new_scratch()
+        words, pexp, pdes = scratch
+        old = value[0]
         while True:
-            smv[0] = old
+            words[0] = old
             try:
-                smv[1] = new = old + delta
+                words[1] = new = old + delta
             except (ValueError, TypeError) as e:
-                _push_scratch(s)
+                _push_scratch(scratch)
                 raise self._bad_operand(e, "delta", delta, old) from None
-            if cas(8, pval, s.pexp, s.pdes, 5, 5):
-                _push_scratch(s)
+            if cas(8, pval, pexp, pdes, 5, 5):
+                _push_scratch(scratch)
                 return new
-            old = smv[0]  # a failed CAS wrote the current value back into "expected"
+            old = words[0]  # a failed CAS wrote the current value back into "expected"
 
     def set(self, value: int) -> None:
         """Atomically replace the value.
@@ -259,18 +253,16 @@ class SafeCounter(SharedStructure):
             OverflowError: ``value`` is outside the int64 range; nothing changed.
             TypeError: ``value`` is not an int; nothing changed.
         """
-        mv = self._mv
-        if self._cas is None:
+        word, cas, _ = self._hot
+        if cas is None:
             value = _check_int64("value", value)
             with _Held(self._mutex):
-                mv[_VALUE] = value
+                word[0] = value
             return
         try:
             # One aligned 8-byte store: atomic on every supported platform, and ordered
             # with respect to the compare-and-swaps on the same word.
-            mv[_VALUE] = value
-        except SegmentClosedError:
-            raise
+            word[0] = value
         except (ValueError, TypeError) as e:
             raise self._bad_operand(e, "value", value, None) from None
 
@@ -282,24 +274,23 @@ class SafeCounter(SharedStructure):
             TypeError: ``value`` is not an int; nothing changed.
         """
         value = _check_int64("value", value)
-        mv = self._mv
-        cas = self._cas
+        word, cas, pval = self._hot
         if cas is None:
             with _Held(self._mutex):
-                old: int = mv[_VALUE]
-                mv[_VALUE] = value
+                old: int = word[0]
+                word[0] = value
                 return old
         try:
-            s = _pop_scratch()
+            scratch = _pop_scratch()
         except IndexError:
-            s = _Scratch()
-        smv = s.mv
-        smv[0] = mv[_VALUE]
-        smv[1] = value
-        while not cas(8, self._pval, s.pexp, s.pdes, 5, 5):
+            scratch = _new_scratch()
+        words, pexp, pdes = scratch
+        words[0] = word[0]
+        words[1] = value
+        while not cas(8, pval, pexp, pdes, 5, 5):
             pass  # "expected" now holds the current value: retry with it
-        old = smv[0]
-        _push_scratch(s)
+        old = words[0]
+        _push_scratch(scratch)
         return old
 
     def compare_and_set(self, expected: int, new: int) -> bool:
@@ -313,39 +304,38 @@ class SafeCounter(SharedStructure):
             OverflowError: ``expected`` or ``new`` is outside the int64 range.
             TypeError: ``expected`` or ``new`` is not an int.
         """
-        mv = self._mv
-        cas = self._cas
+        word, cas, pval = self._hot
         if cas is None:
             expected = _check_int64("expected", expected)
             new = _check_int64("new", new)
             with _Held(self._mutex):
-                if mv[_VALUE] != expected:
+                if word[0] != expected:
                     return False
-                mv[_VALUE] = new
+                word[0] = new
                 return True
         try:
-            s = _pop_scratch()
+            scratch = _pop_scratch()
         except IndexError:
-            s = _Scratch()
-        smv = s.mv
+            scratch = _new_scratch()
+        words, pexp, pdes = scratch
         try:
-            smv[0] = expected
-            smv[1] = new
+            words[0] = expected
+            words[1] = new
         except (ValueError, TypeError):
-            _push_scratch(s)
+            _push_scratch(scratch)
             _check_int64("expected", expected)
             _check_int64("new", new)
             raise  # pragma: no cover - the checks above raise the precise error
-        ok: bool = cas(8, self._pval, s.pexp, s.pdes, 5, 5)
-        _push_scratch(s)
+        ok: bool = cas(8, pval, pexp, pdes, 5, 5)
+        _push_scratch(scratch)
         return ok
 
     def _add_locked(self, delta: int) -> int:
-        mv = self._mv
+        word = self._value
         with _Held(self._mutex):
-            old: int = mv[_VALUE]
+            old: int = word[0]
             try:
-                mv[_VALUE] = new = old + delta
+                word[0] = new = old + delta
             except (ValueError, TypeError) as e:
                 raise self._bad_operand(e, "delta", delta, old) from None
             return new
