@@ -102,3 +102,15 @@ def cleanup() -> Iterator[Callable[[Any], Any]]:
             h.close()
         with contextlib.suppress(FileNotFoundError):
             h.unlink()
+
+
+@pytest.fixture
+def remote() -> Iterator[Any]:
+    """A server process holding handles, for state machines with a remote handle."""
+    from ._helpers import Remote
+
+    r = Remote("fork")
+    try:
+        yield r
+    finally:
+        r.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -248,15 +248,6 @@ class CounterMachine(RuleBasedStateMachine):
             self.remote.detach(self.counter.name)
             self.counter.close()
             self.counter.unlink()
-
-
-@pytest.fixture
-def remote() -> Iterator[Remote]:
-    r = Remote("fork")
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 @pytest.mark.parametrize("impl", ["atomic", "locked"])

@@ -134,35 +134,20 @@ def test_attach_garbage_segment(cls: Any, data: bytes, name: str) -> None:
         os.unlink(path_of(name))
 
 
-def test_attach_foreign_layout_versions(name: str, cleanup: Any) -> None:
-    c = cleanup(safeshm.SafeCounter.create(name=name))
+@pytest.mark.parametrize(("offset", "value", "message"), [
+    (12, 99, "SafeCounter with layout 99|layout 99"),  # a kind layout from the future
+    (8, 7, "layout 7"),  # a header layout from the future
+    (10, 500, "unknown kind 500"),  # a kind that does not exist
+])
+def test_attach_foreign_versions(name: str, offset: int, value: int, message: str) -> None:
+    c = safeshm.SafeCounter.create(name=name)
     raw = bytearray(pathlib.Path(path_of(name)).read_bytes())
     c.close()
     c.unlink()
-    # Same magic, a kind layout from the future.
-    future = bytearray(raw)
-    struct.pack_into("=H", future, 12, 99)
-    _write_file(name, bytes(future))
+    struct.pack_into("=H", raw, offset, value)
+    _write_file(name, bytes(raw))
     try:
-        with pytest.raises(safeshm.IncompatibleSegmentError, match="layout 99"):
-            safeshm.SafeCounter.attach(name)
-    finally:
-        os.unlink(path_of(name))
-    # A header layout from the future.
-    future = bytearray(raw)
-    struct.pack_into("=H", future, 8, 7)
-    _write_file(name, bytes(future))
-    try:
-        with pytest.raises(safeshm.IncompatibleSegmentError, match="layout 7"):
-            safeshm.SafeCounter.attach(name)
-    finally:
-        os.unlink(path_of(name))
-    # A kind that does not exist.
-    future = bytearray(raw)
-    struct.pack_into("=H", future, 10, 500)
-    _write_file(name, bytes(future))
-    try:
-        with pytest.raises(safeshm.IncompatibleSegmentError, match="unknown kind 500"):
+        with pytest.raises(safeshm.IncompatibleSegmentError, match=message):
             safeshm.SafeCounter.attach(name)
     finally:
         os.unlink(path_of(name))

@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -335,15 +334,6 @@ class ShardedMachine(RuleBasedStateMachine):
             self.remote.detach(self.c.name)
             self.c.close()
             self.c.unlink()
-
-
-@pytest.fixture
-def remote() -> Iterator[Remote]:
-    r = Remote("fork")
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def test_state_machine(remote: Remote) -> None:

@@ -26,28 +26,6 @@ from ._lock import LockStatistics, SafeLock
 
 __version__ = "0.1.0.dev0"
 
-# Public classes say `safeshm.X` in reprs, tracebacks and pickles, not `safeshm._counter.X`.
-for _obj in (
-    CounterStatistics,
-    HolderDiedWarning,
-    IncompatibleSegmentError,
-    InvalidNameError,
-    LockNotHeldError,
-    LockReentryError,
-    LockStatistics,
-    LockTimeoutError,
-    SafeCounter,
-    SafeLock,
-    SafeShmError,
-    SafeShmWarning,
-    SegmentClosedError,
-    SegmentPermissionError,
-    ShardedCounter,
-    ShardedCounterStatistics,
-):
-    _obj.__module__ = __name__
-del _obj
-
 __all__ = [
     "CounterStatistics",
     "HolderDiedWarning",
@@ -67,3 +45,17 @@ __all__ = [
     "ShardedCounterStatistics",
     "__version__",
 ]
+
+
+
+def _adopt_public_classes() -> None:
+    """Public classes say ``safeshm.X`` in reprs, tracebacks and pickles, not
+    ``safeshm._counter.X``: the private module layout stays private."""
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type):
+            obj.__module__ = __name__
+
+
+_adopt_public_classes()
+del _adopt_public_classes
