@@ -143,6 +143,44 @@ def test_each_thread_gets_its_own_slot(counter: safeshm.ShardedCounter) -> None:
     assert counter.value == n * adds + 1
 
 
+def test_close_frees_the_closing_threads_slot_now_and_others_at_thread_exit(
+        counter: safeshm.ShardedCounter) -> None:
+    """Another thread may be in the middle of an add when the handle is closed, so its
+    slot must stay owned until that thread ends -- never handed to another process while
+    a write into it may still land."""
+    h = safeshm.ShardedCounter.attach(counter.name)
+    added, finish = threading.Event(), threading.Event()
+
+    def other() -> None:
+        h.add(5)
+        added.set()
+        finish.wait(timeout=JOIN_TIMEOUT)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert added.wait(JOIN_TIMEOUT)
+    h.add(1)
+    assert counter.statistics().slots_in_use == 2
+    h.close()
+    assert counter.statistics().slots_in_use == 1  # ours freed, the other thread's kept
+    finish.set()
+    t.join(timeout=JOIN_TIMEOUT)
+    assert counter.statistics().slots_in_use == 0
+    assert counter.value == 6
+
+
+def test_dropped_handle_frees_its_slots(counter: safeshm.ShardedCounter) -> None:
+    import gc
+
+    h = safeshm.ShardedCounter.attach(counter.name)
+    h.add(3)
+    assert counter.statistics().slots_in_use == 1
+    del h
+    gc.collect()
+    assert counter.statistics().slots_in_use == 0
+    assert counter.value == 3
+
+
 def test_finished_threads_slots_are_reused(cleanup: Any) -> None:
     c = cleanup(safeshm.ShardedCounter.create(slots=2))
     for _ in range(20):  # 20 short-lived threads, 2 slots

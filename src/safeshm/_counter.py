@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import itertools
 import mmap
 import operator
 import os
@@ -393,6 +395,8 @@ class _Held:
 #          +0  value (int64), written only by the owning thread
 #          +8  owner pid (0 = free) -- written last when claiming: the commit
 #          +16 owner start time     +24 owner pid namespace     +32 owner thread id
+#          +40 claim token: unique per claim in the owning process; a release frees
+#              the slot only if it still holds the releasing claim's token
 _BASE_OFFSET: Final = HEADER_SIZE
 _BASE: Final = _BASE_OFFSET // 8
 _HIGH: Final = _BASE + 1
@@ -400,7 +404,7 @@ _SHARD_MUTEX_OFFSET: Final = HEADER_SIZE + 64
 _SLOTS_OFFSET: Final = 384
 _SLOT_SIZE: Final = 128
 _SLOT_WORDS: Final = _SLOT_SIZE // 8
-_S_VALUE, _S_PID, _S_START, _S_NS, _S_TID = range(5)
+_S_VALUE, _S_PID, _S_START, _S_NS, _S_TID, _S_TOKEN = range(6)
 DEFAULT_SLOTS: Final = 256
 MAX_SLOTS: Final = 1 << 16
 _PARAMS: Final = struct.Struct("=I")
@@ -422,33 +426,43 @@ class ShardedCounterStatistics:
 
 
 class _Lease:
-    """One thread's claim on one slot; releasing it on thread exit lets the slot be reused.
+    """One thread's claim on one slot; releasing it lets the slot be reused.
 
     Stored in the owning thread's ``threading.local``, so CPython drops it when that
-    thread ends. The slot's value stays where it is -- it is still part of the sum --
-    only the ownership is given up.
+    thread ends, and it holds its own views of the mapping, so it can release the slot
+    then even if the handle was closed meanwhile. The slot's value stays where it is --
+    it is still part of the sum -- only the ownership is given up.
     """
 
-    __slots__ = ("counter", "index", "pid", "tid")
+    __slots__ = ("index", "mutex", "mv", "pid", "token")
 
-    def __init__(self, counter: ShardedCounter, index: int, tid: int) -> None:
-        self.counter = weakref.ref(counter)
+    def __init__(self, mv: memoryview, mutex: RobustMutex, index: int, token: int) -> None:
+        self.mv = mv
+        self.mutex = mutex
         self.index = index
         self.pid = _compat.pid
-        self.tid = tid
+        self.token = token
+
+    def release(self) -> None:
+        """Free the slot if this claim still owns it. Idempotent."""
+        if self.pid != _compat.pid:
+            return  # a forked child's copy: the slot belongs to the parent
+        self.pid = 0
+        w = self.index - _S_VALUE
+        mv = self.mv
+        with _Held(self.mutex):
+            if mv[w + _S_PID] == _compat.pid and mv[w + _S_TOKEN] == self.token:
+                mv[w + _S_PID] = 0
 
     def __del__(self) -> None:
         # A finalizer must not raise. If releasing fails (interpreter shutdown, or this
         # thread holds the counter's lock), the slot stays owned until this process exits
         # and is reclaimed then; its value is never lost either way.
-        try:
-            counter = self.counter()
-            # The handle is gone, or we are a forked child: not our slot to free.
-            if counter is not None and self.pid == _compat.pid:
-                counter._release_slot(self.index, self.tid)
-        except Exception:  # noqa: BLE001, S110
-            pass
+        with contextlib.suppress(Exception):
+            self.release()
 
+
+_claim_tokens = itertools.count(1)
 
 _live_sharded: weakref.WeakSet[ShardedCounter] = weakref.WeakSet()
 
@@ -460,7 +474,6 @@ def _forget_slots_after_fork() -> None:
         if counter.closed:
             continue
         counter.__dict__["_tls"] = threading.local()
-        counter.__dict__["_leases"] = {}
 
 
 os.register_at_fork(after_in_child=_forget_slots_after_fork)
@@ -497,13 +510,12 @@ class ShardedCounter(SharedStructure):
 
     _KIND = Kind.SHARDED_COUNTER
     _LAYOUT = 1
-    _MAPPED = ("_mv", "_tls", "_mutex", "_leases")
+    _MAPPED = ("_mv", "_tls", "_mutex")
 
     _mv: memoryview
     _tls: threading.local
     _mutex: RobustMutex
     _nslots: int
-    _leases: dict[int, int]
 
     @classmethod
     def create(cls, initial: int = 0, name: str | None = None, *,
@@ -567,7 +579,6 @@ class ShardedCounter(SharedStructure):
                                   f"ShardedCounter {self._seg.name!r}")
         self._nslots = nslots
         self._tls = threading.local()
-        self._leases = {}
         _live_sharded.add(self)
 
     # -- the hot path ----------------------------------------------------------------------
@@ -620,6 +631,7 @@ class ShardedCounter(SharedStructure):
         tls = self._tls
         me = _compat.pid
         tid = threading.get_native_id()
+        token = next(_claim_tokens)
         start = _owner_start_time()
         ns = _compat.pid_namespace()
         chosen: int | None = None
@@ -643,6 +655,7 @@ class ShardedCounter(SharedStructure):
                 mv[w + _S_START] = start
                 mv[w + _S_NS] = ns
                 mv[w + _S_TID] = tid
+                mv[w + _S_TOKEN] = token
                 mv[w + _S_PID] = me  # the commit: a crash before this leaves it free
                 if chosen >= high:
                     mv[_HIGH] = chosen + 1
@@ -651,27 +664,22 @@ class ShardedCounter(SharedStructure):
             tls.retry_at = time.monotonic() + _CLAIM_RETRY_S
             return None
         index = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8 + _S_VALUE
-        self._leases[index] = tid
-        tls.lease = _Lease(self, index, tid)
+        tls.lease = _Lease(mv, self._mutex, index, token)
         tls.slot = slot = mv[index : index + 1]
         return slot
 
-    def _release_slot(self, index: int, tid: int) -> None:
-        if self._seg.closed:
-            return
-        mv = self._mv
-        self._leases.pop(index, None)
-        with _Held(self._mutex):
-            w = index - _S_VALUE
-            if mv[w + _S_PID] == _compat.pid and mv[w + _S_TID] == tid:
-                mv[w + _S_PID] = 0
-
     def _before_close(self) -> None:
-        leases = self.__dict__.get("_leases")
-        if not isinstance(leases, dict):
+        tls = self.__dict__.get("_tls")
+        if not isinstance(tls, threading.local):
             return
-        for index, tid in list(leases.items()):
-            self._release_slot(index, tid)
+        # The calling thread is not mid-add: its slot can be freed now. Other threads may
+        # be in the middle of an add on their slot, so theirs are freed only when those
+        # threads end (their leases hold their own views of the mapping). Keep the
+        # thread-local alive for that: dropping it would release every lease at once.
+        lease = getattr(tls, "lease", None)
+        if lease is not None:
+            lease.release()
+        self.__dict__["_retired_tls"] = tls
 
     def _slot_sum(self, high: int) -> int:
         first = _SLOTS_OFFSET // 8 + _S_VALUE
