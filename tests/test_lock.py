@@ -291,6 +291,36 @@ def test_close_releases_a_lock_this_thread_holds(cleanup: Any) -> None:
         other.close()
 
 
+def test_holder_can_release_after_another_thread_closed_the_handle(cleanup: Any) -> None:
+    lock = cleanup(safeshm.SafeLock.create())
+    other = safeshm.SafeLock.attach(lock.name)
+    held, closed = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def holder() -> None:
+        try:
+            with lock:
+                held.set()
+                closed.wait(timeout=JOIN_TIMEOUT)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(JOIN_TIMEOUT)
+        lock.close()
+        with pytest.raises(safeshm.SegmentClosedError):
+            lock.acquire(timeout=0)
+        closed.set()
+        t.join(timeout=JOIN_TIMEOUT)
+        assert errors == []
+        assert other.acquire(timeout=1.0)  # released, not stuck with a live thread
+        other.release()
+    finally:
+        other.close()
+
+
 def test_statistics(lock: safeshm.SafeLock) -> None:
     import os
 

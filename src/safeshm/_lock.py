@@ -261,6 +261,10 @@ class SafeLock(SharedStructure):
     _MAPPED = ("_mutex",)
 
     _mutex: RobustMutex
+    # The same mutex, never swapped out at close(): a thread that holds the lock can
+    # always release it, even after another thread closed the handle (otherwise the lock
+    # would stay held by a live thread, and every other process would wait for it).
+    _unlocker: RobustMutex
 
     @classmethod
     def create(cls, name: str | None = None) -> Self:
@@ -294,7 +298,8 @@ class SafeLock(SharedStructure):
         return cls._open_segment(name, lambda: cls.create(name))
 
     def _bind(self, mm: mmap.mmap) -> None:
-        self._mutex = RobustMutex(mm, HEADER_SIZE, f"SafeLock {self._seg.name!r}")
+        self._mutex = self._unlocker = RobustMutex(mm, HEADER_SIZE,
+                                                   f"SafeLock {self._seg.name!r}")
 
     def acquire(self, timeout: float | None = None, *, blocking: bool = True) -> bool:
         """Acquire the lock, waiting up to ``timeout`` seconds (forever if ``None``).
@@ -340,12 +345,18 @@ class SafeLock(SharedStructure):
             raise
 
     def release(self) -> None:
-        """Release the lock.
+        """Release the lock. Works even after :meth:`close`, for a thread that holds it.
 
         Raises:
             LockNotHeldError: the calling thread does not hold it.
+            SegmentClosedError: the handle is closed and this thread does not hold it.
         """
-        self._mutex.release()
+        try:
+            self._unlocker.release()
+        except LockNotHeldError:
+            if self._seg.closed:
+                self._raise_closed()
+            raise
 
     def __enter__(self) -> Self:
         if self._mutex.acquire(None) == RECOVERED:
@@ -353,7 +364,7 @@ class SafeLock(SharedStructure):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._mutex.release()
+        self._unlocker.release()
 
     @contextmanager
     def acquired(self, timeout: float | None = None) -> Iterator[Self]:
