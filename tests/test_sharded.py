@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import threading
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -182,7 +183,7 @@ def test_dropped_handle_frees_its_slots(counter: safeshm.ShardedCounter) -> None
 
 
 def test_finished_threads_slots_are_reused(cleanup: Any) -> None:
-    c = cleanup(safeshm.ShardedCounter.create(slots=2))
+    c = cleanup(safeshm.ShardedCounter.create(slots=2))  # no warning: slots are freed
     for _ in range(20):  # 20 short-lived threads, 2 slots
         t = threading.Thread(target=lambda: [c.add(1) for _ in range(100)])
         t.start()
@@ -197,8 +198,13 @@ def test_more_threads_than_slots_falls_back_exactly(cleanup: Any) -> None:
     all_in = threading.Barrier(n + 1)
     go = threading.Event()
 
+    warned: list[warnings.WarningMessage] = []
+
     def work() -> None:
-        c.add(1)  # claims a slot, or finds none left
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            c.add(1)  # claims a slot, or finds none left
+        warned.extend(w)
         all_in.wait(timeout=JOIN_TIMEOUT)
         go.wait(timeout=JOIN_TIMEOUT)
         for _ in range(adds - 1):
@@ -209,6 +215,9 @@ def test_more_threads_than_slots_falls_back_exactly(cleanup: Any) -> None:
         t.start()
     all_in.wait(timeout=JOIN_TIMEOUT)
     assert c.statistics().slots_in_use == 2  # four threads are on the fallback path
+    assert len(warned) == 1  # said once per handle, not once per thread or per add
+    assert issubclass(warned[0].category, safeshm.SafeShmWarning)
+    assert "all 2 slots" in str(warned[0].message)
     go.set()
     for t in ts:
         t.join(timeout=JOIN_TIMEOUT)
@@ -374,6 +383,7 @@ class ShardedMachine(RuleBasedStateMachine):
             self.c.unlink()
 
 
+@pytest.mark.filterwarnings("ignore::safeshm.SafeShmWarning")  # 1-slot counters run out
 def test_state_machine(remote: Remote) -> None:
     ShardedMachine.remote = remote
     try:
@@ -383,6 +393,7 @@ def test_state_machine(remote: Remote) -> None:
         ShardedMachine.remote = None
 
 
+@pytest.mark.filterwarnings("ignore::safeshm.SafeShmWarning")  # fewer slots than threads
 @settings(max_examples=10)
 @given(deltas=st.lists(st.integers(-1000, 1000), min_size=1, max_size=50),
        threads=st.integers(1, 6), slots=st.integers(1, 8))

@@ -12,11 +12,12 @@ import os
 import struct
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Final, Literal, Self, overload
 
 from . import _compat
-from ._errors import IncompatibleSegmentError, SegmentClosedError
+from ._errors import IncompatibleSegmentError, SafeShmWarning, SegmentClosedError
 from ._lock import MUTEX_BLOCK, RobustMutex, init_mutex
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 
@@ -487,7 +488,8 @@ class ShardedCounter(SharedStructure):
     is never lost: when its owning thread ends (or its process dies, even by SIGKILL),
     the value stays in the sum and the slot is handed to the next thread that needs one.
     If every slot is owned by a live thread, ``add()`` falls back to a shared word under
-    the robust lock: slower, never wrong.
+    the robust lock -- slower, never wrong -- and a :class:`~safeshm.SafeShmWarning` says
+    so once per handle.
 
     Compared with :class:`SafeCounter`:
 
@@ -516,6 +518,7 @@ class ShardedCounter(SharedStructure):
     _tls: threading.local
     _mutex: RobustMutex
     _nslots: int
+    _warned_full: bool
 
     @classmethod
     def create(cls, initial: int = 0, name: str | None = None, *,
@@ -579,6 +582,7 @@ class ShardedCounter(SharedStructure):
                                   f"ShardedCounter {self._seg.name!r}")
         self._nslots = nslots
         self._tls = threading.local()
+        self._warned_full = False
         _live_sharded.add(self)
 
     # -- the hot path ----------------------------------------------------------------------
@@ -662,6 +666,13 @@ class ShardedCounter(SharedStructure):
         if chosen is None:
             tls.slot = None
             tls.retry_at = time.monotonic() + _CLAIM_RETRY_S
+            if not self._warned_full:
+                self._warned_full = True
+                warnings.warn(SafeShmWarning(
+                    f"ShardedCounter {self._seg.name!r}: all {self._nslots} slots are owned "
+                    "by live threads; adds from threads without a slot go through a shared "
+                    "word under a lock (exact, but slower). Create it with more slots="),
+                    stacklevel=3)
             return None
         index = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8 + _S_VALUE
         tls.lease = _Lease(mv, self._mutex, index, token)
