@@ -24,6 +24,23 @@ from safeshm import _compat
 JOIN_TIMEOUT = 60.0
 START_METHODS = ("fork", "spawn")
 
+# Every structure, for conformance tests of the lifecycle they all share.
+STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock, safeshm.SafeArray]
+
+
+def create(cls: Any, name: str | None = None) -> Any:
+    """``cls.create`` with whatever arguments the structure requires."""
+    if cls is safeshm.SafeArray:
+        return cls.create("q", 4, name)
+    return cls.create(name=name)
+
+
+def open_(cls: Any, name: str) -> Any:
+    """``cls.open`` with whatever arguments the structure requires."""
+    if cls is safeshm.SafeArray:
+        return cls.open(name, "q", 4)
+    return cls.open(name)
+
 
 @contextlib.contextmanager
 def processes(method: str, target: Callable[..., Any],
@@ -243,3 +260,63 @@ def exchange_drain_worker(counter: Any, stop: Any, out: Any) -> None:
         total += counter.exchange(0)
     total += counter.exchange(0)
     out.value = total
+
+
+# -- SafeArray workers ----------------------------------------------------------------------
+def array_adds_worker(arr: Any, barrier: Any, ops: Sequence[tuple[int, int]]) -> None:
+    """Apply (index, delta) adds after the barrier."""
+    barrier.wait(timeout=JOIN_TIMEOUT)
+    for index, delta in ops:
+        arr.add(index, delta)
+
+
+def uniform_writer_worker(arr: Any, rounds: int, use_locked: bool) -> None:
+    """Set the whole array to one value per round: via locked() + element stores (slow,
+    so a torn read would have a wide window) or via fill()."""
+    for r in range(rounds):
+        if use_locked:
+            with arr.locked() as view:
+                for k in range(len(view)):
+                    view[k] = r
+        else:
+            arr.fill(r)
+
+
+def snapshot_reader_worker(arr: Any, stop: Any, torn: Any, reads: Any) -> None:
+    """Take snapshots in every way there is until told to stop; count torn ones."""
+    n = 0
+    while not stop.is_set():
+        for snap in (arr.to_list(), list(arr), arr[:], arr[::2]):
+            if len(set(snap)) > 1:
+                torn.value += 1
+        n += 1
+    reads.value = n
+
+
+def die_inside_locked_worker(name: str, ready: Any) -> None:
+    """Half-update the array inside locked(), then wait to be killed."""
+    arr = safeshm.SafeArray.attach(name)
+    with arr.locked() as view:
+        for k in range(len(view) // 2):
+            view[k] = -1
+        ready.set()
+        time.sleep(JOIN_TIMEOUT)
+
+
+def hold_stripe_then_die_worker(name: str, ready: Any) -> None:
+    """Hold one element's stripe (as an element write does) and wait to be killed."""
+    arr = safeshm.SafeArray.attach(name)
+    arr._stripes[0].acquire()
+    ready.set()
+    time.sleep(JOIN_TIMEOUT)
+
+
+def numpy_write_worker(name: str, value: float) -> None:
+    import numpy as np
+
+    arr = safeshm.SafeArray.attach(name)
+    with arr.locked() as view:
+        a = np.asarray(view)
+        a[:] = value
+        del a
+    arr.close()

@@ -10,12 +10,13 @@ import pytest
 
 import safeshm
 
-STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock]
+from ._helpers import STRUCTURES, create
 
 
 def test_all_is_the_documented_surface() -> None:
     assert safeshm.__all__ == sorted(safeshm.__all__)
     assert set(safeshm.__all__) == {
+        "ArrayStatistics",
         "CounterStatistics",
         "HolderDiedWarning",
         "IncompatibleSegmentError",
@@ -24,6 +25,8 @@ def test_all_is_the_documented_surface() -> None:
         "LockReentryError",
         "LockStatistics",
         "LockTimeoutError",
+        "LockedViewLeakedError",
+        "SafeArray",
         "SafeCounter",
         "SafeLock",
         "SafeShmError",
@@ -92,7 +95,7 @@ def test_errors_pickle(exc: BaseException) -> None:
 
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_repr_open_and_closed(cls: Any, cleanup: Any) -> None:
-    h = cleanup(cls.create(name=None))
+    h = cleanup(create(cls))
     r = repr(h)
     assert r.startswith(f"safeshm.{cls.__name__}(name={h.name!r}")
     h.close()
@@ -102,7 +105,7 @@ def test_repr_open_and_closed(cls: Any, cleanup: Any) -> None:
 @pytest.mark.parametrize("cls", STRUCTURES)
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_handles_pickle_by_reference(cls: Any, protocol: int, cleanup: Any) -> None:
-    h = cleanup(cls.create())
+    h = cleanup(create(cls))
     data = pickle.dumps(h, protocol=protocol)
     assert b"safeshm._" not in data  # references safeshm.X, not private modules
     assert len(data) < 200  # a name, not the segment's contents
@@ -126,7 +129,7 @@ def test_pickled_handle_shares_state(cleanup: Any) -> None:
 
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_pickling_a_closed_handle_is_an_error(cls: Any, cleanup: Any) -> None:
-    h = cleanup(cls.create())
+    h = cleanup(create(cls))
     h.close()
     with pytest.raises(safeshm.SegmentClosedError):
         pickle.dumps(h)

@@ -226,17 +226,19 @@ def test_holder_killed_while_we_wait(lock: safeshm.SafeLock) -> None:
         result: list[Any] = []
 
         def waiter() -> None:
-            with pytest.warns(safeshm.HolderDiedWarning):
-                result.append(lock.acquire(timeout=JOIN_TIMEOUT))
+            result.append(lock.acquire(timeout=JOIN_TIMEOUT))
             result.append(time.monotonic())
             lock.release()
 
-        t = threading.Thread(target=waiter)
-        t.start()
-        time.sleep(0.3)
-        killed = time.monotonic()
-        kill_and_reap(p)
-        t.join(timeout=JOIN_TIMEOUT)
+        # Warnings are caught here, not in the thread: catch_warnings swaps process-wide
+        # state and is only safe in one thread at a time.
+        with pytest.warns(safeshm.HolderDiedWarning):
+            t = threading.Thread(target=waiter)
+            t.start()
+            time.sleep(0.3)
+            killed = time.monotonic()
+            kill_and_reap(p)
+            t.join(timeout=JOIN_TIMEOUT)
         assert result[0] is True
         assert result[1] - killed < 1.0
 

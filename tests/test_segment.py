@@ -17,9 +17,8 @@ import pytest
 import safeshm
 from safeshm import _compat, _segment
 
-from ._helpers import JOIN_TIMEOUT, open_and_add_worker, run_all
+from ._helpers import JOIN_TIMEOUT, STRUCTURES, create, open_, open_and_add_worker, run_all
 
-STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock]
 SHM = _compat.SHM_DIR
 
 
@@ -30,17 +29,17 @@ def path_of(name: str) -> str:
 # -- create / attach / open ----------------------------------------------------------------------
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_create_with_random_name(cls: Any, cleanup: Any) -> None:
-    a = cleanup(cls.create())
-    b = cleanup(cls.create())
+    a = cleanup(create(cls))
+    b = cleanup(create(cls))
     assert a.name != b.name
     assert os.path.exists(path_of(a.name))
 
 
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_create_existing_name_raises(cls: Any, name: str, cleanup: Any) -> None:
-    cleanup(cls.create(name=name))
+    cleanup(create(cls, name))
     with pytest.raises(FileExistsError, match=repr(name)):
-        cls.create(name=name)
+        create(cls, name)
 
 
 @pytest.mark.parametrize("cls", STRUCTURES)
@@ -51,7 +50,7 @@ def test_attach_missing_raises(cls: Any, name: str) -> None:
 
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_segment_is_private(cls: Any, cleanup: Any) -> None:
-    h = cleanup(cls.create())
+    h = cleanup(create(cls))
     st = os.stat(path_of(h.name))
     assert st.st_mode & 0o777 == 0o600
     assert st.st_uid == os.geteuid()
@@ -59,8 +58,8 @@ def test_segment_is_private(cls: Any, cleanup: Any) -> None:
 
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_open_creates_then_attaches(cls: Any, name: str, cleanup: Any) -> None:
-    a = cleanup(cls.open(name))
-    b = cls.open(name)
+    a = cleanup(open_(cls, name))
+    b = open_(cls, name)
     try:
         assert a.name == b.name == name
         assert os.stat(path_of(name)).st_nlink == 1
@@ -128,7 +127,7 @@ def test_attach_garbage_segment(cls: Any, data: bytes, name: str) -> None:
         with pytest.raises(safeshm.IncompatibleSegmentError, match="not a safeshm segment"):
             cls.attach(name)
         with pytest.raises(safeshm.IncompatibleSegmentError):
-            cls.open(name)
+            open_(cls, name)
         assert pathlib.Path(path_of(name)).read_bytes() == data  # untouched
     finally:
         os.unlink(path_of(name))
@@ -208,11 +207,11 @@ def test_attach_refuses_other_users_segment(name: str, cleanup: Any) -> None:
 def test_bad_names(cls: Any, bad: str) -> None:
     before = set(os.listdir(SHM))
     with pytest.raises(safeshm.InvalidNameError):
-        cls.create(name=bad)
+        create(cls, bad)
     with pytest.raises(safeshm.InvalidNameError):
         cls.attach(bad)
     with pytest.raises(safeshm.InvalidNameError):
-        cls.open(bad)
+        open_(cls, bad)
     assert set(os.listdir(SHM)) == before
 
 
@@ -232,7 +231,7 @@ def test_good_names(good: str, cleanup: Any) -> None:
 # -- close / unlink / context ----------------------------------------------------------------
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_close_is_idempotent_and_later_use_raises(cls: Any, cleanup: Any) -> None:
-    h = cleanup(cls.create())
+    h = cleanup(create(cls))
     h.close()
     h.close()
     assert h.closed
@@ -244,6 +243,11 @@ def test_close_is_idempotent_and_later_use_raises(cls: Any, cleanup: Any) -> Non
                                  lambda: h.exchange(1), lambda: h.statistics()],
         safeshm.SafeLock: [lambda: h.acquire(), lambda: h.release(), lambda: h.locked(),
                            lambda: h.statistics(), lambda: h.__enter__()],
+        safeshm.SafeArray: [lambda: h[0], lambda: h.__setitem__(0, 1), lambda: h.add(0, 1),
+                            lambda: h.compare_and_set(0, 0, 1), lambda: h.to_list(),
+                            lambda: h[0:2], lambda: h.fill(1), lambda: len(h),
+                            lambda: list(h), lambda: h.locked().__enter__(),
+                            lambda: h.statistics()],
     }[cls]
     for op in ops:
         with pytest.raises(safeshm.SegmentClosedError, match="closed"):
@@ -258,38 +262,53 @@ def pickle_it(h: Any) -> bytes:
     return pickle.dumps(h)
 
 
-@pytest.mark.parametrize("cls", [safeshm.SafeCounter, safeshm.ShardedCounter])
+# Structures whose `with` block is their lifecycle (SafeLock's acquires instead).
+WITH_LIFECYCLE = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeArray]
+
+
+def bump(h: Any, n: int = 1) -> None:
+    if isinstance(h, safeshm.SafeArray):
+        h.add(0, n)
+    else:
+        h.add(n)
+
+
+def read(h: Any) -> int:
+    return h[0] if isinstance(h, safeshm.SafeArray) else h.value  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("cls", WITH_LIFECYCLE)
 def test_with_closes_and_unlinks_when_created(cls: Any) -> None:
-    with cls.create() as c:
-        c.add(1)
+    with create(cls) as c:
+        bump(c)
         name = c.name
         assert os.path.exists(path_of(name))
     assert c.closed
     assert not os.path.exists(path_of(name))
 
 
-@pytest.mark.parametrize("cls", [safeshm.SafeCounter, safeshm.ShardedCounter])
+@pytest.mark.parametrize("cls", WITH_LIFECYCLE)
 def test_with_on_attached_handle_does_not_unlink(cls: Any, cleanup: Any) -> None:
-    owner = cleanup(cls.create())
+    owner = cleanup(create(cls))
     with cls.attach(owner.name) as other:
-        other.add(2)
+        bump(other, 2)
     assert other.closed
-    assert owner.value == 2
+    assert read(owner) == 2
 
 
-@pytest.mark.parametrize("cls", [safeshm.SafeCounter, safeshm.ShardedCounter])
+@pytest.mark.parametrize("cls", WITH_LIFECYCLE)
 def test_with_on_opened_handle_unlinks_only_if_it_created(cls: Any, name: str) -> None:
-    with cls.open(name) as first:
-        with cls.open(name) as second:
-            second.add(1)
+    with open_(cls, name) as first:
+        with open_(cls, name) as second:
+            bump(second)
         assert os.path.exists(path_of(name))
-        assert first.value == 1
+        assert read(first) == 1
     assert not os.path.exists(path_of(name))
 
 
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_unlink(cls: Any) -> None:
-    h = cls.create()
+    h = create(cls)
     h.unlink()
     assert not os.path.exists(path_of(h.name))
     with pytest.raises(FileNotFoundError):

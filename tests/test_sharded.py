@@ -198,29 +198,28 @@ def test_more_threads_than_slots_falls_back_exactly(cleanup: Any) -> None:
     all_in = threading.Barrier(n + 1)
     go = threading.Event()
 
-    warned: list[warnings.WarningMessage] = []
-
     def work() -> None:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            c.add(1)  # claims a slot, or finds none left
-        warned.extend(w)
+        c.add(1)  # claims a slot, or finds none left
         all_in.wait(timeout=JOIN_TIMEOUT)
         go.wait(timeout=JOIN_TIMEOUT)
         for _ in range(adds - 1):
             c.add(1)
 
-    ts = [threading.Thread(target=work) for _ in range(n)]
-    for t in ts:
-        t.start()
-    all_in.wait(timeout=JOIN_TIMEOUT)
-    assert c.statistics().slots_in_use == 2  # four threads are on the fallback path
+    # Recorded here, around all the threads: catch_warnings swaps process-wide state and
+    # must not be entered by several threads at once.
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        ts = [threading.Thread(target=work) for _ in range(n)]
+        for t in ts:
+            t.start()
+        all_in.wait(timeout=JOIN_TIMEOUT)
+        assert c.statistics().slots_in_use == 2  # four threads are on the fallback path
+        go.set()
+        for t in ts:
+            t.join(timeout=JOIN_TIMEOUT)
     assert len(warned) == 1  # said once per handle, not once per thread or per add
     assert issubclass(warned[0].category, safeshm.SafeShmWarning)
     assert "all 2 slots" in str(warned[0].message)
-    go.set()
-    for t in ts:
-        t.join(timeout=JOIN_TIMEOUT)
     assert c.value == n * adds
 
 

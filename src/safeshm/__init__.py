@@ -1,6 +1,6 @@
 """safeshm: typed, process-safe shared data structures on shared memory.
 
-Counters and locks that any process of the same user can attach to by name, that stay
+Counters, arrays and locks that any process of the same user can attach to by name, that stay
 exact under any mix of processes and threads, and that survive workers dying at the
 worst moment. See ``README.md`` for a tour and ``python -m safeshm --help`` for the CLI.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # First: on an unsupported platform this raises a clear ImportError before anything else.
 from . import _compat  # noqa: F401
+from ._array import ArrayStatistics, LockedViewLeakedError, SafeArray
 from ._counter import CounterStatistics, SafeCounter, ShardedCounter, ShardedCounterStatistics
 from ._errors import (
     HolderDiedWarning,
@@ -27,6 +28,7 @@ from ._lock import LockStatistics, SafeLock
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ArrayStatistics",
     "CounterStatistics",
     "HolderDiedWarning",
     "IncompatibleSegmentError",
@@ -35,6 +37,8 @@ __all__ = [
     "LockReentryError",
     "LockStatistics",
     "LockTimeoutError",
+    "LockedViewLeakedError",
+    "SafeArray",
     "SafeCounter",
     "SafeLock",
     "SafeShmError",

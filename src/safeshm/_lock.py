@@ -105,9 +105,16 @@ class RobustMutex:
         rc = _compat.mutex_trylock(self._p)
         if rc == 0:
             return OK
-        return self._acquire_slow(rc, timeout)
+        return self.finish_acquire(rc, timeout)
 
-    def _acquire_slow(self, rc: int, timeout: float | None) -> int:
+    @property
+    def pointer(self) -> Any:
+        """The ``byref`` of the mutex, for hot paths that call trylock/unlock themselves
+        and hand a nonzero trylock result to :meth:`finish_acquire`."""
+        return self._p
+
+    def finish_acquire(self, rc: int, timeout: float | None) -> int:
+        """Complete an acquire whose ``pthread_mutex_trylock`` returned ``rc != 0``."""
         if rc == _compat.EBUSY:
             if timeout is not None and timeout <= 0:
                 return TIMED_OUT

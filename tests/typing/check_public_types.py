@@ -9,8 +9,10 @@ from typing import assert_type
 
 import safeshm
 from safeshm import (
+    ArrayStatistics,
     CounterStatistics,
     LockStatistics,
+    SafeArray,
     SafeCounter,
     SafeLock,
     ShardedCounter,
@@ -74,6 +76,39 @@ def locks() -> None:
         assert_type(held2, SafeLock)
 
 
+def arrays() -> None:
+    a = SafeArray.create("q", 10)
+    assert_type(a, SafeArray[int])
+    assert_type(SafeArray.create("B", [1, 2, 3], "bytes"), SafeArray[int])
+    assert_type(SafeArray.create("d", 10), SafeArray[float])
+    assert_type(SafeArray.create("f", [1.5]), SafeArray[float])
+    assert_type(SafeArray.open("x", "i", 4), SafeArray[int])
+    assert_type(SafeArray.open("y", "d", [0.5]), SafeArray[float])
+    assert_type(SafeArray.attach("x", "q"), SafeArray[int])
+    assert_type(SafeArray.attach("y", "d"), SafeArray[float])
+    assert_type(a[0], int)
+    assert_type(a[1:3], list[int])
+    assert_type(a.add(0, 5), int)
+    assert_type(a.compare_and_set(0, 5, 6), bool)
+    assert_type(a.to_list(), list[int])
+    assert_type(len(a), int)
+    assert_type(a.typecode, str)
+    assert_type(a.statistics(), ArrayStatistics)
+    for x in a:
+        assert_type(x, int)
+    a[0] = 3
+    a[0:2] = [1, 2]
+    a.fill(0)
+    f = SafeArray.create("d", 3)
+    assert_type(f[0], float)
+    assert_type(f.add(0, 0.5), float)
+    f[0] = 1  # an int is a fine float
+    with f.locked() as view:
+        assert_type(view, memoryview)
+    with SafeArray.create("h", 4) as inside:
+        assert_type(inside, SafeArray[int])
+
+
 def errors() -> None:
     try:
         SafeCounter.attach("x")
@@ -93,3 +128,7 @@ def misuse() -> None:
     s = ShardedCounter.create()
     s.compare_and_set(1, 2)  # type: ignore[attr-defined]
     SafeCounter.create(slots=3)  # type: ignore[call-overload]
+    SafeArray.create("x", 3)  # type: ignore[call-overload]
+    a = SafeArray.create("q", 3)
+    a[0] = 1.5  # type: ignore[call-overload]
+    a.add(0, "1")  # type: ignore[arg-type]
