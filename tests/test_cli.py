@@ -26,7 +26,7 @@ def test_demo_runs_and_checks() -> None:
     proc = run_cli("demo", "--workers", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
-    assert proc.stdout.count("[ok]") == 3
+    assert proc.stdout.count("[ok]") == 4
     assert "FAIL" not in proc.stdout
 
 
@@ -42,12 +42,14 @@ def test_ls_lists_our_segments(capsys: pytest.CaptureFixture[str], cleanup: Any,
     c = cleanup(safeshm.SafeCounter.create(42, name=name))
     s = cleanup(safeshm.ShardedCounter.create(7))
     lock = cleanup(safeshm.SafeLock.create())
+    arr = cleanup(safeshm.SafeArray.create("d", 3))
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "SafeCounter" in lines[name] and "value=42" in lines[name]
     assert "ShardedCounter" in lines[s.name] and "value=7" in lines[s.name]
     assert "SafeLock" in lines[lock.name] and "locked=False" in lines[lock.name]
+    assert "SafeArray" in lines[arr.name] and "typecode=d length=3" in lines[arr.name]
     assert f"{os.getpid()} (alive)" in lines[name]
     assert c.value == 42  # listing disturbed nothing
 

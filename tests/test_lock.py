@@ -230,15 +230,19 @@ def test_holder_killed_while_we_wait(lock: safeshm.SafeLock) -> None:
             result.append(time.monotonic())
             lock.release()
 
-        # Warnings are caught here, not in the thread: catch_warnings swaps process-wide
-        # state and is only safe in one thread at a time.
-        with pytest.warns(safeshm.HolderDiedWarning):
+        def kill_while_it_waits() -> float:
             t = threading.Thread(target=waiter)
             t.start()
             time.sleep(0.3)
             killed = time.monotonic()
             kill_and_reap(p)
             t.join(timeout=JOIN_TIMEOUT)
+            return killed
+
+        # Warnings are caught here, not in the thread: catch_warnings swaps process-wide
+        # state and is only safe in one thread at a time.
+        with pytest.warns(safeshm.HolderDiedWarning):
+            killed = kill_while_it_waits()
         assert result[0] is True
         assert result[1] - killed < 1.0
 

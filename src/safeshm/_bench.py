@@ -1,6 +1,6 @@
-"""Counter benchmark: safeshm against the ``multiprocessing`` idioms, in one process run.
+"""Benchmarks: safeshm against the ``multiprocessing`` idioms, in one process run.
 
-Four ways to count from many processes are measured side by side:
+**Counters.** Four ways to count from many processes are measured side by side:
 
 1. ``multiprocessing.Value('q', 0)`` used the way users write it:
    ``with v.get_lock(): v.value += 1``;
@@ -8,13 +8,26 @@ Four ways to count from many processes are measured side by side:
 3. :meth:`safeshm.SafeCounter.add` (exact, lock-free compare-and-swap);
 4. :meth:`safeshm.ShardedCounter.add` (one cache-line slot per thread).
 
-Each measurement starts P fresh "spawn" worker processes on a fresh structure, releases
-them together through a barrier, lets each perform the same calibrated number of
-increments, and times from the first worker's start to the last worker's end. The final
-count is checked against ``P * n`` after every run, so a benchmark that loses updates
-fails loudly instead of reporting a fast wrong answer.
+**Arrays.** Element adds at random indices of a 1000-element int64 array:
 
-Run it as ``python -m safeshm bench`` or ``python benchmarks/bench_counter.py``.
+1. ``multiprocessing.Array('q', 1000)`` used the way users write it:
+   ``with arr.get_lock(): arr[i] += 1``;
+2. numpy on a :class:`multiprocessing.shared_memory.SharedMemory` guarded by a
+   ``multiprocessing.Lock()``: ``with lock: a[i] += 1``;
+3. :meth:`safeshm.SafeArray.add` (one lock stripe per group of elements);
+
+and, in this one process, summing a large float64 array with numpy: on a private array,
+through :meth:`safeshm.SafeArray.locked`, and on a ``SharedMemory`` under an
+``mp.Lock``. numpy is optional: without it the parts that need it are skipped, with a note.
+
+Each element measurement starts P fresh "spawn" worker processes on a fresh structure,
+releases them together through a barrier, lets each perform the same calibrated number of
+operations, and times from the first worker's start to the last worker's end. The final
+count (for arrays: the sum of all elements) is checked against ``P * n`` after every run,
+so a benchmark that loses updates fails loudly instead of reporting a fast wrong answer.
+
+Run it as ``python -m safeshm bench`` or ``python benchmarks/bench_counter.py`` /
+``python benchmarks/bench_array.py``.
 """
 
 from __future__ import annotations
@@ -28,18 +41,21 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING, Any, Final
 
 from . import __version__
+from ._array import SafeArray
 from ._counter import SafeCounter, ShardedCounter
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnContext, SpawnProcess
-    from multiprocessing.sharedctypes import Synchronized
+    from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
     from multiprocessing.synchronize import Barrier, Lock
 
     from ._segment import SharedStructure
@@ -61,6 +77,42 @@ _DESCRIPTIONS: Final = {
     SHARDED: "add(1)   (safeshm.ShardedCounter: one slot per thread)",
 }
 
+STRUCTURES: Final = ("counter", "array")
+"""What ``--structures`` may select: the counter benchmark, the array benchmark."""
+
+ARRAY_IDIOM: Final = "mp.Array idiom"
+ARRAY_NUMPY: Final = "numpy + mp.Lock"
+ARRAY_SAFE: Final = "SafeArray"
+ARRAY_IMPLEMENTATIONS: Final = (ARRAY_IDIOM, ARRAY_NUMPY, ARRAY_SAFE)
+ARRAY_LENGTH: Final = 1000
+"""Elements (int64) in the array the element-add workers update."""
+
+BULK_PRIVATE: Final = "numpy private"
+BULK_SAFE: Final = "SafeArray.locked()"
+BULK_SHM: Final = "SharedMemory + mp.Lock"
+BULK_IMPLEMENTATIONS: Final = (BULK_PRIVATE, BULK_SAFE, BULK_SHM)
+DEFAULT_BULK_ELEMENTS: Final = 10_000_000
+"""float64 elements summed by the bulk part (80 MB: far larger than any CPU cache, so
+every contender streams the array from memory)."""
+
+_ARRAY_DESCRIPTIONS: Final = {
+    ARRAY_IDIOM: "with arr.get_lock(): arr[i] += 1   (arr = multiprocessing.Array('q', 1000))",
+    ARRAY_NUMPY: "with lock: a[i] += 1   (a: numpy int64 view of a SharedMemory; "
+                 "multiprocessing.Lock)",
+    ARRAY_SAFE: "add(i, 1)   (safeshm.SafeArray('q', 1000): element i locks stripe i % 64)",
+}
+_BULK_DESCRIPTIONS: Final = {
+    BULK_PRIVATE: "np.sum(x)   (x: a private numpy float64 array)",
+    BULK_SAFE: "with a.locked() as view: np.asarray(view).sum()   "
+               "(safeshm.SafeArray('d', N))",
+    BULK_SHM: "with lock: np.ndarray((N,), np.float64, buffer=shm.buf).sum()   "
+              "(SharedMemory + multiprocessing.Lock)",
+}
+
+# Every worker draws its indices from its own generator, seeded by its worker number only,
+# so worker k of every implementation updates exactly the same elements in the same order.
+_INDEX_SEED: Final = 0x5AFE5111
+
 # Spawned children import the package before reaching the barrier; on a loaded machine
 # that can take seconds, so the barrier waits generously -- but never forever.
 _BARRIER_TIMEOUT_S: Final = 60.0
@@ -71,6 +123,8 @@ _CALIBRATION_START_OPS: Final = 20_000
 # A calibration run shorter than this fraction of the target is too noisy to scale from.
 _CALIBRATION_MIN_FRACTION: Final = 0.1
 _MAX_OPS_PER_WORKER: Final = 2**40
+# An array worker's index list costs 8 bytes per operation: 200 MB at this cap.
+_MAX_ARRAY_OPS_PER_WORKER: Final = 25_000_000
 
 
 class BenchError(RuntimeError):
@@ -135,10 +189,97 @@ def _worker_safeshm(counter: SafeCounter | ShardedCounter, n: int, *, barrier: B
         counter.close()
 
 
+def _indices(worker: int, n: int, length: int) -> list[int]:
+    """Worker ``worker``'s ``n`` random indices into an array of ``length`` elements.
+
+    Identical for every implementation (see :data:`_INDEX_SEED`), and made before the
+    barrier so that generating them is never timed. ``choices`` over a list of the
+    ``length`` index objects fills the list with references to those few objects: 8 bytes
+    per entry instead of a fresh int object each.
+    """
+    return random.Random(_INDEX_SEED + worker).choices(list(range(length)), k=n)
+
+
+def _worker_array_idiom(arr: SynchronizedArray[int], length: int, n: int, *,
+                        barrier: Barrier, times: ctypes.Array[ctypes.c_double],
+                        index: int) -> None:
+    """The ``multiprocessing.Array`` idiom exactly as written in user code."""
+    indices = _indices(index, n, length)
+    barrier.wait(_BARRIER_TIMEOUT_S)
+    start = time.perf_counter()
+    for i in indices:
+        with arr.get_lock():
+            arr[i] += 1
+    end = time.perf_counter()
+    _record(times, index, start, end)
+
+
+def _attach_shared_memory(name: str) -> SharedMemory:
+    """Attach, in a spawned worker, to the ``SharedMemory`` the parent created.
+
+    The parent created the segment, so the parent's resource tracker already has it
+    registered and the parent unlinks it (which unregisters it) after the workers exit.
+    On 3.13+ ``track=False`` keeps the worker out of the tracker altogether. Before 3.13
+    attaching always registers it again, but a spawned worker shares its parent's tracker
+    (multiprocessing hands the tracker's pipe to every child), whose registry is a set: the
+    second registration is a no-op, nothing is unlinked when the worker exits, and nothing
+    is reported. ``resource_tracker.unregister`` here -- the usual advice for *unrelated*
+    processes, each with a tracker of its own -- would be wrong: it would remove the
+    parent's own registration from the shared tracker, which then prints a ``KeyError``
+    traceback when the parent's ``unlink()`` unregisters the segment (seen on 3.11, 3.12
+    and 3.13), and would leave the segment behind if the parent died.
+    """
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name, track=False)
+    return SharedMemory(name)
+
+
+def _worker_array_numpy(shm_name: str, lock: Lock, length: int, n: int, *,
+                        barrier: Barrier, times: ctypes.Array[ctypes.c_double],
+                        index: int) -> None:
+    """numpy over a ``SharedMemory``, with a plain lock around each read-modify-write."""
+    import numpy as np  # noqa: PLC0415 - optional dependency, needed only by this worker
+
+    shm = _attach_shared_memory(shm_name)
+    try:
+        a = np.ndarray((length,), np.int64, buffer=shm.buf)
+        try:
+            indices = _indices(index, n, length)
+            barrier.wait(_BARRIER_TIMEOUT_S)
+            start = time.perf_counter()
+            for i in indices:
+                with lock:
+                    a[i] += 1
+            end = time.perf_counter()
+            _record(times, index, start, end)
+        finally:
+            # shm.close() raises BufferError while a numpy array still exports shm.buf,
+            # even when an exception is on its way out (its traceback keeps this frame).
+            del a
+    finally:
+        shm.close()
+
+
+def _worker_array_safe(arr: SafeArray[int], length: int, n: int, *, barrier: Barrier,
+                       times: ctypes.Array[ctypes.c_double], index: int) -> None:
+    """``add(i, 1)`` through a hoisted bound method, as a hot loop in user code would do."""
+    try:
+        add = arr.add
+        indices = _indices(index, n, length)
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = time.perf_counter()
+        for i in indices:
+            add(i, 1)
+        end = time.perf_counter()
+        _record(times, index, start, end)
+    finally:
+        arr.close()
+
+
 # --- one measurement ----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One measurement: ``processes`` workers, ``ops_per_worker`` increments each."""
+    """One measurement: ``processes`` workers, ``ops_per_worker`` operations each."""
 
     implementation: str
     processes: int
@@ -147,7 +288,7 @@ class Run:
 
     @property
     def ops_per_s(self) -> float:
-        """Total increments per second, all workers together."""
+        """Total operations per second, all workers together."""
         return self.processes * self.ops_per_worker / self.elapsed_s
 
 
@@ -181,15 +322,93 @@ def _stop_all(procs: Sequence[SpawnProcess]) -> None:
             p.close()
 
 
+def _drop(structure: SharedStructure) -> None:
+    """Close and unlink a safeshm structure this benchmark created, whatever happens."""
+    try:
+        structure.close()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            structure.unlink()
+
+
+def _drop_shared_memory(shm: SharedMemory) -> None:
+    """Close and unlink a ``SharedMemory`` this benchmark created, whatever happens."""
+    try:
+        shm.close()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shm.unlink()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Contender:
+    """What one measurement of one implementation needs, made fresh for each run."""
+
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    read_count: Callable[[], int]
+    """The count after the run: the counter's value, or the sum of all elements."""
+    what: str
+    """How ``read_count``'s result is named in an error message."""
+    release: Callable[[], None]
+    """Frees every shared resource the contender created (called in a ``finally``)."""
+
+
+def _nothing() -> None:
+    """Nothing to release: ``multiprocessing`` objects are freed with their last handle."""
+
+
+def _prepare(ctx: SpawnContext, implementation: str, n: int) -> _Contender:
+    """A fresh structure for ``implementation``, with its worker's target and arguments."""
+    if implementation == IDIOM:
+        v = ctx.Value("q", 0)
+        return _Contender(_worker_value_idiom, (v, n), lambda: v.value, "final count",
+                          _nothing)
+    if implementation == RAW_LOCK:
+        rv = ctx.RawValue("q", 0)
+        return _Contender(_worker_raw_lock, (rv, ctx.Lock(), n), lambda: rv.value,
+                          "final count", _nothing)
+    if implementation in (SAFE, SHARDED):
+        counter = SafeCounter.create() if implementation == SAFE else ShardedCounter.create()
+        return _Contender(_worker_safeshm, (counter, n), lambda: counter.value,
+                          "final count", lambda: _drop(counter))
+    if implementation == ARRAY_IDIOM:
+        arr = ctx.Array("q", ARRAY_LENGTH)
+        return _Contender(_worker_array_idiom, (arr, ARRAY_LENGTH, n),
+                          lambda: sum(arr.get_obj()), "sum of all elements", _nothing)
+    if implementation == ARRAY_NUMPY:
+        lock = ctx.Lock()
+        # Created zero-filled (a fresh file in /dev/shm), by the parent, which also
+        # unlinks it: see _attach_shared_memory for the workers' side.
+        shm = SharedMemory(create=True, size=8 * ARRAY_LENGTH)
+
+        def read_sum() -> int:
+            buf = shm.buf
+            if buf is None:  # pragma: no cover - only after close(), which comes later
+                raise BenchError(f"SharedMemory {shm.name!r} was closed too early")
+            # Read without numpy, through views released before shm.close() needs it.
+            with buf[: 8 * ARRAY_LENGTH] as raw, raw.cast("q") as elements:
+                return sum(elements)
+
+        return _Contender(_worker_array_numpy, (shm.name, lock, ARRAY_LENGTH, n), read_sum,
+                          "sum of all elements", lambda: _drop_shared_memory(shm))
+    if implementation == ARRAY_SAFE:
+        safe = SafeArray.create("q", ARRAY_LENGTH)
+        return _Contender(_worker_array_safe, (safe, ARRAY_LENGTH, n),
+                          lambda: sum(safe.to_list()), "sum of all elements",
+                          lambda: _drop(safe))
+    raise ValueError(f"unknown implementation {implementation!r}")
+
+
 def measure(ctx: SpawnContext, implementation: str, processes: int, n: int,
             time_limit_s: float) -> Run:
     """Run one measurement on a fresh structure and check its final count.
 
     Args:
         ctx: the spawn context every object and process comes from.
-        implementation: one of :data:`IMPLEMENTATIONS`.
-        processes: how many worker processes increment concurrently.
-        n: increments per worker.
+        implementation: one of :data:`IMPLEMENTATIONS` or :data:`ARRAY_IMPLEMENTATIONS`.
+        processes: how many worker processes update concurrently.
+        n: operations (increments, element adds) per worker.
         time_limit_s: how long the workers may take once released, on top of the
             barrier's start-up allowance; stragglers are killed after it.
 
@@ -197,52 +416,33 @@ def measure(ctx: SpawnContext, implementation: str, processes: int, n: int,
         The timing, from the earliest worker start to the latest worker end.
 
     Raises:
-        BenchError: a worker failed or hung, or the final count is not ``processes * n``.
+        BenchError: a worker failed or hung, or the final count (for arrays: the sum of
+            all elements) is not ``processes * n``.
     """
     barrier = ctx.Barrier(processes)
     times: ctypes.Array[ctypes.c_double] = ctx.RawArray(ctypes.c_double, 2 * processes)
-    structure: SharedStructure | None = None
-    read_count: Callable[[], int]
-    target: Callable[..., None]
-    args: tuple[Any, ...]
-    if implementation == IDIOM:
-        v = ctx.Value("q", 0)
-        target, args = _worker_value_idiom, (v, n)
-        read_count = lambda: v.value  # noqa: E731
-    elif implementation == RAW_LOCK:
-        rv = ctx.RawValue("q", 0)
-        target, args = _worker_raw_lock, (rv, ctx.Lock(), n)
-        read_count = lambda: rv.value  # noqa: E731
-    elif implementation in (SAFE, SHARDED):
-        counter = SafeCounter.create() if implementation == SAFE else ShardedCounter.create()
-        structure = counter
-        target, args = _worker_safeshm, (counter, n)
-        read_count = lambda: counter.value  # noqa: E731
-    else:
-        raise ValueError(f"unknown implementation {implementation!r}")
-
+    contender = _prepare(ctx, implementation, n)
     procs: list[SpawnProcess] = []
     try:
         for i in range(processes):
             procs.append(ctx.Process(
-                target=target, args=args,
+                target=contender.target, args=contender.args,
                 kwargs={"barrier": barrier, "times": times, "index": i},
                 name=f"bench-{implementation}-{i}", daemon=True))
             procs[-1].start()
         _join_all(procs, barrier,
                   time.monotonic() + _BARRIER_TIMEOUT_S + time_limit_s)
-        count = read_count()
+        count = contender.read_count()
         if count != processes * n:
             raise BenchError(
-                f"{implementation} with {processes} process(es): final count {count}, "
+                f"{implementation} with {processes} process(es): {contender.what} {count}, "
                 f"expected {processes * n} -- updates were lost or duplicated")
     finally:
-        _stop_all(procs)
-        if structure is not None:
+        try:
+            _stop_all(procs)
+        finally:
             # Every segment this run created goes away, whatever happened above.
-            structure.close()
-            with contextlib.suppress(FileNotFoundError):
-                structure.unlink()
+            contender.release()
     starts = times[0::2]
     ends = times[1::2]
     return Run(implementation, processes, n, max(max(ends) - min(starts), 1e-9))
@@ -250,20 +450,115 @@ def measure(ctx: SpawnContext, implementation: str, processes: int, n: int,
 
 def calibrate(ctx: SpawnContext, implementation: str, processes: int, seconds: float,
               time_limit_s: float) -> int:
-    """Find how many increments per worker make one measurement last about ``seconds``.
+    """Find how many operations per worker make one measurement last about ``seconds``.
 
-    Grows a short run until it is long enough to scale from reliably, then scales.
+    Grows a short run until it is long enough to scale from reliably, then scales. Array
+    workers hold their whole index list in memory, so their count is capped at
+    :data:`_MAX_ARRAY_OPS_PER_WORKER` (a measurement may then be shorter than asked).
     """
+    cap = (_MAX_ARRAY_OPS_PER_WORKER if implementation in ARRAY_IMPLEMENTATIONS
+           else _MAX_OPS_PER_WORKER)
     n = _CALIBRATION_START_OPS
     while True:
         run = measure(ctx, implementation, processes, n, time_limit_s)
-        if run.elapsed_s >= seconds * _CALIBRATION_MIN_FRACTION or n >= _MAX_OPS_PER_WORKER:
+        if run.elapsed_s >= seconds * _CALIBRATION_MIN_FRACTION or n >= cap:
             break
         # Aim straight for the threshold (with margin), but never jump more than 100x on
         # the strength of one very short, very noisy timing.
         factor = 2 * seconds * _CALIBRATION_MIN_FRACTION / run.elapsed_s
-        n = min(_MAX_OPS_PER_WORKER, int(n * min(100.0, max(2.0, factor))))
-    return max(1, min(_MAX_OPS_PER_WORKER, round(n * seconds / run.elapsed_s)))
+        n = min(cap, int(n * min(100.0, max(2.0, factor))))
+    return max(1, min(cap, round(n * seconds / run.elapsed_s)))
+
+
+# --- the bulk sum: one process, no workers ---------------------------------------------------
+def _bulk_expected_sum(elements: int) -> float:
+    """The exact sum of the bulk array, which holds ``i % 1000`` at index ``i``.
+
+    Every partial sum of such integers is an integer far below 2**53, exactly
+    representable, so numpy's summation order cannot change the float result.
+    """
+    q, r = divmod(elements, 1000)
+    return float(q * (999 * 1000 // 2) + r * (r - 1) // 2)
+
+
+@contextlib.contextmanager
+def _bulk_contenders(elements: int) -> Iterator[dict[str, Callable[[], float]]]:
+    """Make the three arrays to sum, each holding the same values; free them on exit.
+
+    Yields:
+        For each of :data:`BULK_IMPLEMENTATIONS`, a function that sums its array once,
+        exactly as a user would (lock taken and view made inside the function).
+    """
+    import numpy as np  # noqa: PLC0415 - optional dependency, needed only by this part
+
+    private = np.arange(elements, dtype=np.float64)
+    np.remainder(private, 1000.0, out=private)
+    lock = multiprocessing.get_context(START_METHOD).Lock()
+    safe = SafeArray.create("d", elements)
+    try:
+        safe[:] = private  # a float64 numpy array is taken as the source without a copy
+        shm = SharedMemory(create=True, size=8 * elements)
+        try:
+            staged = np.ndarray((elements,), np.float64, buffer=shm.buf)
+            staged[:] = private
+            del staged  # shm.close() raises BufferError while a numpy array exports shm.buf
+
+            def private_sum() -> float:
+                return float(np.sum(private))
+
+            def safe_sum() -> float:
+                with safe.locked() as view:
+                    a = np.asarray(view)
+                    try:
+                        return float(a.sum())
+                    finally:
+                        # locked() raises LockedViewLeakedError if an array made from the
+                        # view outlives the block, and an exception's traceback would keep
+                        # this frame -- and `a` -- alive.
+                        del a
+
+            def shm_sum() -> float:
+                with lock:
+                    a = np.ndarray((elements,), np.float64, buffer=shm.buf)
+                    try:
+                        return float(a.sum())
+                    finally:
+                        del a  # as above: shm.close() needs every export gone
+
+            yield {BULK_PRIVATE: private_sum, BULK_SAFE: safe_sum, BULK_SHM: shm_sum}
+        finally:
+            _drop_shared_memory(shm)
+    finally:
+        _drop(safe)
+
+
+def _time_sums(implementation: str, sum_once: Callable[[], float], k: int,
+               expected: float) -> float:
+    """Seconds per sum over ``k`` back-to-back sums, each checked against ``expected``.
+
+    Raises:
+        BenchError: a sum came out wrong.
+    """
+    start = time.perf_counter()
+    for _ in range(k):
+        total = sum_once()
+        # A float comparison: nanoseconds, next to milliseconds of summing.
+        if total != expected:
+            raise BenchError(f"{implementation}: sum {total!r}, expected {expected!r}")
+    return max(time.perf_counter() - start, 1e-9) / k
+
+
+def _calibrate_sums(implementation: str, sum_once: Callable[[], float], seconds: float,
+                    expected: float) -> int:
+    """How many back-to-back sums make one bulk measurement last about ``seconds``."""
+    k = 1
+    while True:
+        elapsed = k * _time_sums(implementation, sum_once, k, expected)
+        if elapsed >= seconds * _CALIBRATION_MIN_FRACTION:
+            break
+        factor = 2 * seconds * _CALIBRATION_MIN_FRACTION / elapsed
+        k = int(k * min(100.0, max(2.0, factor)))
+    return max(1, round(k * seconds / elapsed))
 
 
 # --- environment --------------------------------------------------------------------------
@@ -319,11 +614,27 @@ class Cell:
     processes: int
     ops_per_worker: int
     samples: tuple[float, ...]
-    """Total increments per second of each repeat, in the order measured."""
+    """Total operations per second of each repeat, in the order measured."""
 
     @property
     def median(self) -> float:
-        """Median increments per second over the repeats."""
+        """Median operations per second over the repeats."""
+        return statistics.median(self.samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkCell:
+    """All repeats of one bulk-sum implementation."""
+
+    implementation: str
+    elements: int
+    sums_per_sample: int
+    samples: tuple[float, ...]
+    """Seconds per sum in each repeat (the mean over its back-to-back sums)."""
+
+    @property
+    def median(self) -> float:
+        """Median seconds per sum over the repeats."""
         return statistics.median(self.samples)
 
 
@@ -334,14 +645,19 @@ class Bar:
     description: str
     required: float
     measured: float | None
-    """The measured ratio; ``None`` when the process counts it needs were not run."""
+    """The measured ratio; ``None`` when what it needs was not run (a process count not
+    asked for, or a contender skipped because numpy is not importable)."""
+    at_most: bool = False
+    """The ratio must be at most ``required`` (a time ratio) instead of at least (a rate
+    ratio)."""
 
     @property
     def status(self) -> str:
         """``PASS``, ``FAIL``, or ``SKIP`` (not evaluated)."""
         if self.measured is None:
             return "SKIP"
-        return "PASS" if self.measured >= self.required else "FAIL"
+        met = self.measured <= self.required if self.at_most else self.measured >= self.required
+        return "PASS" if met else "FAIL"
 
 
 def _ratio(cells: dict[tuple[str, int], Cell], a: tuple[str, int],
@@ -352,7 +668,7 @@ def _ratio(cells: dict[tuple[str, int], Cell], a: tuple[str, int],
 
 
 def bars(cells: dict[tuple[str, int], Cell]) -> list[Bar]:
-    """The bars this project must meet, computed from the medians in ``cells``."""
+    """The counter bars this project must meet, computed from the medians in ``cells``."""
     return [
         Bar("SafeCounter add, 1 process, vs the mp.Value idiom (1 process)", 1.2,
             _ratio(cells, (SAFE, 1), (IDIOM, 1))),
@@ -365,43 +681,92 @@ def bars(cells: dict[tuple[str, int], Cell]) -> list[Bar]:
     ]
 
 
-def _rows(cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:
+def _bulk_ratio(bulk: dict[str, BulkCell], a: str, b: str) -> float | None:
+    """Time ratio ``a / b`` of median seconds per sum (above 1: ``a`` is slower)."""
+    if a not in bulk or b not in bulk:
+        return None
+    return bulk[a].median / bulk[b].median
+
+
+def array_bars(cells: dict[tuple[str, int], Cell], bulk: dict[str, BulkCell]) -> list[Bar]:
+    """The array bars this project must meet, computed from the measured medians."""
+    return [
+        Bar("SafeArray element add, 1 process, vs the mp.Array idiom (1 process)", 1.2,
+            _ratio(cells, (ARRAY_SAFE, 1), (ARRAY_IDIOM, 1))),
+        Bar("SafeArray element add at random indices, 2 processes, vs the mp.Array idiom "
+            "(2 processes)", 3.0, _ratio(cells, (ARRAY_SAFE, 2), (ARRAY_IDIOM, 2))),
+        Bar("bulk sum via SafeArray.locked() + numpy, time vs numpy on a private array",
+            1.5, _bulk_ratio(bulk, BULK_SAFE, BULK_PRIVATE), at_most=True),
+    ]
+
+
+def _rows(cells: dict[tuple[str, int], Cell], baseline: str = IDIOM,
+          scaled: Sequence[str] = (SAFE, SHARDED),
+          descriptions: dict[str, str] = _DESCRIPTIONS) -> list[dict[str, Any]]:
+    """Table rows: ``vs_idiom_same_processes`` compares with ``baseline``, and
+    ``vs_own_1_process`` is given for the implementations in ``scaled``."""
     rows = []
     for (impl, p), cell in cells.items():
         scaling = (_ratio(cells, (impl, p), (impl, 1))
-                   if impl in (SAFE, SHARDED) else None)
+                   if impl in scaled else None)
         rows.append({
             "implementation": impl,
-            "code": _DESCRIPTIONS[impl],
+            "code": descriptions[impl],
             "processes": p,
             "ops_per_worker": cell.ops_per_worker,
             "median_ops_per_s": cell.median,
             "min_ops_per_s": min(cell.samples),
             "max_ops_per_s": max(cell.samples),
             "samples_ops_per_s": list(cell.samples),
-            "vs_idiom_same_processes": _ratio(cells, (impl, p), (IDIOM, p)),
+            "vs_idiom_same_processes": _ratio(cells, (impl, p), (baseline, p)),
             "vs_own_1_process": scaling,
         })
     return rows
+
+
+def _bulk_rows(bulk: dict[str, BulkCell]) -> list[dict[str, Any]]:
+    rows = []
+    for impl, cell in bulk.items():
+        rows.append({
+            "implementation": impl,
+            "code": _BULK_DESCRIPTIONS[impl],
+            "elements": cell.elements,
+            "sums_per_sample": cell.sums_per_sample,
+            "median_s_per_sum": cell.median,
+            "min_s_per_sum": min(cell.samples),
+            "max_s_per_sum": max(cell.samples),
+            "samples_s_per_sum": list(cell.samples),
+            "median_gb_per_s": 8 * cell.elements / cell.median / 1e9,
+            "time_vs_private": _bulk_ratio(bulk, impl, BULK_PRIVATE),
+        })
+    return rows
+
+
+def _bar_json(b: Bar, *, comparison: bool) -> dict[str, Any]:
+    out = {"description": b.description, "required": b.required, "measured": b.measured,
+           "status": b.status}
+    if comparison:
+        out["comparison"] = "<=" if b.at_most else ">="
+    return out
 
 
 def _fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
-def _print_report(env: dict[str, Any], config: dict[str, Any], rows: list[dict[str, Any]],
-                  checks: list[Bar]) -> None:
+def _print_environment(env: dict[str, Any], config: dict[str, Any]) -> None:
     print("Environment")
     width = max(map(len, env))
     for key, value in env.items():
         print(f"  {key:<{width}}  {value}")
+    extra = (f" bulk_elements={config['bulk_elements']}"
+             if "bulk_elements" in config else "")
     print(f"  {'config':<{width}}  processes={config['processes']} "
-          f"seconds={config['seconds']} repeats={config['repeats']}")
-    print()
-    print("Implementations")
-    for impl in IMPLEMENTATIONS:
-        print(f"  {impl:<20}  {_DESCRIPTIONS[impl]}")
-    print()
+          f"seconds={config['seconds']} repeats={config['repeats']} "
+          f"structures={','.join(config['structures'])}{extra}")
+
+
+def _print_rate_table(rows: list[dict[str, Any]]) -> None:
     header = (f"{'implementation':<20} {'procs':>5} {'median Mops/s':>13} "
               f"{'range (min-max)':>17} {'vs idiom':>9} {'vs own 1P':>9}")
     print(header)
@@ -412,12 +777,83 @@ def _print_report(env: dict[str, Any], config: dict[str, Any], rows: list[dict[s
               f"{r['median_ops_per_s'] / 1e6:>13.3f} {rng:>17} "
               f"{_fmt_ratio(r['vs_idiom_same_processes']):>9} "
               f"{_fmt_ratio(r['vs_own_1_process']):>9}")
-    print()
+
+
+def _print_bars(checks: list[dict[str, Any]]) -> None:
     print("Bars (ratios of medians measured above)")
     for b in checks:
         # Three decimals: a ratio just under the bar must not print as if it met it.
-        got = "not measured" if b.measured is None else f"{b.measured:.3f}x"
-        print(f"  [{b.status}] {b.description}: {got} (required >= {b.required:g}x)")
+        got = "not measured" if b["measured"] is None else f"{b['measured']:.3f}x"
+        sign = b.get("comparison", ">=")
+        print(f"  [{b['status']}] {b['description']}: {got} "
+              f"(required {sign} {b['required']:g}x)")
+
+
+def _print_counter(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
+    print("Implementations")
+    for impl in IMPLEMENTATIONS:
+        print(f"  {impl:<20}  {_DESCRIPTIONS[impl]}")
+    print()
+    _print_rate_table(rows)
+    print()
+    _print_bars(checks)
+
+
+def _print_bulk(n: int, rows: list[dict[str, Any]]) -> None:
+    print(f"SafeArray: summing {n:,} float64 elements ({8 * n / 1e6:.0f} MB) in one process")
+    print()
+    print("Implementations")
+    for impl in BULK_IMPLEMENTATIONS:
+        print(f"  {impl:<22}  {_BULK_DESCRIPTIONS[impl]}")
+    print()
+    header = (f"{'implementation':<22} {'median ms/sum':>13} {'range (min-max)':>17} "
+              f"{'GB/s':>6} {'time vs private':>15}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        rng = f"{r['min_s_per_sum'] * 1e3:.2f}-{r['max_s_per_sum'] * 1e3:.2f}"
+        print(f"{r['implementation']:<22} {r['median_s_per_sum'] * 1e3:>13.2f} "
+              f"{rng:>17} {r['median_gb_per_s']:>6.1f} "
+              f"{_fmt_ratio(r['time_vs_private']):>15}")
+
+
+def _print_array(report: dict[str, Any]) -> None:
+    print(f"SafeArray: element adds at random indices of a {report['length']}-element "
+          "int64 array")
+    print(f"  numpy: {report['numpy'] or 'not importable'}")
+    for text in report["notes"]:
+        print(f"  note: {text}")
+    print()
+    print("Implementations")
+    for impl in report["element_implementations"]:
+        print(f"  {impl:<20}  {_ARRAY_DESCRIPTIONS[impl]}")
+    print()
+    _print_rate_table(report["element_add"])
+    print()
+    if report["bulk_sum"]:
+        _print_bulk(report["bulk_elements"], report["bulk_sum"])
+        print()
+    _print_bars(report["bars"])
+
+
+def _print_report(out: dict[str, Any]) -> None:
+    """The tables, from the same data ``--json`` prints."""
+    _print_environment(out["environment"], out["config"])
+    if "results" in out:
+        print()
+        _print_counter(out["results"], out["bars"])
+    if "array" in out:
+        print()
+        _print_array(out["array"])
+
+
+def _numpy_version() -> tuple[str | None, str]:
+    """``(numpy's version, "")`` if numpy imports, else ``(None, why not)``."""
+    try:
+        import numpy  # noqa: PLC0415 - optional: only some array contenders need it
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return numpy.__version__, ""
 
 
 def _positive_int(text: str) -> int:
@@ -437,15 +873,132 @@ def _positive_float(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="safeshm bench",
-        description="Compare counter increments: multiprocessing idioms vs safeshm.")
+        description="Compare counter increments and array updates: multiprocessing "
+                    "idioms (and numpy) vs safeshm.")
     p.add_argument("--processes", type=_positive_int, nargs="+", default=[1, 2],
                    metavar="N", help="process counts to measure (default: 1 2)")
     p.add_argument("--seconds", type=_positive_float, default=1.0,
                    help="approximate duration of each measurement (default: 1.0)")
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="measurements per implementation and process count (default: 5)")
+    p.add_argument("--structures", nargs="+", choices=STRUCTURES, default=list(STRUCTURES),
+                   metavar="{counter,array}",
+                   help="what to benchmark (default: counter array)")
+    p.add_argument("--bulk-elements", type=_positive_int, default=DEFAULT_BULK_ELEMENTS,
+                   metavar="N", help="float64 elements summed by the array benchmark's "
+                   f"bulk part (default: {DEFAULT_BULK_ELEMENTS})")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The parsed command line, plus what follows from it."""
+
+    processes: list[int]
+    seconds: float
+    repeats: int
+    structures: list[str]
+    bulk_elements: int
+    time_limit_s: float
+    """How long released workers may run before they are called hung."""
+
+
+def _measure_cells(ctx: SpawnContext, implementations: tuple[str, ...], settings: _Settings,
+                   note: Callable[[str], None], *,
+                   label: str = "") -> dict[tuple[str, int], Cell]:
+    """Warm up, calibrate and measure every implementation at every process count."""
+    processes, repeats, time_limit_s = (settings.processes, settings.repeats,
+                                        settings.time_limit_s)
+    cells_order = [(impl, p) for p in processes for impl in implementations]
+    # Warm-up: one short run of each, discarded -- first-time costs (page cache,
+    # bytecode caches, the resource tracker's start) land here, not in a sample.
+    note(f"{label}warming up")
+    for impl, p in cells_order:
+        measure(ctx, impl, p, _WARMUP_OPS, time_limit_s)
+    note(f"{label}calibrating")
+    ops = {key: calibrate(ctx, *key, settings.seconds, time_limit_s) for key in cells_order}
+    samples: dict[tuple[str, int], list[float]] = {key: [] for key in cells_order}
+    for r in range(repeats):
+        # Round-robin, with the starting implementation rotated each repeat, so a
+        # noisy stretch on a shared machine is spread over every contender instead
+        # of landing on whichever one always runs at the same position.
+        shift = r % len(implementations)
+        order = implementations[shift:] + implementations[:shift]
+        for p in processes:
+            for impl in order:
+                note(f"{label}repeat {r + 1}/{repeats}: {impl}, {p} process(es)")
+                run = measure(ctx, impl, p, ops[impl, p], time_limit_s)
+                samples[impl, p].append(run.ops_per_s)
+    return {key: Cell(key[0], key[1], ops[key], tuple(samples[key])) for key in cells_order}
+
+
+def _measure_bulk(settings: _Settings, note: Callable[[str], None]) -> dict[str, BulkCell]:
+    """Warm up, calibrate and time every bulk-sum implementation, in this process."""
+    elements, seconds, repeats = settings.bulk_elements, settings.seconds, settings.repeats
+    expected = _bulk_expected_sum(elements)
+    with _bulk_contenders(elements) as contenders:
+        note("bulk: warming up")
+        for impl in BULK_IMPLEMENTATIONS:
+            _time_sums(impl, contenders[impl], 1, expected)
+        note("bulk: calibrating")
+        counts = {impl: _calibrate_sums(impl, contenders[impl], seconds, expected)
+                  for impl in BULK_IMPLEMENTATIONS}
+        samples: dict[str, list[float]] = {impl: [] for impl in BULK_IMPLEMENTATIONS}
+        for r in range(repeats):
+            # Rotated round-robin, as for the element measurements.
+            shift = r % len(BULK_IMPLEMENTATIONS)
+            for impl in BULK_IMPLEMENTATIONS[shift:] + BULK_IMPLEMENTATIONS[:shift]:
+                note(f"bulk: repeat {r + 1}/{repeats}: {impl}")
+                samples[impl].append(
+                    _time_sums(impl, contenders[impl], counts[impl], expected))
+    return {impl: BulkCell(impl, elements, counts[impl], tuple(samples[impl]))
+            for impl in BULK_IMPLEMENTATIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArrayPlan:
+    """Which array contenders can run here: numpy is optional."""
+
+    numpy_version: str | None
+    element_implementations: tuple[str, ...]
+    bulk: bool
+    notes: list[str]
+
+
+def _array_plan() -> _ArrayPlan:
+    numpy_version, why = _numpy_version()
+    if numpy_version is not None:
+        return _ArrayPlan(numpy_version, ARRAY_IMPLEMENTATIONS, bulk=True, notes=[])
+    return _ArrayPlan(None, (ARRAY_IDIOM, ARRAY_SAFE), bulk=False, notes=[
+        f"numpy is not importable ({why}): skipped the '{ARRAY_NUMPY}' element add and "
+        "the whole bulk-sum part; the bars that need them print [SKIP]"])
+
+
+def _results(env: dict[str, Any], settings: _Settings, plan: _ArrayPlan, *,
+             cells: dict[tuple[str, int], Cell], array_cells: dict[tuple[str, int], Cell],
+             bulk: dict[str, BulkCell]) -> dict[str, Any]:
+    """Everything measured, as printed by ``--json`` (and rendered as tables without)."""
+    config: dict[str, Any] = {"processes": settings.processes, "seconds": settings.seconds,
+                              "repeats": settings.repeats, "structures": settings.structures}
+    out: dict[str, Any] = {"environment": env, "config": config}
+    if "counter" in settings.structures:
+        out["results"] = _rows(cells)
+        out["bars"] = [_bar_json(b, comparison=False) for b in bars(cells)]
+    if "array" in settings.structures:
+        config["bulk_elements"] = settings.bulk_elements
+        out["array"] = {
+            "numpy": plan.numpy_version,
+            "notes": plan.notes,
+            "length": ARRAY_LENGTH,
+            "element_implementations": list(plan.element_implementations),
+            "element_add": _rows(array_cells, ARRAY_IDIOM, ARRAY_IMPLEMENTATIONS,
+                                 _ARRAY_DESCRIPTIONS),
+            "bulk_elements": settings.bulk_elements,
+            "bulk_sum": _bulk_rows(bulk),
+            "bars": [_bar_json(b, comparison=True) for b in array_bars(array_cells, bulk)],
+        }
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -453,48 +1006,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Args:
         argv: command-line arguments (``sys.argv[1:]`` when ``None``): ``--processes N
-            [N ...]``, ``--seconds S``, ``--repeats R``, ``--json``.
+            [N ...]``, ``--seconds S``, ``--repeats R``, ``--structures {counter,array}
+            [...]``, ``--bulk-elements N``, ``--json``.
 
     Returns:
         0 when every measurement completed with an exact count (whether or not the bars
         pass: they are a report, not a test), 1 when any measurement failed.
     """
     args = _parser().parse_args(argv)
-    processes: list[int] = sorted(set(args.processes))
-    seconds: float = args.seconds
-    repeats: int = args.repeats
+    settings = _Settings(
+        processes=sorted(set(args.processes)), seconds=args.seconds, repeats=args.repeats,
+        structures=[s for s in STRUCTURES if s in args.structures],
+        bulk_elements=args.bulk_elements,
+        # Once released, a worker gets many times its expected share before it is called
+        # hung: the machine may be shared and briefly much slower than during calibration.
+        time_limit_s=max(30.0, 20 * args.seconds))
     ctx = multiprocessing.get_context(START_METHOD)
-    # Once released, a worker gets many times its expected share before it is called hung:
-    # the machine may be shared and briefly much slower than during calibration.
-    time_limit_s = max(30.0, 20 * seconds)
     progress = sys.stderr.isatty()
 
     def note(text: str) -> None:
         if progress:
             print(text, file=sys.stderr, flush=True)
 
+    with_array = "array" in settings.structures
+    plan = _array_plan() if with_array else _ArrayPlan(None, (), bulk=False, notes=[])
+    if args.json:
+        for text in plan.notes:  # the tables show notes; stdout must stay pure JSON here
+            print(f"note: {text}", file=sys.stderr, flush=True)
+    cells: dict[tuple[str, int], Cell] = {}
+    array_cells: dict[tuple[str, int], Cell] = {}
+    bulk: dict[str, BulkCell] = {}
     try:
         env = environment()
-        cells_order = [(impl, p) for p in processes for impl in IMPLEMENTATIONS]
-        # Warm-up: one short run of each, discarded -- first-time costs (page cache,
-        # bytecode caches, the resource tracker's start) land here, not in a sample.
-        note("warming up")
-        for impl, p in cells_order:
-            measure(ctx, impl, p, _WARMUP_OPS, time_limit_s)
-        note("calibrating")
-        ops = {key: calibrate(ctx, *key, seconds, time_limit_s) for key in cells_order}
-        samples: dict[tuple[str, int], list[float]] = {key: [] for key in cells_order}
-        for r in range(repeats):
-            # Round-robin, with the starting implementation rotated each repeat, so a
-            # noisy stretch on a shared machine is spread over every contender instead
-            # of landing on whichever one always runs at the same position.
-            shift = r % len(IMPLEMENTATIONS)
-            order = IMPLEMENTATIONS[shift:] + IMPLEMENTATIONS[:shift]
-            for p in processes:
-                for impl in order:
-                    note(f"repeat {r + 1}/{repeats}: {impl}, {p} process(es)")
-                    run = measure(ctx, impl, p, ops[impl, p], time_limit_s)
-                    samples[impl, p].append(run.ops_per_s)
+        if "counter" in settings.structures:
+            cells = _measure_cells(ctx, IMPLEMENTATIONS, settings, note)
+        if with_array:
+            array_cells = _measure_cells(ctx, plan.element_implementations, settings, note,
+                                         label="array: ")
+        if plan.bulk:
+            bulk = _measure_bulk(settings, note)
     except BenchError as e:
         print(f"\n*** BENCHMARK FAILED: {e} ***\n", file=sys.stderr, flush=True)
         return 1
@@ -502,16 +1052,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-    cells = {key: Cell(key[0], key[1], ops[key], tuple(samples[key])) for key in cells_order}
-    rows = _rows(cells)
-    checks = bars(cells)
-    config = {"processes": processes, "seconds": seconds, "repeats": repeats}
+    out = _results(env, settings, plan, cells=cells, array_cells=array_cells, bulk=bulk)
     if args.json:
-        json.dump({"environment": env, "config": config, "results": rows,
-                   "bars": [{"description": b.description, "required": b.required,
-                             "measured": b.measured, "status": b.status} for b in checks]},
-                  sys.stdout, indent=2)
+        json.dump(out, sys.stdout, indent=2)
         print()
     else:
-        _print_report(env, config, rows, checks)
+        _print_report(out)
     return 0

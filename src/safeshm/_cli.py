@@ -12,9 +12,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _compat
+from ._array import SafeArray
 from ._counter import SafeCounter, ShardedCounter
 from ._errors import SafeShmError
 from ._lock import SafeLock
@@ -32,6 +33,7 @@ _CLASSES: dict[int, type[SharedStructure]] = {
     Kind.COUNTER: SafeCounter,
     Kind.SHARDED_COUNTER: ShardedCounter,
     Kind.LOCK: SafeLock,
+    Kind.ARRAY: SafeArray,
 }
 
 
@@ -231,11 +233,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
 _DEMO_ADDS = 20_000
 
 
-def _demo_worker(exact: SafeCounter, sharded: ShardedCounter, lock: SafeLock,
-                 under_lock: SafeCounter, worker: int) -> None:
-    for _ in range(_DEMO_ADDS):
+class _DemoShared(NamedTuple):
+    """What the demo's workers share (a tuple of handles pickles by reference)."""
+
+    exact: SafeCounter
+    sharded: ShardedCounter
+    lock: SafeLock
+    under_lock: SafeCounter
+    slots: SafeArray[int]
+
+
+def _demo_worker(shared: _DemoShared, worker: int) -> None:
+    exact, sharded, lock, under_lock, slots = shared
+    for k in range(_DEMO_ADDS):
         exact.add()
         sharded.add()
+        if k % 10 == 0:
+            slots.add(worker, 1)  # this worker's own element
+            slots.add(k % len(slots), 1)  # and one shared with every worker
     for _ in range(200):
         with lock:
             # A read-modify-write that is only safe under the lock.
@@ -245,12 +260,13 @@ def _demo_worker(exact: SafeCounter, sharded: ShardedCounter, lock: SafeLock,
 
 def cmd_demo(args: argparse.Namespace) -> int:
     workers = args.workers
-    print(f"safeshm demo: {workers} worker processes per start method, sharing counters "
-          "and a lock")
+    print(f"safeshm demo: {workers} worker processes per start method, sharing counters, "
+          "an array and a lock")
     exact = SafeCounter.create()
     sharded = ShardedCounter.create()
     lock = SafeLock.create()
     under_lock = SafeCounter.create()
+    slots = SafeArray.create("q", workers)
     failures = 0
     try:
         print(f"  SafeCounter implementation: {exact.implementation}")
@@ -258,8 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for ctx in (multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")):
             method = ctx.get_start_method()
             t0 = time.perf_counter()
-            procs = [ctx.Process(target=_demo_worker,
-                                 args=(exact, sharded, lock, under_lock, w))
+            shared = _DemoShared(exact, sharded, lock, under_lock, slots)
+            procs = [ctx.Process(target=_demo_worker, args=(shared, w))
                      for w in range(workers)]
             for p in procs:
                 p.start()
@@ -274,18 +290,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  {workers} {method} workers done in {time.perf_counter() - t0:.2f} s"
                   + (f" -- {len(bad)} failed (exit codes {bad})" if bad else ""))
             failures += len(bad)
+        per_method = [0] * workers  # what one start method's workers add to each element
+        for w in range(workers):
+            for k in range(0, _DEMO_ADDS, 10):
+                per_method[w] += 1
+                per_method[k % workers] += 1
         checks = [
             ("SafeCounter total", exact.value,
              total_procs * _DEMO_ADDS + 2 * sum(range(workers))),
             ("ShardedCounter total", sharded.value, total_procs * _DEMO_ADDS),
             ("read-modify-writes under SafeLock", under_lock.value, total_procs * 200),
+            ("SafeArray elements", slots.to_list(), [2 * v for v in per_method]),
         ]
         for label, got, want in checks:
             ok = got == want
             failures += not ok
             print(f"  [{'ok' if ok else 'FAIL'}] {label}: {got} (expected {want})")
     finally:
-        for handle in (exact, sharded, under_lock):
+        for handle in (exact, sharded, under_lock, slots):
             handle.close()
             handle.unlink()
         lock.close()
@@ -298,7 +320,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ._bench import main as bench_main  # noqa: PLC0415 - only `bench` needs it
 
     argv = ["--processes", *map(str, args.processes), "--seconds", str(args.seconds),
-            "--repeats", str(args.repeats)]
+            "--repeats", str(args.repeats), "--structures", *args.structures]
+    if args.bulk_elements is not None:
+        argv += ["--bulk-elements", str(args.bulk_elements)]
     if args.json:
         argv.append("--json")
     return bench_main(argv)
@@ -325,7 +349,8 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     rm.set_defaults(func=cmd_rm)
 
-    demo = sub.add_parser("demo", help="worker processes sharing counters and a lock, checked")
+    demo = sub.add_parser("demo", help="worker processes sharing counters, an array and a lock, "
+                                       "checked")
     demo.add_argument("--workers", type=_positive_int, default=4)
     demo.set_defaults(func=cmd_demo)
 
@@ -335,6 +360,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="approximate duration of each measurement")
     bench.add_argument("--repeats", type=_positive_int, default=5,
                        help="measurements per implementation and process count")
+    bench.add_argument("--structures", nargs="+", choices=("counter", "array"),
+                       default=["counter", "array"], metavar="{counter,array}",
+                       help="what to benchmark (default: counter array)")
+    bench.add_argument("--bulk-elements", type=_positive_int, default=None, metavar="N",
+                       help="float64 elements summed by the array benchmark's bulk part "
+                            "(default: 10000000)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return p
