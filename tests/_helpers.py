@@ -25,13 +25,16 @@ JOIN_TIMEOUT = 60.0
 START_METHODS = ("fork", "spawn")
 
 # Every structure, for conformance tests of the lifecycle they all share.
-STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock, safeshm.SafeArray]
+STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock, safeshm.SafeArray,
+              safeshm.SafeQueue]
 
 
 def create(cls: Any, name: str | None = None) -> Any:
     """``cls.create`` with whatever arguments the structure requires."""
     if cls is safeshm.SafeArray:
         return cls.create("q", 4, name)
+    if cls is safeshm.SafeQueue:
+        return cls.create(4096, name)
     return cls.create(name=name)
 
 
@@ -39,6 +42,8 @@ def open_(cls: Any, name: str) -> Any:
     """``cls.open`` with whatever arguments the structure requires."""
     if cls is safeshm.SafeArray:
         return cls.open(name, "q", 4)
+    if cls is safeshm.SafeQueue:
+        return cls.open(name, 4096)
     return cls.open(name)
 
 
@@ -320,3 +325,88 @@ def numpy_write_worker(name: str, value: float) -> None:
         a[:] = value
         del a
     arr.close()
+
+
+# -- SafeQueue workers ----------------------------------------------------------------------
+def queue_producer_worker(q: Any, barrier: Any, producer: int, count: int, batch: int) -> None:
+    """Put (producer, seq) for seq in range(count), singly or in batches."""
+    barrier.wait(timeout=JOIN_TIMEOUT)
+    seq = 0
+    while seq < count:
+        if batch > 1:
+            items = [(producer, s) for s in range(seq, min(count, seq + batch))]
+            q.put_many(items, timeout=JOIN_TIMEOUT)
+            seq += len(items)
+        else:
+            q.put((producer, seq), timeout=JOIN_TIMEOUT)
+            seq += 1
+
+
+def queue_consumer_worker(q: Any, barrier: Any, out: Any, batch: int) -> None:
+    """Take items until the queue is shut down and drained; send them back in order."""
+    barrier.wait(timeout=JOIN_TIMEOUT)
+    got: list[Any] = []
+    try:
+        while True:
+            if batch > 1:
+                got.extend(q.get_many(batch, timeout=JOIN_TIMEOUT))
+            else:
+                got.append(q.get(timeout=JOIN_TIMEOUT))
+    except safeshm.QueueShutDown:
+        pass
+    out.send(got)
+    out.close()
+
+
+def patterned(seq: int, size: int) -> bytes:
+    """An item whose every byte depends on seq: a torn or partial item cannot pass check."""
+    head = seq.to_bytes(8, "little")
+    return head + bytes([(seq + k) % 251 for k in range(size)]) + head
+
+
+def check_patterned(item: bytes) -> int:
+    seq = int.from_bytes(item[:8], "little")
+    size = len(item) - 16
+    assert item[-8:] == item[:8], "torn item (head and tail differ)"
+    assert item == patterned(seq, size), "torn item (body)"
+    return seq
+
+
+def patterned_producer_worker(name: str, progress: Any, ready: Any) -> None:
+    """Put patterned items of varying sizes forever (until killed)."""
+    q = safeshm.SafeQueue.attach(name)
+    ready.set()
+    seq = 0
+    while True:
+        q.put(patterned(seq, 1000 + (seq * 7919) % 20000), timeout=JOIN_TIMEOUT)
+        seq += 1
+        progress.value = seq
+
+
+def blocked_getter_worker(name: str, ready: Any) -> None:
+    """Block in get() on an empty queue (to be killed while asleep)."""
+    q = safeshm.SafeQueue.attach(name)
+    ready.set()
+    q.get(timeout=JOIN_TIMEOUT)
+
+
+def hold_queue_lock_worker(name: str, ready: Any) -> None:
+    q = safeshm.SafeQueue.attach(name)
+    q._mutex.acquire()
+    ready.set()
+    time.sleep(JOIN_TIMEOUT)
+
+
+def timed_get_worker(name: str, ready: Any, out: Any) -> None:
+    q = safeshm.SafeQueue.attach(name)
+    ready.set()
+    item = q.get(timeout=JOIN_TIMEOUT)
+    out.value = time.monotonic()
+    assert item == "wake up"
+
+
+def timed_put_worker(name: str, ready: Any, out: Any) -> None:
+    q = safeshm.SafeQueue.attach(name)
+    ready.set()
+    q.put("second", timeout=JOIN_TIMEOUT)
+    out.value = time.monotonic()

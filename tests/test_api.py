@@ -26,9 +26,12 @@ def test_all_is_the_documented_surface() -> None:
         "LockStatistics",
         "LockTimeoutError",
         "LockedViewLeakedError",
+        "QueueShutDown",
+        "QueueStatistics",
         "SafeArray",
         "SafeCounter",
         "SafeLock",
+        "SafeQueue",
         "SafeShmError",
         "SafeShmWarning",
         "SegmentClosedError",
@@ -85,6 +88,7 @@ def test_error_hierarchy() -> None:
     safeshm.LockNotHeldError("not held"),
     safeshm.LockTimeoutError("slow"),
     safeshm.HolderDiedWarning("died"),
+    safeshm.QueueShutDown("done"),
 ])
 def test_errors_pickle(exc: BaseException) -> None:
     again = pickle.loads(pickle.dumps(exc))

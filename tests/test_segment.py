@@ -248,6 +248,10 @@ def test_close_is_idempotent_and_later_use_raises(cls: Any, cleanup: Any) -> Non
                             lambda: h[0:2], lambda: h.fill(1), lambda: len(h),
                             lambda: list(h), lambda: h.locked().__enter__(),
                             lambda: h.statistics()],
+        safeshm.SafeQueue: [lambda: h.put(1), lambda: h.get(timeout=0), lambda: h.qsize(),
+                            lambda: h.empty(), lambda: h.put_many([1]),
+                            lambda: h.get_many(1, timeout=0), lambda: h.shutdown(),
+                            lambda: h.statistics(), lambda: h.full()],
     }[cls]
     for op in ops:
         with pytest.raises(safeshm.SegmentClosedError, match="closed"):
@@ -263,18 +267,25 @@ def pickle_it(h: Any) -> bytes:
 
 
 # Structures whose `with` block is their lifecycle (SafeLock's acquires instead).
-WITH_LIFECYCLE = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeArray]
+WITH_LIFECYCLE = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeArray,
+                  safeshm.SafeQueue]
 
 
 def bump(h: Any, n: int = 1) -> None:
     if isinstance(h, safeshm.SafeArray):
         h.add(0, n)
+    elif isinstance(h, safeshm.SafeQueue):
+        h.put_many(range(n))
     else:
         h.add(n)
 
 
 def read(h: Any) -> int:
-    return h[0] if isinstance(h, safeshm.SafeArray) else h.value  # type: ignore[no-any-return]
+    if isinstance(h, safeshm.SafeArray):
+        return h[0]  # type: ignore[no-any-return]
+    if isinstance(h, safeshm.SafeQueue):
+        return h.qsize()
+    return h.value  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("cls", WITH_LIFECYCLE)

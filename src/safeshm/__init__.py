@@ -1,8 +1,9 @@
 """safeshm: typed, process-safe shared data structures on shared memory.
 
-Counters, arrays and locks that any process of the same user can attach to by name, that stay
-exact under any mix of processes and threads, and that survive workers dying at the
-worst moment. See ``README.md`` for a tour and ``python -m safeshm --help`` for the CLI.
+Counters, arrays, queues and locks that any process of the same user can attach to by
+name, that stay exact under any mix of processes and threads, and that survive workers
+dying at the worst moment. See ``README.md`` for a tour and ``python -m safeshm --help``
+for the CLI.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from ._errors import (
     LockNotHeldError,
     LockReentryError,
     LockTimeoutError,
+    QueueShutDown,
     SafeShmError,
     SafeShmWarning,
     SegmentClosedError,
     SegmentPermissionError,
 )
 from ._lock import LockStatistics, SafeLock
+from ._queue import QueueStatistics, SafeQueue
 
 __version__ = "0.1.0.dev0"
 
@@ -38,9 +41,12 @@ __all__ = [
     "LockStatistics",
     "LockTimeoutError",
     "LockedViewLeakedError",
+    "QueueShutDown",
+    "QueueStatistics",
     "SafeArray",
     "SafeCounter",
     "SafeLock",
+    "SafeQueue",
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",

@@ -19,6 +19,7 @@ from ._array import SafeArray
 from ._counter import SafeCounter, ShardedCounter
 from ._errors import SafeShmError
 from ._lock import SafeLock
+from ._queue import SafeQueue
 from ._segment import (
     Header,
     Kind,
@@ -34,6 +35,7 @@ _CLASSES: dict[int, type[SharedStructure]] = {
     Kind.SHARDED_COUNTER: ShardedCounter,
     Kind.LOCK: SafeLock,
     Kind.ARRAY: SafeArray,
+    Kind.QUEUE: SafeQueue,
 }
 
 

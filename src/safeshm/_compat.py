@@ -187,6 +187,21 @@ class Timespec(ctypes.Structure):
     _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
 
 
+# --- futexes: sleeping in the kernel on a word of shared memory -------------------------------
+# A shared (not FUTEX_PRIVATE) futex on a MAP_SHARED mapping is keyed by the file and the
+# offset, so processes that mapped the segment at different addresses wait on the same
+# word. Waits go through the GIL-releasing handle; wakes never block and keep the GIL.
+_SYS_FUTEX_BY_MACHINE: Final = {"x86_64": 202, "aarch64": 98, "riscv64": 98,
+                                "ppc64le": 221, "s390x": 238}
+SYS_FUTEX: Final = _SYS_FUTEX_BY_MACHINE.get(os.uname().machine)
+FUTEX_WAIT: Final = 0
+FUTEX_WAKE: Final = 1
+futex_wait_call: Final[Any] = _libc_nogil.syscall
+futex_wake_call: Final[Any] = _libc_gil.syscall
+EAGAIN: Final = errno.EAGAIN
+EINTR: Final = errno.EINTR
+
+
 # --- libatomic: lock-free 64-bit compare-and-swap -------------------------------------------
 def _load_libatomic() -> Any | None:
     if os.environ.get("SAFESHM_DISABLE_ATOMICS"):

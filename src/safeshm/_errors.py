@@ -8,6 +8,9 @@ in pools unchanged.
 
 from __future__ import annotations
 
+import queue
+import sys
+
 __all__ = [
     "HolderDiedWarning",
     "IncompatibleSegmentError",
@@ -15,6 +18,7 @@ __all__ = [
     "LockNotHeldError",
     "LockReentryError",
     "LockTimeoutError",
+    "QueueShutDown",
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
@@ -82,3 +86,22 @@ class HolderDiedWarning(SafeShmWarning, RuntimeWarning):
     built so that they stay consistent, but data of your own that the lock guarded
     may need checking.
     """
+
+
+if sys.version_info >= (3, 13):
+
+    class QueueShutDown(SafeShmError, queue.ShutDown):
+        """The queue was shut down (``SafeQueue.shutdown()``): ``put`` raises it at once,
+        ``get`` once the queue is empty (at once after ``shutdown(immediate=True)``).
+
+        Also a :class:`queue.ShutDown` on Python 3.13+, like the standard queues raise.
+        """
+
+else:
+
+    class QueueShutDown(SafeShmError):
+        """The queue was shut down (``SafeQueue.shutdown()``): ``put`` raises it at once,
+        ``get`` once the queue is empty (at once after ``shutdown(immediate=True)``).
+
+        Also a :class:`queue.ShutDown` on Python 3.13+, like the standard queues raise.
+        """

@@ -1,0 +1,689 @@
+"""SafeQueue[T]: a bounded multi-producer multi-consumer FIFO in a shared-memory ring."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import mmap
+import os
+import pickle
+import queue
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any, Final, Generic, Literal, TypeVar, overload
+
+from . import _compat
+from ._errors import IncompatibleSegmentError, QueueShutDown, SafeShmError
+from ._lock import MUTEX_BLOCK, RECOVERED, RobustMutex, init_mutex
+from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
+
+T = TypeVar("T")
+
+# --- layout -----------------------------------------------------------------------------------
+#   128  state line, int64 words (changed only under the mutex):
+#          head, tail  -- byte counters that only grow; position = counter % capacity
+#          count       -- items in the queue
+#          shutdown    -- 0, or _SHUTDOWN / _SHUTDOWN_NOW
+#          puts, gets  -- items ever put / taken (monitoring)
+#   192  futex line, uint32 words: not-empty sequence and "sleepers" flag, then not-full
+#   256  robust mutex block
+#   384  the ring: capacity bytes of records, each an 8-byte header (payload length in
+#        the low 32 bits, a marker in the high 32) and the payload, padded to 8 bytes;
+#        a payload may wrap around the end of the ring (a header never does).
+_STATE_OFFSET: Final = HEADER_SIZE
+_HEAD, _TAIL, _COUNT, _SHUT, _PUTS, _GETS = range(6)
+_FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
+_NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP = range(4)
+_MUTEX_OFFSET: Final = HEADER_SIZE + 2 * CACHE_LINE
+_RING_OFFSET: Final = _MUTEX_OFFSET + MUTEX_BLOCK
+_RECORD_HEADER: Final = 8
+_MARK: Final = 0x51ED0000 << 32
+_LEN_MASK: Final = 0xFFFFFFFF
+_SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
+_SHUTDOWN: Final = 1
+_SHUTDOWN_NOW: Final = 2
+_PARAMS: Final = struct.Struct("=QQI")  # capacity, maxsize, raw
+_MAX_ITEM: Final = _LEN_MASK
+_WAIT_SLICE: Final = 0.1  # see _lock._WAIT_SLICE: lets Ctrl-C in, never delays a wake-up
+MIN_CAPACITY: Final = 16
+_SPINS: Final = 300  # lock-free checks (~40 ns each) before a waiter sleeps in the kernel
+
+_dumps: Final = pickle.dumps
+_loads: Final = pickle.loads
+_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+# syscall(2) is variadic and reads its first argument as a long: pass one.
+_SYS_FUTEX: Final = ctypes.c_long(_compat.SYS_FUTEX or -1)
+_trylock: Final = _compat.mutex_trylock
+_unlock: Final = _compat.mutex_unlock
+
+
+def _need(n: int) -> int:
+    """Ring bytes a record with an ``n``-byte payload takes: header + payload, padded."""
+    return (n + _RECORD_HEADER + 7) & ~7
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    """A snapshot of a :class:`SafeQueue` (see :meth:`SafeQueue.statistics`)."""
+
+    name: str
+    items: int
+    bytes_used: int
+    capacity: int
+    maxsize: int
+    raw: bool
+    puts: int
+    """Items ever put (since creation)."""
+    gets: int
+    """Items ever taken."""
+    shutdown: bool
+    creator_pid: int
+
+
+class SafeQueue(SharedStructure, Generic[T]):
+    """A bounded multi-producer, multi-consumer FIFO queue in shared memory.
+
+    Items are pickled (or, with ``raw=True``, passed as ``bytes`` untouched) into a ring of
+    ``capacity`` bytes; ``maxsize`` optionally bounds the number of items too. Any process
+    of the same user can attach by name, and the handle pickles by reference, so pools
+    under ``fork``, ``spawn`` and ``forkserver`` receive it as an argument.
+
+    The methods have the standard library's semantics: ``put``/``get`` block (``timeout=None``
+    waits forever) and raise :class:`queue.Full` / :class:`queue.Empty`; ``put_nowait`` and
+    ``get_nowait``; ``qsize()`` and ``empty()`` are snapshots. ``put_many`` puts a batch
+    atomically and ``get_many`` takes up to ``max_items`` at once. Blocked calls sleep in
+    the kernel (a futex in the segment) and are woken as soon as the queue changes.
+
+    Robustness: an item becomes visible only complete (a producer killed mid-``put`` leaves
+    nothing); a process killed holding the queue's lock leaves it consistent and the others
+    carry on; an item that cannot be pickled, or can never fit, raises in the caller and
+    changes nothing. What ``put`` accepted is delivered exactly once, unless the consumer
+    that took it dies before using it.
+
+    ``shutdown()`` tells consumers that producers are done: further ``put`` calls raise
+    :class:`~safeshm.QueueShutDown`, and ``get`` raises it once the queue is drained.
+
+    Example:
+        >>> with SafeQueue.create(1 << 16) as jobs:
+        ...     jobs.put({"id": 1})
+        ...     jobs.get(timeout=1)
+        {'id': 1}
+    """
+
+    _KIND = Kind.QUEUE
+    _LAYOUT = 1
+    _MAPPED = ("_hot", "_state", "_fw", "_mutex", "_futex_ptrs")
+
+    _hot: tuple[memoryview, memoryview, memoryview, memoryview, Any, int]
+    # (state words, futex words, ring bytes, ring 8-byte words, mutex pointer, capacity)
+    _state: memoryview
+    _fw: memoryview
+    _mutex: RobustMutex
+    _futex_ptrs: tuple[Any, Any]  # byrefs of the not-empty and not-full sequence words
+    _capacity: int
+    _maxsize: int
+    _raw: bool
+
+    # -- construction ----------------------------------------------------------------------
+    @overload
+    @classmethod
+    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+               raw: Literal[False] = False) -> SafeQueue[Any]: ...
+    @overload
+    @classmethod
+    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+               raw: Literal[True]) -> SafeQueue[bytes]: ...
+
+    @classmethod
+    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+               raw: bool = False) -> SafeQueue[Any]:
+        """Create a new, empty queue.
+
+        Args:
+            capacity: ring size in bytes (rounded up to a multiple of 8). Each item takes
+                its pickled size plus 8 to 15 bytes; the largest item that fits is
+                ``capacity - 8`` bytes.
+            name: the name to attach by; a random one when ``None``.
+            maxsize: if positive, also at most this many items.
+            raw: items are ``bytes``, stored as they are (no pickling).
+
+        Raises:
+            ValueError: ``capacity`` below 16, or negative ``maxsize``.
+            FileExistsError: a segment with this name exists.
+            OSError: not enough room in /dev/shm (ENOSPC).
+        """
+        capacity = _check_count("capacity", capacity)
+        maxsize = _check_count("maxsize", maxsize)
+        if capacity < MIN_CAPACITY:
+            raise ValueError(f"capacity must be at least {MIN_CAPACITY} bytes, got {capacity}")
+        capacity = (capacity + 7) & ~7
+
+        def init(mm: mmap.mmap) -> None:
+            init_mutex(mm, _MUTEX_OFFSET)
+
+        seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
+                             payload_size=_RING_OFFSET - HEADER_SIZE + capacity, init=init,
+                             params=_PARAMS.pack(capacity, maxsize, int(bool(raw))))
+        return cls._from_segment(seg)
+
+    @classmethod
+    def attach(cls, name: str) -> SafeQueue[Any]:
+        """Attach to an existing queue by name.
+
+        Raises:
+            FileNotFoundError: no segment has this name.
+            IncompatibleSegmentError: the segment is not a ``SafeQueue``.
+        """
+        return cls._from_segment(cls._attach_segment(name))
+
+    @overload
+    @classmethod
+    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+             raw: Literal[False] = False) -> SafeQueue[Any]: ...
+    @overload
+    @classmethod
+    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+             raw: Literal[True]) -> SafeQueue[bytes]: ...
+
+    @classmethod
+    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+             raw: bool = False) -> SafeQueue[Any]:
+        """Attach to ``name``, creating it first if needed (race-free). An existing queue
+        must be in the same mode (``raw``); its capacity and maxsize are kept."""
+
+        def check(seg: Segment) -> None:
+            have_raw = bool(_PARAMS.unpack_from(seg.header.params)[2])
+            if have_raw != bool(raw):
+                raise IncompatibleSegmentError(
+                    f"SafeQueue {name!r} is {'raw (bytes)' if have_raw else 'pickling'}, "
+                    f"expected {'raw (bytes)' if raw else 'pickling'}")
+
+        return cls._open_segment(
+            name, lambda: cls.create(capacity, name, maxsize=maxsize, raw=raw),  # type: ignore[call-overload]
+            check)
+
+    def _bind(self, mm: mmap.mmap) -> None:
+        if _compat.SYS_FUTEX is None:  # pragma: no cover - exotic architectures
+            raise SafeShmError(
+                f"SafeQueue needs the futex system call, whose number safeshm does not know "
+                f"on this architecture ({os.uname().machine})")
+        capacity, maxsize, raw = _PARAMS.unpack_from(self._seg.header.params)
+        if capacity < MIN_CAPACITY or capacity % 8 or (
+                _RING_OFFSET + capacity != self._seg.header.total_size):
+            raise IncompatibleSegmentError(
+                f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring does not fit "
+                f"its {self._seg.header.total_size} bytes")
+        whole = memoryview(mm)
+        self._capacity = capacity
+        self._maxsize = maxsize
+        self._raw = bool(raw)
+        self._state = whole[_STATE_OFFSET : _STATE_OFFSET + CACHE_LINE].cast("q")
+        self._fw = whole[_FUTEX_OFFSET : _FUTEX_OFFSET + CACHE_LINE].cast("I")
+        self._mutex = RobustMutex(mm, _MUTEX_OFFSET, f"SafeQueue {self._seg.name!r}")
+        ring = whole[_RING_OFFSET : _RING_OFFSET + capacity]
+        self._futex_ptrs = (
+            ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NE_SEQ)),
+            ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NF_SEQ)))
+        self._hot = (self._state, self._fw, ring, ring.cast("Q"), self._mutex.pointer,
+                     capacity)
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """The ring's size in bytes."""
+        return self._capacity
+
+    @property
+    def maxsize(self) -> int:
+        """The item limit (0: only the capacity limits the queue)."""
+        return self._maxsize
+
+    @property
+    def raw(self) -> bool:
+        """Whether items are ``bytes`` passed through unpickled."""
+        return self._raw
+
+    def qsize(self) -> int:
+        """The number of items (a snapshot: other processes may change it at once)."""
+        return self._state[_COUNT]
+
+    def empty(self) -> bool:
+        """Whether the queue is empty (a snapshot)."""
+        return self._state[_COUNT] == 0
+
+    def full(self) -> bool:
+        """Whether no further item would fit right now (a snapshot)."""
+        state = self._state
+        if self._maxsize and state[_COUNT] >= self._maxsize:
+            return True
+        return self._capacity - (state[_TAIL] - state[_HEAD]) < _need(0)
+
+    # -- put -----------------------------------------------------------------------------------
+    def _encode(self, item: Any) -> Any:
+        if not self._raw:
+            return _dumps(item, _PROTOCOL)
+        if type(item) is bytes:
+            return item
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a raw SafeQueue carries bytes, not {type(item).__name__}")
+        try:
+            return memoryview(item).cast("B")  # any C-contiguous bytes-like, by its bytes
+        except TypeError:
+            raise TypeError("a raw SafeQueue needs a C-contiguous bytes-like item") from None
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``item`` at the end of the queue, waiting for room if needed.
+
+        Args:
+            item: any picklable object (``bytes`` for a raw queue).
+            block: wait for room; if false, raise ``queue.Full`` at once instead.
+            timeout: with ``block``, wait at most this many seconds (``None``: forever).
+
+        Raises:
+            queue.Full: no room within the timeout (or at once, without ``block``).
+            ValueError: the item can never fit (larger than the capacity allows); nothing
+                was changed. Also a negative timeout.
+            QueueShutDown: the queue was shut down.
+            pickle.PicklingError, TypeError, ...: the item could not be pickled; nothing
+                was changed.
+        """
+        data = self._encode(item)
+        n = len(data)
+        need = (n + 15) & ~7
+        state, fw, ring, words, p, cap = self._hot
+        if need > cap:
+            raise self._too_big(n)
+        rc = _trylock(p)
+        if rc:
+            self._finish_acquire(rc)
+        try:
+            head = state[_HEAD]
+            tail = state[_TAIL]
+            if cap - (tail - head) < need or state[_SHUT] or (
+                    self._maxsize and state[_COUNT] >= self._maxsize):
+                tail = self._wait_for_room(need, 1, block, timeout)
+            pos = tail % cap
+            words[pos >> 3] = n | _MARK
+            start = pos + 8
+            if start == cap:
+                start = 0
+            end = start + n
+            if end <= cap:
+                ring[start:end] = data
+            else:
+                split = cap - start
+                view = memoryview(data)
+                ring[start:] = view[:split]
+                ring[: end - cap] = view[split:]
+            state[_TAIL] = tail + need  # the commit: one store makes the item visible
+            state[_COUNT] += 1
+            state[_PUTS] += 1
+            fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
+            if fw[_NE_SLEEP]:
+                self._wake(_NE_SEQ, 1)
+        finally:
+            _unlock(p)
+
+    def put_nowait(self, item: T) -> None:
+        """``put(item, block=False)``."""
+        self.put(item, False)
+
+    def put_many(self, items: Iterable[T], block: bool = True,
+                 timeout: float | None = None) -> None:
+        """Put all ``items`` at the end of the queue at once: consumers see all or none of
+        them, in order, with no other producer's items in between.
+
+        Raises:
+            queue.Full: not enough room for all of them within the timeout; none was put.
+            ValueError: the batch can never fit (more bytes than the capacity allows, or
+                more items than ``maxsize``); none was put.
+            QueueShutDown: the queue was shut down.
+        """
+        encoded = [self._encode(item) for item in items]
+        if not encoded:
+            return
+        sizes = [len(d) for d in encoded]
+        total = sum((n + 15) & ~7 for n in sizes)
+        k = len(encoded)
+        state, fw, ring, words, p, cap = self._hot
+        if total > cap:
+            raise ValueError(
+                f"SafeQueue {self._seg.name!r}: a batch of {k} items needs {total} bytes, "
+                f"which can never fit the {cap}-byte ring; nothing was put")
+        if self._maxsize and k > self._maxsize:
+            raise ValueError(
+                f"SafeQueue {self._seg.name!r}: a batch of {k} items exceeds maxsize "
+                f"{self._maxsize}; nothing was put")
+        rc = _trylock(p)
+        if rc:
+            self._finish_acquire(rc)
+        try:
+            head = state[_HEAD]
+            tail = state[_TAIL]
+            if cap - (tail - head) < total or state[_SHUT] or (
+                    self._maxsize and state[_COUNT] + k > self._maxsize):
+                tail = self._wait_for_room(total, k, block, timeout)
+            at = tail
+            for data, n in zip(encoded, sizes, strict=True):
+                pos = at % cap
+                words[pos >> 3] = n | _MARK
+                start = pos + 8
+                if start == cap:
+                    start = 0
+                end = start + n
+                if end <= cap:
+                    ring[start:end] = data
+                else:
+                    split = cap - start
+                    view = memoryview(data)
+                    ring[start:] = view[:split]
+                    ring[: end - cap] = view[split:]
+                at += (n + 15) & ~7
+            state[_TAIL] = at  # the commit: the whole batch becomes visible at once
+            state[_COUNT] += k
+            state[_PUTS] += k
+            fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
+            if fw[_NE_SLEEP]:
+                self._wake(_NE_SEQ, k)
+        finally:
+            _unlock(p)
+
+    def _too_big(self, n: int) -> ValueError:
+        return ValueError(
+            f"SafeQueue {self._seg.name!r}: an item of {n} bytes"
+            f"{'' if self._raw else ' (pickled)'} can never fit a {self._capacity}-byte ring "
+            f"(the largest is {self._capacity - _RECORD_HEADER} bytes); nothing was put")
+
+    # -- get -----------------------------------------------------------------------------------
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        """Remove and return the item at the front of the queue, waiting for one if needed.
+
+        Raises:
+            queue.Empty: no item within the timeout (or at once, without ``block``).
+            QueueShutDown: the queue was shut down and is empty.
+            ValueError: a negative timeout.
+        """
+        state, fw, ring, words, p, cap = self._hot
+        rc = _trylock(p)
+        if rc:
+            self._finish_acquire(rc)
+        try:
+            head = state[_HEAD]
+            if head == state[_TAIL]:
+                head = self._wait_for_item(block, timeout)
+            pos = head % cap
+            n = words[pos >> 3] & _LEN_MASK
+            start = pos + 8
+            if start == cap:
+                start = 0
+            end = start + n
+            if end <= cap:
+                data = ring[start:end].tobytes()
+            else:
+                data = ring[start:].tobytes() + ring[: end - cap].tobytes()
+            state[_HEAD] = head + ((n + 15) & ~7)  # the commit: the item is taken
+            state[_COUNT] -= 1
+            state[_GETS] += 1
+            fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
+            if fw[_NF_SLEEP]:
+                self._wake(_NF_SEQ, 1)
+        finally:
+            _unlock(p)
+        return data if self._raw else _loads(data)  # type: ignore[return-value]
+
+    def get_nowait(self) -> T:
+        """``get(block=False)``."""
+        return self.get(False)
+
+    def get_many(self, max_items: int, block: bool = True,
+                 timeout: float | None = None) -> list[T]:
+        """Remove and return up to ``max_items`` items from the front of the queue, waiting
+        (as :meth:`get` does) only until there is at least one.
+
+        Raises:
+            queue.Empty: no item within the timeout (or at once, without ``block``).
+            QueueShutDown: the queue was shut down and is empty.
+            ValueError: ``max_items`` below 1, or a negative timeout.
+        """
+        if isinstance(max_items, bool) or not isinstance(max_items, int):
+            raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        state, fw, ring, words, p, cap = self._hot
+        out: list[Any] = []
+        rc = _trylock(p)
+        if rc:
+            self._finish_acquire(rc)
+        try:
+            head = state[_HEAD]
+            tail = state[_TAIL]
+            if head == tail:
+                head = self._wait_for_item(block, timeout)
+                tail = state[_TAIL]
+            taken = 0
+            while head != tail and taken < max_items:
+                pos = head % cap
+                n = words[pos >> 3] & _LEN_MASK
+                start = pos + 8
+                if start == cap:
+                    start = 0
+                end = start + n
+                if end <= cap:
+                    out.append(ring[start:end].tobytes())
+                else:
+                    out.append(ring[start:].tobytes() + ring[: end - cap].tobytes())
+                head += (n + 15) & ~7
+                taken += 1
+            state[_HEAD] = head  # the commit: all of them are taken at once
+            state[_COUNT] -= taken
+            state[_GETS] += taken
+            fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
+            if fw[_NF_SLEEP]:
+                self._wake(_NF_SEQ, taken)
+        finally:
+            _unlock(p)
+        if self._raw:
+            return out
+        return [_loads(d) for d in out]
+
+    # -- waiting ---------------------------------------------------------------------------------
+    # Called with the mutex held; return with it held (or raise, still holding it: the
+    # caller's `finally` releases it). A waiter raises the "sleepers" flag, notes the
+    # sequence word, releases the mutex and sleeps on the word; a waker bumps the word and,
+    # if the flag is up, wakes sleepers -- and lowers the flag if nobody was asleep (a
+    # sleeper that died does not keep every later put paying for a wake-up). A waiter
+    # between releasing the mutex and sleeping cannot miss a wake-up: the word has changed,
+    # so its futex wait returns at once.
+    def _wait_for_room(self, need: int, k: int, block: bool, timeout: float | None) -> int:
+        state = self._state
+        deadline = _deadline(block, timeout)
+        while True:
+            if state[_SHUT]:
+                raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down")
+            tail: int = state[_TAIL]
+            if self._capacity - (tail - state[_HEAD]) >= need and not (
+                    self._maxsize and state[_COUNT] + k > self._maxsize):
+                return tail
+            # No spinning here: a producer that finds the ring full is better off asleep
+            # while the consumers drain several items (measured: spinning producers
+            # ping-pong the mutex with consumers copying large items out under it).
+            if deadline is None or not self._sleep(_NF_SEQ, deadline):
+                raise queue.Full
+
+    def _wait_for_item(self, block: bool, timeout: float | None) -> int:
+        state = self._state
+        deadline = _deadline(block, timeout)
+        spun = False
+        while True:
+            head: int = state[_HEAD]
+            if head != state[_TAIL]:
+                return head
+            if state[_SHUT]:
+                raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down and empty")
+            if deadline is None:
+                raise queue.Empty
+            if not spun:
+                spun = True
+                self._spin(_TAIL, state[_TAIL])
+            elif not self._sleep(_NE_SEQ, deadline):
+                raise queue.Empty
+
+    def _spin(self, word: int, seen: int) -> None:
+        """Briefly watch ``state[word]`` without the mutex before going to sleep.
+
+        In a steady stream the other side usually acts within microseconds; catching that
+        here saves the sleep and the wake-up (two system calls and a context switch per
+        item). Bounded, and it never sleeps: past it, the caller sleeps in the kernel.
+        """
+        state = self._state
+        self._mutex.release()
+        try:
+            for _ in range(_SPINS):
+                if state[word] != seen or state[_SHUT]:
+                    break
+        finally:
+            self._finish_acquire(_trylock(self._mutex.pointer))
+
+    def _sleep(self, which: int, deadline: float) -> bool:
+        """Sleep on a sequence word until woken or ``deadline``; False if it has passed.
+
+        Releases and retakes the mutex; the caller re-checks its condition.
+        """
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        fw = self._fw
+        fw[which + 1] = 1
+        seen = fw[which]
+        self._mutex.release()
+        try:
+            ts = _compat.Timespec()
+            frac, whole = math.modf(min(deadline - now, _WAIT_SLICE))
+            ts.tv_sec, ts.tv_nsec = int(whole), int(frac * 1e9)
+            ptr = self._futex_ptrs[0 if which == _NE_SEQ else 1]
+            _compat.futex_wait_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAIT, seen,
+                                    ctypes.byref(ts), None, 0)
+        finally:
+            self._finish_acquire(_trylock(self._mutex.pointer))
+        return True
+
+    def _wake(self, which: int, n: int) -> None:
+        ptr = self._futex_ptrs[0 if which == _NE_SEQ else 1]
+        woken = _compat.futex_wake_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAKE,
+                                        min(n, 0x7FFFFFFF), None, None, 0)
+        if woken == 0:
+            self._fw[which + 1] = 0
+
+    def _finish_acquire(self, rc: int) -> None:
+        """The mutex's trylock returned ``rc``: wait for it, or recover it from a dead
+        holder (then repair what that holder may have left half-done)."""
+        if rc == 0:
+            return
+        if self._mutex.finish_acquire(rc, None) == RECOVERED:
+            self._repair()
+
+    def _repair(self) -> None:
+        """After a holder died: recount the items, and wake every sleeper, since the dead
+        holder may have changed the queue without waking anyone.
+
+        head and tail are only ever changed by single stores after the data is in place, so
+        they are consistent whatever instant the holder died at; the count is updated
+        after them and may be one commit behind.
+        """
+        state, _, _, words, _, cap = self._hot
+        head, tail = state[_HEAD], state[_TAIL]
+        count = 0
+        at = head
+        while at != tail:
+            header = words[(at % cap) >> 3]
+            if header & ~_LEN_MASK != _MARK or at - head > cap:  # pragma: no cover
+                raise SafeShmError(f"SafeQueue {self._seg.name!r} is corrupt")
+            at += ((header & _LEN_MASK) + 15) & ~7
+            count += 1
+        state[_COUNT] = count
+        fw = self._fw
+        for which in (_NE_SEQ, _NF_SEQ):
+            fw[which] = (fw[which] + 1) & _SEQ_MASK
+            ptr = self._futex_ptrs[0 if which == _NE_SEQ else 1]
+            _compat.futex_wake_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAKE, 0x7FFFFFFF,
+                                    None, None, 0)
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def shutdown(self, immediate: bool = False) -> None:
+        """Tell every process that no more items will come (as ``queue.Queue.shutdown``
+        does in Python 3.13).
+
+        Afterwards ``put`` raises :class:`~safeshm.QueueShutDown`; ``get`` returns what is
+        left and then raises it -- at once if ``immediate``, which discards what is left.
+        Every blocked ``put`` and ``get`` wakes up. It cannot be undone.
+        """
+        with self._mutex_held():
+            state = self._state
+            state[_SHUT] = _SHUTDOWN_NOW if immediate else max(state[_SHUT], _SHUTDOWN)
+            if immediate:
+                state[_GETS] += state[_COUNT]
+                state[_HEAD] = state[_TAIL]
+                state[_COUNT] = 0
+            fw = self._fw
+            for which in (_NE_SEQ, _NF_SEQ):
+                fw[which] = (fw[which] + 1) & _SEQ_MASK
+                self._wake(which, 0x7FFFFFFF)
+
+    @property
+    def is_shutdown(self) -> bool:
+        """Whether :meth:`shutdown` was called (by any process)."""
+        return bool(self._state[_SHUT])
+
+    def _mutex_held(self) -> _Held:
+        return _Held(self)
+
+    # -- introspection -------------------------------------------------------------------------
+    def statistics(self) -> QueueStatistics:
+        """A snapshot for monitoring (never blocks)."""
+        state = self._state
+        return QueueStatistics(
+            name=self._seg.name, items=state[_COUNT], bytes_used=state[_TAIL] - state[_HEAD],
+            capacity=self._capacity, maxsize=self._maxsize, raw=self._raw,
+            puts=state[_PUTS], gets=state[_GETS], shutdown=bool(state[_SHUT]),
+            creator_pid=self._seg.header.creator_pid)
+
+    def _repr_fields(self) -> str:
+        return (f"capacity={self._capacity}, items={self._state[_COUNT]}"
+                + (", raw=True" if self._raw else ""))
+
+
+class _Held:
+    __slots__ = ("_q",)
+
+    def __init__(self, q: SafeQueue[Any]) -> None:
+        self._q = q
+
+    def __enter__(self) -> None:
+        self._q._finish_acquire(_trylock(self._q._mutex.pointer))
+
+    def __exit__(self, *exc_info: object) -> None:
+        _unlock(self._q._mutex.pointer)
+
+
+def _deadline(block: bool, timeout: float | None) -> float | None:
+    """``None`` for "do not wait", ``math.inf`` for "wait forever", else a monotonic time."""
+    if not block:
+        return None
+    if timeout is None:
+        return math.inf
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not "
+                        f"{type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return time.monotonic() + timeout
+
+
+def _check_count(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return value
