@@ -20,6 +20,17 @@ and, in this one process, summing a large float64 array with numpy: on a private
 through :meth:`safeshm.SafeArray.locked`, and on a ``SharedMemory`` under an
 ``mp.Lock``. numpy is optional: without it the parts that need it are skipped, with a note.
 
+**Queues.** P producer and P consumer processes on one queue, four workloads: small
+``(producer, seq)`` tuples put and got one at a time; the same items in batches of 100
+(``put_many``/``get_many`` where the queue has them, and for reference lists of 100 items
+put as single items); 64 KiB ``bytes`` items; and the round-trip latency of a ping-pong
+over two queues with both processes pinned to one CPU.
+The contenders are ``multiprocessing.Queue``, ``multiprocessing.SimpleQueue``,
+``faster_fifo.Queue`` (when importable: it is optional, and skipped with a note) and
+:class:`safeshm.SafeQueue` (pickling, or ``raw=True`` for the bytes items). Consumers count
+every item and sum its sequence number and producer number (for bytes items: read from its
+last 16 bytes), and the totals must match what the producers put.
+
 Each element measurement starts P fresh "spawn" worker processes on a fresh structure,
 releases them together through a barrier, lets each perform the same calibrated number of
 operations, and times from the first worker's start to the last worker's end. The final
@@ -27,7 +38,7 @@ count (for arrays: the sum of all elements) is checked against ``P * n`` after e
 so a benchmark that loses updates fails loudly instead of reporting a fast wrong answer.
 
 Run it as ``python -m safeshm bench`` or ``python benchmarks/bench_counter.py`` /
-``python benchmarks/bench_array.py``.
+``python benchmarks/bench_array.py`` / ``python benchmarks/bench_queue.py``.
 """
 
 from __future__ import annotations
@@ -36,10 +47,15 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
+import importlib
+import importlib.metadata
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import platform
 import random
 import statistics
@@ -52,6 +68,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import __version__
 from ._array import SafeArray
 from ._counter import SafeCounter, ShardedCounter
+from ._queue import SafeQueue
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnContext, SpawnProcess
@@ -77,8 +94,8 @@ _DESCRIPTIONS: Final = {
     SHARDED: "add(1)   (safeshm.ShardedCounter: one slot per thread)",
 }
 
-STRUCTURES: Final = ("counter", "array")
-"""What ``--structures`` may select: the counter benchmark, the array benchmark."""
+STRUCTURES: Final = ("counter", "array", "queue")
+"""What ``--structures`` may select: the counter, array and queue benchmarks."""
 
 ARRAY_IDIOM: Final = "mp.Array idiom"
 ARRAY_NUMPY: Final = "numpy + mp.Lock"
@@ -108,6 +125,105 @@ _BULK_DESCRIPTIONS: Final = {
     BULK_SHM: "with lock: np.ndarray((N,), np.float64, buffer=shm.buf).sum()   "
               "(SharedMemory + multiprocessing.Lock)",
 }
+
+Q_MP: Final = "mp.Queue"
+Q_MP_LISTS: Final = "mp.Queue, lists"
+Q_SAFE_LISTS: Final = "SafeQueue, lists"
+Q_SIMPLE: Final = "mp.SimpleQueue"
+Q_FF: Final = "faster_fifo.Queue"
+Q_SAFE: Final = "SafeQueue"
+
+SMALL: Final = "small"
+BATCHES: Final = "batches"
+BYTES: Final = "bytes"
+LATENCY: Final = "latency"
+QUEUE_WORKLOADS: Final = (SMALL, BATCHES, BYTES)
+"""The throughput workloads (the latency ping-pong is measured apart)."""
+
+QUEUE_CONTENDERS: Final = {
+    SMALL: (Q_MP, Q_SIMPLE, Q_FF, Q_SAFE),
+    BATCHES: (Q_MP, Q_MP_LISTS, Q_FF, Q_SAFE, Q_SAFE_LISTS),
+    BYTES: (Q_MP, Q_SIMPLE, Q_FF, Q_SAFE),
+    LATENCY: (Q_SIMPLE, Q_MP, Q_FF, Q_SAFE),
+}
+
+QUEUE_CAPACITY: Final = 4 * 1024 * 1024
+"""Bytes in every SafeQueue's ring and every faster_fifo.Queue's buffer (4 MiB)."""
+QUEUE_BATCH: Final = 100
+"""Items per put_many / get_many (and per list, in the "lists" rows)."""
+QUEUE_ITEM_BYTES: Final = 64 * 1024
+"""The size of every item of the bytes workload."""
+
+# How a worker puts and gets, per workload and contender: one item at a time, batches
+# through put_many/get_many, lists of QUEUE_BATCH items as single items, or bytes items.
+_SINGLE: Final = "single"
+_MANY: Final = "many"
+_LISTS: Final = "lists"
+_RAW: Final = "bytes"
+
+
+def _queue_mode(workload: str, implementation: str) -> str:
+    if workload == BYTES:
+        return _RAW
+    if workload == BATCHES and implementation in (Q_FF, Q_SAFE):
+        return _MANY
+    return _LISTS if implementation in (Q_MP_LISTS, Q_SAFE_LISTS) else _SINGLE
+
+
+def _queue_kind(implementation: str) -> str:
+    """Which queue an implementation uses (the "lists" rows use the plain queues)."""
+    return {Q_MP_LISTS: Q_MP, Q_SAFE_LISTS: Q_SAFE}.get(implementation, implementation)
+
+
+def _ring_items(payload: int) -> int:
+    """How many items of ``payload`` bytes a SafeQueue ring of QUEUE_CAPACITY holds (each
+    record is an 8-byte header plus the payload, padded to 8 bytes)."""
+    return QUEUE_CAPACITY // ((payload + 15) & ~7)
+
+
+# multiprocessing.Queue counts items, not bytes: it is given, per mode, the number of
+# items a SafeQueue ring of QUEUE_CAPACITY holds, for a representative item (a pickled
+# (1, 1_000_000) takes 21 bytes, so 131072 small items; 4519 lists; 63 bytes items).
+_MP_MAXSIZE: Final = {
+    _SINGLE: _ring_items(len(pickle.dumps((1, 1_000_000), pickle.HIGHEST_PROTOCOL))),
+    _LISTS: _ring_items(len(pickle.dumps([(1, 1_000_000 + i) for i in range(QUEUE_BATCH)],
+                                         pickle.HIGHEST_PROTOCOL))),
+    _RAW: _ring_items(QUEUE_ITEM_BYTES),
+}
+
+_MIB: Final = QUEUE_CAPACITY // (1024 * 1024)
+_CALLS: Final = {
+    _SINGLE: "put((i, seq)) / get()",
+    _MANY: "put_many([(i, seq), ...]) / get_many(100)",
+    _LISTS: "put([(i, seq), ...]) / get(): lists of 100 items, one pickle each",
+    _RAW: "put(64 KiB bytes) / get()",
+}
+
+
+def _queue_description(workload: str, implementation: str) -> str:
+    """The calls and the queue, as printed in the tables."""
+    mode = _queue_mode(workload, implementation)
+    calls = ("put((0, seq)) / get()   (both ways)" if workload == LATENCY else _CALLS[mode])
+    kind = _queue_kind(implementation)
+    if kind == Q_FF:
+        calls = calls.replace("get_many(100)", "get_many(max_messages_to_get=100)")
+        queue = f"faster_fifo.Queue(max_size_bytes={QUEUE_CAPACITY}), timeout=limit"
+    elif kind == Q_SAFE:
+        queue = (f"safeshm.SafeQueue.create({QUEUE_CAPACITY}"
+                 f"{', raw=True' if workload == BYTES else ''}): {_MIB} MiB ring")
+    elif kind == Q_SIMPLE:
+        queue = "multiprocessing.SimpleQueue(): a pipe"
+    else:
+        queue = f"multiprocessing.Queue(maxsize={_MP_MAXSIZE[mode]})"
+    return f"{calls}   ({queue})"
+
+
+# Queue workloads: items per producer in the warm-up run and the first calibration run.
+# 64 KiB items are ~1000x larger than the others, so they start 10x smaller.
+_QUEUE_WARMUP_OPS: Final = {SMALL: 5_000, BATCHES: 5_000, BYTES: 500, LATENCY: 1_000}
+_QUEUE_START_OPS: Final = {SMALL: 20_000, BATCHES: 20_000, BYTES: 2_000, LATENCY: 2_000}
+# The pinger keeps every round-trip time (a float in a list, then 8 bytes in shared memory).
+_MAX_ROUND_TRIPS: Final = 2_000_000
 
 # Every worker draws its indices from its own generator, seeded by its worker number only,
 # so worker k of every implementation updates exactly the same elements in the same order.
@@ -459,16 +575,448 @@ def calibrate(ctx: SpawnContext, implementation: str, processes: int, seconds: f
     """
     cap = (_MAX_ARRAY_OPS_PER_WORKER if implementation in ARRAY_IMPLEMENTATIONS
            else _MAX_OPS_PER_WORKER)
-    n = _CALIBRATION_START_OPS
+
+    def elapsed(n: int) -> float:
+        return measure(ctx, implementation, processes, n, time_limit_s).elapsed_s
+
+    return _calibrated(elapsed, seconds, _CALIBRATION_START_OPS, cap)
+
+
+def _calibrated(elapsed: Callable[[int], float], seconds: float, start: int, cap: int) -> int:
+    """The ``n`` for which ``elapsed(n)`` (one measurement's seconds) is about ``seconds``.
+
+    Grows ``n`` from ``start`` until a run is long enough to scale from reliably, then
+    scales linearly; never beyond ``cap``.
+    """
+    n = start
     while True:
-        run = measure(ctx, implementation, processes, n, time_limit_s)
-        if run.elapsed_s >= seconds * _CALIBRATION_MIN_FRACTION or n >= cap:
+        took = elapsed(n)
+        if took >= seconds * _CALIBRATION_MIN_FRACTION or n >= cap:
             break
         # Aim straight for the threshold (with margin), but never jump more than 100x on
         # the strength of one very short, very noisy timing.
-        factor = 2 * seconds * _CALIBRATION_MIN_FRACTION / run.elapsed_s
+        factor = 2 * seconds * _CALIBRATION_MIN_FRACTION / took
         n = min(cap, int(n * min(100.0, max(2.0, factor))))
-    return max(1, min(cap, round(n * seconds / run.elapsed_s)))
+    return max(1, min(cap, round(n * seconds / took)))
+
+
+# --- the queue benchmark: workers -----------------------------------------------------------
+#
+# A producer puts its n items and then one end marker (None; b"" for bytes items); a
+# consumer takes items until it has taken one end marker. With P producers and P consumers
+# there are P markers, each consumer stops at its first, and a producer's marker comes after
+# all its items: so by the time every consumer has stopped, every item has been taken.
+# Producers and consumers read the clock after the barrier; the measurement ends when the
+# last consumer has its last item (multiprocessing.Queue's put returns before a feeder
+# thread has written the item: only what the consumers received counts).
+
+
+def _queue_calls(kind: str, q: Any, timeout: float) -> tuple[Callable[[Any], None],
+                                                           Callable[[], Any]]:
+    """``put`` and ``get``, hoisted as a hot loop in user code would hoist them.
+
+    faster_fifo's calls give up after 10 s by default (raising ``queue.Full`` or
+    ``queue.Empty``): they get the run's whole time limit instead, so a briefly overloaded
+    machine cannot fail a run that the others would finish. The others block without a
+    timeout, as they are usually called; a run that hangs is ended by the parent's deadline.
+    """
+    if kind == Q_FF:
+        return (functools.partial(q.put, block=True, timeout=timeout),
+                functools.partial(q.get, True, timeout))
+    return q.put, q.get
+
+
+def _batch_calls(kind: str, q: Any, timeout: float) -> tuple[Callable[[list[Any]], None],
+                                                           Callable[[], list[Any]]]:
+    """``put_many`` and ``get_many`` of up to :data:`QUEUE_BATCH` items."""
+    if kind == Q_FF:
+        return (functools.partial(q.put_many, block=True, timeout=timeout),
+                functools.partial(q.get_many, True, timeout, QUEUE_BATCH))
+    return q.put_many, functools.partial(q.get_many, QUEUE_BATCH)
+
+
+def _ready_to_get(kind: str, q: Any) -> None:
+    """One-time set-up in a process that will get from ``q``, before the barrier.
+
+    A faster_fifo.Queue that arrives in a child has a 0-byte receive buffer: its first get
+    finds the buffer too small, releases the lock, grows it and retries without blocking --
+    which raises ``queue.Empty`` if another consumer took the item meanwhile (a real race
+    with 2 consumers). Sizing the buffer once, up front, to the whole queue avoids both the
+    race and a first-call cost in the timed region; a long-running consumer would reach a
+    buffer this size on its own.
+    """
+    if kind == Q_FF:
+        q.reallocate_msg_buffer(QUEUE_CAPACITY)
+
+
+def _release_in_worker(q: Any) -> None:
+    """Close a worker's SafeQueue handle (the parent unlinks the queue); the others need
+    nothing: multiprocessing queues flush and close when the worker exits."""
+    if isinstance(q, SafeQueue):
+        q.close()
+
+
+def _put_items(put: Callable[[Any], None], index: int, n: int) -> None:
+    for seq in range(n):
+        put((index, seq))
+    put(None)
+
+
+def _put_batches(put_many: Callable[[list[Any]], None], put: Callable[[Any], None],
+                 index: int, n: int) -> None:
+    # Each batch is built in the loop, as each item is in _put_items: every item is made
+    # once in every contender.
+    for lo in range(0, n, QUEUE_BATCH):
+        put_many([(index, seq) for seq in range(lo, min(lo + QUEUE_BATCH, n))])
+    put(None)
+
+
+def _put_lists(put: Callable[[Any], None], index: int, n: int) -> None:
+    for lo in range(0, n, QUEUE_BATCH):
+        put([(index, seq) for seq in range(lo, min(lo + QUEUE_BATCH, n))])
+    put(None)
+
+
+def _put_bytes(put: Callable[[Any], None], body: bytes, n: int) -> None:
+    # One new 64 KiB bytes object per item (a copy of ``body``), in every contender: an
+    # item reused, or a buffer changed in place, would not be what multiprocessing.Queue's
+    # feeder thread pickles later.
+    for seq in range(n):
+        put(body + seq.to_bytes(8, "little"))
+    put(b"")
+
+
+_Tally = tuple[int, int, int, int, int]
+"""What a consumer took: items, sum of their sequence numbers, sum of their producer
+numbers, payload bytes (bytes items only), end markers."""
+
+
+def _get_items(get: Callable[[], Any]) -> _Tally:
+    count = seq_sum = src_sum = 0
+    while True:
+        item = get()
+        if item is None:
+            return count, seq_sum, src_sum, 0, 1
+        src, seq = item
+        count += 1
+        seq_sum += seq
+        src_sum += src
+
+
+def _get_batches(get_many: Callable[[], list[Any]]) -> _Tally:
+    # A batch may hold several end markers, and items after one: every item in a batch
+    # is counted, and the caller puts back the markers beyond its own.
+    count = seq_sum = src_sum = markers = 0
+    while not markers:
+        for item in get_many():
+            if item is None:
+                markers += 1
+            else:
+                src, seq = item
+                count += 1
+                seq_sum += seq
+                src_sum += src
+    return count, seq_sum, src_sum, 0, markers
+
+
+def _get_lists(get: Callable[[], Any]) -> _Tally:
+    count = seq_sum = src_sum = 0
+    while True:
+        batch = get()
+        if batch is None:
+            return count, seq_sum, src_sum, 0, 1
+        for src, seq in batch:
+            count += 1
+            seq_sum += seq
+            src_sum += src
+
+
+def _get_bytes(get: Callable[[], Any]) -> _Tally:
+    count = seq_sum = src_sum = nbytes = 0
+    while True:
+        item = get()
+        if not item:
+            return count, seq_sum, src_sum, nbytes, 1
+        count += 1
+        nbytes += len(item)
+        src_sum += int.from_bytes(item[-16:-8], "little")
+        seq_sum += int.from_bytes(item[-8:], "little")
+
+
+def _queue_producer(kind: str, mode: str, q: Any, n: int, *, timeout: float,
+                    barrier: Barrier, times: ctypes.Array[ctypes.c_double],
+                    index: int) -> None:
+    """Put ``n`` items numbered ``0 .. n-1`` (and the end marker), timed from the barrier."""
+    try:
+        put, _ = _queue_calls(kind, q, timeout)
+        loop: Callable[[], None]
+        if mode == _MANY:
+            loop = functools.partial(_put_batches, _batch_calls(kind, q, timeout)[0], put,
+                                     index, n)
+        elif mode == _LISTS:
+            loop = functools.partial(_put_lists, put, index, n)
+        elif mode == _RAW:
+            # The last 16 bytes of an item: producer number, then sequence number.
+            body = b"\xa5" * (QUEUE_ITEM_BYTES - 16) + index.to_bytes(8, "little")
+            loop = functools.partial(_put_bytes, put, body, n)
+        else:
+            loop = functools.partial(_put_items, put, index, n)
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = time.perf_counter()
+        loop()
+        end = time.perf_counter()
+        _record(times, index, start, end)
+    finally:
+        _release_in_worker(q)
+
+
+def _queue_consumer(kind: str, mode: str, q: Any, *, timeout: float,
+                    tallies: ctypes.Array[ctypes.c_longlong], slot: int, barrier: Barrier,
+                    times: ctypes.Array[ctypes.c_double], index: int) -> None:
+    """Take items until an end marker; record the time of the last one and the tally."""
+    try:
+        _ready_to_get(kind, q)
+        put, get = _queue_calls(kind, q, timeout)
+        loop: Callable[[], _Tally]
+        if mode == _MANY:
+            loop = functools.partial(_get_batches, _batch_calls(kind, q, timeout)[1])
+        elif mode == _LISTS:
+            loop = functools.partial(_get_lists, get)
+        elif mode == _RAW:
+            loop = functools.partial(_get_bytes, get)
+        else:
+            loop = functools.partial(_get_items, get)
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = time.perf_counter()
+        tally = loop()
+        end = time.perf_counter()
+        # End markers taken beyond this consumer's own belong to consumers still running.
+        for _ in range(tally[4] - 1):
+            put(None)
+        _record(times, index, start, end)
+        tallies[4 * slot : 4 * slot + 4] = list(tally[:4])
+    finally:
+        _release_in_worker(q)
+
+
+def _pin(cpu: int) -> None:
+    """Run this process (and the threads it starts later) on ``cpu`` only."""
+    os.sched_setaffinity(0, {cpu})
+
+
+def _queue_pinger(kind: str, requests: Any, replies: Any, n: int, *, timeout: float, cpu: int,
+                  samples: ctypes.Array[ctypes.c_double],
+                  tallies: ctypes.Array[ctypes.c_longlong], barrier: Barrier,
+                  times: ctypes.Array[ctypes.c_double], index: int) -> None:
+    """Send ``(0, seq)`` and wait for it to come back, ``n`` times; time each round trip."""
+    try:
+        _pin(cpu)
+        _ready_to_get(kind, replies)
+        put = _queue_calls(kind, requests, timeout)[0]
+        get = _queue_calls(kind, replies, timeout)[1]
+        rtts = [0.0] * n  # preallocated: the loop only stores
+        clock = time.perf_counter
+        right = 0
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = clock()
+        for seq in range(n):
+            t0 = clock()
+            put((0, seq))
+            reply = get()
+            rtts[seq] = clock() - t0
+            right += reply[1] == seq  # after the round trip's clock: not timed
+        end = clock()
+        _record(times, index, start, end)
+        for i, rtt in enumerate(rtts):  # not a slice assignment: typeshed wants c_doubles
+            samples[i] = rtt
+        tallies[0] = right
+    finally:
+        _release_in_worker(requests)
+        _release_in_worker(replies)
+
+
+def _queue_ponger(kind: str, requests: Any, replies: Any, n: int, *, timeout: float, cpu: int,
+                  barrier: Barrier, times: ctypes.Array[ctypes.c_double],
+                  index: int) -> None:
+    """Send every request straight back, ``n`` times."""
+    try:
+        _pin(cpu)
+        _ready_to_get(kind, requests)
+        get = _queue_calls(kind, requests, timeout)[1]
+        put = _queue_calls(kind, replies, timeout)[0]
+        barrier.wait(_BARRIER_TIMEOUT_S)
+        start = time.perf_counter()
+        for _ in range(n):
+            put(get())
+        end = time.perf_counter()
+        _record(times, index, start, end)
+    finally:
+        _release_in_worker(requests)
+        _release_in_worker(replies)
+
+
+# --- the queue benchmark: one measurement ---------------------------------------------------
+def _faster_fifo() -> tuple[Any, str]:
+    """``(the faster_fifo module, "")`` if it imports, else ``(None, why not)``.
+
+    ``importlib`` keeps the optional, untyped module out of mypy's sight: an ``import``
+    statement would need a different ``type: ignore`` code where it is installed (no type
+    information) and where it is not (not found).
+    """
+    try:
+        module = importlib.import_module("faster_fifo")
+        # Registers how a faster_fifo.Queue is pickled for a spawned child (its shared
+        # buffers travel; its private receive buffer does not).
+        importlib.import_module("faster_fifo_reduction")
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return module, ""
+
+
+def _new_queue(ctx: SpawnContext, implementation: str, workload: str,
+               stack: contextlib.ExitStack) -> Any:
+    """A fresh queue for one measurement, freed when ``stack`` closes."""
+    mode = _queue_mode(workload, implementation)
+    kind = _queue_kind(implementation)
+    if kind == Q_SAFE:
+        q: Any = (SafeQueue.create(QUEUE_CAPACITY, raw=True) if mode == _RAW
+                  else SafeQueue.create(QUEUE_CAPACITY))
+        stack.callback(_drop, q)
+    elif kind == Q_FF:
+        module, why = _faster_fifo()
+        if module is None:  # pragma: no cover - the plan leaves it out instead
+            raise BenchError(f"faster_fifo is not importable: {why}")
+        # Its buffers are multiprocessing.RawArrays: freed with the last reference.
+        q = module.Queue(max_size_bytes=QUEUE_CAPACITY)
+    elif kind == Q_SIMPLE:
+        q = ctx.SimpleQueue()
+        stack.callback(q.close)
+    else:
+        q = ctx.Queue(_MP_MAXSIZE[mode])
+        # The parent never puts, so it has no feeder thread to join: closing is enough.
+        stack.callback(q.close)
+    return q
+
+
+def _start(ctx: SpawnContext, procs: list[SpawnProcess], target: Callable[..., None],
+           args: tuple[Any, ...], name: str, **kwargs: Any) -> None:
+    procs.append(ctx.Process(target=target, args=args, kwargs=kwargs, name=name,
+                             daemon=True))
+    procs[-1].start()
+
+
+def measure_queue(ctx: SpawnContext, workload: str, implementation: str, processes: int,
+                  n: int, *, time_limit_s: float) -> Run:
+    """Run one throughput measurement on a fresh queue and check every item arrived.
+
+    Args:
+        ctx: the spawn context every object and process comes from.
+        workload: one of :data:`QUEUE_WORKLOADS`.
+        implementation: one of ``QUEUE_CONTENDERS[workload]``.
+        processes: producers, and as many consumers.
+        n: items per producer.
+        time_limit_s: how long the workers may take once released; stragglers are killed
+            after it.
+
+    Returns:
+        The timing, from the earliest start (any producer or consumer) to the latest
+        consumer's end; ``ops_per_s`` is items per second.
+
+    Raises:
+        BenchError: a worker failed or hung, or the consumers did not take exactly the
+            ``processes * n`` items put (checked by count, by the sums of sequence and
+            producer numbers, and for bytes items by the total size).
+    """
+    mode = _queue_mode(workload, implementation)
+    kind = _queue_kind(implementation)
+    barrier = ctx.Barrier(2 * processes)
+    times: ctypes.Array[ctypes.c_double] = ctx.RawArray(ctypes.c_double, 4 * processes)
+    tallies: ctypes.Array[ctypes.c_longlong] = ctx.RawArray(ctypes.c_longlong, 4 * processes)
+    timeout = _BARRIER_TIMEOUT_S + time_limit_s
+    procs: list[SpawnProcess] = []
+    with contextlib.ExitStack() as stack:
+        q = _new_queue(ctx, implementation, workload, stack)
+        # Registered after the queue: runs first, so no worker still uses the queue when
+        # it is freed -- whatever happened.
+        stack.callback(_stop_all, procs)
+        for i in range(processes):
+            _start(ctx, procs, _queue_producer, (kind, mode, q, n),
+                   f"bench-{workload}-{implementation}-put-{i}",
+                   timeout=timeout, barrier=barrier, times=times, index=i)
+        for j in range(processes):
+            _start(ctx, procs, _queue_consumer, (kind, mode, q),
+                   f"bench-{workload}-{implementation}-get-{j}", timeout=timeout,
+                   tallies=tallies, slot=j, barrier=barrier, times=times, index=processes + j)
+        _join_all(procs, barrier, time.monotonic() + _BARRIER_TIMEOUT_S + time_limit_s)
+    got = tuple(sum(tallies[k::4]) for k in range(4))
+    want = (processes * n, processes * n * (n - 1) // 2, n * processes * (processes - 1) // 2,
+            processes * n * QUEUE_ITEM_BYTES if mode == _RAW else 0)
+    if got != want:
+        raise BenchError(
+            f"{implementation}, {workload} items, {processes} producer(s) and consumer(s): "
+            f"consumers took (items, sum of seq, sum of producer, bytes) = {got}, expected "
+            f"{want} -- items were lost, duplicated or damaged")
+    start = min(times[0::2])
+    end = max(times[2 * processes + 1 :: 2])
+    return Run(implementation, processes, n, max(end - start, 1e-9))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTrips:
+    """One latency measurement: ``n`` round trips, each in seconds."""
+
+    implementation: str
+    elapsed_s: float
+    """The pinger's whole loop."""
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        """The median round trip, in seconds."""
+        return statistics.median(self.seconds)
+
+    @property
+    def p99(self) -> float:
+        """The 99th percentile round trip (nearest rank), in seconds."""
+        ordered = sorted(self.seconds)
+        return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def _pinned_cpu() -> int:
+    """CPU 0 if this process may run there, else the lowest one it may use."""
+    usable = os.sched_getaffinity(0)
+    return 0 if 0 in usable else min(usable)
+
+
+def measure_latency(ctx: SpawnContext, implementation: str, n: int, *,
+                    time_limit_s: float) -> RoundTrips:
+    """Time ``n`` ping-pong round trips over two fresh queues, both processes on one CPU.
+
+    Raises:
+        BenchError: a worker failed or hung, or a reply was not the request it answers.
+    """
+    cpu = _pinned_cpu()
+    barrier = ctx.Barrier(2)
+    times: ctypes.Array[ctypes.c_double] = ctx.RawArray(ctypes.c_double, 4)
+    samples: ctypes.Array[ctypes.c_double] = ctx.RawArray(ctypes.c_double, n)
+    tallies: ctypes.Array[ctypes.c_longlong] = ctx.RawArray(ctypes.c_longlong, 1)
+    timeout = _BARRIER_TIMEOUT_S + time_limit_s
+    procs: list[SpawnProcess] = []
+    with contextlib.ExitStack() as stack:
+        requests = _new_queue(ctx, implementation, LATENCY, stack)
+        replies = _new_queue(ctx, implementation, LATENCY, stack)
+        stack.callback(_stop_all, procs)
+        args = (implementation, requests, replies, n)
+        _start(ctx, procs, _queue_pinger, args, f"bench-latency-{implementation}-ping",
+               timeout=timeout, cpu=cpu, samples=samples, tallies=tallies, barrier=barrier,
+               times=times, index=0)
+        _start(ctx, procs, _queue_ponger, args, f"bench-latency-{implementation}-pong",
+               timeout=timeout, cpu=cpu, barrier=barrier, times=times, index=1)
+        _join_all(procs, barrier, time.monotonic() + _BARRIER_TIMEOUT_S + time_limit_s)
+    if tallies[0] != n:
+        raise BenchError(f"{implementation} ping-pong: {tallies[0]} of {n} replies were "
+                         "the request they answer")
+    return RoundTrips(implementation, max(times[1] - times[0], 1e-9), samples[:n])
 
 
 # --- the bulk sum: one process, no workers ---------------------------------------------------
@@ -701,6 +1249,66 @@ def array_bars(cells: dict[tuple[str, int], Cell], bulk: dict[str, BulkCell]) ->
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class LatencyCell:
+    """All repeats of one implementation's pinned ping-pong."""
+
+    implementation: str
+    round_trips: int
+    """Round trips per repeat."""
+    medians: tuple[float, ...]
+    """Each repeat's median round trip, in seconds, in the order measured."""
+    p99s: tuple[float, ...]
+    """Each repeat's 99th-percentile round trip, in seconds."""
+
+    @property
+    def median(self) -> float:
+        """The median over the repeats of each repeat's median round trip."""
+        return statistics.median(self.medians)
+
+    @property
+    def p99(self) -> float:
+        """The median over the repeats of each repeat's 99th percentile."""
+        return statistics.median(self.p99s)
+
+
+def _latency_ratio(latency: dict[str, LatencyCell], a: str, b: str) -> float | None:
+    """Time ratio ``a / b`` of median round trips (above 1: ``a`` is slower)."""
+    if a not in latency or b not in latency:
+        return None
+    return latency[a].median / latency[b].median
+
+
+def queue_bars(cells: dict[str, dict[tuple[str, int], Cell]],
+               latency: dict[str, LatencyCell]) -> list[Bar]:
+    """The queue bars this project must meet, computed from the measured medians.
+
+    ``cells`` maps each throughput workload to its cells; a P in a cell's key means P
+    producers and P consumers.
+    """
+    small, batches, raw = (cells.get(w, {}) for w in QUEUE_WORKLOADS)
+    out = [
+        Bar(f"SafeQueue small items, {p}P/{p}C, vs mp.Queue ({p}P/{p}C)", 2.0,
+            _ratio(small, (Q_SAFE, p), (Q_MP, p)))
+        for p in (1, 2)
+    ]
+    out += [
+        Bar(f"SafeQueue put_many/get_many in batches of {QUEUE_BATCH}, {p}P/{p}C, vs mp.Queue "
+            f"single put/get ({p}P/{p}C)", 5.0, _ratio(batches, (Q_SAFE, p), (Q_MP, p)))
+        for p in (1, 2)
+    ]
+    for p in (1, 2):
+        out += [
+            Bar(f"SafeQueue raw 64 KiB bytes items, {p}P/{p}C, vs mp.Queue ({p}P/{p}C)", 4.0,
+                _ratio(raw, (Q_SAFE, p), (Q_MP, p))),
+            Bar(f"SafeQueue raw 64 KiB bytes items, {p}P/{p}C, vs faster_fifo ({p}P/{p}C)",
+                1.0, _ratio(raw, (Q_SAFE, p), (Q_FF, p))),
+        ]
+    out.append(Bar("SafeQueue round trip pinned to one CPU, median, time vs mp.SimpleQueue",
+                   1.0, _latency_ratio(latency, Q_SAFE, Q_SIMPLE), at_most=True))
+    return out
+
+
 def _rows(cells: dict[tuple[str, int], Cell], baseline: str = IDIOM,
           scaled: Sequence[str] = (SAFE, SHARDED),
           descriptions: dict[str, str] = _DESCRIPTIONS) -> list[dict[str, Any]]:
@@ -743,6 +1351,45 @@ def _bulk_rows(bulk: dict[str, BulkCell]) -> list[dict[str, Any]]:
     return rows
 
 
+def _queue_rows(workload: str, cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:
+    rows = []
+    for (impl, p), cell in cells.items():
+        row = {
+            "implementation": impl,
+            "code": _queue_description(workload, impl),
+            "producers": p,
+            "consumers": p,
+            "items_per_producer": cell.ops_per_worker,
+            "median_items_per_s": cell.median,
+            "min_items_per_s": min(cell.samples),
+            "max_items_per_s": max(cell.samples),
+            "samples_items_per_s": list(cell.samples),
+            "vs_mp_queue": _ratio(cells, (impl, p), (Q_MP, p)),
+            "vs_faster_fifo": _ratio(cells, (impl, p), (Q_FF, p)),
+        }
+        if workload == BYTES:
+            row["median_mb_per_s"] = cell.median * QUEUE_ITEM_BYTES / 1e6
+        rows.append(row)
+    return rows
+
+
+def _latency_rows(latency: dict[str, LatencyCell]) -> list[dict[str, Any]]:
+    return [{
+        "implementation": impl,
+        "code": _queue_description(LATENCY, impl),
+        "round_trips": cell.round_trips,
+        "median_us": cell.median * 1e6,
+        "min_median_us": min(cell.medians) * 1e6,
+        "max_median_us": max(cell.medians) * 1e6,
+        "p99_us": cell.p99 * 1e6,
+        "min_p99_us": min(cell.p99s) * 1e6,
+        "max_p99_us": max(cell.p99s) * 1e6,
+        "samples_median_us": [m * 1e6 for m in cell.medians],
+        "samples_p99_us": [m * 1e6 for m in cell.p99s],
+        "time_vs_simple_queue": _latency_ratio(latency, impl, Q_SIMPLE),
+    } for impl, cell in latency.items()]
+
+
 def _bar_json(b: Bar, *, comparison: bool) -> dict[str, Any]:
     out = {"description": b.description, "required": b.required, "measured": b.measured,
            "status": b.status}
@@ -762,6 +1409,8 @@ def _print_environment(env: dict[str, Any], config: dict[str, Any]) -> None:
         print(f"  {key:<{width}}  {value}")
     extra = (f" bulk_elements={config['bulk_elements']}"
              if "bulk_elements" in config else "")
+    if "queue_capacity" in config:
+        extra += f" queue_capacity={config['queue_capacity']}"
     print(f"  {'config':<{width}}  processes={config['processes']} "
           f"seconds={config['seconds']} repeats={config['repeats']} "
           f"structures={','.join(config['structures'])}{extra}")
@@ -837,6 +1486,73 @@ def _print_array(report: dict[str, Any]) -> None:
     _print_bars(report["bars"])
 
 
+_QUEUE_TITLES: Final = {
+    SMALL: "Small items: (producer, seq) tuples, one put and one get each",
+    BATCHES: f"Batches of {QUEUE_BATCH}: the same items through put_many/get_many; "
+             "mp.Queue has no batch calls, so one put/get per item (and, for reference, "
+             f"lists of {QUEUE_BATCH} items put as single items, into mp.Queue and "
+             "SafeQueue)",
+    BYTES: f"{QUEUE_ITEM_BYTES // 1024} KiB bytes items (SafeQueue raw=True; the others "
+           "pickle them)",
+}
+
+
+def _print_queue_table(workload: str, rows: list[dict[str, Any]]) -> None:
+    mb = workload == BYTES
+    mb_column = f" {'MB/s':>7}" if mb else ""
+    header = (f"{'implementation':<18} {'P+C':>4} {'median k items/s':>16} "
+              f"{'range (min-max)':>17}{mb_column} {'vs mp.Queue':>11} {'vs faster_fifo':>14}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        rng = f"{r['min_items_per_s'] / 1e3:.1f}-{r['max_items_per_s'] / 1e3:.1f}"
+        rate = f" {r['median_mb_per_s']:>7.0f}" if mb else ""
+        print(f"{r['implementation']:<18} {r['producers']:>2}+{r['consumers']:<1} "
+              f"{r['median_items_per_s'] / 1e3:>16.1f} {rng:>17}{rate} "
+              f"{_fmt_ratio(r['vs_mp_queue']):>11} {_fmt_ratio(r['vs_faster_fifo']):>14}")
+
+
+def _print_latency_table(rows: list[dict[str, Any]]) -> None:
+    header = (f"{'implementation':<18} {'median RTT us':>13} {'range (min-max)':>16} "
+              f"{'p99 RTT us':>10} {'range (min-max)':>16} {'time vs SimpleQueue':>19}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        med = f"{r['min_median_us']:.1f}-{r['max_median_us']:.1f}"
+        p99 = f"{r['min_p99_us']:.1f}-{r['max_p99_us']:.1f}"
+        print(f"{r['implementation']:<18} {r['median_us']:>13.1f} {med:>16} "
+              f"{r['p99_us']:>10.1f} {p99:>16} {_fmt_ratio(r['time_vs_simple_queue']):>19}")
+
+
+def _print_queue(report: dict[str, Any]) -> None:
+    print("SafeQueue: P producer and P consumer processes on one queue; every item counted "
+          "and checked")
+    print(f"  faster_fifo: {report['faster_fifo'] or 'not importable'}")
+    print(f"  capacity: SafeQueue ring and faster_fifo buffer {report['capacity_bytes']} "
+          f"bytes; mp.Queue maxsize = what that ring holds "
+          f"({report['mp_queue_maxsize']['items']} small items, "
+          f"{report['mp_queue_maxsize']['lists']} lists, "
+          f"{report['mp_queue_maxsize']['bytes']} bytes items); mp.SimpleQueue: a pipe")
+    for text in report["notes"]:
+        print(f"  note: {text}")
+    for workload in QUEUE_WORKLOADS:
+        print()
+        print(_QUEUE_TITLES[workload])
+        for impl in report["implementations"][workload]:
+            print(f"  {impl:<18}  {_queue_description(workload, impl)}")
+        print()
+        _print_queue_table(workload, report[workload])
+    print()
+    print("Round-trip latency: a ping-pong of one small item over two queues (request, "
+          f"reply), both processes pinned to CPU {report['latency_cpu']}")
+    for impl in report["implementations"][LATENCY]:
+        print(f"  {impl:<18}  {_queue_description(LATENCY, impl)}")
+    print()
+    _print_latency_table(report[LATENCY])
+    print()
+    _print_bars(report["bars"])
+
+
 def _print_report(out: dict[str, Any]) -> None:
     """The tables, from the same data ``--json`` prints."""
     _print_environment(out["environment"], out["config"])
@@ -846,6 +1562,9 @@ def _print_report(out: dict[str, Any]) -> None:
     if "array" in out:
         print()
         _print_array(out["array"])
+    if "queue" in out:
+        print()
+        _print_queue(out["queue"])
 
 
 def _numpy_version() -> tuple[str | None, str]:
@@ -874,8 +1593,8 @@ def _positive_float(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="safeshm bench",
-        description="Compare counter increments and array updates: multiprocessing "
-                    "idioms (and numpy) vs safeshm.")
+        description="Compare counter increments, array updates and queues: "
+                    "multiprocessing idioms (and numpy, faster_fifo) vs safeshm.")
     p.add_argument("--processes", type=_positive_int, nargs="+", default=[1, 2],
                    metavar="N", help="process counts to measure (default: 1 2)")
     p.add_argument("--seconds", type=_positive_float, default=1.0,
@@ -883,8 +1602,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=5,
                    help="measurements per implementation and process count (default: 5)")
     p.add_argument("--structures", nargs="+", choices=STRUCTURES, default=list(STRUCTURES),
-                   metavar="{counter,array}",
-                   help="what to benchmark (default: counter array)")
+                   metavar="{counter,array,queue}",
+                   help="what to benchmark (default: counter array queue); for the queue, "
+                        "N processes means N producers and N consumers")
     p.add_argument("--bulk-elements", type=_positive_int, default=DEFAULT_BULK_ELEMENTS,
                    metavar="N", help="float64 elements summed by the array benchmark's "
                    f"bulk part (default: {DEFAULT_BULK_ELEMENTS})")
@@ -906,19 +1626,35 @@ class _Settings:
 
 
 def _measure_cells(ctx: SpawnContext, implementations: tuple[str, ...], settings: _Settings,
-                   note: Callable[[str], None], *,
-                   label: str = "") -> dict[tuple[str, int], Cell]:
-    """Warm up, calibrate and measure every implementation at every process count."""
+                   note: Callable[[str], None], *, label: str = "",
+                   workload: str | None = None) -> dict[tuple[str, int], Cell]:
+    """Warm up, calibrate and measure every implementation at every process count.
+
+    With ``workload`` (one of :data:`QUEUE_WORKLOADS`) the implementations are queues and
+    a process count P means P producers and P consumers; without, counters or arrays.
+    """
     processes, repeats, time_limit_s = (settings.processes, settings.repeats,
                                         settings.time_limit_s)
+
+    def measure_one(impl: str, p: int, n: int) -> Run:
+        if workload is None:
+            return measure(ctx, impl, p, n, time_limit_s)
+        return measure_queue(ctx, workload, impl, p, n, time_limit_s=time_limit_s)
+
+    def calibrate_one(impl: str, p: int) -> int:
+        if workload is None:
+            return calibrate(ctx, impl, p, settings.seconds, time_limit_s)
+        return _calibrated(lambda n: measure_one(impl, p, n).elapsed_s, settings.seconds,
+                           _QUEUE_START_OPS[workload], _MAX_OPS_PER_WORKER)
+
     cells_order = [(impl, p) for p in processes for impl in implementations]
     # Warm-up: one short run of each, discarded -- first-time costs (page cache,
     # bytecode caches, the resource tracker's start) land here, not in a sample.
     note(f"{label}warming up")
     for impl, p in cells_order:
-        measure(ctx, impl, p, _WARMUP_OPS, time_limit_s)
+        measure_one(impl, p, _WARMUP_OPS if workload is None else _QUEUE_WARMUP_OPS[workload])
     note(f"{label}calibrating")
-    ops = {key: calibrate(ctx, *key, settings.seconds, time_limit_s) for key in cells_order}
+    ops = {key: calibrate_one(*key) for key in cells_order}
     samples: dict[tuple[str, int], list[float]] = {key: [] for key in cells_order}
     for r in range(repeats):
         # Round-robin, with the starting implementation rotated each repeat, so a
@@ -929,8 +1665,7 @@ def _measure_cells(ctx: SpawnContext, implementations: tuple[str, ...], settings
         for p in processes:
             for impl in order:
                 note(f"{label}repeat {r + 1}/{repeats}: {impl}, {p} process(es)")
-                run = measure(ctx, impl, p, ops[impl, p], time_limit_s)
-                samples[impl, p].append(run.ops_per_s)
+                samples[impl, p].append(measure_one(impl, p, ops[impl, p]).ops_per_s)
     return {key: Cell(key[0], key[1], ops[key], tuple(samples[key])) for key in cells_order}
 
 
@@ -957,6 +1692,38 @@ def _measure_bulk(settings: _Settings, note: Callable[[str], None]) -> dict[str,
             for impl in BULK_IMPLEMENTATIONS}
 
 
+def _measure_latency(ctx: SpawnContext, implementations: tuple[str, ...],
+                     settings: _Settings, note: Callable[[str], None]) -> dict[str, LatencyCell]:
+    """Warm up, calibrate and measure the pinned ping-pong of every implementation."""
+    time_limit_s, repeats = settings.time_limit_s, settings.repeats
+
+    def one(impl: str, n: int) -> RoundTrips:
+        return measure_latency(ctx, impl, n, time_limit_s=time_limit_s)
+
+    note("queue latency: warming up")
+    for impl in implementations:
+        one(impl, _QUEUE_WARMUP_OPS[LATENCY])
+    note("queue latency: calibrating")
+    def elapsed(impl: str) -> Callable[[int], float]:
+        return lambda n: one(impl, n).elapsed_s
+
+    counts = {impl: _calibrated(elapsed(impl), settings.seconds, _QUEUE_START_OPS[LATENCY],
+                                _MAX_ROUND_TRIPS)
+              for impl in implementations}
+    medians: dict[str, list[float]] = {impl: [] for impl in implementations}
+    p99s: dict[str, list[float]] = {impl: [] for impl in implementations}
+    for r in range(repeats):
+        # Rotated round-robin, as for the throughput measurements.
+        shift = r % len(implementations)
+        for impl in implementations[shift:] + implementations[:shift]:
+            note(f"queue latency: repeat {r + 1}/{repeats}: {impl}")
+            trips = one(impl, counts[impl])
+            medians[impl].append(trips.median)
+            p99s[impl].append(trips.p99)
+    return {impl: LatencyCell(impl, counts[impl], tuple(medians[impl]), tuple(p99s[impl]))
+            for impl in implementations}
+
+
 @dataclasses.dataclass(frozen=True)
 class _ArrayPlan:
     """Which array contenders can run here: numpy is optional."""
@@ -976,29 +1743,109 @@ def _array_plan() -> _ArrayPlan:
         "the whole bulk-sum part; the bars that need them print [SKIP]"])
 
 
-def _results(env: dict[str, Any], settings: _Settings, plan: _ArrayPlan, *,
-             cells: dict[tuple[str, int], Cell], array_cells: dict[tuple[str, int], Cell],
-             bulk: dict[str, BulkCell]) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _QueuePlan:
+    """Which queue contenders can run here: faster_fifo is optional."""
+
+    faster_fifo_version: str | None
+    contenders: dict[str, tuple[str, ...]]
+    """Per workload (and :data:`LATENCY`), the implementations to measure."""
+    notes: list[str]
+
+
+def _queue_plan() -> _QueuePlan:
+    module, why = _faster_fifo()
+    if module is not None:
+        try:
+            version = importlib.metadata.version("faster-fifo")
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare copy
+            version = "unknown version"
+        return _QueuePlan(version, dict(QUEUE_CONTENDERS), notes=[])
+    return _QueuePlan(
+        None, {w: tuple(i for i in impls if i != Q_FF) for w, impls in QUEUE_CONTENDERS.items()},
+        notes=[f"faster_fifo is not importable ({why}): skipped its rows; the bars that "
+               "compare with it print [SKIP] (pip install faster-fifo, or safeshm[bench])"])
+
+
+def _queue_results(plan: _QueuePlan, cells: dict[str, dict[tuple[str, int], Cell]],
+                   latency: dict[str, LatencyCell]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "faster_fifo": plan.faster_fifo_version,
+        "notes": plan.notes,
+        "capacity_bytes": QUEUE_CAPACITY,
+        "batch_items": QUEUE_BATCH,
+        "bytes_item_size": QUEUE_ITEM_BYTES,
+        "mp_queue_maxsize": {"items": _MP_MAXSIZE[_SINGLE], "lists": _MP_MAXSIZE[_LISTS],
+                             "bytes": _MP_MAXSIZE[_RAW]},
+        "latency_cpu": _pinned_cpu(),
+        "implementations": {w: list(impls) for w, impls in plan.contenders.items()},
+    }
+    for workload in QUEUE_WORKLOADS:
+        out[workload] = _queue_rows(workload, cells.get(workload, {}))
+    out[LATENCY] = _latency_rows(latency)
+    out["bars"] = [_bar_json(b, comparison=True) for b in queue_bars(cells, latency)]
+    return out
+
+
+@dataclasses.dataclass
+class _Measured:
+    """Everything measured, part by part (a part not asked for stays empty)."""
+
+    cells: dict[tuple[str, int], Cell] = dataclasses.field(default_factory=dict)
+    array_cells: dict[tuple[str, int], Cell] = dataclasses.field(default_factory=dict)
+    bulk: dict[str, BulkCell] = dataclasses.field(default_factory=dict)
+    queue_cells: dict[str, dict[tuple[str, int], Cell]] = dataclasses.field(
+        default_factory=dict)
+    """Per queue workload, its cells."""
+    latency: dict[str, LatencyCell] = dataclasses.field(default_factory=dict)
+
+
+def _measure_all(ctx: SpawnContext, settings: _Settings, array_plan: _ArrayPlan,
+                 queue_plan: _QueuePlan, note: Callable[[str], None]) -> _Measured:
+    """Measure every part ``settings.structures`` asks for, in the order they print."""
+    m = _Measured()
+    if "counter" in settings.structures:
+        m.cells = _measure_cells(ctx, IMPLEMENTATIONS, settings, note)
+    if "array" in settings.structures:
+        m.array_cells = _measure_cells(ctx, array_plan.element_implementations, settings,
+                                       note, label="array: ")
+    if array_plan.bulk:
+        m.bulk = _measure_bulk(settings, note)
+    if "queue" in settings.structures:
+        for workload in QUEUE_WORKLOADS:
+            m.queue_cells[workload] = _measure_cells(
+                ctx, queue_plan.contenders[workload], settings, note,
+                label=f"queue {workload}: ", workload=workload)
+        m.latency = _measure_latency(ctx, queue_plan.contenders[LATENCY], settings, note)
+    return m
+
+
+def _results(env: dict[str, Any], settings: _Settings, array_plan: _ArrayPlan,
+             queue_plan: _QueuePlan, m: _Measured) -> dict[str, Any]:
     """Everything measured, as printed by ``--json`` (and rendered as tables without)."""
     config: dict[str, Any] = {"processes": settings.processes, "seconds": settings.seconds,
                               "repeats": settings.repeats, "structures": settings.structures}
     out: dict[str, Any] = {"environment": env, "config": config}
     if "counter" in settings.structures:
-        out["results"] = _rows(cells)
-        out["bars"] = [_bar_json(b, comparison=False) for b in bars(cells)]
+        out["results"] = _rows(m.cells)
+        out["bars"] = [_bar_json(b, comparison=False) for b in bars(m.cells)]
     if "array" in settings.structures:
         config["bulk_elements"] = settings.bulk_elements
         out["array"] = {
-            "numpy": plan.numpy_version,
-            "notes": plan.notes,
+            "numpy": array_plan.numpy_version,
+            "notes": array_plan.notes,
             "length": ARRAY_LENGTH,
-            "element_implementations": list(plan.element_implementations),
-            "element_add": _rows(array_cells, ARRAY_IDIOM, ARRAY_IMPLEMENTATIONS,
+            "element_implementations": list(array_plan.element_implementations),
+            "element_add": _rows(m.array_cells, ARRAY_IDIOM, ARRAY_IMPLEMENTATIONS,
                                  _ARRAY_DESCRIPTIONS),
             "bulk_elements": settings.bulk_elements,
-            "bulk_sum": _bulk_rows(bulk),
-            "bars": [_bar_json(b, comparison=True) for b in array_bars(array_cells, bulk)],
+            "bulk_sum": _bulk_rows(m.bulk),
+            "bars": [_bar_json(b, comparison=True)
+                     for b in array_bars(m.array_cells, m.bulk)],
         }
+    if "queue" in settings.structures:
+        config["queue_capacity"] = QUEUE_CAPACITY
+        out["queue"] = _queue_results(queue_plan, m.queue_cells, m.latency)
     return out
 
 
@@ -1007,8 +1854,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Args:
         argv: command-line arguments (``sys.argv[1:]`` when ``None``): ``--processes N
-            [N ...]``, ``--seconds S``, ``--repeats R``, ``--structures {counter,array}
-            [...]``, ``--bulk-elements N``, ``--json``.
+            [N ...]``, ``--seconds S``, ``--repeats R``, ``--structures
+            {counter,array,queue} [...]``, ``--bulk-elements N``, ``--json``.
 
     Returns:
         0 when every measurement completed with an exact count (whether or not the bars
@@ -1029,23 +1876,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if progress:
             print(text, file=sys.stderr, flush=True)
 
-    with_array = "array" in settings.structures
-    plan = _array_plan() if with_array else _ArrayPlan(None, (), bulk=False, notes=[])
+    array_plan = (_array_plan() if "array" in settings.structures
+                  else _ArrayPlan(None, (), bulk=False, notes=[]))
+    queue_plan = (_queue_plan() if "queue" in settings.structures
+                  else _QueuePlan(None, {}, notes=[]))
     if args.json:
-        for text in plan.notes:  # the tables show notes; stdout must stay pure JSON here
+        # The tables show notes; stdout must stay pure JSON here.
+        for text in array_plan.notes + queue_plan.notes:
             print(f"note: {text}", file=sys.stderr, flush=True)
-    cells: dict[tuple[str, int], Cell] = {}
-    array_cells: dict[tuple[str, int], Cell] = {}
-    bulk: dict[str, BulkCell] = {}
     try:
         env = environment()
-        if "counter" in settings.structures:
-            cells = _measure_cells(ctx, IMPLEMENTATIONS, settings, note)
-        if with_array:
-            array_cells = _measure_cells(ctx, plan.element_implementations, settings, note,
-                                         label="array: ")
-        if plan.bulk:
-            bulk = _measure_bulk(settings, note)
+        measured = _measure_all(ctx, settings, array_plan, queue_plan, note)
     except BenchError as e:
         print(f"\n*** BENCHMARK FAILED: {e} ***\n", file=sys.stderr, flush=True)
         return 1
@@ -1053,7 +1894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-    out = _results(env, settings, plan, cells=cells, array_cells=array_cells, bulk=bulk)
+    out = _results(env, settings, array_plan, queue_plan, measured)
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()

@@ -362,9 +362,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="approximate duration of each measurement")
     bench.add_argument("--repeats", type=_positive_int, default=5,
                        help="measurements per implementation and process count")
-    bench.add_argument("--structures", nargs="+", choices=("counter", "array"),
-                       default=["counter", "array"], metavar="{counter,array}",
-                       help="what to benchmark (default: counter array)")
+    bench.add_argument("--structures", nargs="+", choices=("counter", "array", "queue"),
+                       default=["counter", "array", "queue"],
+                       metavar="{counter,array,queue}",
+                       help="what to benchmark (default: counter array queue); for the "
+                            "queue, N processes means N producers and N consumers")
     bench.add_argument("--bulk-elements", type=_positive_int, default=None, metavar="N",
                        help="float64 elements summed by the array benchmark's bulk part "
                             "(default: 10000000)")
