@@ -39,6 +39,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import time
 from typing import Any, Final
 
 SHM_DIR: Final = os.environ.get("SAFESHM_DIR", "/dev/shm")
@@ -185,6 +186,28 @@ class Timespec(ctypes.Structure):
     """``struct timespec`` (``time_t`` and ``long`` are both 64-bit on supported ABIs)."""
 
     _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+# --- spinning ---------------------------------------------------------------------------------
+# Waiting a few microseconds in a loop before sleeping in the kernel pays off only when the
+# process we wait for can run meanwhile, on another CPU. A process confined to one CPU
+# (taskset, cgroup cpusets, a 1-CPU container) must never spin: it would burn the very
+# time slice the other side needs. Affinity can change at run time; re-read it now and then.
+_spin_checked_at = -1.0
+_spin_ok = True
+
+
+def spinning_helps() -> bool:
+    """Whether this process can use more than one CPU (re-read at most once a second)."""
+    global _spin_checked_at, _spin_ok  # noqa: PLW0603 - a per-process cache
+    now = time.monotonic()
+    if now - _spin_checked_at > 1.0:
+        _spin_checked_at = now
+        try:
+            _spin_ok = len(os.sched_getaffinity(0)) > 1
+        except OSError:  # pragma: no cover
+            _spin_ok = (os.cpu_count() or 1) > 1
+    return _spin_ok
 
 
 # --- futexes: sleeping in the kernel on a word of shared memory -------------------------------

@@ -125,7 +125,7 @@ class RobustMutex:
             # glibc's adaptive mutexes do in C -- a robust mutex cannot be adaptive).
             trylock = _compat.mutex_trylock
             p = self._p
-            for _ in range(_SPINS):
+            for _ in range(_SPINS if _compat.spinning_helps() else 0):
                 rc = trylock(p)
                 if rc != _compat.EBUSY:
                     break

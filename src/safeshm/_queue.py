@@ -24,18 +24,17 @@ T = TypeVar("T")
 # --- layout -----------------------------------------------------------------------------------
 #   128  state line, int64 words (changed only under the mutex):
 #          head, tail  -- byte counters that only grow; position = counter % capacity
-#          count       -- items in the queue
+#          puts, gets  -- items ever put / taken; the queue holds puts - gets items
 #          shutdown    -- 0, or _SHUTDOWN / _SHUTDOWN_NOW
-#          puts, gets  -- items ever put / taken (monitoring)
-#   192  futex line, uint32 words: not-empty sequence and "sleepers" flag, then not-full
+#   192  futex line, uint32 words: not-empty sequence and "sleepers" token, then not-full
 #   256  robust mutex block
 #   384  the ring: capacity bytes of records, each an 8-byte header (payload length in
 #        the low 32 bits, a marker in the high 32) and the payload, padded to 8 bytes;
 #        a payload may wrap around the end of the ring (a header never does).
 _STATE_OFFSET: Final = HEADER_SIZE
-_HEAD, _TAIL, _COUNT, _SHUT, _PUTS, _GETS = range(6)
+_HEAD, _TAIL, _PUTS, _GETS, _SHUT = range(5)
 _FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
-_NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP = range(4)
+_NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP = range(4)  # _futex_ptrs[seq >> 1] is a seq's byref
 _MUTEX_OFFSET: Final = HEADER_SIZE + 2 * CACHE_LINE
 _RING_OFFSET: Final = _MUTEX_OFFSET + MUTEX_BLOCK
 _RECORD_HEADER: Final = 8
@@ -49,6 +48,8 @@ _MAX_ITEM: Final = _LEN_MASK
 _WAIT_SLICE: Final = 0.1  # see _lock._WAIT_SLICE: lets Ctrl-C in, never delays a wake-up
 MIN_CAPACITY: Final = 16
 _SPINS: Final = 300  # lock-free checks (~40 ns each) before a waiter sleeps in the kernel
+# A relative timeout the kernel only reads: one shared object serves every sleeping thread.
+_SLICE_TIMESPEC: Final = ctypes.byref(_compat.Timespec(0, int(_WAIT_SLICE * 1e9)))
 
 _dumps: Final = pickle.dumps
 _loads: Final = pickle.loads
@@ -247,16 +248,19 @@ class SafeQueue(SharedStructure, Generic[T]):
 
     def qsize(self) -> int:
         """The number of items (a snapshot: other processes may change it at once)."""
-        return self._state[_COUNT]
+        state = self._state
+        count: int = state[_PUTS] - state[_GETS]
+        return count
 
     def empty(self) -> bool:
         """Whether the queue is empty (a snapshot)."""
-        return self._state[_COUNT] == 0
+        state = self._state
+        return bool(state[_PUTS] == state[_GETS])
 
     def full(self) -> bool:
         """Whether no further item would fit right now (a snapshot)."""
         state = self._state
-        if self._maxsize and state[_COUNT] >= self._maxsize:
+        if self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize:
             return True
         return self._capacity - (state[_TAIL] - state[_HEAD]) < _need(0)
 
@@ -299,10 +303,9 @@ class SafeQueue(SharedStructure, Generic[T]):
         if rc:
             self._finish_acquire(rc)
         try:
-            head = state[_HEAD]
             tail = state[_TAIL]
-            if cap - (tail - head) < need or state[_SHUT] or (
-                    self._maxsize and state[_COUNT] >= self._maxsize):
+            if cap - (tail - state[_HEAD]) < need or state[_SHUT] or (
+                    self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize):
                 tail = self._wait_for_room(need, 1, block, timeout)
             pos = tail % cap
             words[pos >> 3] = n | _MARK
@@ -318,13 +321,13 @@ class SafeQueue(SharedStructure, Generic[T]):
                 ring[start:] = view[:split]
                 ring[: end - cap] = view[split:]
             state[_TAIL] = tail + need  # the commit: one store makes the item visible
-            state[_COUNT] += 1
             state[_PUTS] += 1
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
-            if fw[_NE_SLEEP]:
-                self._wake(_NE_SEQ, 1)
+            sleepers = fw[_NE_SLEEP]
         finally:
             _unlock(p)
+        if sleepers:
+            self._wake(_NE_SEQ, 1, sleepers)
 
     def put_nowait(self, item: T) -> None:
         """``put(item, block=False)``."""
@@ -360,10 +363,9 @@ class SafeQueue(SharedStructure, Generic[T]):
         if rc:
             self._finish_acquire(rc)
         try:
-            head = state[_HEAD]
             tail = state[_TAIL]
-            if cap - (tail - head) < total or state[_SHUT] or (
-                    self._maxsize and state[_COUNT] + k > self._maxsize):
+            if cap - (tail - state[_HEAD]) < total or state[_SHUT] or (
+                    self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
                 tail = self._wait_for_room(total, k, block, timeout)
             at = tail
             for data, n in zip(encoded, sizes, strict=True):
@@ -382,13 +384,13 @@ class SafeQueue(SharedStructure, Generic[T]):
                     ring[: end - cap] = view[split:]
                 at += (n + 15) & ~7
             state[_TAIL] = at  # the commit: the whole batch becomes visible at once
-            state[_COUNT] += k
             state[_PUTS] += k
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
-            if fw[_NE_SLEEP]:
-                self._wake(_NE_SEQ, k)
+            sleepers = fw[_NE_SLEEP]
         finally:
             _unlock(p)
+        if sleepers:
+            self._wake(_NE_SEQ, k, sleepers)
 
     def _too_big(self, n: int) -> ValueError:
         return ValueError(
@@ -424,13 +426,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             else:
                 data = ring[start:].tobytes() + ring[: end - cap].tobytes()
             state[_HEAD] = head + ((n + 15) & ~7)  # the commit: the item is taken
-            state[_COUNT] -= 1
             state[_GETS] += 1
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
-            if fw[_NF_SLEEP]:
-                self._wake(_NF_SEQ, 1)
+            sleepers = fw[_NF_SLEEP]
         finally:
             _unlock(p)
+        if sleepers:
+            self._wake(_NF_SEQ, 1, sleepers)
         return data if self._raw else _loads(data)  # type: ignore[return-value]
 
     def get_nowait(self) -> T:
@@ -477,25 +479,29 @@ class SafeQueue(SharedStructure, Generic[T]):
                 head += (n + 15) & ~7
                 taken += 1
             state[_HEAD] = head  # the commit: all of them are taken at once
-            state[_COUNT] -= taken
             state[_GETS] += taken
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
-            if fw[_NF_SLEEP]:
-                self._wake(_NF_SEQ, taken)
+            sleepers = fw[_NF_SLEEP]
         finally:
             _unlock(p)
+        if sleepers:
+            self._wake(_NF_SEQ, taken, sleepers)
         if self._raw:
             return out
         return [_loads(d) for d in out]
 
     # -- waiting ---------------------------------------------------------------------------------
-    # Called with the mutex held; return with it held (or raise, still holding it: the
-    # caller's `finally` releases it). A waiter raises the "sleepers" flag, notes the
-    # sequence word, releases the mutex and sleeps on the word; a waker bumps the word and,
-    # if the flag is up, wakes sleepers -- and lowers the flag if nobody was asleep (a
-    # sleeper that died does not keep every later put paying for a wake-up). A waiter
-    # between releasing the mutex and sleeping cannot miss a wake-up: the word has changed,
-    # so its futex wait returns at once.
+    # The wait functions are called with the mutex held and return with it held (or raise,
+    # still holding it: the caller's `finally` releases it).
+    #
+    # A waiter sets the direction's "sleepers" word to a token (the sequence word it saw,
+    # plus one: never 0), releases the mutex and sleeps on the sequence word. A waker bumps
+    # the sequence word under the mutex, notes the sleepers token, and wakes after releasing
+    # the mutex (a woken process then finds it free). No wake-up can be missed: a waiter that
+    # has not reached its futex wait yet finds the sequence word changed and does not sleep.
+    # If a wake finds nobody asleep (a sleeper that died, or none had slept yet), the waker
+    # lowers the token -- unless a new sleeper has set a new one meanwhile -- so that later
+    # puts and gets make no system call at all.
     def _wait_for_room(self, need: int, k: int, block: bool, timeout: float | None) -> int:
         state = self._state
         deadline = _deadline(block, timeout)
@@ -504,11 +510,11 @@ class SafeQueue(SharedStructure, Generic[T]):
                 raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down")
             tail: int = state[_TAIL]
             if self._capacity - (tail - state[_HEAD]) >= need and not (
-                    self._maxsize and state[_COUNT] + k > self._maxsize):
+                    self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
                 return tail
             # No spinning here: a producer that finds the ring full is better off asleep
             # while the consumers drain several items (measured: spinning producers
-            # ping-pong the mutex with consumers copying large items out under it).
+            # ping-pong the mutex with consumers copying large items out).
             if deadline is None or not self._sleep(_NF_SEQ, deadline):
                 raise queue.Full
 
@@ -524,7 +530,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down and empty")
             if deadline is None:
                 raise queue.Empty
-            if not spun:
+            if not spun and _compat.spinning_helps():
                 spun = True
                 self._spin(_TAIL, state[_TAIL])
             elif not self._sleep(_NE_SEQ, deadline):
@@ -535,7 +541,8 @@ class SafeQueue(SharedStructure, Generic[T]):
 
         In a steady stream the other side usually acts within microseconds; catching that
         here saves the sleep and the wake-up (two system calls and a context switch per
-        item). Bounded, and it never sleeps: past it, the caller sleeps in the kernel.
+        item). Bounded, and it never sleeps: past it, the caller sleeps in the kernel. Only
+        when another CPU is available (see ``_compat.spinning_helps``).
         """
         state = self._state
         self._mutex.release()
@@ -551,30 +558,41 @@ class SafeQueue(SharedStructure, Generic[T]):
 
         Releases and retakes the mutex; the caller re-checks its condition.
         """
-        now = time.monotonic()
-        if now >= deadline:
-            return False
+        if deadline == math.inf:
+            pts = _SLICE_TIMESPEC
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if left >= _WAIT_SLICE:
+                pts = _SLICE_TIMESPEC
+            else:
+                frac, whole = math.modf(left)
+                pts = ctypes.byref(_compat.Timespec(int(whole), int(frac * 1e9)))
         fw = self._fw
-        fw[which + 1] = 1
         seen = fw[which]
+        fw[which + 1] = seen + 1  # the sleepers token: never 0
         self._mutex.release()
         try:
-            ts = _compat.Timespec()
-            frac, whole = math.modf(min(deadline - now, _WAIT_SLICE))
-            ts.tv_sec, ts.tv_nsec = int(whole), int(frac * 1e9)
-            ptr = self._futex_ptrs[0 if which == _NE_SEQ else 1]
-            _compat.futex_wait_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAIT, seen,
-                                    ctypes.byref(ts), None, 0)
+            # futex(addr, FUTEX_WAIT, val, timeout): the kernel ignores the last two
+            # arguments for this operation, so they are not passed (each costs ctypes time).
+            _compat.futex_wait_call(_SYS_FUTEX, self._futex_ptrs[which >> 1],
+                                    _compat.FUTEX_WAIT, seen, pts)
         finally:
             self._finish_acquire(_trylock(self._mutex.pointer))
         return True
 
-    def _wake(self, which: int, n: int) -> None:
-        ptr = self._futex_ptrs[0 if which == _NE_SEQ else 1]
+    def _wake(self, which: int, n: int, token: int) -> None:
+        """Wake up to ``n`` sleepers on a sequence word. Called without the mutex."""
+        ptr = self._futex_ptrs[which >> 1]
+        # futex(addr, FUTEX_WAKE, n): the remaining arguments are ignored by the kernel.
         woken = _compat.futex_wake_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAKE,
-                                        min(n, 0x7FFFFFFF), None, None, 0)
+                                        min(n, 0x7FFFFFFF))
         if woken == 0:
-            self._fw[which + 1] = 0
+            with self._mutex_held():
+                fw = self._fw
+                if fw[which + 1] == token:
+                    fw[which + 1] = 0
 
     def _finish_acquire(self, rc: int) -> None:
         """The mutex's trylock returned ``rc``: wait for it, or recover it from a dead
@@ -589,8 +607,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         holder may have changed the queue without waking anyone.
 
         head and tail are only ever changed by single stores after the data is in place, so
-        they are consistent whatever instant the holder died at; the count is updated
-        after them and may be one commit behind.
+        they are consistent whatever instant the holder died at; the put and get totals are
+        updated after them and may be one commit behind.
         """
         state, _, _, words, _, cap = self._hot
         head, tail = state[_HEAD], state[_TAIL]
@@ -602,13 +620,12 @@ class SafeQueue(SharedStructure, Generic[T]):
                 raise SafeShmError(f"SafeQueue {self._seg.name!r} is corrupt")
             at += ((header & _LEN_MASK) + 15) & ~7
             count += 1
-        state[_COUNT] = count
+        state[_GETS] = state[_PUTS] - count
         fw = self._fw
         for which in (_NE_SEQ, _NF_SEQ):
             fw[which] = (fw[which] + 1) & _SEQ_MASK
-            ptr = self._futex_ptrs[0 if which == _NE_SEQ else 1]
-            _compat.futex_wake_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAKE, 0x7FFFFFFF,
-                                    None, None, 0)
+            ptr = self._futex_ptrs[which >> 1]
+            _compat.futex_wake_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAKE, 0x7FFFFFFF)
 
     # -- shutdown --------------------------------------------------------------------------------
     def shutdown(self, immediate: bool = False) -> None:
@@ -623,13 +640,15 @@ class SafeQueue(SharedStructure, Generic[T]):
             state = self._state
             state[_SHUT] = _SHUTDOWN_NOW if immediate else max(state[_SHUT], _SHUTDOWN)
             if immediate:
-                state[_GETS] += state[_COUNT]
                 state[_HEAD] = state[_TAIL]
-                state[_COUNT] = 0
+                state[_GETS] = state[_PUTS]
             fw = self._fw
+            tokens = []
             for which in (_NE_SEQ, _NF_SEQ):
                 fw[which] = (fw[which] + 1) & _SEQ_MASK
-                self._wake(which, 0x7FFFFFFF)
+                tokens.append((which, fw[which + 1]))
+        for which, token in tokens:
+            self._wake(which, 0x7FFFFFFF, token)
 
     @property
     def is_shutdown(self) -> bool:
@@ -644,13 +663,14 @@ class SafeQueue(SharedStructure, Generic[T]):
         """A snapshot for monitoring (never blocks)."""
         state = self._state
         return QueueStatistics(
-            name=self._seg.name, items=state[_COUNT], bytes_used=state[_TAIL] - state[_HEAD],
+            name=self._seg.name, items=state[_PUTS] - state[_GETS],
+            bytes_used=state[_TAIL] - state[_HEAD],
             capacity=self._capacity, maxsize=self._maxsize, raw=self._raw,
             puts=state[_PUTS], gets=state[_GETS], shutdown=bool(state[_SHUT]),
             creator_pid=self._seg.header.creator_pid)
 
     def _repr_fields(self) -> str:
-        return (f"capacity={self._capacity}, items={self._state[_COUNT]}"
+        return (f"capacity={self._capacity}, items={self.qsize()}"
                 + (", raw=True" if self._raw else ""))
 
 
