@@ -58,6 +58,10 @@ _PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 _SYS_FUTEX: Final = ctypes.c_long(_compat.SYS_FUTEX or -1)
 _trylock: Final = _compat.mutex_trylock
 _unlock: Final = _compat.mutex_unlock
+_futex_wait: Final = _compat.futex_wait_call
+_futex_wake: Final = _compat.futex_wake_call
+_FUTEX_WAIT: Final = _compat.FUTEX_WAIT
+_FUTEX_WAKE: Final = _compat.FUTEX_WAKE
 
 
 def _need(n: int) -> int:
@@ -293,7 +297,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             pickle.PicklingError, TypeError, ...: the item could not be pickled; nothing
                 was changed.
         """
-        data = self._encode(item)
+        data = self._encode(item) if self._raw else _dumps(item, _PROTOCOL)
         n = len(data)
         need = (n + 15) & ~7
         state, fw, ring, words, p, cap = self._hot
@@ -572,22 +576,23 @@ class SafeQueue(SharedStructure, Generic[T]):
         fw = self._fw
         seen = fw[which]
         fw[which + 1] = seen + 1  # the sleepers token: never 0
-        self._mutex.release()
+        p = self._hot[4]
+        _unlock(p)
         try:
             # futex(addr, FUTEX_WAIT, val, timeout): the kernel ignores the last two
             # arguments for this operation, so they are not passed (each costs ctypes time).
-            _compat.futex_wait_call(_SYS_FUTEX, self._futex_ptrs[which >> 1],
-                                    _compat.FUTEX_WAIT, seen, pts)
+            _futex_wait(_SYS_FUTEX, self._futex_ptrs[which >> 1], _FUTEX_WAIT, seen, pts)
         finally:
-            self._finish_acquire(_trylock(self._mutex.pointer))
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc)
         return True
 
     def _wake(self, which: int, n: int, token: int) -> None:
         """Wake up to ``n`` sleepers on a sequence word. Called without the mutex."""
         ptr = self._futex_ptrs[which >> 1]
         # futex(addr, FUTEX_WAKE, n): the remaining arguments are ignored by the kernel.
-        woken = _compat.futex_wake_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAKE,
-                                        min(n, 0x7FFFFFFF))
+        woken = _futex_wake(_SYS_FUTEX, ptr, _FUTEX_WAKE, min(n, 0x7FFFFFFF))
         if woken == 0:
             with self._mutex_held():
                 fw = self._fw
