@@ -26,7 +26,7 @@ def test_demo_runs_and_checks() -> None:
     proc = run_cli("demo", "--workers", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
-    assert proc.stdout.count("[ok]") == 4
+    assert proc.stdout.count("[ok]") == 6  # 4 totals, and the queue after each start method
     assert "FAIL" not in proc.stdout
 
 

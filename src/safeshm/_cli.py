@@ -243,10 +243,16 @@ class _DemoShared(NamedTuple):
     lock: SafeLock
     under_lock: SafeCounter
     slots: SafeArray[int]
+    jobs: SafeQueue[tuple[int, int]]
+
+
+_DEMO_ITEMS = 500
 
 
 def _demo_worker(shared: _DemoShared, worker: int) -> None:
-    exact, sharded, lock, under_lock, slots = shared
+    exact, sharded, lock, under_lock, slots, jobs = shared
+    for seq in range(_DEMO_ITEMS):
+        jobs.put((worker, seq), timeout=60)
     for k in range(_DEMO_ADDS):
         exact.add()
         sharded.add()
@@ -269,6 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     lock = SafeLock.create()
     under_lock = SafeCounter.create()
     slots = SafeArray.create("q", workers)
+    jobs: SafeQueue[tuple[int, int]] = SafeQueue.create(1 << 20)
     failures = 0
     try:
         print(f"  SafeCounter implementation: {exact.implementation}")
@@ -276,7 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for ctx in (multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")):
             method = ctx.get_start_method()
             t0 = time.perf_counter()
-            shared = _DemoShared(exact, sharded, lock, under_lock, slots)
+            shared = _DemoShared(exact, sharded, lock, under_lock, slots, jobs)
             procs = [ctx.Process(target=_demo_worker, args=(shared, w))
                      for w in range(workers)]
             for p in procs:
@@ -291,6 +298,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             total_procs += workers
             print(f"  {workers} {method} workers done in {time.perf_counter() - t0:.2f} s"
                   + (f" -- {len(bad)} failed (exit codes {bad})" if bad else ""))
+            received: list[tuple[int, int]] = []
+            while not jobs.empty():
+                received.extend(jobs.get_many(1 << 16, timeout=5))
+            in_order = all([s for w, s in received if w == worker] == list(range(_DEMO_ITEMS))
+                           for worker in range(workers))
+            ok = in_order and len(received) == workers * _DEMO_ITEMS
+            failures += not ok
+            print(f"  [{'ok' if ok else 'FAIL'}] SafeQueue ({method}): {len(received)} items, "
+                  f"each worker's in order: {in_order} (expected {workers * _DEMO_ITEMS})")
             failures += len(bad)
         per_method = [0] * workers  # what one start method's workers add to each element
         for w in range(workers):
@@ -309,7 +325,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             failures += not ok
             print(f"  [{'ok' if ok else 'FAIL'}] {label}: {got} (expected {want})")
     finally:
-        for handle in (exact, sharded, under_lock, slots):
+        for handle in (exact, sharded, under_lock, slots, jobs):
             handle.close()
             handle.unlink()
         lock.close()

@@ -44,6 +44,8 @@ _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
 _SHUTDOWN: Final = 1
 _SHUTDOWN_NOW: Final = 2
 _PARAMS: Final = struct.Struct("=QQI")  # capacity, maxsize, raw
+_HEADER_WORD: Final = struct.Struct("=Q")  # a record header, as the ring's 8-byte words hold it
+_PADDING: Final = bytes(8)
 _MAX_ITEM: Final = _LEN_MASK
 _WAIT_SLICE: Final = 0.1  # see _lock._WAIT_SLICE: lets Ctrl-C in, never delays a wake-up
 MIN_CAPACITY: Final = 16
@@ -348,13 +350,23 @@ class SafeQueue(SharedStructure, Generic[T]):
                 more items than ``maxsize``); none was put.
             QueueShutDown: the queue was shut down.
         """
-        encoded = [self._encode(item) for item in items]
-        if not encoded:
+        # The whole batch is laid out -- headers, payloads, padding -- outside the mutex;
+        # under it, one copy (two where the ring wraps) and one commit.
+        parts: list[Any] = []
+        k = 0
+        if self._raw:
+            encoded: Iterable[Any] = (self._encode(item) for item in items)
+        else:
+            encoded = (_dumps(item, _PROTOCOL) for item in items)
+        for data in encoded:
+            n = len(data)
+            parts += (_HEADER_WORD.pack(n | _MARK), data, _PADDING[: -n & 7])
+            k += 1
+        if not k:
             return
-        sizes = [len(d) for d in encoded]
-        total = sum((n + 15) & ~7 for n in sizes)
-        k = len(encoded)
-        state, fw, ring, words, p, cap = self._hot
+        blob = b"".join(parts)
+        total = len(blob)
+        state, fw, ring, _, p, cap = self._hot
         if total > cap:
             raise ValueError(
                 f"SafeQueue {self._seg.name!r}: a batch of {k} items needs {total} bytes, "
@@ -371,23 +383,16 @@ class SafeQueue(SharedStructure, Generic[T]):
             if cap - (tail - state[_HEAD]) < total or state[_SHUT] or (
                     self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
                 tail = self._wait_for_room(total, k, block, timeout)
-            at = tail
-            for data, n in zip(encoded, sizes, strict=True):
-                pos = at % cap
-                words[pos >> 3] = n | _MARK
-                start = pos + 8
-                if start == cap:
-                    start = 0
-                end = start + n
-                if end <= cap:
-                    ring[start:end] = data
-                else:
-                    split = cap - start
-                    view = memoryview(data)
-                    ring[start:] = view[:split]
-                    ring[: end - cap] = view[split:]
-                at += (n + 15) & ~7
-            state[_TAIL] = at  # the commit: the whole batch becomes visible at once
+            pos = tail % cap
+            end = pos + total
+            if end <= cap:
+                ring[pos:end] = blob
+            else:  # records are 8-aligned and so is the split: no header is cut in two
+                split = cap - pos
+                view = memoryview(blob)
+                ring[pos:] = view[:split]
+                ring[: end - cap] = view[split:]
+            state[_TAIL] = tail + total  # the commit: the whole batch becomes visible at once
             state[_PUTS] += k
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NE_SLEEP]
@@ -458,7 +463,6 @@ class SafeQueue(SharedStructure, Generic[T]):
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         state, fw, ring, words, p, cap = self._hot
-        out: list[Any] = []
         rc = _trylock(p)
         if rc:
             self._finish_acquire(rc)
@@ -468,21 +472,20 @@ class SafeQueue(SharedStructure, Generic[T]):
             if head == tail:
                 head = self._wait_for_item(block, timeout)
                 tail = state[_TAIL]
+            # Walk the headers to see how far max_items reach, then copy that whole span
+            # out at once (twice where the ring wraps) and commit; parse it after unlocking.
+            end = head
             taken = 0
-            while head != tail and taken < max_items:
-                pos = head % cap
-                n = words[pos >> 3] & _LEN_MASK
-                start = pos + 8
-                if start == cap:
-                    start = 0
-                end = start + n
-                if end <= cap:
-                    out.append(ring[start:end].tobytes())
-                else:
-                    out.append(ring[start:].tobytes() + ring[: end - cap].tobytes())
-                head += (n + 15) & ~7
+            while end != tail and taken < max_items:
+                end += ((words[(end % cap) >> 3] & _LEN_MASK) + 15) & ~7
                 taken += 1
-            state[_HEAD] = head  # the commit: all of them are taken at once
+            start = head % cap
+            stop = start + (end - head)
+            if stop <= cap:
+                span = ring[start:stop].tobytes()
+            else:
+                span = ring[start:].tobytes() + ring[: stop - cap].tobytes()
+            state[_HEAD] = end  # the commit: all of them are taken at once
             state[_GETS] += taken
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
@@ -490,9 +493,16 @@ class SafeQueue(SharedStructure, Generic[T]):
             _unlock(p)
         if sleepers:
             self._wake(_NF_SEQ, taken, sleepers)
-        if self._raw:
-            return out
-        return [_loads(d) for d in out]
+        view = memoryview(span)
+        out: list[Any] = []
+        at = 0
+        raw = self._raw
+        for _ in range(taken):
+            n = _HEADER_WORD.unpack_from(span, at)[0] & _LEN_MASK
+            payload = view[at + 8 : at + 8 + n]
+            out.append(payload.tobytes() if raw else _loads(payload))
+            at += (n + 15) & ~7
+        return out
 
     # -- waiting ---------------------------------------------------------------------------------
     # The wait functions are called with the mutex held and return with it held (or raise,
