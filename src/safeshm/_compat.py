@@ -192,16 +192,17 @@ class Timespec(ctypes.Structure):
 # Waiting a few microseconds in a loop before sleeping in the kernel pays off only when the
 # process we wait for can run meanwhile, on another CPU. A process confined to one CPU
 # (taskset, cgroup cpusets, a 1-CPU container) must never spin: it would burn the very
-# time slice the other side needs. Affinity can change at run time; re-read it now and then.
+# time slice the other side needs. Affinity can change at run time: it is re-read every
+# 50 ms at most (a system call on a slow path; a stale answer costs at most that long).
 _spin_checked_at = -1.0
 _spin_ok = True
 
 
 def spinning_helps() -> bool:
-    """Whether this process can use more than one CPU (re-read at most once a second)."""
+    """Whether this process can use more than one CPU (re-read every 50 ms at most)."""
     global _spin_checked_at, _spin_ok  # noqa: PLW0603 - a per-process cache
     now = time.monotonic()
-    if now - _spin_checked_at > 1.0:
+    if now - _spin_checked_at > 0.05:
         _spin_checked_at = now
         try:
             _spin_ok = len(os.sched_getaffinity(0)) > 1
