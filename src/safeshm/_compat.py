@@ -167,7 +167,6 @@ GLIBC: Final = _is_glibc()
 PTHREAD_PROCESS_SHARED: Final = 1
 PTHREAD_MUTEX_ROBUST: Final = 1
 PTHREAD_MUTEX_ERRORCHECK: Final = 2
-CLOCK_REALTIME: Final = 0
 CLOCK_MONOTONIC: Final = 1
 
 PTHREAD_MUTEX_SIZE: Final = 64
@@ -222,8 +221,6 @@ FUTEX_WAIT: Final = 0
 FUTEX_WAKE: Final = 1
 futex_wait_call: Final[Any] = _libc_nogil.syscall
 futex_wake_call: Final[Any] = _libc_gil.syscall
-EAGAIN: Final = errno.EAGAIN
-EINTR: Final = errno.EINTR
 
 
 # --- libatomic: lock-free 64-bit compare-and-swap -------------------------------------------

@@ -46,7 +46,6 @@ _SHUTDOWN_NOW: Final = 2
 _PARAMS: Final = struct.Struct("=QQI")  # capacity, maxsize, raw
 _HEADER_WORD: Final = struct.Struct("=Q")  # a record header, as the ring's 8-byte words hold it
 _PADDING: Final = bytes(8)
-_MAX_ITEM: Final = _LEN_MASK
 _WAIT_SLICE: Final = 0.1  # see _lock._WAIT_SLICE: lets Ctrl-C in, never delays a wake-up
 MIN_CAPACITY: Final = 16
 _SPINS: Final = 300  # lock-free checks (~40 ns each) before a waiter sleeps in the kernel
