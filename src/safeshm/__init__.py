@@ -15,6 +15,8 @@ from ._counter import CounterStatistics, SafeCounter, ShardedCounter, ShardedCou
 from ._errors import (
     HolderDiedWarning,
     IncompatibleSegmentError,
+    IncompatibleStoreError,
+    InsecureDirectoryError,
     InvalidNameError,
     LockNotHeldError,
     LockReentryError,
@@ -24,9 +26,12 @@ from ._errors import (
     SafeShmWarning,
     SegmentClosedError,
     SegmentPermissionError,
+    StoreClosedError,
+    StoreCorruptedError,
 )
 from ._lock import LockStatistics, SafeLock
 from ._queue import QueueStatistics, SafeQueue
+from ._store import SafeFileStore, Serializer, StoreStatistics, Transaction
 
 __version__ = "0.1.0.dev0"
 
@@ -35,6 +40,8 @@ __all__ = [
     "CounterStatistics",
     "HolderDiedWarning",
     "IncompatibleSegmentError",
+    "IncompatibleStoreError",
+    "InsecureDirectoryError",
     "InvalidNameError",
     "LockNotHeldError",
     "LockReentryError",
@@ -45,14 +52,20 @@ __all__ = [
     "QueueStatistics",
     "SafeArray",
     "SafeCounter",
+    "SafeFileStore",
     "SafeLock",
     "SafeQueue",
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
     "SegmentPermissionError",
+    "Serializer",
     "ShardedCounter",
     "ShardedCounterStatistics",
+    "StoreClosedError",
+    "StoreCorruptedError",
+    "StoreStatistics",
+    "Transaction",
     "__version__",
 ]
 

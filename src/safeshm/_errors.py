@@ -14,6 +14,8 @@ import sys
 __all__ = [
     "HolderDiedWarning",
     "IncompatibleSegmentError",
+    "IncompatibleStoreError",
+    "InsecureDirectoryError",
     "InvalidNameError",
     "LockNotHeldError",
     "LockReentryError",
@@ -23,6 +25,8 @@ __all__ = [
     "SafeShmWarning",
     "SegmentClosedError",
     "SegmentPermissionError",
+    "StoreClosedError",
+    "StoreCorruptedError",
 ]
 
 
@@ -105,3 +109,28 @@ else:
 
         Also a :class:`queue.ShutDown` on Python 3.13+, like the standard queues raise.
         """
+
+
+class StoreCorruptedError(SafeShmError, ValueError):
+    """A ``SafeFileStore``'s files do not check out: a checksum does not match, or the
+    structure is damaged (a flipped byte, a file truncated in its middle or its header,
+    a file changed by another program).
+
+    Never raised for the half-written last record of a writer that was killed: that is
+    discarded silently, as the write never completed.
+    """
+
+
+class IncompatibleStoreError(SafeShmError, ValueError):
+    """The directory holds something other than what was asked for: a store written with
+    another serializer or in another format, or files that are not a store at all."""
+
+
+class InsecureDirectoryError(SafeShmError, PermissionError):
+    """A store's directory or file belongs to another user or can be written by others,
+    or one of the store's files is a symbolic link: other users could change the data."""
+
+
+class StoreClosedError(SafeShmError, ValueError):
+    """A ``SafeFileStore`` handle was used after ``close()``, or a transaction outside its
+    ``with`` block."""

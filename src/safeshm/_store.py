@@ -1,0 +1,1513 @@
+"""SafeFileStore[V]: a durable, crash-safe, process-safe key-value store in a directory.
+
+The design is an append-only log with a checksum per record (the Bitcask design), and
+an in-memory index in every handle:
+
+* ``CURRENT`` names the live log generation; ``data.<generation>.log`` is the log. Each
+  log starts with a ``HEADER`` record (format, serializer) and then holds ``SET``,
+  ``DEL`` and ``TXN`` records; a log that has been compacted away ends with a ``MOVED``
+  record naming its successor.
+* A record is a 20-byte header (magic, type, key length, value length, CRC-32 of the
+  body, CRC-32 of the header) and a body. A write is one ``write()`` of one record, so a
+  transaction, which is one ``TXN`` record, is all-or-nothing.
+* Writers serialise on ``fcntl.flock`` of ``write.lock`` (released by the kernel when a
+  writer dies, so a SIGKILL never leaves it held) and, inside a process, on a
+  per-store ``threading.Lock``. Before appending, a writer reads what others appended
+  and truncates a torn tail (a record that a killed writer left half-written: it can
+  only be the last one). With ``durable=True`` it calls ``fdatasync`` before it
+  releases the lock, so an acknowledged write survives power loss and nobody reads a
+  value that could still vanish.
+* Readers take no file lock: one ``fstat`` tells them whether the log grew, and they
+  parse only the new records. A record that does not check out stops them there; only
+  with the writers excluded (``LOCK_SH``) do they decide between a torn tail (ignored:
+  the next writer discards it) and corruption (``StoreCorruptedError``).
+* Compaction writes the live records to a new generation (temp file, fsync, rename,
+  fsync of the directory), appends ``MOVED`` to the old log, then replaces
+  ``CURRENT``. Every step leaves a state from which any process reaches the same data:
+  the chain of ``MOVED`` records decides, ``CURRENT`` is a shortcut for opening.
+
+See ``docs/design.md`` ("SafeFileStore") for the reasoning behind each choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import pickle
+import stat
+import struct
+import threading
+import weakref
+import zlib
+from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from types import TracebackType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    Literal,
+    NoReturn,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
+
+import filelock
+
+from . import _compat
+from ._errors import (
+    IncompatibleStoreError,
+    InsecureDirectoryError,
+    LockReentryError,
+    StoreClosedError,
+    StoreCorruptedError,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsKeysAndGetItem
+
+V = TypeVar("V")
+T = TypeVar("T")
+StrPath = str | os.PathLike[str]
+
+# --- on-disk format -------------------------------------------------------------------------
+FORMAT_VERSION: Final = 1
+_MAGIC: Final = b"\xa7S"
+# magic, type, flags, key length, value length, CRC-32 of the body, CRC-32 of the first 16
+# header bytes. Little-endian, no padding: 20 bytes.
+_HDR: Final = struct.Struct("<2sBBIIII")
+HEADER_BYTES: Final = _HDR.size
+_HDR_CRC_SPAN: Final = 16
+_SUB: Final = struct.Struct("<BII")  # one operation inside a TXN body: type, klen, vlen
+_GEN: Final = struct.Struct("<Q")
+HEADER: Final = 1
+SET: Final = 2
+DEL: Final = 3
+TXN: Final = 4
+MOVED: Final = 5
+_TYPE_NAMES: Final = {HEADER: "HEADER", SET: "SET", DEL: "DEL", TXN: "TXN", MOVED: "MOVED"}
+# One record is written with one write(); keep it far below what a write() may split.
+MAX_RECORD: Final = 1 << 30
+
+CURRENT_FILE: Final = "CURRENT"
+WRITE_LOCK_FILE: Final = "write.lock"
+MAINTENANCE_LOCK_FILE: Final = "maintenance.lock"
+_LOG_PREFIX: Final = "data."
+_LOG_SUFFIX: Final = ".log"
+_TMP_SUFFIX: Final = ".tmp"
+
+# Values up to this size stay in the index, so a get costs no read system call.
+_CACHE_LIMIT: Final = 4096
+# Compact when the log is larger than this and more than twice the live data.
+COMPACT_MIN_BYTES: Final = 4 << 20
+_OPEN_RETRIES: Final = 100
+_O_FLAGS: Final = os.O_CLOEXEC | os.O_NOFOLLOW
+
+_crc32: Final = zlib.crc32
+_pack_hdr: Final = _HDR.pack
+_unpack_hdr: Final = _HDR.unpack_from
+
+
+def log_name(generation: int) -> str:
+    return f"{_LOG_PREFIX}{generation:016x}{_LOG_SUFFIX}"
+
+
+def _generation_of(filename: str) -> int | None:
+    if not (filename.startswith(_LOG_PREFIX) and filename.endswith(_LOG_SUFFIX)):
+        return None
+    digits = filename[len(_LOG_PREFIX):-len(_LOG_SUFFIX)]
+    if len(digits) != 16:
+        return None
+    try:
+        return int(digits, 16)
+    except ValueError:
+        return None
+
+
+def _is_our_file(filename: str) -> bool:
+    return (filename in (CURRENT_FILE, WRITE_LOCK_FILE, MAINTENANCE_LOCK_FILE)
+            or _generation_of(filename) is not None
+            or (filename.startswith((_LOG_PREFIX, CURRENT_FILE + "."))
+                and filename.endswith(_TMP_SUFFIX)))
+
+
+def encode_record(rtype: int, key: bytes, value: bytes) -> bytes:
+    """One record: header and body, ready for a single ``write()``."""
+    body = key + value
+    head = _pack_hdr(_MAGIC, rtype, 0, len(key), len(value), _crc32(body), 0)
+    return head[:_HDR_CRC_SPAN] + _crc32(head[:_HDR_CRC_SPAN]).to_bytes(4, "little") + body
+
+
+def _encode_txn(ops: list[tuple[int, bytes, bytes]]) -> bytes:
+    parts: list[bytes] = []
+    for rtype, key, value in ops:
+        parts += (_SUB.pack(rtype, len(key), len(value)), key, value)
+    return encode_record(TXN, b"", b"".join(parts))
+
+
+def _current_text(generation: int) -> bytes:
+    line = f"safeshm-store {FORMAT_VERSION} {generation:016x}"
+    return f"{line} {_crc32(line.encode()):08x}\n".encode()
+
+
+def _parse_current(data: bytes, where: str) -> int:
+    try:
+        magic, version, gen_hex, crc_hex = data.decode("ascii").split()
+        line = f"{magic} {version} {gen_hex}"
+        if magic != "safeshm-store" or int(crc_hex, 16) != _crc32(line.encode()):
+            raise ValueError(line)
+        if int(version) != FORMAT_VERSION:
+            raise IncompatibleStoreError(
+                f"{where} is a SafeFileStore of format {version}, expected format "
+                f"{FORMAT_VERSION}")
+        return int(gen_hex, 16)
+    except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, IncompatibleStoreError):
+            raise
+        raise StoreCorruptedError(f"{where}: {CURRENT_FILE} is damaged "
+                                  f"(checksum or format does not match)") from None
+
+
+# --- serializers ----------------------------------------------------------------------------
+class Serializer(Protocol[V]):
+    """How a :class:`SafeFileStore` turns values into bytes and back.
+
+    ``name`` is recorded in the store, so opening a store with another serializer than the
+    one that wrote it fails with :class:`IncompatibleStoreError` instead of misreading data.
+    ``dumps`` must raise (``TypeError``/``ValueError``) for a value it cannot encode; the
+    store then changes nothing.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def dumps(self, value: V, /) -> bytes: ...
+
+    def loads(self, data: bytes, /) -> V: ...
+
+
+class JSONSerializer:
+    """JSON (UTF-8, compact). The default: safe to read back from any source.
+
+    JSON's own rules apply: tuples come back as lists, non-string dict keys as strings;
+    ``NaN`` and infinities are refused (they are not JSON).
+    """
+
+    name = "json"
+
+    def dumps(self, value: Any, /) -> bytes:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()
+
+    def loads(self, data: bytes, /) -> Any:
+        return json.loads(data)
+
+
+class BytesSerializer:
+    """Raw bytes: values are stored as given (``bytes``, ``bytearray`` or ``memoryview``)
+    and read back as ``bytes``."""
+
+    name = "bytes"
+
+    def dumps(self, value: object, /) -> bytes:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, bytearray | memoryview):
+            return bytes(value)
+        raise TypeError(f"a bytes store takes bytes-like values, not {type(value).__name__}")
+
+    def loads(self, data: bytes, /) -> bytes:
+        return data
+
+
+class PickleSerializer:
+    """pickle: any picklable value. Opt-in only: unpickling runs code named by the data, so
+    use it only for a store that no one else can write (safeshm refuses directories that
+    other users can write into, but a pickle store is as trustworthy as its owner)."""
+
+    name = "pickle"
+
+    def dumps(self, value: Any, /) -> bytes:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def loads(self, data: bytes, /) -> Any:
+        return pickle.loads(data)  # noqa: S301 - opt-in, documented above
+
+
+_BUILTIN_SERIALIZERS: Final[dict[str, Callable[[], Serializer[Any]]]] = {
+    "json": JSONSerializer, "bytes": BytesSerializer, "pickle": PickleSerializer,
+}
+SerializerName = Literal["json", "bytes", "pickle"]
+
+
+def _resolve_serializer(serializer: object) -> Serializer[Any]:
+    if isinstance(serializer, str):
+        factory = _BUILTIN_SERIALIZERS.get(serializer)
+        if factory is None:
+            raise ValueError(f"unknown serializer {serializer!r}: expected 'json', 'bytes', "
+                             f"'pickle' or an object with name, dumps and loads")
+        return factory()
+    name = getattr(serializer, "name", None)
+    if (not isinstance(name, str) or not name or not callable(getattr(serializer, "dumps", None))
+            or not callable(getattr(serializer, "loads", None))):
+        raise TypeError("a serializer needs a non-empty str 'name' and 'dumps'/'loads' methods")
+    return serializer  # type: ignore[return-value]  # checked structurally just above
+
+
+# --- files and directories ------------------------------------------------------------------
+def _check_owner(st: os.stat_result, what: str, *, directory: bool) -> None:
+    kind = "directory" if directory else "file"
+    if directory and not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, f"{what} is not a directory")
+    if not directory and not stat.S_ISREG(st.st_mode):
+        raise InsecureDirectoryError(f"{what} is not a regular file; refusing to use it")
+    if st.st_uid != os.geteuid():
+        raise InsecureDirectoryError(
+            f"store {kind} {what} belongs to uid {st.st_uid}, not to this user "
+            f"(uid {os.geteuid()}); refusing to use it")
+    if st.st_mode & 0o022:
+        hint = f" (fix: chmod 700 {what})" if directory else ""
+        raise InsecureDirectoryError(
+            f"store {kind} {what} can be written by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it{hint}")
+
+
+def open_directory(path: StrPath, *, create: bool) -> tuple[int, str]:
+    """Open (and with ``create``, make, mode 0700) the store directory; check who owns it."""
+    text: object = os.fspath(path)
+    if not isinstance(text, str) or not text:
+        raise TypeError("the store path must be a non-empty str or os.PathLike[str]")
+    if create:
+        parent = os.path.dirname(os.path.abspath(text))
+        os.makedirs(parent, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(text, 0o700)
+    try:
+        fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path", text) from None
+    try:
+        _check_owner(os.fstat(fd), repr(text), directory=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, text
+
+
+def _open_file(dir_fd: int, name: str, flags: int, where: str, *, create: bool = False) -> int:
+    """Open one of the store's files below ``dir_fd``: never through a symlink, always
+    0600, and only if it is ours."""
+    flags |= _O_FLAGS | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InsecureDirectoryError(f"{where}/{name} is a symbolic link; a store "
+                                         f"never follows links for its own files") from None
+        raise
+    try:
+        _check_owner(os.fstat(fd), f"{where}/{name}", directory=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _replace_file(dir_fd: int, name: str, data: bytes, where: str) -> None:
+    """Atomically give ``name`` the contents ``data`` (temp file, fsync, rename, fsync dir)."""
+    tmp = f"{name}.{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}"
+    fd = _open_file(dir_fd, tmp, os.O_WRONLY | os.O_TRUNC, where, create=True)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        _unlink_quietly(dir_fd, tmp)
+        raise
+    os.fsync(dir_fd)
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _key_bytes(key: object) -> bytes:
+    if not isinstance(key, str):
+        raise TypeError(f"store keys are str, not {type(key).__name__}")
+    if not key:
+        raise ValueError("store keys must be non-empty")
+    try:
+        return key.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"store key {key!r} is not encodable as UTF-8") from None
+
+
+def _check_size(key: bytes, value: bytes) -> None:
+    if HEADER_BYTES + len(key) + len(value) > MAX_RECORD:
+        raise ValueError(f"a record of {len(key) + len(value)} bytes is larger than a store "
+                         f"takes ({MAX_RECORD} bytes)")
+
+
+# --- the per-process writer lock ------------------------------------------------------------
+class _ProcessWriter:
+    """What the handles of one store in one process share: a ``threading.Lock`` that
+    orders this process's writers, and the descriptor that carries the ``flock``.
+
+    ``flock`` locks belong to an open file description, which a forked child shares: a
+    child must never use its parent's descriptor (it would "hold" the parent's lock), so
+    the registry is emptied and the inherited descriptors closed in every child.
+    """
+
+    __slots__ = ("__weakref__", "fd", "mutex", "owner")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.mutex = threading.Lock()
+        self.owner = 0
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+_writers: weakref.WeakValueDictionary[tuple[int, int], _ProcessWriter] = (
+    weakref.WeakValueDictionary())
+_writers_lock = threading.Lock()
+
+
+def _writers_after_fork_in_child() -> None:
+    global _writers_lock  # noqa: PLW0603 - another thread may have held it at fork time
+    _writers_lock = threading.Lock()
+    for writer in list(_writers.values()):
+        fd, writer.fd = writer.fd, -1
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _writers.clear()
+
+
+os.register_at_fork(after_in_child=_writers_after_fork_in_child)
+
+
+def _process_writer(dir_fd: int, where: str) -> _ProcessWriter:
+    st = os.fstat(dir_fd)
+    ident = (st.st_dev, st.st_ino)
+    with _writers_lock:
+        writer = _writers.get(ident)
+        if writer is None or writer.fd < 0:
+            fd = _open_file(dir_fd, WRITE_LOCK_FILE, os.O_RDWR, where, create=True)
+            writer = _ProcessWriter(fd)
+            _writers[ident] = writer
+        return writer
+
+
+# --- the handle -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StoreStatistics:
+    """A snapshot of a :class:`SafeFileStore` (see :meth:`SafeFileStore.statistics`)."""
+
+    path: str
+    keys: int
+    generation: int
+    """The log generation; each compaction starts a new one."""
+    log_bytes: int
+    """Size of the current log file."""
+    live_bytes: int
+    """Bytes of the records that hold current values (what a compaction would keep)."""
+    durable: bool
+    serializer: str
+    compactions: int
+    """Compactions this handle ran."""
+    torn_tails_discarded: int
+    """Half-written records left by killed writers that this handle discarded."""
+
+
+_MISSING: Final[Any] = object()
+_DELETED: Final[Any] = object()
+# An index entry: the value's bytes (None when it is larger than _CACHE_LIMIT), its
+# offset and length in the log, and the size of the record it came in (for the space
+# accounting that triggers compaction).
+_Entry = tuple[bytes | None, int, int, int]
+
+
+class SafeFileStore(MutableMapping[str, V], Generic[V]):
+    """A durable key-value store in a directory, safe across processes and threads.
+
+    A typed ``MutableMapping[str, V]``. Values are JSON by default; ``serializer="bytes"``
+    stores raw bytes, ``serializer="pickle"`` any picklable value (opt-in: unpickling runs
+    code named by the data), and any :class:`Serializer` object works too.
+
+    Guarantees:
+
+    * Every operation is atomic and the history of all processes is serializable: a
+      reader sees the old value or the new one, never a torn one; :meth:`modify` and
+      :meth:`transaction` read and write under the store's write lock, so no update is
+      lost, and a transaction is all-or-nothing even if its process is killed while it
+      commits.
+    * A writer killed at any instant (even by SIGKILL) leaves every key with a complete,
+      committed value; the next writer discards its half-written record.
+    * ``durable=True`` (the default): a write returns only after ``fdatasync``, so it
+      survives power loss. ``durable=False`` leaves flushing to the kernel (a crash of the
+      machine may lose the last writes, never tear them).
+    * Corruption on disk (a flipped byte, a truncated file) is detected by CRC-32 checksums
+      and raised as :class:`StoreCorruptedError`, never returned as data.
+    * The directory is created ``0700`` and the files ``0600``; a directory that another
+      user owns or can write into is refused (:class:`InsecureDirectoryError`); the store's
+      own files are never opened through a symlink.
+    * Space of overwritten and deleted values is reclaimed by compaction, automatically
+      (when the log is over 4 MiB and more than twice the live data) or by
+      :meth:`compact`, while other processes keep reading and writing.
+
+    Reads take no lock (one ``fstat`` to notice other processes' writes); writes take a
+    lock file (``fcntl.flock``, released by the kernel if the writer dies).
+
+    Args:
+        path: the store's directory (created, with its parents, if missing and ``create``).
+        durable: ``fdatasync`` each write before returning.
+        serializer: ``"json"``, ``"bytes"``, ``"pickle"`` or a :class:`Serializer`.
+        create: with ``False``, a missing store raises ``FileNotFoundError`` instead.
+
+    Raises:
+        InsecureDirectoryError: the directory or a file in it belongs to another user or
+            can be written by others, or a store file is a symlink.
+        IncompatibleStoreError: the directory holds other files and no store, or a store
+            of another format or written with another serializer.
+        StoreCorruptedError: a checksum does not match.
+        FileNotFoundError: ``create=False`` and there is no store.
+
+    Example:
+        >>> with SafeFileStore(path) as store:                       # doctest: +SKIP
+        ...     store["job:42"] = {"batch": 17}
+        ...     store.modify("processed", lambda n: n + 1, default=0)
+        ...     with store.transaction() as tx:
+        ...         tx["job:42"] = {"batch": 18}
+        ...         tx["processed"] = tx["processed"] + 1
+    """
+
+    @overload
+    def __init__(self: SafeFileStore[Any], path: StrPath, *, durable: bool = ...,
+                 serializer: Literal["json"] = ..., create: bool = ...) -> None: ...
+
+    @overload
+    def __init__(self: SafeFileStore[bytes], path: StrPath, *, durable: bool = ...,
+                 serializer: Literal["bytes"], create: bool = ...) -> None: ...
+
+    @overload
+    def __init__(self: SafeFileStore[Any], path: StrPath, *, durable: bool = ...,
+                 serializer: Literal["pickle"], create: bool = ...) -> None: ...
+
+    @overload
+    def __init__(self, path: StrPath, *, durable: bool = ..., serializer: Serializer[V],
+                 create: bool = ...) -> None: ...
+
+    def __init__(self, path: StrPath, *, durable: bool = True,
+                 serializer: SerializerName | Serializer[Any] = "json",
+                 create: bool = True) -> None:
+        self._closed = True  # until fully open: close() and __del__ must work on a failure
+        self._log_fd = -1
+        self._dir_fd = -1
+        if not isinstance(durable, bool):
+            raise TypeError(f"durable must be a bool, not {type(durable).__name__}")
+        self._serializer: Serializer[V] = _resolve_serializer(serializer)
+        self._adopt_serializer_name = isinstance(serializer, _RawSerializer)
+        self._durable = durable
+        self._mutex = threading.Lock()
+        self._pid = _compat.pid
+        self._compactions = 0
+        self._torn = 0
+        self._compact_min = COMPACT_MIN_BYTES
+        self._suspect = False  # a record that did not check out awaits _settle()
+        # A torn tail that a reader has seen (a writer discards it): what lies past _end,
+        # so that later reads skip it until the log changes.
+        self._torn_tail: bytes | None = None
+        self._exclusive = False  # inside _settle(): writers are excluded
+        self._dir_fd, self._path = open_directory(path, create=create)
+        try:
+            self._writer: _ProcessWriter | None = _process_writer(self._dir_fd, self._path)
+            self._reset_log()
+            with self._mutex:
+                self._load_current(create=create)
+            self._closed = False
+            if self._suspect:
+                self._settle()
+        except BaseException:
+            self._closed = True
+            self._close_fds()
+            raise
+
+    # --- construction -----------------------------------------------------------------------
+    @overload
+    @classmethod
+    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["json"] = ...,
+             create: bool = ...) -> SafeFileStore[Any]: ...
+
+    @overload
+    @classmethod
+    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["bytes"],
+             create: bool = ...) -> SafeFileStore[bytes]: ...
+
+    @overload
+    @classmethod
+    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["pickle"],
+             create: bool = ...) -> SafeFileStore[Any]: ...
+
+    @overload
+    @classmethod
+    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Serializer[T],
+             create: bool = ...) -> SafeFileStore[T]: ...
+
+    @classmethod
+    def open(cls, path: StrPath, *, durable: bool = True,
+             serializer: SerializerName | Serializer[Any] = "json",
+             create: bool = True) -> SafeFileStore[Any]:
+        """Open the store at ``path``, creating it if needed: the same as the constructor
+        (named like the shared-memory structures' ``open``)."""
+        return cls(path, durable=durable, serializer=serializer, create=create)
+
+    def _reset_log(self) -> None:
+        self._torn_tail = None
+        self._generation = 0
+        self._end = 0
+        self._index: dict[str, _Entry] = {}
+        self._live = 0
+
+    def _load_current(self, *, create: bool) -> None:
+        """Open the generation that ``CURRENT`` names (initialising an empty store under the
+        maintenance lock) and read it."""
+        for _ in range(_OPEN_RETRIES):
+            generation = self._read_current()
+            if generation is None:
+                if not create:
+                    raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path",
+                                            self._path)
+                self._initialise()
+                continue
+            try:
+                self._switch_to(generation)
+            except FileNotFoundError:
+                continue  # a compaction replaced it between our two reads: read CURRENT again
+            return
+        raise StoreCorruptedError(f"{self._path!r}: {CURRENT_FILE} names a log that does not "
+                                  f"exist")
+
+    def _read_current(self) -> int | None:
+        try:
+            fd = _open_file(self._dir_fd, CURRENT_FILE, os.O_RDONLY, self._path)
+        except FileNotFoundError:
+            return None
+        try:
+            data = os.read(fd, 256)
+        finally:
+            os.close(fd)
+        return _parse_current(data, repr(self._path))
+
+    def _maintenance_lock(self) -> filelock.BaseFileLock:
+        return filelock.FileLock(os.path.join(self._path, MAINTENANCE_LOCK_FILE), mode=0o600)
+
+    def _initialise(self) -> None:
+        with self._maintenance_lock():
+            if self._read_current() is not None:
+                return  # another process initialised it first
+            foreign = [n for n in os.listdir(self._dir_fd) if not _is_our_file(n)]
+            if foreign:
+                shown = ", ".join(sorted(foreign)[:5])
+                raise IncompatibleStoreError(
+                    f"{self._path!r} is not empty and holds no SafeFileStore "
+                    f"(found {shown}); use an empty or new directory")
+            # Anything of ours here is the debris of an initialisation that was killed
+            # before it wrote CURRENT; no write can have been acknowledged in it.
+            for name in os.listdir(self._dir_fd):
+                if name.startswith(_LOG_PREFIX) or name.endswith(_TMP_SUFFIX):
+                    _unlink_quietly(self._dir_fd, name)
+            self._write_generation(1, [])
+            _replace_file(self._dir_fd, CURRENT_FILE, _current_text(1), self._path)
+
+    def _header_record(self) -> bytes:
+        meta = {"format": FORMAT_VERSION, "serializer": self._serializer.name}
+        return encode_record(HEADER, b"", json.dumps(meta, sort_keys=True).encode())
+
+    def _write_generation(self, generation: int, records: list[bytes]) -> None:
+        """Write a complete log file for ``generation`` and publish it under its name
+        (the file is never visible half-written)."""
+        name = log_name(generation)
+        tmp = name + _TMP_SUFFIX
+        _unlink_quietly(self._dir_fd, tmp)
+        fd = _open_file(self._dir_fd, tmp, os.O_WRONLY | os.O_EXCL, self._path, create=True)
+        try:
+            _write_all(fd, self._header_record())
+            chunk: list[bytes] = []
+            size = 0
+            for record in records:
+                chunk.append(record)
+                size += len(record)
+                if size >= 1 << 20:
+                    _write_all(fd, b"".join(chunk))
+                    chunk, size = [], 0
+            _write_all(fd, b"".join(chunk))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(self._dir_fd, tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        os.fsync(self._dir_fd)
+
+    def _switch_to(self, generation: int) -> None:
+        """Make ``generation``'s log the one this handle reads (from its start)."""
+        fd = _open_file(self._dir_fd, log_name(generation), os.O_RDWR | os.O_APPEND,
+                        self._path)
+        old, self._log_fd = self._log_fd, fd
+        if old >= 0:
+            os.close(old)
+        self._reset_log()
+        self._generation = generation
+        size = os.fstat(fd).st_size
+        if size == 0:
+            self._corrupt(0, "the log is empty (a published log always holds its HEADER)")
+        self._catch_up(size)
+
+    # --- reading the log --------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Apply what other processes appended since we last looked (caller holds _mutex)."""
+        size = os.fstat(self._log_fd).st_size
+        if size != self._end:
+            self._catch_up(size)
+
+    def _catch_up(self, size: int) -> None:
+        while True:
+            if size < self._end:
+                raise StoreCorruptedError(
+                    f"{self._path!r}: {log_name(self._generation)} shrank below data already "
+                    f"read ({size} < {self._end} bytes); was it modified by another program?")
+            data = os.pread(self._log_fd, size - self._end, self._end)
+            if self._torn_tail is not None:
+                writer = self._writer
+                if data == self._torn_tail and not (
+                        writer is not None and writer.owner == threading.get_ident()):
+                    return  # still the torn tail a reader may skip; a writer discards it
+                self._torn_tail = None
+            moved_to = self._apply(data)
+            if moved_to is None:
+                return
+            try:
+                self._switch_to(moved_to)
+            except FileNotFoundError:
+                # Compacted again already: CURRENT leads to the newer generation.
+                self._load_current(create=False)
+            return
+
+    def _apply(self, data: bytes) -> int | None:
+        """Apply the complete, valid records at the start of ``data`` (which starts at
+        ``self._end``); return the generation a MOVED record points to, if one is read."""
+        view = memoryview(data)
+        pos = 0
+        total = len(data)
+        base = self._end
+        index = self._index
+        while pos < total:
+            if total - pos < HEADER_BYTES:
+                self._stopped(base + pos)
+                break
+            magic, rtype, _flags, klen, vlen, body_crc, head_crc = _unpack_hdr(view, pos)
+            if magic != _MAGIC or _crc32(view[pos:pos + _HDR_CRC_SPAN]) != head_crc:
+                self._stopped(base + pos)
+                break
+            body = pos + HEADER_BYTES
+            end = body + klen + vlen
+            if end > total or _crc32(view[body:end]) != body_crc:
+                self._stopped(base + pos)
+                break
+            if (base + pos == 0) != (rtype == HEADER):
+                self._corrupt(base + pos, "a HEADER record out of place, or a log without one")
+            if rtype == SET:
+                key = self._key_at(view, body, klen, base + pos)
+                self._put(index, key, view[body + klen:end], base + body + klen,
+                          end - pos)
+            elif rtype == DEL:
+                self._drop(index, self._key_at(view, body, klen, base + pos))
+            elif rtype == TXN:
+                self._apply_txn(view, body + klen, end, base)
+            elif rtype == HEADER:
+                self._check_header(bytes(view[body + klen:end]))
+                self._live += end - pos
+            elif rtype == MOVED:
+                if vlen != _GEN.size:
+                    self._corrupt(base + pos, "a MOVED record of the wrong size")
+                self._end = base + end
+                (generation,) = _GEN.unpack_from(view, body + klen)
+                return int(generation)
+            else:
+                self._corrupt(base + pos, f"a record of unknown type {rtype}")
+            pos = end
+        self._end = base + pos
+        return None
+
+    def _apply_txn(self, view: memoryview, pos: int, end: int, base: int) -> None:
+        index = self._index
+        start = pos
+        while pos < end:
+            if end - pos < _SUB.size:
+                self._corrupt(base + start, "a truncated operation inside a TXN record")
+            rtype, klen, vlen = _SUB.unpack_from(view, pos)
+            body = pos + _SUB.size
+            stop = body + klen + vlen
+            if stop > end or rtype not in (SET, DEL):
+                self._corrupt(base + start, "a malformed operation inside a TXN record")
+            key = self._key_at(view, body, klen, base + start)
+            if rtype == SET:
+                self._put(index, key, view[body + klen:stop], base + body + klen,
+                          HEADER_BYTES + klen + vlen)
+            else:
+                self._drop(index, key)
+            pos = stop
+
+    def _put(self, index: dict[str, _Entry], key: str, value: memoryview, offset: int,
+             cost: int) -> None:
+        old = index.get(key)
+        if old is not None:
+            self._live -= old[3]
+        size = len(value)
+        index[key] = (bytes(value) if size <= _CACHE_LIMIT else None, offset, size, cost)
+        self._live += cost
+
+    def _drop(self, index: dict[str, _Entry], key: str) -> None:
+        old = index.pop(key, None)
+        if old is not None:
+            self._live -= old[3]
+
+    def _key_at(self, view: memoryview, pos: int, klen: int, record: int) -> str:
+        try:
+            return str(view[pos:pos + klen], "utf-8")
+        except UnicodeDecodeError:
+            self._corrupt(record, "a key that is not UTF-8")
+
+    def _check_header(self, meta_bytes: bytes) -> None:
+        try:
+            meta = json.loads(meta_bytes)
+            version, serializer = meta["format"], meta["serializer"]
+        except (ValueError, KeyError, TypeError):
+            self._corrupt(0, "an unreadable HEADER record")
+        if version != FORMAT_VERSION:
+            raise IncompatibleStoreError(f"{self._path!r} is a SafeFileStore of format "
+                                         f"{version}, expected format {FORMAT_VERSION}")
+        if self._adopt_serializer_name:
+            cast(_RawSerializer, self._serializer).name = str(serializer)
+        elif serializer != self._serializer.name:
+            raise IncompatibleStoreError(
+                f"{self._path!r} was written with serializer {serializer!r}, but was opened "
+                f"with serializer {self._serializer.name!r}")
+
+    def _corrupt(self, offset: int, what: str) -> NoReturn:
+        raise StoreCorruptedError(f"{self._path!r}: {log_name(self._generation)} is corrupt "
+                                  f"at byte {offset}: {what}")
+
+    def _stopped(self, offset: int) -> None:
+        """A record at ``offset`` does not check out: a write in progress, a torn tail that a
+        killed writer left (the next writer discards it) or corruption. Only with the
+        writers excluded can that be decided: a writer (and a reader in :meth:`_settle`)
+        decides at once; any other reader stops here and settles it outside ``_mutex``."""
+        if offset == 0:
+            self._corrupt(0, "the log's HEADER record does not check out")
+        writer = self._writer
+        if self._exclusive or (writer is not None and writer.owner == threading.get_ident()):
+            self._classify_tail(offset, truncate=not self._exclusive)
+        else:
+            self._suspect = True
+
+    def _settle(self) -> None:
+        """Decide what a suspect record is, with writers excluded (``LOCK_SH``). Lock order
+        as for writers: process mutex, file lock, then ``_mutex``."""
+        writer = self._get_writer()
+        with writer.mutex:
+            fcntl.flock(writer.fd, fcntl.LOCK_SH)
+            try:
+                with self._mutex:
+                    if self._closed:
+                        raise self._closed_error()
+                    self._suspect = False
+                    self._exclusive = True
+                    try:
+                        self._refresh()
+                    finally:
+                        self._exclusive = False
+            finally:
+                fcntl.flock(writer.fd, fcntl.LOCK_UN)
+
+    def _classify_tail(self, offset: int, *, truncate: bool) -> None:
+        """With no writer active: is the data from ``offset`` on a torn tail (truncated
+        when ``truncate``), complete now (the caller's next read applies it) or corrupt
+        (raises)?"""
+        size = os.fstat(self._log_fd).st_size
+        rest = os.pread(self._log_fd, max(0, size - offset), offset)
+        verdict = _torn_tail(memoryview(rest)) if rest else None
+        if verdict == "corrupt":
+            self._corrupt(offset, "a record whose checksum does not match, with more data "
+                                  "after it")
+        if verdict != "torn":
+            return
+        if truncate:
+            os.ftruncate(self._log_fd, offset)
+            if self._durable:
+                os.fdatasync(self._log_fd)
+            self._torn += 1
+        else:
+            self._torn_tail = rest
+    # --- the write path ---------------------------------------------------------------------
+    def _get_writer(self) -> _ProcessWriter:
+        if self._pid != _compat.pid:
+            self._after_fork()
+        writer = self._writer
+        if writer is None:
+            raise self._closed_error()
+        return writer
+
+    def _acquire_writer(self) -> _ProcessWriter:
+        """Take this process's lock for the store, then the file lock; catch up."""
+        writer = self._get_writer()
+        me = threading.get_ident()
+        if writer.owner == me:
+            raise LockReentryError(
+                f"this thread already holds {self._path!r}'s write lock (inside modify() or "
+                f"transaction()); write through the transaction object instead")
+        writer.mutex.acquire()
+        try:
+            fcntl.flock(writer.fd, fcntl.LOCK_EX)
+        except BaseException:
+            writer.mutex.release()
+            raise
+        writer.owner = me
+        try:
+            with self._mutex:
+                if self._closed:
+                    raise self._closed_error()
+                self._refresh()
+        except BaseException:
+            self._release_writer(writer)
+            raise
+        return writer
+
+    def _release_writer(self, writer: _ProcessWriter) -> None:
+        writer.owner = 0
+        try:
+            fcntl.flock(writer.fd, fcntl.LOCK_UN)
+        finally:
+            writer.mutex.release()
+
+    def _append(self, record: bytes, ops: list[tuple[int, bytes, bytes]]) -> None:
+        """Append one record (writer lock held) and apply its operations to the index."""
+        with self._mutex:
+            if self._closed:
+                raise self._closed_error()
+            fd = self._log_fd
+            start = self._end
+            try:
+                _write_all(fd, record)
+            except BaseException:
+                # A short write (ENOSPC, EDQUOT): take the fragment back; nothing changed.
+                os.ftruncate(fd, start)
+                raise
+            if self._durable:
+                os.fdatasync(fd)
+            self._end = start + len(record)
+            index = self._index
+            if len(ops) == 1 and record[2] != TXN:
+                rtype, key, value = ops[0]
+                if rtype == SET:
+                    self._put(index, key.decode(), memoryview(value),
+                              start + HEADER_BYTES + len(key), len(record))
+                else:
+                    self._drop(index, key.decode())
+                return
+            pos = start + HEADER_BYTES
+            for rtype, key, value in ops:
+                pos += _SUB.size
+                if rtype == SET:
+                    self._put(index, key.decode(), memoryview(value), pos + len(key),
+                              HEADER_BYTES + len(key) + len(value))
+                else:
+                    self._drop(index, key.decode())
+                pos += len(key) + len(value)
+
+    def _commit(self, ops: list[tuple[int, bytes, bytes]]) -> None:
+        if len(ops) == 1:
+            rtype, key, value = ops[0]
+            self._append(encode_record(rtype, key, value), ops)
+        elif ops:
+            self._append(_encode_txn(ops), ops)
+
+    def _write(self, ops: list[tuple[int, bytes, bytes]]) -> None:
+        writer = self._acquire_writer()
+        try:
+            self._commit(ops)
+        finally:
+            self._release_writer(writer)
+        self._maybe_compact()
+
+    # --- the mapping ------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> V:
+        data = self._get_bytes(key)
+        if data is None:
+            raise KeyError(key)
+        return self._serializer.loads(data)
+
+    def _get_bytes(self, key: str) -> bytes | None:
+        if not isinstance(key, str):
+            raise TypeError(f"store keys are str, not {type(key).__name__}")
+        if self._pid != _compat.pid:
+            self._after_fork()
+        with self._mutex:
+            if self._closed:
+                raise self._closed_error()
+            self._refresh()
+            if not self._suspect:
+                return self._value(key)
+        return self._read(lambda: self._value(key))
+
+    def _read(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` under ``_mutex`` on caught-up state (settling a suspect record)."""
+        if self._pid != _compat.pid:
+            self._after_fork()
+        for _ in range(_OPEN_RETRIES):
+            with self._mutex:
+                if self._closed:
+                    raise self._closed_error()
+                self._refresh()
+                if not self._suspect:
+                    return fn()
+            self._settle()
+        raise StoreCorruptedError(f"{self._path!r}: the log keeps changing under a reader")
+
+    def _value(self, key: str) -> bytes | None:
+        """The committed bytes of ``key`` (caller holds _mutex and is caught up)."""
+        entry = self._index.get(key)
+        if entry is None:
+            return None
+        if entry[0] is not None:
+            return entry[0]
+        return os.pread(self._log_fd, entry[2], entry[1])
+
+    def __setitem__(self, key: str, value: V) -> None:
+        kb = _key_bytes(key)
+        data = self._dumps(value)
+        _check_size(kb, data)
+        self._write([(SET, kb, data)])
+
+    def __delitem__(self, key: str) -> None:
+        kb = _key_bytes(key)
+        writer = self._acquire_writer()
+        try:
+            if key not in self._index:
+                raise KeyError(key)
+            self._commit([(DEL, kb, b"")])
+        finally:
+            self._release_writer(writer)
+        self._maybe_compact()
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        return self._read(lambda: key in self._index)
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over a snapshot of the keys: changes made meanwhile, by this or another
+        process, never break the iteration."""
+        return iter(self._read(lambda: list(self._index)))
+
+    def __len__(self) -> int:
+        return self._read(lambda: len(self._index))
+
+    def _snapshot(self) -> list[tuple[str, bytes]]:
+        def pairs() -> list[tuple[str, bytes]]:
+            out: list[tuple[str, bytes]] = []
+            for key, (cached, offset, size, _cost) in self._index.items():
+                out.append((key, cached if cached is not None
+                            else os.pread(self._log_fd, size, offset)))
+            return out
+        return self._read(pairs)
+
+    def items(self) -> ItemsView[str, V]:
+        """The items, as one consistent snapshot (never a mix of two states, and no
+        ``KeyError`` when another process deletes a key while you iterate)."""
+        return _ItemsSnapshot(self)
+
+    def values(self) -> ValuesView[V]:
+        """The values, as one consistent snapshot (see :meth:`items`)."""
+        return _ValuesSnapshot(self)
+
+    def to_dict(self) -> dict[str, V]:
+        """All keys and values, as one consistent snapshot."""
+        loads = self._serializer.loads
+        return {key: loads(data) for key, data in self._snapshot()}
+
+    def _dumps(self, value: V) -> bytes:
+        data = self._serializer.dumps(value)
+        if not isinstance(data, bytes):
+            raise TypeError(f"serializer {self._serializer.name!r} returned "
+                            f"{type(data).__name__}, not bytes")
+        return data
+
+    # --- atomic compound operations ---------------------------------------------------------
+    # MutableMapping's mixins would read and then write in two steps, each atomic but not
+    # the pair; these run as one transaction.
+    def _atomically(self, fn: Callable[[Transaction[V]], T]) -> T:
+        with self.transaction() as tx:
+            return fn(tx)
+
+    @overload
+    def pop(self, key: str, /) -> V: ...
+
+    @overload
+    def pop(self, key: str, default: V, /) -> V: ...
+
+    @overload
+    def pop(self, key: str, default: T, /) -> V | T: ...
+
+    def pop(self, key: str, default: Any = _MISSING, /) -> Any:
+        """Remove ``key`` and return its value (or ``default``), atomically."""
+        if default is _MISSING:
+            return self._atomically(lambda tx: tx.pop(key))
+        return self._atomically(lambda tx: tx.pop(key, default))
+
+    def popitem(self) -> tuple[str, V]:
+        """Remove and return some ``(key, value)`` pair, atomically."""
+        return self._atomically(lambda tx: tx.popitem())
+
+    @overload
+    def setdefault(self, key: str, default: V, /) -> V: ...
+
+    @overload
+    def setdefault(self: SafeFileStore[T | None], key: str, default: None = None, /
+                   ) -> T | None: ...
+
+    def setdefault(self, key: str, default: Any = None, /) -> Any:
+        """Return the value of ``key``, first storing ``default`` if it is missing,
+        atomically."""
+        return self._atomically(lambda tx: tx.setdefault(key, default))
+
+    def clear(self) -> None:
+        """Delete every key, as one transaction."""
+        self._atomically(lambda tx: tx.clear())
+
+    def update(self, other: SupportsKeysAndGetItem[str, V] | Iterable[tuple[str, V]] = (),
+               /, **kwargs: V) -> None:
+        """Set several keys as one transaction: all of them or, on any error (an
+        unencodable value, a bad key), none."""
+        self._atomically(lambda tx: tx.update(other, **kwargs))
+
+    @overload
+    def modify(self, key: str, fn: Callable[[V], V]) -> V: ...
+
+    @overload
+    def modify(self, key: str, fn: Callable[[V], V], default: V) -> V: ...
+
+    def modify(self, key: str, fn: Callable[[V], V], default: V = _MISSING) -> V:
+        """Atomically replace the value of ``key`` with ``fn(value)`` and return the new
+        value.
+
+        ``fn`` runs with the store's write lock held (keep it short and do not write to
+        the store from it), so no other write, in any process, comes between the read and
+        the write: ``store.modify("hits", lambda n: n + 1, default=0)`` never loses a count.
+
+        Args:
+            key: the key.
+            fn: computes the new value from the current one.
+            default: used as the current value when ``key`` is missing.
+
+        Raises:
+            KeyError: ``key`` is missing and no ``default`` was given.
+            Exception: whatever ``fn`` or the serializer raises; nothing is written.
+        """
+        kb = _key_bytes(key)
+        writer = self._acquire_writer()
+        try:
+            with self._mutex:
+                data = self._value(key)
+            if data is not None:
+                current = self._serializer.loads(data)
+            elif default is _MISSING:
+                raise KeyError(key)
+            else:
+                current = default
+            new = fn(current)
+            encoded = self._dumps(new)
+            _check_size(kb, encoded)
+            self._commit([(SET, kb, encoded)])
+        finally:
+            self._release_writer(writer)
+        self._maybe_compact()
+        return new
+
+    def transaction(self) -> Transaction[V]:
+        """A multi-key, all-or-nothing, serializable transaction.
+
+        ``with store.transaction() as tx:`` takes the store's write lock for the block:
+        ``tx`` is a ``MutableMapping`` that reads the store's committed values and the
+        block's own writes; on a normal exit all writes commit as one record (one
+        ``fdatasync`` when durable), on an exception none do. Readers are never blocked;
+        they see the state before or after the whole transaction. A process killed while
+        it commits leaves the store as it was before (recovered by the next access).
+
+        Raises:
+            LockReentryError: this thread is already inside a transaction or modify().
+        """
+        return Transaction(self)
+
+    # --- compaction -------------------------------------------------------------------------
+    def _maybe_compact(self) -> None:
+        end = self._end
+        if end < self._compact_min or end <= 2 * self._live:
+            return
+        lock = self._maintenance_lock()
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return  # another process is compacting
+        try:
+            self._compact_locked(force=False)
+        finally:
+            lock.release()
+
+    def compact(self) -> None:
+        """Rewrite the log with only the current values, reclaiming the space of
+        overwritten and deleted ones.
+
+        Safe while other processes read and write: writers wait for it (their lock is held
+        while the new log is written), readers move over to the new log on their next read.
+        A process killed at any point of it leaves the store readable and complete.
+        """
+        if self._writer is not None and self._writer.owner == threading.get_ident():
+            raise LockReentryError("compact() inside modify() or transaction()")
+        with self._maintenance_lock():
+            self._compact_locked(force=True)
+
+    def _compact_locked(self, *, force: bool) -> None:
+        writer = self._acquire_writer()
+        try:
+            with self._mutex:
+                if not force and (self._end < self._compact_min or self._end <= 2 * self._live):
+                    return
+                old_fd, old_generation = self._log_fd, self._generation
+                new_generation = old_generation + 1
+                records: list[bytes] = []
+                for key, (cached, offset, size, _cost) in self._index.items():
+                    value = cached if cached is not None else os.pread(old_fd, size, offset)
+                    records.append(encode_record(SET, key.encode(), value))
+                # Debris of compactions that were killed: temp files, and logs that are
+                # neither the current one nor the one we are about to publish.
+                for name in os.listdir(self._dir_fd):
+                    generation = _generation_of(name)
+                    stale = generation is not None and generation > old_generation
+                    if stale or name.endswith(_TMP_SUFFIX):
+                        _unlink_quietly(self._dir_fd, name)
+                self._write_generation(new_generation, records)
+                # The MOVED record is the commit point: from here on, every process that
+                # reads the old log follows it to the new one.
+                _write_all(old_fd, encode_record(MOVED, b"", _GEN.pack(new_generation)))
+                os.fdatasync(old_fd)
+                _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation),
+                              self._path)
+                self._switch_to(new_generation)
+                for name in os.listdir(self._dir_fd):
+                    generation = _generation_of(name)
+                    if generation is not None and generation < new_generation:
+                        _unlink_quietly(self._dir_fd, name)
+                self._compactions += 1
+        finally:
+            self._release_writer(writer)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """The store's directory, as given."""
+        return self._path
+
+    @property
+    def durable(self) -> bool:
+        return self._durable
+
+    @property
+    def serializer(self) -> Serializer[V]:
+        return self._serializer
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def statistics(self) -> StoreStatistics:
+        """A consistent snapshot of the store's size and this handle's counters."""
+        return self._read(lambda: StoreStatistics(
+            path=self._path, keys=len(self._index), generation=self._generation,
+            log_bytes=self._end, live_bytes=self._live, durable=self._durable,
+            serializer=self._serializer.name, compactions=self._compactions,
+            torn_tails_discarded=self._torn))
+
+    def close(self) -> None:
+        """Close this handle (idempotent). Other handles and processes are unaffected; the
+        data stays on disk."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        self._writer = None
+        for attr in ("_log_fd", "_dir_fd"):
+            fd = getattr(self, attr, -1)
+            setattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(f"SafeFileStore {self._path!r} is closed")
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's locks and lock descriptor are not ours."""
+        self._mutex = threading.Lock()
+        self._pid = _compat.pid
+        if not self._closed:
+            self._writer = _process_writer(self._dir_fd, self._path)
+
+    def __enter__(self) -> SafeFileStore[V]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(OSError):
+                self._close_fds()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        serializer: object = self._serializer
+        if type(serializer) in (JSONSerializer, BytesSerializer, PickleSerializer):
+            serializer = self._serializer.name
+        return (_reopen, (self._path, self._durable, serializer))
+
+    def __repr__(self) -> str:
+        try:
+            state = ", closed=True" if self._closed else ""
+            return (f"safeshm.SafeFileStore({self._path!r}, durable={self._durable}, "
+                    f"serializer={self._serializer.name!r}{state})")
+        except Exception:  # noqa: BLE001 - repr must never raise
+            return "<safeshm.SafeFileStore (uninitialised)>"
+
+
+class _ItemsSnapshot(ItemsView[str, V]):
+    def __init__(self, store: SafeFileStore[V]) -> None:
+        super().__init__(store)
+        self._store = store
+
+    def __iter__(self) -> Iterator[tuple[str, V]]:
+        loads = self._store.serializer.loads
+        for key, data in self._store._snapshot():
+            yield key, loads(data)
+
+
+class _ValuesSnapshot(ValuesView[V]):
+    def __init__(self, store: SafeFileStore[V]) -> None:
+        super().__init__(store)
+        self._store = store
+
+    def __iter__(self) -> Iterator[V]:
+        loads = self._store.serializer.loads
+        for _key, data in self._store._snapshot():
+            yield loads(data)
+
+
+def _reopen(path: str, durable: bool, serializer: Any) -> SafeFileStore[Any]:
+    return SafeFileStore(path, durable=durable, serializer=serializer, create=False)
+
+
+class Transaction(MutableMapping[str, V], Generic[V]):
+    """The view of a store inside ``with store.transaction() as tx:`` (see
+    :meth:`SafeFileStore.transaction`). Values written to it are encoded at once (an
+    unencodable value raises there, in the block), and committed together on exit."""
+
+    def __init__(self, store: SafeFileStore[V]) -> None:
+        self._store = store
+        self._writer: _ProcessWriter | None = None
+        self._ops: dict[str, tuple[bytes, bytes | None]] = {}  # key -> (key bytes, value)
+        self._state = "new"
+
+    def __enter__(self) -> Transaction[V]:
+        if self._state != "new":
+            raise RuntimeError("a transaction can be entered only once")
+        self._writer = self._store._acquire_writer()
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        store = self._store
+        try:
+            if exc_type is None:
+                store._commit([
+                    (SET, kb, value) if value is not None else (DEL, kb, b"")
+                    for kb, value in self._ops.values()])
+        finally:
+            self._state = "done"
+            store._release_writer(writer)
+        if exc_type is None:
+            store._maybe_compact()
+
+    def _check(self) -> None:
+        if self._state != "open":
+            raise StoreClosedError("this transaction is not open: use it inside its "
+                                   "`with store.transaction() as tx:` block")
+
+    def _lookup(self, key: str) -> bytes | None:
+        self._check()
+        op = self._ops.get(key)
+        if op is not None:
+            return op[1]
+        store = self._store
+        with store._mutex:
+            return store._value(key)
+
+    def __getitem__(self, key: str) -> V:
+        if not isinstance(key, str):
+            raise TypeError(f"store keys are str, not {type(key).__name__}")
+        data = self._lookup(key)
+        if data is None:
+            raise KeyError(key)
+        return self._store._serializer.loads(data)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._lookup(key) is not None
+
+    def __setitem__(self, key: str, value: V) -> None:
+        self._check()
+        kb = _key_bytes(key)
+        data = self._store._dumps(value)
+        _check_size(kb, data)
+        self._ops.pop(key, None)  # re-inserted last: operations commit in the order made
+        self._ops[key] = (kb, data)
+
+    def __delitem__(self, key: str) -> None:
+        kb = _key_bytes(key)
+        if self._lookup(key) is None:
+            raise KeyError(key)
+        self._ops.pop(key, None)
+        self._ops[key] = (kb, None)
+
+    def _keys(self) -> list[str]:
+        self._check()
+        store = self._store
+        with store._mutex:
+            keys = dict.fromkeys(store._index)
+        for key, (_kb, value) in self._ops.items():
+            if value is None:
+                keys.pop(key, None)
+            else:
+                keys[key] = None
+        return list(keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __repr__(self) -> str:
+        return f"<safeshm.Transaction on {self._store!r}, {self._state}>"
+
+
+# --- verification (safeshm store check / dump) ----------------------------------------------
+def _torn_tail(rest: memoryview) -> str | None:
+    """Classify data that starts with a record that did not check out, read while no
+    writer is active: ``None`` if it is a whole valid record after all, ``"torn"`` if it is
+    what a killed writer leaves (a prefix of one record, or zeros), ``"corrupt"`` if not."""
+    view = rest
+    if len(rest) < HEADER_BYTES:
+        return "torn"
+    magic, _rtype, _flags, klen, vlen, body_crc, head_crc = _unpack_hdr(view, 0)
+    if magic != _MAGIC or _crc32(view[:_HDR_CRC_SPAN]) != head_crc:
+        return "torn" if not rest.tobytes().strip(b"\0") else "corrupt"
+    end = HEADER_BYTES + klen + vlen
+    if end > len(rest):
+        return "torn"
+    if _crc32(view[HEADER_BYTES:end]) == body_crc:
+        return None
+    return "torn" if end == len(rest) else "corrupt"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreReport:
+    """What ``safeshm store check`` found (see :func:`check_store`)."""
+
+    path: str
+    generation: int
+    serializer: str
+    keys: int
+    log_bytes: int
+    live_bytes: int
+    torn_tail_bytes: int
+    """Bytes of a half-written last record (a killed writer's); the next write discards
+    them. Not an error."""
+
+
+class _RawSerializer:
+    """Reads a store of any serializer as raw bytes: what the CLI's check and dump use.
+    It takes the name the store records (see ``SafeFileStore._check_header``)."""
+
+    name = "*"
+
+    def dumps(self, value: bytes, /) -> bytes:
+        return value
+
+    def loads(self, data: bytes, /) -> bytes:
+        return data
+
+
+def _open_raw(path: StrPath) -> SafeFileStore[bytes]:
+    return SafeFileStore(path, durable=False, serializer=_RawSerializer(), create=False)
+
+
+def check_store(path: StrPath) -> StoreReport:
+    """Verify every checksum of the store at ``path`` without changing anything.
+
+    Raises:
+        StoreCorruptedError: a checksum or the structure does not match.
+        IncompatibleStoreError: the store has another format version.
+        FileNotFoundError: there is no store at ``path``.
+    """
+    report, _ = dump_store(path, want_values=False)
+    return report
+
+
+def dump_store(path: StrPath, *, want_values: bool = True
+               ) -> tuple[StoreReport, list[tuple[str, bytes]]]:
+    """The store's report and its ``(key, raw value bytes)`` pairs, verified."""
+    with _open_raw(path) as store:
+        pairs = store._snapshot() if want_values else []
+        stats = store.statistics()
+        report = StoreReport(path=stats.path, generation=stats.generation,
+                             serializer=store.serializer.name, keys=stats.keys,
+                             log_bytes=stats.log_bytes, live_bytes=stats.live_bytes,
+                             torn_tail_bytes=len(store._torn_tail or b""))
+    return report, pairs

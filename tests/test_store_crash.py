@@ -1,0 +1,344 @@
+"""SafeFileStore under damage: truncation at every byte, flipped bytes, and processes
+SIGKILLed at every file-system call of a script and at random instants."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from safeshm import SafeFileStore, StoreCorruptedError
+from safeshm import _store as store_module
+
+from ._helpers import JOIN_TIMEOUT
+from ._store_helpers import (
+    TRACED,
+    apply_step,
+    big_value_writer,
+    compacting_writer,
+    is_whole,
+    scripted_child,
+    tagged,
+)
+
+# A small history that uses every record type: (log size after the step, state after it).
+Steps = list[tuple[str, Any]]
+SCRIPT: Steps = [
+    ("set", ("a", 1)),
+    ("set", ("b", {"nested": ["x", 2.5]})),
+    ("txn", [("set", "c", "three"), ("del", "a", None), ("set", "b", 22)]),
+    ("modify", "n"),
+    ("del", "c"),
+    ("set", ("big", "z" * 300)),
+    ("modify", "n"),
+    ("txn", [("set", "d", [1]), ("set", "e", None)]),
+]
+
+
+def _history(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    from ._store_helpers import run_step
+
+    with SafeFileStore(path, durable=False) as store:
+        sizes = [(store.statistics().log_bytes, {})]
+        state: dict[str, Any] = {}
+        for op, arg in SCRIPT:
+            run_step(store, op, arg)
+            state = apply_step(state, op, arg)
+            assert store.to_dict() == state
+            sizes.append((store.statistics().log_bytes, state))
+    return sizes
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncation_at_every_byte_yields_a_committed_prefix(tmp_path: Path) -> None:
+    original = tmp_path / "original"
+    history = _history(original)
+    log = store_module.log_name(1)
+    header_end = history[0][0]
+    final = history[-1][0]
+    assert (original / log).stat().st_size == final
+    for cut in range(final + 1):
+        path = _copy(original, tmp_path / f"cut{cut}")
+        os.truncate(path / log, cut)
+        if cut < header_end:
+            with pytest.raises(StoreCorruptedError):
+                SafeFileStore(path, durable=False)
+            with pytest.raises(StoreCorruptedError):
+                store_module.check_store(path)
+            shutil.rmtree(path)
+            continue
+        committed_size, state = max((h for h in history if h[0] <= cut), key=lambda h: h[0])
+        report = store_module.check_store(path)
+        assert report.torn_tail_bytes == cut - committed_size
+        with SafeFileStore(path, durable=False) as store:
+            assert store.to_dict() == state, cut
+            # The next write discards the torn tail and lands right after the prefix.
+            store["after"] = cut
+            assert (path / log).stat().st_size > committed_size
+            assert store.statistics().torn_tails_discarded == (cut != committed_size)
+        with SafeFileStore(path, durable=False) as again:
+            assert again.to_dict() == {**state, "after": cut}
+        assert store_module.check_store(path).torn_tail_bytes == 0
+        shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("target", ["log", "CURRENT"])
+def test_flipped_bytes_are_detected(tmp_path: Path, target: str) -> None:
+    original = tmp_path / "original"
+    history = _history(original)
+    name = store_module.log_name(1) if target == "log" else "CURRENT"
+    data = (original / name).read_bytes()
+    last_record_start = history[-2][0]
+    states = [state for _size, state in history]
+    for pos in range(len(data)):
+        path = _copy(original, tmp_path / f"flip{pos}")
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x41
+        (path / name).write_bytes(bytes(damaged))
+        try:
+            with SafeFileStore(path, durable=False) as store:
+                got = store.to_dict()
+        except StoreCorruptedError:
+            got = None
+        if target == "CURRENT" or pos < last_record_start:
+            assert got is None, f"flip at {pos} went unnoticed"
+        else:
+            # Damage in the last record may be a torn write as far as anyone can tell:
+            # the record is dropped, or the damage is reported. Never garbage.
+            assert got is None or got == states[-2], pos
+        shutil.rmtree(path)
+
+
+def test_zero_filled_tail_is_a_torn_write(tmp_path: Path) -> None:
+    # After a power loss a file can end in zeros where the last write was lost.
+    path = tmp_path / "s"
+    history = _history(path)
+    with open(path / store_module.log_name(1), "ab") as f:
+        f.write(bytes(100))
+    with SafeFileStore(path, durable=False) as store:
+        assert store.to_dict() == history[-1][1]
+
+
+def test_garbage_after_records_is_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _history(path)
+    with open(path / store_module.log_name(1), "ab") as f:
+        f.write(b"\x01" * 100)
+    with pytest.raises(StoreCorruptedError, match="corrupt at byte"):
+        SafeFileStore(path, durable=False)
+
+
+def test_damage_seen_by_an_open_reader(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with SafeFileStore(path, durable=False) as writer, \
+            SafeFileStore(path, durable=False) as reader:
+        writer["a"] = 1
+        assert reader["a"] == 1
+        writer["b"] = 2
+        log = path / store_module.log_name(1)
+        data = bytearray(log.read_bytes())
+        size = len(data)
+        writer["c"] = 3
+        data = bytearray(log.read_bytes())
+        data[size + 3] ^= 0xFF  # in the header of the record after b
+        log.write_bytes(bytes(data) + b"more")
+        with pytest.raises(StoreCorruptedError):
+            reader["c"]
+
+
+def test_missing_log_and_current_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _history(path)
+    os.unlink(path / store_module.log_name(1))
+    with pytest.raises(StoreCorruptedError, match="does not exist"):
+        SafeFileStore(path, durable=False)
+    (path / "CURRENT").write_bytes(b"")
+    with pytest.raises(StoreCorruptedError, match="CURRENT"):
+        SafeFileStore(path, durable=False)
+
+
+# --- SIGKILL at every file-system call of a script ----------------------------------------
+CRASH_SCRIPT: Steps = [
+    ("set", ("a", 1)),
+    ("txn", [("set", "b", 2), ("set", "c", 3), ("del", "a", None)]),
+    ("modify", "n"),
+    ("compact", None),
+    ("set", ("d", "x" * 5000)),
+    ("del", "b"),
+    ("compact", None),
+    ("txn", [("set", "e", 5), ("set", "c", 33)]),
+]
+BASE = {"base": "before", "n": 41}
+
+
+def _run_scripted(path: Path, kill_at: int, how: str) -> tuple[int, int | None, str | None]:
+    """Run CRASH_SCRIPT in a forked child that kills itself at traced call ``kill_at``;
+    return (steps acknowledged, traced calls if it finished, error text)."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=scripted_child, args=(str(path), CRASH_SCRIPT, kill_at, how, child))
+    proc.start()
+    child.close()
+    acked, calls, error = 0, None, None
+    try:
+        while parent.poll(JOIN_TIMEOUT):
+            try:
+                kind, value = parent.recv()
+            except EOFError:
+                break
+            if kind == "acked":
+                acked = value + 1
+            elif kind == "calls":
+                calls = value
+            else:
+                error = value
+    finally:
+        proc.join(timeout=JOIN_TIMEOUT)
+        if proc.is_alive():  # pragma: no cover
+            proc.kill()
+            proc.join(timeout=10)
+        parent.close()
+    return acked, calls, error
+
+
+def _states() -> list[dict[str, Any]]:
+    states = [dict(BASE)]
+    for op, arg in CRASH_SCRIPT:
+        states.append(apply_step(states[-1], op, arg))
+    return states
+
+
+def _prepare(path: Path) -> None:
+    with SafeFileStore(path, durable=False) as store:
+        store.update(BASE)
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_file_system_call(tmp_path: Path) -> None:
+    states = _states()
+    dry = tmp_path / "dry"
+    _prepare(dry)
+    acked, calls, error = _run_scripted(dry, kill_at=0, how="before")
+    assert error is None, error
+    assert acked == len(CRASH_SCRIPT) and calls is not None and calls > 20
+    with SafeFileStore(dry, durable=False) as store:
+        assert store.to_dict() == states[-1]
+
+    runs = 0
+    for kill_at in range(1, calls + 1):
+        for how in ("before", "after", "half"):
+            path = tmp_path / f"k{kill_at}{how}"
+            _prepare(path)
+            acked, finished, error = _run_scripted(path, kill_at, how)
+            assert error is None, error
+            assert finished is None, f"the child was not killed at call {kill_at}"
+            runs += 1
+            where = f"killed {how} traced call {kill_at} (of {TRACED}), {acked} steps acked"
+            # Any process can open it, sees the acknowledged state or the next one, whole.
+            report = store_module.check_store(path)
+            with SafeFileStore(path, durable=False) as store:
+                got = store.to_dict()
+                assert got in (states[acked], states[min(acked + 1, len(states) - 1)]), where
+                # ... and carries on: writes, a compaction, and a clean directory after it.
+                store["after"] = True
+                store.compact()
+                assert store.to_dict() == {**got, "after": True}
+            names = sorted(os.listdir(path))
+            assert [n for n in names if n.endswith(".tmp")] == [], (where, names)
+            assert len([n for n in names if n.startswith("data.")]) == 1, (where, names)
+            assert report.keys == len(got)
+            shutil.rmtree(path)
+            if how == "half" and kill_at > 0:
+                continue
+    assert runs == 3 * calls
+
+
+# --- SIGKILL at random instants -----------------------------------------------------------
+def _kill_after(proc: Any, delay: float) -> None:
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout=JOIN_TIMEOUT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("durable", [False, True])
+def test_sigkill_mid_write_and_mid_transaction(tmp_path: Path, durable: bool) -> None:
+    path = tmp_path / "s"
+    ctx = multiprocessing.get_context("fork")
+    acked = ctx.Value("q", 0, lock=False)
+    rng = random.Random(1234)
+    for _round in range(6):
+        proc = ctx.Process(target=big_value_writer, args=(str(path), acked, durable),
+                           daemon=True)
+        proc.start()
+        try:
+            _kill_after(proc, rng.uniform(0.05, 0.4))
+        finally:
+            if proc.is_alive():  # pragma: no cover
+                proc.kill()
+                proc.join(timeout=10)
+        with SafeFileStore(path, durable=False) as store:
+            done = acked.value
+            if done == 0 and "big" not in store:
+                continue
+            big, a, b = store["big"], store.get("a"), store.get("b")
+            assert is_whole(big) and big["s"] in (done, done + 1)
+            if a is not None:
+                assert b is not None, "a transaction was half-applied"
+                assert is_whole(a) and is_whole(b) and a["s"] == b["s"]
+                assert a["s"] in (done - 1, done, done + 1) if done else a["s"] in (0, 1)
+                assert a["s"] <= big["s"]
+            acked.value = max(done, big["s"])
+    assert acked.value > 0
+    assert store_module.check_store(path).keys == 3
+
+
+@pytest.mark.slow
+def test_sigkill_mid_compaction(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ctx = multiprocessing.get_context("fork")
+    acked = ctx.Value("q", 0, lock=False)
+    rng = random.Random(99)
+    generations = set()
+    for _round in range(8):
+        proc = ctx.Process(target=compacting_writer, args=(str(path), acked), daemon=True)
+        proc.start()
+        try:
+            _kill_after(proc, rng.uniform(0.05, 0.3))
+        finally:
+            if proc.is_alive():  # pragma: no cover
+                proc.kill()
+                proc.join(timeout=10)
+        with SafeFileStore(path, durable=False) as store:
+            values = store.to_dict()
+            generations.add(store.statistics().generation)
+            done = acked.value
+            if not values:
+                continue
+            seqs = [values[f"k{i}"]["s"] for i in range(20) if f"k{i}" in values]
+            assert all(is_whole(v) for v in values.values())
+            # Keys are written in order k0..k19 each round: a later key never holds a newer
+            # round than an earlier one, and nothing is older than the last acked round.
+            assert seqs == sorted(seqs, reverse=True)
+            assert min(seqs) >= done and max(seqs) <= done + 1
+            acked.value = max(seqs)
+            store["probe"] = tagged(0, 0)
+            del store["probe"]
+    names = os.listdir(path)
+    assert len(generations) > 1, "no compaction ran"
+    with SafeFileStore(path, durable=False) as store:
+        store.compact()
+    names = sorted(os.listdir(path))
+    assert [n for n in names if n.startswith("data.")] != []
+    assert [n for n in names if n.endswith(".tmp")] == []
