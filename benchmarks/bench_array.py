@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_array.py [--processes 1 2] [--seconds 1] [--repeats 5]
                                      [--bulk-elements 10000000] [--json]
+                                     [--plot FILE.png] [--quiet]
 
 The same as ``python -m safeshm bench --structures array``; see :mod:`safeshm._bench` and
 ``docs/benchmarks.md``. numpy is optional: without it the numpy contenders are skipped.

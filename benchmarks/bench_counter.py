@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_counter.py [--processes 1 2 4] [--seconds 1] [--repeats 5] [--json]
+                                       [--plot FILE.png] [--quiet]
 
 The same as ``python -m safeshm bench --structures counter``; see :mod:`safeshm._bench`
 and ``docs/benchmarks.md``.

@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_queue.py [--processes 1 2] [--seconds 1] [--repeats 5] [--json]
+                                     [--plot FILE.png] [--quiet]
 
 The same as ``python -m safeshm bench --structures queue``; see :mod:`safeshm._bench` and
 ``docs/benchmarks.md``. ``--processes N`` means N producers and N consumers. faster_fifo is

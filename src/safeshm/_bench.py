@@ -37,6 +37,12 @@ operations, and times from the first worker's start to the last worker's end. Th
 count (for arrays: the sum of all elements) is checked against ``P * n`` after every run,
 so a benchmark that loses updates fails loudly instead of reporting a fast wrong answer.
 
+While it measures, a progress display on stderr says what is being measured and how far
+along it is (``--quiet``: none); stdout gets the tables, or with ``--json`` the results as
+one JSON document, whose ``"ratios"`` (see :class:`Ratio`) ``--plot FILE.png`` charts with
+matplotlib (the optional ``plot`` extra). ``--from-json FILE`` measures nothing: it prints
+or charts results saved earlier.
+
 Run it as ``python -m safeshm bench`` or ``python benchmarks/bench_counter.py`` /
 ``python benchmarks/bench_array.py`` / ``python benchmarks/bench_queue.py``.
 """
@@ -50,6 +56,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.metadata
+import io
 import json
 import math
 import multiprocessing
@@ -60,12 +67,13 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.shared_memory import SharedMemory
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from . import __version__
+from . import __version__, _bench_store, _cli
 from ._array import SafeArray
 from ._counter import SafeCounter, ShardedCounter
 from ._queue import SafeQueue
@@ -74,6 +82,8 @@ if TYPE_CHECKING:
     from multiprocessing.context import SpawnContext, SpawnProcess
     from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
     from multiprocessing.synchronize import Barrier, Lock
+
+    from matplotlib.axes import Axes
 
     from ._segment import SharedStructure
 
@@ -94,7 +104,7 @@ _DESCRIPTIONS: Final = {
     SHARDED: "add(1)   (safeshm.ShardedCounter: one slot per thread)",
 }
 
-STRUCTURES: Final = ("counter", "array", "queue")
+STRUCTURES: Final = _cli.BENCH_STRUCTURES
 """What ``--structures`` may select: the counter, array and queue benchmarks."""
 
 ARRAY_IDIOM: Final = "mp.Array idiom"
@@ -108,7 +118,7 @@ BULK_PRIVATE: Final = "numpy private"
 BULK_SAFE: Final = "SafeArray.locked()"
 BULK_SHM: Final = "SharedMemory + mp.Lock"
 BULK_IMPLEMENTATIONS: Final = (BULK_PRIVATE, BULK_SAFE, BULK_SHM)
-DEFAULT_BULK_ELEMENTS: Final = 10_000_000
+DEFAULT_BULK_ELEMENTS: Final = _cli.DEFAULT_BULK_ELEMENTS
 """float64 elements summed by the bulk part (80 MB: far larger than any CPU cache, so
 every contender streams the array from memory)."""
 
@@ -1209,6 +1219,32 @@ class Bar:
         return "PASS" if met else "FAIL"
 
 
+# The bars against an alternative, shared by the bar checks and the chart's goal marks.
+# Keyed by (part, safeshm's implementation, the alternative, process count), where a part
+# is "counter", "array", "bulk" or a queue workload (the latency ping-pong: 1 process).
+_REQUIRED_SPEEDUP: Final[dict[tuple[str, str, str, int], float]] = {
+    ("counter", SAFE, IDIOM, 1): 1.2,
+    ("counter", SAFE, IDIOM, 2): 3.0,
+    ("counter", SHARDED, IDIOM, 1): 4.0,
+    ("array", ARRAY_SAFE, ARRAY_IDIOM, 1): 1.2,
+    ("array", ARRAY_SAFE, ARRAY_IDIOM, 2): 3.0,
+    (SMALL, Q_SAFE, Q_MP, 1): 2.0,
+    (SMALL, Q_SAFE, Q_MP, 2): 2.0,
+    (BATCHES, Q_SAFE, Q_MP, 1): 5.0,
+    (BATCHES, Q_SAFE, Q_MP, 2): 5.0,
+    (BYTES, Q_SAFE, Q_MP, 1): 4.0,
+    (BYTES, Q_SAFE, Q_MP, 2): 4.0,
+    (BYTES, Q_SAFE, Q_FF, 1): 1.0,
+    (BYTES, Q_SAFE, Q_FF, 2): 1.0,
+}
+"""Rate ratios (safeshm's rate / the alternative's) the project requires, at least."""
+_REQUIRED_TIME: Final[dict[tuple[str, str, str, int], float]] = {
+    ("bulk", BULK_SAFE, BULK_PRIVATE, 1): 1.5,
+    (LATENCY, Q_SAFE, Q_SIMPLE, 1): 1.0,
+}
+"""Time ratios (safeshm's time / the alternative's) the project requires, at most."""
+
+
 def _ratio(cells: dict[tuple[str, int], Cell], a: tuple[str, int],
            b: tuple[str, int]) -> float | None:
     if a not in cells or b not in cells:
@@ -1219,11 +1255,14 @@ def _ratio(cells: dict[tuple[str, int], Cell], a: tuple[str, int],
 def bars(cells: dict[tuple[str, int], Cell]) -> list[Bar]:
     """The counter bars this project must meet, computed from the medians in ``cells``."""
     return [
-        Bar("SafeCounter add, 1 process, vs the mp.Value idiom (1 process)", 1.2,
+        Bar("SafeCounter add, 1 process, vs the mp.Value idiom (1 process)",
+            _REQUIRED_SPEEDUP["counter", SAFE, IDIOM, 1],
             _ratio(cells, (SAFE, 1), (IDIOM, 1))),
-        Bar("SafeCounter add, 2 processes, vs the mp.Value idiom (2 processes)", 3.0,
+        Bar("SafeCounter add, 2 processes, vs the mp.Value idiom (2 processes)",
+            _REQUIRED_SPEEDUP["counter", SAFE, IDIOM, 2],
             _ratio(cells, (SAFE, 2), (IDIOM, 2))),
-        Bar("ShardedCounter add, 1 process, vs the mp.Value idiom (1 process)", 4.0,
+        Bar("ShardedCounter add, 1 process, vs the mp.Value idiom (1 process)",
+            _REQUIRED_SPEEDUP["counter", SHARDED, IDIOM, 1],
             _ratio(cells, (SHARDED, 1), (IDIOM, 1))),
         Bar("ShardedCounter add, 2 processes, vs its own 1-process rate", 1.7,
             _ratio(cells, (SHARDED, 2), (SHARDED, 1))),
@@ -1240,12 +1279,15 @@ def _bulk_ratio(bulk: dict[str, BulkCell], a: str, b: str) -> float | None:
 def array_bars(cells: dict[tuple[str, int], Cell], bulk: dict[str, BulkCell]) -> list[Bar]:
     """The array bars this project must meet, computed from the measured medians."""
     return [
-        Bar("SafeArray element add, 1 process, vs the mp.Array idiom (1 process)", 1.2,
+        Bar("SafeArray element add, 1 process, vs the mp.Array idiom (1 process)",
+            _REQUIRED_SPEEDUP["array", ARRAY_SAFE, ARRAY_IDIOM, 1],
             _ratio(cells, (ARRAY_SAFE, 1), (ARRAY_IDIOM, 1))),
         Bar("SafeArray element add at random indices, 2 processes, vs the mp.Array idiom "
-            "(2 processes)", 3.0, _ratio(cells, (ARRAY_SAFE, 2), (ARRAY_IDIOM, 2))),
+            "(2 processes)", _REQUIRED_SPEEDUP["array", ARRAY_SAFE, ARRAY_IDIOM, 2],
+            _ratio(cells, (ARRAY_SAFE, 2), (ARRAY_IDIOM, 2))),
         Bar("bulk sum via SafeArray.locked() + numpy, time vs numpy on a private array",
-            1.5, _bulk_ratio(bulk, BULK_SAFE, BULK_PRIVATE), at_most=True),
+            _REQUIRED_TIME["bulk", BULK_SAFE, BULK_PRIVATE, 1],
+            _bulk_ratio(bulk, BULK_SAFE, BULK_PRIVATE), at_most=True),
     ]
 
 
@@ -1288,24 +1330,26 @@ def queue_bars(cells: dict[str, dict[tuple[str, int], Cell]],
     """
     small, batches, raw = (cells.get(w, {}) for w in QUEUE_WORKLOADS)
     out = [
-        Bar(f"SafeQueue small items, {p}P/{p}C, vs mp.Queue ({p}P/{p}C)", 2.0,
-            _ratio(small, (Q_SAFE, p), (Q_MP, p)))
+        Bar(f"SafeQueue small items, {p}P/{p}C, vs mp.Queue ({p}P/{p}C)",
+            _REQUIRED_SPEEDUP[SMALL, Q_SAFE, Q_MP, p], _ratio(small, (Q_SAFE, p), (Q_MP, p)))
         for p in (1, 2)
     ]
     out += [
         Bar(f"SafeQueue put_many/get_many in batches of {QUEUE_BATCH}, {p}P/{p}C, vs mp.Queue "
-            f"single put/get ({p}P/{p}C)", 5.0, _ratio(batches, (Q_SAFE, p), (Q_MP, p)))
+            f"single put/get ({p}P/{p}C)", _REQUIRED_SPEEDUP[BATCHES, Q_SAFE, Q_MP, p],
+            _ratio(batches, (Q_SAFE, p), (Q_MP, p)))
         for p in (1, 2)
     ]
     for p in (1, 2):
         out += [
-            Bar(f"SafeQueue raw 64 KiB bytes items, {p}P/{p}C, vs mp.Queue ({p}P/{p}C)", 4.0,
-                _ratio(raw, (Q_SAFE, p), (Q_MP, p))),
+            Bar(f"SafeQueue raw 64 KiB bytes items, {p}P/{p}C, vs mp.Queue ({p}P/{p}C)",
+                _REQUIRED_SPEEDUP[BYTES, Q_SAFE, Q_MP, p], _ratio(raw, (Q_SAFE, p), (Q_MP, p))),
             Bar(f"SafeQueue raw 64 KiB bytes items, {p}P/{p}C, vs faster_fifo ({p}P/{p}C)",
-                1.0, _ratio(raw, (Q_SAFE, p), (Q_FF, p))),
+                _REQUIRED_SPEEDUP[BYTES, Q_SAFE, Q_FF, p], _ratio(raw, (Q_SAFE, p), (Q_FF, p))),
         ]
     out.append(Bar("SafeQueue round trip pinned to one CPU, median, time vs mp.SimpleQueue",
-                   1.0, _latency_ratio(latency, Q_SAFE, Q_SIMPLE), at_most=True))
+                   _REQUIRED_TIME[LATENCY, Q_SAFE, Q_SIMPLE, 1],
+                   _latency_ratio(latency, Q_SAFE, Q_SIMPLE), at_most=True))
     return out
 
 
@@ -1416,16 +1460,20 @@ def _print_environment(env: dict[str, Any], config: dict[str, Any]) -> None:
           f"structures={','.join(config['structures'])}{extra}")
 
 
-def _print_rate_table(rows: list[dict[str, Any]]) -> None:
+def _print_rate_table(rows: list[dict[str, Any]], baseline: str) -> None:
+    """The rates, their ratio to ``baseline`` (named in the header, as the queue tables
+    name theirs) at the same process count, and to the same implementation's 1-process
+    rate."""
+    vs = f"vs {baseline}"
     header = (f"{'implementation':<20} {'procs':>5} {'median Mops/s':>13} "
-              f"{'range (min-max)':>17} {'vs idiom':>9} {'vs own 1P':>9}")
+              f"{'range (min-max)':>17} {vs:>{max(9, len(vs))}} {'vs own 1P':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         rng = f"{r['min_ops_per_s'] / 1e6:.3f}-{r['max_ops_per_s'] / 1e6:.3f}"
         print(f"{r['implementation']:<20} {r['processes']:>5} "
               f"{r['median_ops_per_s'] / 1e6:>13.3f} {rng:>17} "
-              f"{_fmt_ratio(r['vs_idiom_same_processes']):>9} "
+              f"{_fmt_ratio(r['vs_idiom_same_processes']):>{max(9, len(vs))}} "
               f"{_fmt_ratio(r['vs_own_1_process']):>9}")
 
 
@@ -1440,11 +1488,13 @@ def _print_bars(checks: list[dict[str, Any]]) -> None:
 
 
 def _print_counter(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> None:
+    print("SafeCounter and ShardedCounter: P processes incrementing one shared int64 counter")
+    print()
     print("Implementations")
     for impl in IMPLEMENTATIONS:
         print(f"  {impl:<20}  {_DESCRIPTIONS[impl]}")
     print()
-    _print_rate_table(rows)
+    _print_rate_table(rows, "mp.Value")
     print()
     _print_bars(checks)
 
@@ -1478,7 +1528,7 @@ def _print_array(report: dict[str, Any]) -> None:
     for impl in report["element_implementations"]:
         print(f"  {impl:<20}  {_ARRAY_DESCRIPTIONS[impl]}")
     print()
-    _print_rate_table(report["element_add"])
+    _print_rate_table(report["element_add"], "mp.Array")
     print()
     if report["bulk_sum"]:
         _print_bulk(report["bulk_elements"], report["bulk_sum"])
@@ -1565,6 +1615,9 @@ def _print_report(out: dict[str, Any]) -> None:
     if "queue" in out:
         print()
         _print_queue(out["queue"])
+    if "store" in out:
+        print()
+        print(_bench_store.report(_bench_store.cells_from_json(out["store"]["cells"])))
 
 
 def _numpy_version() -> tuple[str | None, str]:
@@ -1574,42 +1627,6 @@ def _numpy_version() -> tuple[str | None, str]:
     except ImportError as e:
         return None, f"{type(e).__name__}: {e}"
     return numpy.__version__, ""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="safeshm bench",
-        description="Compare counter increments, array updates and queues: "
-                    "multiprocessing idioms (and numpy, faster_fifo) vs safeshm.")
-    p.add_argument("--processes", type=_positive_int, nargs="+", default=[1, 2],
-                   metavar="N", help="process counts to measure (default: 1 2)")
-    p.add_argument("--seconds", type=_positive_float, default=1.0,
-                   help="approximate duration of each measurement (default: 1.0)")
-    p.add_argument("--repeats", type=_positive_int, default=5,
-                   help="measurements per implementation and process count (default: 5)")
-    p.add_argument("--structures", nargs="+", choices=STRUCTURES, default=list(STRUCTURES),
-                   metavar="{counter,array,queue}",
-                   help="what to benchmark (default: counter array queue); for the queue, "
-                        "N processes means N producers and N consumers")
-    p.add_argument("--bulk-elements", type=_positive_int, default=DEFAULT_BULK_ELEMENTS,
-                   metavar="N", help="float64 elements summed by the array benchmark's "
-                   f"bulk part (default: {DEFAULT_BULK_ELEMENTS})")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    return p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1625,13 +1642,104 @@ class _Settings:
     """How long released workers may run before they are called hung."""
 
 
+# --- the progress display -------------------------------------------------------------------
+class _Progress:
+    """What is being measured and how far along, on stderr -- never on stdout, which
+    ``--json`` keeps for the JSON document.
+
+    Each :meth:`step` is one measurement (a warm-up, a calibration or a repeat of one
+    implementation at one process count): ``[ 7/96] 0:42 queue small items: SafeQueue,
+    2P/2C, repeat 1/3 ...``. On a terminal it is one line rewritten in place; anywhere
+    else (a pipe, a CI log) one plain line per step. With ``stream=None`` it prints nothing.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None) -> None:
+        self.total = total
+        self.done = 0
+        self._stream = stream
+        self._tty = stream is not None and stream.isatty()
+        self._start = time.monotonic()
+        self._partial = False
+        """A line is on the terminal without its newline."""
+
+    def _clock(self) -> str:
+        minutes, seconds = divmod(int(time.monotonic() - self._start), 60)
+        return f"{minutes}:{seconds:02d}"
+
+    def _columns(self) -> int:
+        if self._stream is None:  # pragma: no cover - callers check first
+            return 80
+        try:
+            # 0 from a pseudo-terminal nobody sized (`script`, some CI runners).
+            return os.get_terminal_size(self._stream.fileno()).columns or 80
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return 80
+
+    def _show(self, line: str, *, final: bool) -> None:
+        if self._stream is None:
+            return
+        if self._tty:
+            # Cut to the terminal's width: a wrapped line cannot be rewritten with "\r".
+            text = "\r" + line[: max(self._columns() - 1, 20)] + "\x1b[K"
+            self._partial = not final
+            self._stream.write(text + ("\n" if final else ""))
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def step(self, text: str) -> None:
+        """Announce the measurement about to start."""
+        self.done += 1
+        width = len(str(self.total))
+        self._show(f"[{self.done:>{width}}/{self.total}] {self._clock()} {text} ...",
+                   final=False)
+
+    def finish(self) -> None:
+        """The last line: everything measured, and how long it took."""
+        self._show(f"[{self.done}/{self.total}] {self._clock()} measured", final=True)
+
+    def interrupt(self) -> None:
+        """End a rewritten line, so a message that follows gets a line of its own (the
+        last step shown says what was being measured when it went wrong)."""
+        if self._partial and self._stream is not None:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._partial = False
+
+
+def _procs(p: int, workload: str | None) -> str:
+    """A process count as the progress display and the chart write it."""
+    return f"{p}P" if workload is None else f"{p}P/{p}C"
+
+
+def _total_steps(settings: _Settings, array_plan: _ArrayPlan, queue_plan: _QueuePlan) -> int:
+    """How many times :func:`_measure_all` calls ``progress.step``: each measured cell has
+    a warm-up, a calibration and ``repeats`` samples."""
+    per_process_count = 0
+    if "counter" in settings.structures:
+        per_process_count += len(IMPLEMENTATIONS)
+    if "array" in settings.structures:
+        per_process_count += len(array_plan.element_implementations)
+    if "queue" in settings.structures:
+        per_process_count += sum(len(queue_plan.contenders[w]) for w in QUEUE_WORKLOADS)
+    cells = per_process_count * len(settings.processes)
+    if array_plan.bulk:
+        cells += len(BULK_IMPLEMENTATIONS)
+    if "queue" in settings.structures:
+        cells += len(queue_plan.contenders[LATENCY])
+    store = _bench_store.steps(settings.repeats) if "store" in settings.structures else 0
+    return cells * (2 + settings.repeats) + store
+
+
+# --- measuring ------------------------------------------------------------------------------
 def _measure_cells(ctx: SpawnContext, implementations: tuple[str, ...], settings: _Settings,
-                   note: Callable[[str], None], *, label: str = "",
+                   progress: _Progress, *, part: str,
                    workload: str | None = None) -> dict[tuple[str, int], Cell]:
     """Warm up, calibrate and measure every implementation at every process count.
 
     With ``workload`` (one of :data:`QUEUE_WORKLOADS`) the implementations are queues and
     a process count P means P producers and P consumers; without, counters or arrays.
+    ``part`` names them in the progress display.
     """
     processes, repeats, time_limit_s = (settings.processes, settings.repeats,
                                         settings.time_limit_s)
@@ -1647,14 +1755,19 @@ def _measure_cells(ctx: SpawnContext, implementations: tuple[str, ...], settings
         return _calibrated(lambda n: measure_one(impl, p, n).elapsed_s, settings.seconds,
                            _QUEUE_START_OPS[workload], _MAX_OPS_PER_WORKER)
 
+    def step(impl: str, p: int, what: str) -> None:
+        progress.step(f"{part}: {impl}, {_procs(p, workload)}, {what}")
+
     cells_order = [(impl, p) for p in processes for impl in implementations]
     # Warm-up: one short run of each, discarded -- first-time costs (page cache,
     # bytecode caches, the resource tracker's start) land here, not in a sample.
-    note(f"{label}warming up")
     for impl, p in cells_order:
+        step(impl, p, "warm-up")
         measure_one(impl, p, _WARMUP_OPS if workload is None else _QUEUE_WARMUP_OPS[workload])
-    note(f"{label}calibrating")
-    ops = {key: calibrate_one(*key) for key in cells_order}
+    ops = {}
+    for impl, p in cells_order:
+        step(impl, p, "calibrating")
+        ops[impl, p] = calibrate_one(impl, p)
     samples: dict[tuple[str, int], list[float]] = {key: [] for key in cells_order}
     for r in range(repeats):
         # Round-robin, with the starting implementation rotated each repeat, so a
@@ -1664,28 +1777,33 @@ def _measure_cells(ctx: SpawnContext, implementations: tuple[str, ...], settings
         order = implementations[shift:] + implementations[:shift]
         for p in processes:
             for impl in order:
-                note(f"{label}repeat {r + 1}/{repeats}: {impl}, {p} process(es)")
+                step(impl, p, f"repeat {r + 1}/{repeats}")
                 samples[impl, p].append(measure_one(impl, p, ops[impl, p]).ops_per_s)
     return {key: Cell(key[0], key[1], ops[key], tuple(samples[key])) for key in cells_order}
 
 
-def _measure_bulk(settings: _Settings, note: Callable[[str], None]) -> dict[str, BulkCell]:
+def _measure_bulk(settings: _Settings, progress: _Progress) -> dict[str, BulkCell]:
     """Warm up, calibrate and time every bulk-sum implementation, in this process."""
     elements, seconds, repeats = settings.bulk_elements, settings.seconds, settings.repeats
     expected = _bulk_expected_sum(elements)
+
+    def step(impl: str, what: str) -> None:
+        progress.step(f"array bulk sum: {impl}, {what}")
+
     with _bulk_contenders(elements) as contenders:
-        note("bulk: warming up")
         for impl in BULK_IMPLEMENTATIONS:
+            step(impl, "warm-up")
             _time_sums(impl, contenders[impl], 1, expected)
-        note("bulk: calibrating")
-        counts = {impl: _calibrate_sums(impl, contenders[impl], seconds, expected)
-                  for impl in BULK_IMPLEMENTATIONS}
+        counts = {}
+        for impl in BULK_IMPLEMENTATIONS:
+            step(impl, "calibrating")
+            counts[impl] = _calibrate_sums(impl, contenders[impl], seconds, expected)
         samples: dict[str, list[float]] = {impl: [] for impl in BULK_IMPLEMENTATIONS}
         for r in range(repeats):
             # Rotated round-robin, as for the element measurements.
             shift = r % len(BULK_IMPLEMENTATIONS)
             for impl in BULK_IMPLEMENTATIONS[shift:] + BULK_IMPLEMENTATIONS[:shift]:
-                note(f"bulk: repeat {r + 1}/{repeats}: {impl}")
+                step(impl, f"repeat {r + 1}/{repeats}")
                 samples[impl].append(
                     _time_sums(impl, contenders[impl], counts[impl], expected))
     return {impl: BulkCell(impl, elements, counts[impl], tuple(samples[impl]))
@@ -1693,30 +1811,34 @@ def _measure_bulk(settings: _Settings, note: Callable[[str], None]) -> dict[str,
 
 
 def _measure_latency(ctx: SpawnContext, implementations: tuple[str, ...],
-                     settings: _Settings, note: Callable[[str], None]) -> dict[str, LatencyCell]:
+                     settings: _Settings, progress: _Progress) -> dict[str, LatencyCell]:
     """Warm up, calibrate and measure the pinned ping-pong of every implementation."""
     time_limit_s, repeats = settings.time_limit_s, settings.repeats
 
     def one(impl: str, n: int) -> RoundTrips:
         return measure_latency(ctx, impl, n, time_limit_s=time_limit_s)
 
-    note("queue latency: warming up")
-    for impl in implementations:
-        one(impl, _QUEUE_WARMUP_OPS[LATENCY])
-    note("queue latency: calibrating")
     def elapsed(impl: str) -> Callable[[int], float]:
         return lambda n: one(impl, n).elapsed_s
 
-    counts = {impl: _calibrated(elapsed(impl), settings.seconds, _QUEUE_START_OPS[LATENCY],
-                                _MAX_ROUND_TRIPS)
-              for impl in implementations}
+    def step(impl: str, what: str) -> None:
+        progress.step(f"queue round trip: {impl}, pinned ping-pong, {what}")
+
+    for impl in implementations:
+        step(impl, "warm-up")
+        one(impl, _QUEUE_WARMUP_OPS[LATENCY])
+    counts = {}
+    for impl in implementations:
+        step(impl, "calibrating")
+        counts[impl] = _calibrated(elapsed(impl), settings.seconds, _QUEUE_START_OPS[LATENCY],
+                                   _MAX_ROUND_TRIPS)
     medians: dict[str, list[float]] = {impl: [] for impl in implementations}
     p99s: dict[str, list[float]] = {impl: [] for impl in implementations}
     for r in range(repeats):
         # Rotated round-robin, as for the throughput measurements.
         shift = r % len(implementations)
         for impl in implementations[shift:] + implementations[:shift]:
-            note(f"queue latency: repeat {r + 1}/{repeats}: {impl}")
+            step(impl, f"repeat {r + 1}/{repeats}")
             trips = one(impl, counts[impl])
             medians[impl].append(trips.median)
             p99s[impl].append(trips.p99)
@@ -1798,26 +1920,130 @@ class _Measured:
         default_factory=dict)
     """Per queue workload, its cells."""
     latency: dict[str, LatencyCell] = dataclasses.field(default_factory=dict)
+    store: list[_bench_store.StoreCell] = dataclasses.field(default_factory=list)
+
+
+_QUEUE_PARTS: Final = {SMALL: "queue small items", BATCHES: "queue batches",
+                       BYTES: "queue 64 KiB bytes"}
 
 
 def _measure_all(ctx: SpawnContext, settings: _Settings, array_plan: _ArrayPlan,
-                 queue_plan: _QueuePlan, note: Callable[[str], None]) -> _Measured:
+                 queue_plan: _QueuePlan, progress: _Progress) -> _Measured:
     """Measure every part ``settings.structures`` asks for, in the order they print."""
     m = _Measured()
     if "counter" in settings.structures:
-        m.cells = _measure_cells(ctx, IMPLEMENTATIONS, settings, note)
+        m.cells = _measure_cells(ctx, IMPLEMENTATIONS, settings, progress, part="counter")
     if "array" in settings.structures:
         m.array_cells = _measure_cells(ctx, array_plan.element_implementations, settings,
-                                       note, label="array: ")
+                                       progress, part="array element add")
     if array_plan.bulk:
-        m.bulk = _measure_bulk(settings, note)
+        m.bulk = _measure_bulk(settings, progress)
     if "queue" in settings.structures:
         for workload in QUEUE_WORKLOADS:
             m.queue_cells[workload] = _measure_cells(
-                ctx, queue_plan.contenders[workload], settings, note,
-                label=f"queue {workload}: ", workload=workload)
-        m.latency = _measure_latency(ctx, queue_plan.contenders[LATENCY], settings, note)
+                ctx, queue_plan.contenders[workload], settings, progress,
+                part=_QUEUE_PARTS[workload], workload=workload)
+        m.latency = _measure_latency(ctx, queue_plan.contenders[LATENCY], settings, progress)
+    if "store" in settings.structures:
+        try:
+            m.store = _bench_store.measure(settings.repeats, progress=progress.step)
+        except RuntimeError as e:
+            raise BenchError(str(e)) from e
     return m
+
+
+# --- the ratios the chart draws ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """One bar of the ``--plot`` chart: how many times faster safeshm is than an alternative.
+
+    ``safeshm bench --json`` lists every ratio measured under the top-level key
+    ``"ratios"``, each as a JSON object with exactly these fields, in drawing order::
+
+        {"structure": "SafeQueue", "label": "small items, 2P/2C",
+         "versus": "mp.Queue", "ratio": 2.47, "goal": 2.0}
+
+    :func:`plot_ratios` draws whatever that list holds and knows nothing else about the
+    benchmarks: a benchmark added for another structure appends its own ratios (say
+    ``Ratio("SafeFileStore", "set, 2P", "diskcache", 3.1, None)``) and gets its own panel,
+    with no change to the plotting code.
+
+    Attributes:
+        structure: the panel the ratio is drawn in, titled with this text; panels come in
+            the order of their first ratio.
+        label: the row within the panel -- what safeshm did, at which process count; rows
+            come in the order of their first ratio, and hold one bar per ``versus``.
+        versus: the alternative compared with; each alternative has its own colour,
+            explained in the panel's legend.
+        ratio: safeshm's speed divided by the alternative's, from the medians (for times,
+            such as a latency, the alternative's time divided by safeshm's): above 1,
+            safeshm is faster.
+        goal: the ratio this project requires (one of the benchmark's bars, as a speed
+            ratio), or ``None`` where it requires none; drawn as a mark across the bar.
+    """
+
+    structure: str
+    label: str
+    versus: str
+    ratio: float
+    goal: float | None = None
+
+
+def _goal(key: tuple[str, str, str, int]) -> float | None:
+    """The bar for ``key`` (see :data:`_REQUIRED_SPEEDUP`), as a speed ratio."""
+    if key in _REQUIRED_SPEEDUP:
+        return _REQUIRED_SPEEDUP[key]
+    if key in _REQUIRED_TIME:
+        return 1.0 / _REQUIRED_TIME[key]
+    return None
+
+
+def _plural(p: int) -> str:
+    return f"{p} process" if p == 1 else f"{p} processes"
+
+
+COUNTER_PANEL: Final = "SafeCounter & ShardedCounter"
+ARRAY_PANEL: Final = "SafeArray"
+QUEUE_PANEL: Final = "SafeQueue"
+
+_QUEUE_LABELS: Final = {SMALL: "small items", BATCHES: f"batches of {QUEUE_BATCH}",
+                        BYTES: f"{QUEUE_ITEM_BYTES // 1024} KiB bytes items"}
+
+
+def ratios(m: _Measured, processes: Sequence[int], bulk_elements: int) -> list[Ratio]:
+    """Every safeshm-vs-alternative ratio in ``m``, in the order the chart draws them."""
+    out: list[Ratio] = []
+
+    def add(structure: str, label: str, versus: str, ratio: float | None,
+            key: tuple[str, str, str, int]) -> None:
+        if ratio is not None:  # a contender not measured (not importable, not asked for)
+            out.append(Ratio(structure, label, versus, ratio, _goal(key)))
+
+    for impl in (SAFE, SHARDED):
+        for p in processes:
+            for alt in (IDIOM, RAW_LOCK):
+                add(COUNTER_PANEL, f"{impl}.add, {_plural(p)}", alt,
+                    _ratio(m.cells, (impl, p), (alt, p)), ("counter", impl, alt, p))
+    for p in processes:
+        for alt in (ARRAY_IDIOM, ARRAY_NUMPY):
+            add(ARRAY_PANEL, f"add(i, 1), {_plural(p)}", alt,
+                _ratio(m.array_cells, (ARRAY_SAFE, p), (alt, p)),
+                ("array", ARRAY_SAFE, alt, p))
+    for alt in (BULK_PRIVATE, BULK_SHM):
+        time_ratio = _bulk_ratio(m.bulk, BULK_SAFE, alt)
+        add(ARRAY_PANEL, f"locked() + numpy sum of {8 * bulk_elements / 1e6:.0f} MB", alt,
+            None if time_ratio is None else 1 / time_ratio, ("bulk", BULK_SAFE, alt, 1))
+    for workload in QUEUE_WORKLOADS:
+        cells = m.queue_cells.get(workload, {})
+        for p in processes:
+            for alt in (Q_MP, Q_SIMPLE, Q_FF):
+                add(QUEUE_PANEL, f"{_QUEUE_LABELS[workload]}, {_procs(p, workload)}", alt,
+                    _ratio(cells, (Q_SAFE, p), (alt, p)), (workload, Q_SAFE, alt, p))
+    for alt in (Q_MP, Q_SIMPLE, Q_FF):
+        time_ratio = _latency_ratio(m.latency, Q_SAFE, alt)
+        add(QUEUE_PANEL, "round trip, both on 1 CPU", alt,
+            None if time_ratio is None else 1 / time_ratio, (LATENCY, Q_SAFE, alt, 1))
+    return out
 
 
 def _results(env: dict[str, Any], settings: _Settings, array_plan: _ArrayPlan,
@@ -1846,58 +2072,517 @@ def _results(env: dict[str, Any], settings: _Settings, array_plan: _ArrayPlan,
     if "queue" in settings.structures:
         config["queue_capacity"] = QUEUE_CAPACITY
         out["queue"] = _queue_results(queue_plan, m.queue_cells, m.latency)
+    out["ratios"] = [dataclasses.asdict(r)
+                     for r in ratios(m, settings.processes, settings.bulk_elements)]
+    if "store" in settings.structures:
+        out["store"] = {"value_bytes": _bench_store.VALUE_BYTES, "keys": _bench_store.KEYS,
+                        "durable_keys": _bench_store.DURABLE_KEYS,
+                        "cells": [dataclasses.asdict(c) for c in m.store],
+                        "scaling": _bench_store.scaling(m.store)}
+        out["ratios"] += [dataclasses.asdict(r) for r in store_ratios(m.store)]
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print the report.
+STORE_PANEL: Final = "SafeFileStore"
+
+
+def store_ratios(cells: list[_bench_store.StoreCell]) -> list[Ratio]:
+    """SafeFileStore's ratios: its speed over each alternative's, and two writers' total
+    over one writer's (the bar: no collapse)."""
+    out = [Ratio(STORE_PANEL, label, versus, ratio, goal)
+           for label, versus, ratio, goal in _bench_store.ratios(cells)]
+    for name, s in _bench_store.scaling(cells).items():
+        if name.startswith(_bench_store.SAFESHM):
+            durable = "durable" if name.endswith("durable") else "not durable"
+            out.append(Ratio(STORE_PANEL, f"2 writers ({durable})", "1 writer", s,
+                             _bench_store.REQUIRED_SCALING))
+    return out
+
+
+# --- the chart ------------------------------------------------------------------------------
+PLOT_NEEDS_MATPLOTLIB: Final = ("safeshm bench --plot needs matplotlib: "
+                                "pip install 'safeshm[plot]'")
+
+_TIMES: Final = "\N{MULTIPLICATION SIGN}"
+# Colour-blind-safe (Okabe-Ito, without its yellow, too pale on white); in each panel, one
+# per alternative in order of first appearance, so the main alternative is always blue.
+_PALETTE: Final = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00",
+                   "#999999", "#000000")
+_MISSED: Final = "#B2182B"
+"""The colour of a ratio's figure when it misses its goal."""
+
+# Geometry, in inches.
+_FIG_WIDTH: Final = 12.0
+_BAR_PITCH: Final = 0.25
+"""Height of one bar's slot (the bar is 80 per cent of it)."""
+_ROW_GAP: Final = 0.6
+"""Space between two rows of bars, in bar slots."""
+_PANEL_GAP: Final = 0.65
+_HEADER: Final = 0.8
+_FOOTER: Final = 1.15
+_LEFT: Final = 3.0
+_RIGHT: Final = 2.3
+_MARGIN: Final = 0.15
+"""Where the title and footnote start, from the figure's left edge."""
+
+
+def _plot_problem(path: str) -> str | None:
+    """Why ``--plot path`` cannot work, checked before anything is measured; ``None`` if
+    it can."""
+    try:
+        from matplotlib.figure import Figure  # noqa: PLC0415 - optional: only --plot needs it
+    except ImportError:
+        return PLOT_NEEDS_MATPLOTLIB
+    if os.path.isdir(path):
+        return f"--plot {path!r} is a directory; give a file name such as chart.png"
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        return f"--plot {path!r}: there is no directory {directory!r} to write it in"
+    if not os.access(directory, os.W_OK) or (os.path.exists(path)
+                                             and not os.access(path, os.W_OK)):
+        return f"--plot {path!r}: permission denied"
+    formats = Figure().canvas.get_supported_filetypes()
+    if _suffix(path) not in formats:
+        return (f"--plot {path!r}: the name must end in .png (or another format matplotlib "
+                f"writes: {', '.join('.' + f for f in sorted(formats))})")
+    return None
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lstrip(".").lower()
+
+
+def _times(x: float) -> str:
+    """A ratio as the chart writes it: 0.83x, 2.47x, 12.3x."""
+    return f"{x:.1f}{_TIMES}" if x >= 9.95 else f"{x:.2f}{_TIMES}"
+
+
+def _goal_text(x: float) -> str:
+    """A goal as the chart writes it: 3x, 1.2x, 0.67x."""
+    return f"{x:.2f}".rstrip("0").rstrip(".") + _TIMES
+
+
+def _axis_ticks(lo: float, hi: float) -> list[float]:
+    """Round ratios (..., 0.5, 1, 2, 5, 10, ...) from ``lo`` to ``hi``."""
+    ticks = [m * 10.0**e for e in range(-3, 4) for m in (1, 2, 5)]
+    return [t for t in ticks if lo <= t <= hi]
+
+
+@dataclasses.dataclass
+class _Panel:
+    """One structure's ratios, laid out: each bar's slot (0 at the top, one per bar) and
+    each row's centre and label."""
+
+    title: str
+    bars: list[tuple[float, Ratio]] = dataclasses.field(default_factory=list)
+    rows: list[tuple[float, float, str]] = dataclasses.field(default_factory=list)
+    """Per row: its first and last slot, and its label."""
+    slots: float = 0.0
+    """Height in bar slots."""
+
+
+def _panels(ratios: Sequence[Ratio]) -> list[_Panel]:
+    """Group ``ratios`` into panels and rows, in order of first appearance."""
+    panels: dict[str, _Panel] = {}
+    for structure in dict.fromkeys(r.structure for r in ratios):
+        panel = panels[structure] = _Panel(structure)
+        members = [r for r in ratios if r.structure == structure]
+        y = 0.0
+        for label in dict.fromkeys(r.label for r in members):
+            row = [r for r in members if r.label == label]
+            panel.rows.append((y, y + len(row) - 1, label))
+            for r in row:
+                panel.bars.append((y, r))
+                y += 1
+            y += _ROW_GAP
+        panel.slots = y - _ROW_GAP
+    return list(panels.values())
+
+
+def _draw_panel(ax: Axes, panel: _Panel, *, log: bool) -> None:
+    """One structure's bars, figures, goal marks, rows and legend."""
+    from matplotlib.lines import Line2D  # noqa: PLC0415 - optional dependency
+    from matplotlib.patches import Patch  # noqa: PLC0415 - optional dependency
+
+    versus = dict.fromkeys(r.versus for _, r in panel.bars)
+    colours = {v: _PALETTE[i % len(_PALETTE)] for i, v in enumerate(versus)}
+    # On a log axis a bar runs from the 1x line to the ratio, so that its length is how
+    # much faster (to the right) or slower (to the left) safeshm is, and 2x faster and 2x
+    # slower look alike; on a linear axis, from 0 as usual.
+    base = 1.0 if log else 0.0
+
+    for i, (first, last, _) in enumerate(panel.rows):
+        if i % 2:  # banded rows: each row's bars stand apart from its neighbours'
+            ax.axhspan(first - 0.5 - _ROW_GAP / 2, last + 0.5 + _ROW_GAP / 2,
+                       color="#F4F4F4", zorder=0, lw=0)
+    for y, r in panel.bars:
+        ax.barh(y, r.ratio - base, left=base, height=0.8, color=colours[r.versus],
+                zorder=3)
+        if r.goal is not None:
+            ax.plot([r.goal, r.goal], [y - 0.5, y + 0.5], color="black", lw=2.2,
+                    solid_capstyle="butt", zorder=4)
+        _label_bar(ax, y, r, base)
+    ax.axvline(1.0, color="#333333", lw=1.2, zorder=4)
+    ax.set_yticks([(first + last) / 2 for first, last, _ in panel.rows],
+                  [label for _, _, label in panel.rows], fontsize=11)
+    ax.set_ylim(panel.slots - 0.5 + 0.3, -0.5 - 0.3)
+    ax.tick_params(axis="y", length=0, pad=8)
+    ax.tick_params(axis="x", labelbottom=False, length=0)
+    ax.grid(axis="x", color="#DDDDDD", lw=0.8, zorder=0)
+    ax.set_axisbelow(True)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.spines["bottom"].set_color("#BBBBBB")
+    handles: list[Patch | Line2D] = [Patch(color=colours[v], label=v) for v in versus]
+    if any(r.goal is not None for _, r in panel.bars):
+        handles.append(Line2D([], [], color="black", lw=2.2, label="goal"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              fontsize=10, title="safeshm vs", title_fontsize=10, alignment="left",
+              borderaxespad=0.0)
+
+
+def _label_bar(ax: Axes, y: float, r: Ratio, base: float) -> None:
+    """Write ``r``'s figure at the end of its bar, beyond its goal mark if the mark lies
+    that way (never across it); a missed goal is said in red."""
+    missed = r.goal is not None and r.ratio < r.goal
+    style: dict[str, Any] = {"textcoords": "offset points", "va": "center", "zorder": 5,
+                             "fontsize": 9.5, "color": _MISSED if missed else "#222222",
+                             "fontweight": "bold" if missed else "normal"}
+    if r.ratio >= base:  # the bar grows rightwards
+        at = r.ratio if r.goal is None else max(r.ratio, r.goal)
+        text = _times(r.ratio) + (f"  (goal {_goal_text(r.goal)})"
+                                  if missed and r.goal is not None else "")
+        ax.annotate(text, (at, y), xytext=(5, 0), ha="left", **style)
+        return
+    at = r.ratio if r.goal is None else min(r.ratio, r.goal)
+    ax.annotate(_times(r.ratio), (at, y), xytext=(-5, 0), ha="right", **style)
+    if missed and r.goal is not None:
+        # The goal lies to the right, at or beyond the 1x line: said there.
+        style.update(fontsize=8.5, fontweight="normal")
+        ax.annotate(f"goal {_goal_text(r.goal)}", (max(r.goal, base), y), xytext=(5, 0),
+                    ha="left", **style)
+
+
+def plot_ratios(ratios: Sequence[Ratio], path: str, *, title: str, subtitle: str,
+                footnote: str) -> None:
+    """Draw ``ratios`` as a bar chart into ``path`` (its format from its extension).
+
+    One panel per :attr:`Ratio.structure`; in each, one row per :attr:`Ratio.label`
+    holding one horizontal bar per alternative, from the 1x line (as fast as the
+    alternative) to the ratio, labelled with its value; a black mark across the bar where
+    the project has a goal for it (a ratio that misses its goal is labelled in red). The x
+    axis, shared by the panels, is logarithmic when the ratios span more than 10x.
+
+    Uses matplotlib's Agg renderer directly (no pyplot, no display, no global state), and
+    writes the file atomically: a failure leaves no half-written chart.
+
+    Raises:
+        ValueError: ``ratios`` is empty.
+        OSError: the file could not be written.
+    """
+    # Optional dependency: imported here, after _plot_problem has said it is there.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: PLC0415
+
+    if not ratios:
+        raise ValueError("nothing to plot: no ratio was measured")
+    panels = _panels(ratios)
+    values = [r.ratio for r in ratios] + [r.goal for r in ratios if r.goal is not None]
+    lo, hi = min([*values, 1.0]), max([*values, 1.0])
+    log = hi / lo > 10
+    xlim = (lo / 1.6, hi * 2.2) if log else (0.0, hi * 1.25)
+
+    plot_width = _FIG_WIDTH - _LEFT - _RIGHT
+    height = (_HEADER + _FOOTER + _PANEL_GAP * len(panels)
+              + _BAR_PITCH * sum(p.slots for p in panels))
+    fig = Figure(figsize=(_FIG_WIDTH, height), dpi=150, facecolor="white")
+    FigureCanvasAgg(fig)
+    fig.text(_MARGIN / _FIG_WIDTH, 1 - 0.3 / height, title, fontsize=17, fontweight="bold",
+             va="baseline", ha="left", color="#111111")
+    fig.text(_MARGIN / _FIG_WIDTH, 1 - 0.58 / height, subtitle, fontsize=10.5,
+             va="baseline", ha="left", color="#555555")
+    top = height - _HEADER
+    axes: list[Axes] = []
+    for panel in panels:
+        top -= _PANEL_GAP
+        h = panel.slots * _BAR_PITCH
+        top -= h
+        ax = fig.add_axes((_LEFT / _FIG_WIDTH, top / height, plot_width / _FIG_WIDTH,
+                           h / height))
+        if axes:
+            ax.sharex(axes[0])
+        axes.append(ax)
+        ax.set_title(panel.title, loc="left", fontsize=13.5, fontweight="bold", pad=8,
+                     x=(_MARGIN - _LEFT) / plot_width, color="#111111")
+        _draw_panel(ax, panel, log=log)
+
+    first, last = axes[0], axes[-1]
+    first.set_xscale("log" if log else "linear")
+    first.set_xlim(*xlim)
+    if log:
+        first.xaxis.set_major_locator(FixedLocator(_axis_ticks(*xlim)))
+        first.xaxis.set_minor_locator(NullLocator())
+    first.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}{_TIMES}"))
+    last.tick_params(axis="x", labelbottom=True, labelsize=10.5, length=3, color="#BBBBBB")
+    last.set_xlabel(f"safeshm's speed \N{DIVISION SIGN} the alternative's   (higher is "
+                    f"better; 1{_TIMES} = as fast)", fontsize=11, labelpad=8)
+    fig.text(_MARGIN / _FIG_WIDTH, 0.1 / height, footnote, fontsize=9, color="#555555",
+             va="bottom", ha="left", wrap=True)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: str) -> None:
+    """``fig.savefig(path)`` through a temporary file renamed over ``path`` at the end."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # "tight": the saved image grows or shrinks to what was drawn (long labels
+            # and legends included), with an even margin around it.
+            fig.savefig(f, format=_suffix(name), facecolor="white", bbox_inches="tight",
+                        pad_inches=0.25)
+        # mkstemp makes the file 0600; a chart is no secret (as for any file the user
+        # writes, the umask decides).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _chart_texts(results: dict[str, Any]) -> tuple[str, str, str]:
+    """The chart's title, subtitle (the machine) and footnote (the method), from what
+    ``--json`` prints."""
+    env, config = results.get("environment", {}), results.get("config", {})
+    cpus, usable = env.get("cpu_count"), env.get("cpus_usable")
+    python = (f"{env.get('python_implementation', 'Python')} "
+              f"{str(env.get('python', '?')).split(' ', 1)[0]}")
+    if env.get("gil_enabled") is False:
+        python += " (free-threaded)"
+    system = str(env.get("platform", "")).split("-", 1)[0]
+    machine = " \N{MIDDLE DOT} ".join(str(part) for part in (
+        env.get("cpu_model", "unknown CPU"),
+        f"{cpus} CPUs" if usable in (None, cpus) else f"{cpus} CPUs ({usable} usable)",
+        python, f"{system} {env.get('kernel', '')} {env.get('machine', '')}".strip(),
+        f"safeshm {env.get('safeshm', '?')}"))
+    title = "safeshm vs what you use today: how many times faster"
+    repeats, seconds = config.get("repeats", "?"), config.get("seconds", "?")
+    notes = [f"Median of {repeats} measurements of about {seconds} s each"
+             if repeats != 1 else f"One measurement of about {seconds} s each",
+             "every contender measured in the same run; N processes: N worker processes "
+             "(started with 'spawn') on one structure."]
+    if "queue" in config.get("structures", []):
+        notes.append("SafeQueue: N producers and N consumers; in batches, mp.Queue (which has "
+                     "no batch calls) puts and gets one item at a time; round trip: a "
+                     "ping-pong with both processes pinned to one CPU.")
+    notes.append("Black marks: the goals that `safeshm bench` checks.")
+    return title, machine, ", ".join(notes[:2]) + " " + " ".join(notes[2:])
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    """Chart ``results["ratios"]`` (see :class:`Ratio`) into ``path``, titled with the
+    machine from ``results["environment"]``.
+
+    Raises:
+        ValueError: ``results`` has no ratios, or they are not :class:`Ratio` objects.
+        OSError: the file could not be written.
+    """
+    title, subtitle, footnote = _chart_texts(results)
+    plot_ratios(_load_ratios(results), path, title=title, subtitle=subtitle,
+                footnote=footnote)
+
+
+def _load_ratios(results: dict[str, Any]) -> list[Ratio]:
+    """``results["ratios"]`` as :class:`Ratio` objects, checked field by field."""
+    raw = results.get("ratios")
+    if not isinstance(raw, list):
+        raise ValueError("no 'ratios' list (was it written by `safeshm bench --json`?)")
+    fields = [f.name for f in dataclasses.fields(Ratio)]
+    out = []
+    for item in raw:
+        ok = (isinstance(item, dict) and sorted(item) == sorted(fields)
+              and all(isinstance(item[k], str) for k in ("structure", "label", "versus"))
+              and all(_positive_number(item[k]) for k in ("ratio", "goal")
+                      if k == "ratio" or item[k] is not None))
+        if not ok:
+            raise ValueError(f"not a ratio: {item!r}")
+        out.append(Ratio(**item))
+    return out
+
+
+def _positive_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+# --- the command ----------------------------------------------------------------------------
+_MEASURING_OPTIONS: Final = {"processes": "--processes", "seconds": "--seconds",
+                             "repeats": "--repeats", "structures": "--structures",
+                             "bulk_elements": "--bulk-elements"}
+
+
+def _error(message: str) -> int:
+    """Report a problem with the arguments or the input, as every subcommand does."""
+    print(message if message.startswith("safeshm") else f"safeshm: {message}",
+          file=sys.stderr, flush=True)
+    return 2
+
+
+def _read_results(path: str) -> dict[str, Any]:
+    """The results a ``safeshm bench --json`` run saved in ``path``.
+
+    Raises:
+        ValueError: the file cannot be read, or is not such results (said in one line).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read --from-json {path!r}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--from-json {path!r} is not JSON: {e}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("environment"), dict):
+        raise ValueError(f"--from-json {path!r} is not the output of `safeshm bench --json`")
+    return results
+
+
+def _bulk_problem(elements: int) -> str | None:
+    """Why the bulk part cannot make its two shared arrays of ``elements`` float64s in
+    /dev/shm, checked before anything is measured (a tmpfs that fills up while numpy
+    writes into a ``SharedMemory`` kills the process with SIGBUS instead of raising)."""
+    need = 2 * 8 * elements
+    try:
+        # Where SharedMemory puts its segment (a tmpfs, not a temporary directory).
+        st = os.statvfs("/dev/shm")  # noqa: S108
+    except OSError:  # pragma: no cover - no /dev/shm: the segments will say so
+        return None
+    free = st.f_bavail * st.f_frsize
+    if need <= free:
+        return None
+    return (f"--bulk-elements {elements} needs {need / 1e6:,.0f} MB free in /dev/shm for the "
+            f"array benchmark's bulk part; {free / 1e6:,.0f} MB are free")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``safeshm bench``: measure (or read saved results), print them, and chart them.
 
     Args:
-        argv: command-line arguments (``sys.argv[1:]`` when ``None``): ``--processes N
-            [N ...]``, ``--seconds S``, ``--repeats R``, ``--structures
-            {counter,array,queue} [...]``, ``--bulk-elements N``, ``--json``.
+        args: the command line as parsed by ``safeshm bench`` (see ``safeshm bench
+            --help``): the measuring options (``None`` when not given), ``json``,
+            ``plot``, ``from_json`` and ``quiet``.
 
     Returns:
         0 when every measurement completed with an exact count (whether or not the bars
-        pass: they are a report, not a test), 1 when any measurement failed.
+        pass: they are a report, not a test) and the chart, if asked for, was written; 1
+        when a measurement failed or the chart could not be written; 2 for a problem with
+        the arguments, which is found before anything is measured; 130 when interrupted.
     """
-    args = _parser().parse_args(argv)
-    settings = _Settings(
-        processes=sorted(set(args.processes)), seconds=args.seconds, repeats=args.repeats,
-        structures=[s for s in STRUCTURES if s in args.structures],
-        bulk_elements=args.bulk_elements,
-        # Once released, a worker gets many times its expected share before it is called
-        # hung: the machine may be shared and briefly much slower than during calibration.
-        time_limit_s=max(30.0, 20 * args.seconds))
-    ctx = multiprocessing.get_context(START_METHOD)
-    progress = sys.stderr.isatty()
-
-    def note(text: str) -> None:
-        if progress:
-            print(text, file=sys.stderr, flush=True)
-
-    array_plan = (_array_plan() if "array" in settings.structures
-                  else _ArrayPlan(None, (), bulk=False, notes=[]))
-    queue_plan = (_queue_plan() if "queue" in settings.structures
-                  else _QueuePlan(None, {}, notes=[]))
-    if args.json:
-        # The tables show notes; stdout must stay pure JSON here.
-        for text in array_plan.notes + queue_plan.notes:
-            print(f"note: {text}", file=sys.stderr, flush=True)
-    try:
-        env = environment()
-        measured = _measure_all(ctx, settings, array_plan, queue_plan, note)
-    except BenchError as e:
-        print(f"\n*** BENCHMARK FAILED: {e} ***\n", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-    out = _results(env, settings, array_plan, queue_plan, measured)
+    problem = _argument_problem(args)
+    if problem is not None:
+        return _error(problem)
+    if args.from_json is not None:
+        try:
+            out = _read_results(args.from_json)
+            if args.plot is not None:
+                _load_ratios(out)  # a bad file is said so before anything is printed
+        except ValueError as e:
+            return _error(str(e))
+    else:
+        measured = _measure(args)
+        if isinstance(measured, int):
+            return measured
+        out = measured
     if args.json:
         json.dump(out, sys.stdout, indent=2)
         print()
     else:
-        _print_report(out)
+        try:
+            _print_report(out)
+        except (KeyError, TypeError, ValueError) as e:
+            # Only saved results can lack what the tables need.
+            return _error(f"--from-json {args.from_json!r} lacks what the tables need "
+                          f"({type(e).__name__}: {e}); --json prints it as it is")
+    sys.stdout.flush()
+    return 0 if args.plot is None else _write_chart(out, args.plot, quiet=args.quiet)
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, beyond what argparse checks; ``None`` if nothing."""
+    if args.from_json is not None:
+        given = [flag for attr, flag in _MEASURING_OPTIONS.items()
+                 if getattr(args, attr) is not None]
+        if given:
+            return (f"--from-json measures nothing: it cannot be combined with "
+                    f"{', '.join(given)}")
+    return None if args.plot is None else _plot_problem(args.plot)
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any] | int:
+    """Measure what ``args`` asks for: the results as ``--json`` prints them, or the exit
+    status (its message printed) if that could not be done."""
+    structures = args.structures or list(STRUCTURES)
+    seconds = args.seconds or _cli.DEFAULT_BENCH_SECONDS
+    settings = _Settings(
+        processes=sorted(set(args.processes or _cli.DEFAULT_BENCH_PROCESSES)),
+        seconds=seconds, repeats=args.repeats or _cli.DEFAULT_BENCH_REPEATS,
+        structures=[s for s in STRUCTURES if s in structures],
+        bulk_elements=args.bulk_elements or DEFAULT_BULK_ELEMENTS,
+        # Once released, a worker gets many times its expected share before it is called
+        # hung: the machine may be shared and briefly much slower than during calibration.
+        time_limit_s=max(30.0, 20 * seconds))
+    array_plan = (_array_plan() if "array" in settings.structures
+                  else _ArrayPlan(None, (), bulk=False, notes=[]))
+    queue_plan = (_queue_plan() if "queue" in settings.structures
+                  else _QueuePlan(None, {}, notes=[]))
+    problem = _bulk_problem(settings.bulk_elements) if array_plan.bulk else None
+    if problem is not None:
+        return _error(problem)
+    if args.json:
+        # The tables show notes; stdout must stay pure JSON here.
+        for text in array_plan.notes + queue_plan.notes:
+            print(f"note: {text}", file=sys.stderr, flush=True)
+    progress = _Progress(_total_steps(settings, array_plan, queue_plan),
+                         None if args.quiet else sys.stderr)
+    try:
+        env = environment()
+        measured = _measure_all(multiprocessing.get_context(START_METHOD), settings,
+                                array_plan, queue_plan, progress)
+    except BenchError as e:
+        progress.interrupt()
+        print(f"\n*** BENCHMARK FAILED: {e} ***\n", file=sys.stderr, flush=True)
+        return 1
+    except MemoryError:
+        progress.interrupt()
+        _error("out of memory (a smaller --bulk-elements needs less)")
+        return 1
+    except KeyboardInterrupt:
+        progress.interrupt()
+        print("interrupted", file=sys.stderr)
+        return 130
+    progress.finish()
+    return _results(env, settings, array_plan, queue_plan, measured)
+
+
+def _write_chart(results: dict[str, Any], path: str, *, quiet: bool) -> int:
+    """``--plot``: the chart of ``results`` into ``path``; the exit status."""
+    try:
+        plot(results, path)
+    except ValueError as e:
+        return _error(str(e))
+    except OSError as e:
+        print(f"safeshm: cannot write the chart to {path!r}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    if not quiet:
+        print(f"chart written to {path}", file=sys.stderr)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``safeshm bench`` with ``argv`` (``sys.argv[1:]`` when ``None``) as its arguments,
+    as the scripts in ``benchmarks/`` run it: the same options, messages and exit status.
+    """
+    return _cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])

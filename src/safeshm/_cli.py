@@ -11,8 +11,8 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Final, NamedTuple
 
 from . import _compat
 from ._array import SafeArray
@@ -29,6 +29,7 @@ from ._segment import (
     segment_path,
     validate_name,
 )
+from ._store_cli import add_store_parser
 
 _CLASSES: dict[int, type[SharedStructure]] = {
     Kind.COUNTER: SafeCounter,
@@ -218,7 +219,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 status = 1
                 continue
         if not args.yes:
-            answer = input(f"remove {name!r}? [y/N] ")
+            try:
+                answer = input(f"remove {name!r}? [y/N] ")
+            except EOFError:  # stdin closed or not a terminal: nobody can answer
+                print(f"\nsafeshm: no answer on stdin; {name!r} left alone "
+                      "(--yes removes without asking)", file=sys.stderr)
+                status = 1
+                continue
             if answer.strip().lower() not in ("y", "yes"):
                 continue
         try:
@@ -335,15 +342,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ._bench import main as bench_main  # noqa: PLC0415 - only `bench` needs it
+    from ._bench import run  # noqa: PLC0415 - only `bench` needs it (and it is slow to import)
 
-    argv = ["--processes", *map(str, args.processes), "--seconds", str(args.seconds),
-            "--repeats", str(args.repeats), "--structures", *args.structures]
-    if args.bulk_elements is not None:
-        argv += ["--bulk-elements", str(args.bulk_elements)]
-    if args.json:
-        argv.append("--json")
-    return bench_main(argv)
+    return run(args)
+
+
+# `safeshm bench`'s choices and defaults, here with its options (safeshm._bench, which
+# uses them too, is imported only when `bench` runs).
+BENCH_STRUCTURES: Final = ("counter", "array", "queue", "store")
+DEFAULT_BENCH_PROCESSES: Final = (1, 2)
+DEFAULT_BENCH_SECONDS: Final = 1.0
+DEFAULT_BENCH_REPEATS: Final = 5
+DEFAULT_BULK_ELEMENTS: Final = 10_000_000
+# Sanity limits on the benchmark's and the demo's arguments: beyond them a value is a typo
+# (`--processes 10000` would start 10,000 interpreters) rather than a wish.
+_MAX_PROCESSES: Final = 256
+_MAX_REPEATS: Final = 1000
+_MAX_SECONDS: Final = 3600.0
+_MAX_BULK_ELEMENTS: Final = 1 << 36
+
+
+def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    """The options of ``safeshm bench`` (also ``benchmarks/bench_*.py``).
+
+    Measuring options default to ``None`` so that ``--from-json``, which measures
+    nothing, can tell that one was given; :func:`safeshm._bench.run` fills in the defaults.
+    """
+    measuring = bench.add_argument_group("what to measure")
+    measuring.add_argument(
+        "--processes", type=_int_in(1, _MAX_PROCESSES), nargs="+", metavar="N",
+        help="process counts to measure (default: "
+             f"{' '.join(map(str, DEFAULT_BENCH_PROCESSES))}); for the queue, N processes "
+             "means N producers and N consumers")
+    measuring.add_argument(
+        "--seconds", type=_seconds, metavar="S",
+        help=f"approximate duration of each measurement (default: {DEFAULT_BENCH_SECONDS})")
+    measuring.add_argument(
+        "--repeats", type=_int_in(1, _MAX_REPEATS), metavar="R",
+        help="measurements per implementation and process count; the tables report their "
+             f"median (default: {DEFAULT_BENCH_REPEATS})")
+    measuring.add_argument(
+        "--structures", nargs="+", choices=BENCH_STRUCTURES,
+        metavar="{" + ",".join(BENCH_STRUCTURES) + "}",
+        help=f"what to benchmark (default: {' '.join(BENCH_STRUCTURES)})")
+    measuring.add_argument(
+        "--bulk-elements", type=_int_in(1, _MAX_BULK_ELEMENTS), metavar="N",
+        help="float64 elements summed by the array benchmark's bulk part "
+             f"(default: {DEFAULT_BULK_ELEMENTS})")
+    output = bench.add_argument_group("output")
+    output.add_argument("--json", action="store_true",
+                        help="print the results as JSON on stdout instead of tables")
+    output.add_argument("--plot", metavar="FILE.png",
+                        help="also draw a bar chart of safeshm's speed ratios against the "
+                             "alternatives into FILE.png (needs matplotlib: "
+                             "pip install 'safeshm[plot]')")
+    output.add_argument("--from-json", metavar="FILE",
+                        help="measure nothing: read the results a previous `safeshm bench "
+                             "--json` saved in FILE, and print (or --plot) them")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress display on stderr (problems are still reported)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -367,26 +424,20 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     rm.set_defaults(func=cmd_rm)
 
+    add_store_parser(sub)
+
     demo = sub.add_parser("demo", help="worker processes sharing counters, an array and a lock, "
                                        "checked")
-    demo.add_argument("--workers", type=_positive_int, default=4)
+    demo.add_argument("--workers", type=_int_in(1, _MAX_PROCESSES), default=4,
+                      help="worker processes per start method (default: 4)")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="benchmark safeshm against the alternatives")
-    bench.add_argument("--processes", type=_positive_int, nargs="+", default=[1, 2])
-    bench.add_argument("--seconds", type=float, default=1.0,
-                       help="approximate duration of each measurement")
-    bench.add_argument("--repeats", type=_positive_int, default=5,
-                       help="measurements per implementation and process count")
-    bench.add_argument("--structures", nargs="+", choices=("counter", "array", "queue"),
-                       default=["counter", "array", "queue"],
-                       metavar="{counter,array,queue}",
-                       help="what to benchmark (default: counter array queue); for the "
-                            "queue, N processes means N producers and N consumers")
-    bench.add_argument("--bulk-elements", type=_positive_int, default=None, metavar="N",
-                       help="float64 elements summed by the array benchmark's bulk part "
-                            "(default: 10000000)")
-    bench.add_argument("--json", action="store_true")
+    bench = sub.add_parser(
+        "bench", help="benchmark safeshm against the alternatives",
+        description="Measure safeshm's structures against what users use today "
+                    "(multiprocessing idioms, numpy, faster_fifo), print the figures and "
+                    "ratios, and optionally chart them.")
+    _add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
 
@@ -398,6 +449,36 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high``, or a one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse ``type``: a duration in seconds, positive and finite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    # `not value > 0` also refuses nan; inf would overflow every timeout derived from it.
+    if not value > 0 or value > _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {_MAX_SECONDS:g}, got {text}")
     return value
 
 
