@@ -5,7 +5,7 @@ Each ``assert_type`` pins what a type checker infers for user code.
 
 from __future__ import annotations
 
-from typing import assert_type
+from typing import Any, assert_type
 
 import safeshm
 from safeshm import (
@@ -14,9 +14,12 @@ from safeshm import (
     LockStatistics,
     SafeArray,
     SafeCounter,
+    SafeFileStore,
     SafeLock,
     ShardedCounter,
     ShardedCounterStatistics,
+    StoreStatistics,
+    Transaction,
 )
 
 
@@ -132,3 +135,47 @@ def misuse() -> None:
     a = SafeArray.create("q", 3)
     a[0] = 1.5  # type: ignore[call-overload]
     a.add(0, "1")  # type: ignore[arg-type]
+
+
+class _Point:
+    name = "point"
+
+    def dumps(self, value: tuple[int, int]) -> bytes:
+        return f"{value[0]},{value[1]}".encode()
+
+    def loads(self, data: bytes) -> tuple[int, int]:
+        x, y = data.split(b",")
+        return int(x), int(y)
+
+
+def stores() -> None:
+    j = SafeFileStore("/tmp/s")
+    assert_type(j, SafeFileStore[Any])
+    typed: SafeFileStore[dict[str, int]] = SafeFileStore("/tmp/s")
+    assert_type(typed["k"], dict[str, int])
+    assert_type(typed.get("k"), dict[str, int] | None)
+    assert_type(typed.modify("k", lambda d: {**d, "n": 1}, {}), dict[str, int])
+    b = SafeFileStore("/tmp/b", serializer="bytes")
+    assert_type(b, SafeFileStore[bytes])
+    assert_type(b["k"], bytes)
+    assert_type(SafeFileStore.open("/tmp/b", serializer="bytes"), SafeFileStore[bytes])
+    p = SafeFileStore("/tmp/p", serializer=_Point(), durable=False)
+    assert_type(p, SafeFileStore[tuple[int, int]])
+    assert_type(p.pop("k"), tuple[int, int])
+    assert_type(p.pop("k", None), tuple[int, int] | None)
+    assert_type(SafeFileStore.open("/tmp/p", serializer=_Point()), SafeFileStore[tuple[int, int]])
+    with p.transaction() as tx:
+        assert_type(tx, Transaction[tuple[int, int]])
+        assert_type(tx["k"], tuple[int, int])
+        tx["k"] = (1, 2)
+    with SafeFileStore("/tmp/s") as s:
+        assert_type(s, SafeFileStore[Any])
+    assert_type(p.statistics(), StoreStatistics)
+    assert_type(list(p.items()), list[tuple[str, tuple[int, int]]])
+    assert_type(p.to_dict(), dict[str, tuple[int, int]])
+    b["k"] = "text"  # type: ignore[assignment]
+    p["k"] = 3  # type: ignore[assignment]
+    p[3] = (1, 2)  # type: ignore[index]
+    SafeFileStore("/tmp/x", serializer="yaml")  # type: ignore[call-overload]
+    wrong: SafeFileStore[int] = SafeFileStore("/tmp/x", serializer="bytes")  # type: ignore[assignment]
+    del wrong
