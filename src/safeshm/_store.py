@@ -36,6 +36,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import mmap
 import os
@@ -110,6 +111,28 @@ _CACHE_LIMIT: Final = 4096
 COMPACT_MIN_BYTES: Final = 4 << 20
 _OPEN_RETRIES: Final = 100
 _LOCK_FILE_BYTES: Final = 64
+# A published position: the generation in the high 24 bits, the log's end in the low 40
+# (one aligned 64-bit word, so a reader never sees one half old and the other new).
+_POS_BITS: Final = 40
+_POS_MASK: Final = (1 << _POS_BITS) - 1
+
+
+def _pack(generation: int, end: int) -> int:
+    """``position`` for ``(generation, end)``; 0 (never trusted) if it does not fit."""
+    if end > _POS_MASK or not 0 < generation < 1 << 24:
+        return 0
+    return generation << _POS_BITS | end
+
+
+def _read_boot_id() -> int:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return int.from_bytes(hashlib.blake2b(f.read(), digest_size=8).digest(), "little")
+    except OSError:
+        return 0  # unknown: published positions are never trusted
+
+
+_BOOT_ID: Final = _read_boot_id()
 _O_FLAGS: Final = os.O_CLOEXEC | os.O_NOFOLLOW
 
 _crc32: Final = zlib.crc32
@@ -377,13 +400,24 @@ class _ProcessWriter:
     child must never use its parent's descriptor (it would "hold" the parent's lock), so
     the registry is emptied and the inherited descriptors closed in every child.
 
-    ``busy`` is a word of the lock file, mapped shared: the holder of the flock sets it
-    and clears it before unlocking. It is only a hint for waiters (see
-    :func:`_lock_exclusive`); the flock alone decides who holds the lock, so a holder that
-    dies with the hint set costs the next writer one short spin, nothing more.
+    The lock file is mapped shared and holds three words (see ``docs/design.md``):
+
+    * ``busy``: set by the holder of the flock, cleared before it unlocks; only a hint for
+      waiters (see :func:`_lock_exclusive`). A holder that dies with it set costs the next
+      writer one short spin, nothing more.
+    * ``position``: the generation and end of the log after the last acknowledged write
+      (:func:`_pack`), published by the writer after its record is complete (and synced,
+      when durable). Readers read up to it without a system call; a writer that finds the
+      file exactly that long knows there is no torn tail and appends at once.
+    * ``boot``: which boot of the machine published ``position`` (:data:`_BOOT_ID`). After
+      a reboot the mapped page may hold anything; then nobody trusts ``position`` until a
+      writer has checked the log and published it again.
+
+    All three are hints checked against the file: the flock decides who writes, and the
+    log's checksums decide what is data.
     """
 
-    __slots__ = ("__weakref__", "busy", "fd", "map", "mutex", "owner")
+    __slots__ = ("__weakref__", "boot", "busy", "fd", "map", "mutex", "owner", "position")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -394,11 +428,13 @@ class _ProcessWriter:
         self.map = mmap.mmap(fd, _LOCK_FILE_BYTES, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE, **_compat.MMAP_KWARGS)
         self.busy = ctypes.c_uint32.from_buffer(self.map)
+        self.boot = ctypes.c_uint64.from_buffer(self.map, 8)
+        self.position = ctypes.c_uint64.from_buffer(self.map, 16)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            del self.busy
+            del self.busy, self.boot, self.position
             with contextlib.suppress(OSError, BufferError):
                 self.map.close()
             with contextlib.suppress(OSError):
@@ -585,7 +621,9 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         if not isinstance(durable, bool):
             raise TypeError(f"durable must be a bool, not {type(durable).__name__}")
         self._serializer: Serializer[V] = _resolve_serializer(serializer)
-        self._adopt_serializer_name = isinstance(serializer, _RawSerializer)
+        # `safeshm store check/dump`: take the recorded serializer's name, and read every
+        # byte of the log, not only what writers published.
+        self._checking = self._adopt_serializer_name = isinstance(serializer, _RawSerializer)
         self._durable = durable
         self._mutex = threading.Lock()
         self._pid = _compat.pid
@@ -745,16 +783,51 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         size = os.fstat(fd).st_size
         if size == 0:
             self._corrupt(0, "the log is empty (a published log always holds its HEADER)")
+        published = self._published(generation)
+        if published is not None and self._writer is not None and (
+                self._writer.owner != threading.get_ident()):
+            # A reader reads what was acknowledged, like every other reader.
+            size = min(size, published)
         self._catch_up(size)
 
     # --- reading the log --------------------------------------------------------------------
+    def _published(self, generation: int) -> int | None:
+        """The end of ``generation``'s log as the last writer published it, if trusted."""
+        writer = self._writer
+        if (writer is None or writer.fd < 0 or not _BOOT_ID or writer.boot.value != _BOOT_ID
+                or self._checking):
+            return None
+        word = writer.position.value
+        if not word or word >> _POS_BITS != generation:
+            return None
+        return int(word & _POS_MASK)
+
     def _refresh(self) -> None:
-        """Apply what other processes appended since we last looked (caller holds _mutex)."""
-        # lseek(SEEK_END) is the file size, at a third of fstat's cost (no stat_result);
-        # the offset it moves is used by nobody (O_APPEND writes, positioned reads).
-        size = os.lseek(self._log_fd, 0, os.SEEK_END)
+        """Apply what other processes appended since we last looked (caller holds _mutex).
+
+        Reads up to the published position (an acknowledged write's end: no system call
+        when nothing changed, and never a write in progress); without a trusted one, up
+        to the end of the file.
+        """
+        size = self._published(self._generation)
+        if size is None or size < self._end:
+            # lseek(SEEK_END) is the file size, at a third of fstat's cost; the offset it
+            # moves is used by nobody (O_APPEND writes, positioned reads).
+            size = os.lseek(self._log_fd, 0, os.SEEK_END)
         if size != self._end:
             self._catch_up(size)
+
+    def _sync_as_writer(self, writer: _ProcessWriter) -> None:
+        """With the write lock held: read the log to its very end (discarding a torn
+        tail, following a compaction), then publish that end (caller holds _mutex)."""
+        for _ in range(_OPEN_RETRIES):
+            size = os.lseek(self._log_fd, 0, os.SEEK_END)
+            if size == self._end:
+                writer.position.value = _pack(self._generation, size)
+                writer.boot.value = _BOOT_ID
+                return
+            self._catch_up(size)
+        raise StoreCorruptedError(f"{self._path!r}: the log keeps changing under its writer")
 
     def _catch_up(self, size: int) -> None:
         while True:
@@ -762,6 +835,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise StoreCorruptedError(
                     f"{self._path!r}: {log_name(self._generation)} shrank below data already "
                     f"read ({size} < {self._end} bytes); was it modified by another program?")
+            # Shorter than asked only when a published position is stale (a copied store):
+            # the file decides.
             data = os.pread(self._log_fd, size - self._end, self._end)
             if self._torn_tail is not None:
                 writer = self._writer
@@ -960,8 +1035,9 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             raise self._closed_error()
         return writer
 
-    def _acquire_writer(self) -> _ProcessWriter:
-        """Take this process's lock for the store, then the file lock; catch up."""
+    def _acquire_writer(self, *, catch_up: bool = True) -> _ProcessWriter:
+        """Take this process's lock for the store, then the file lock; with ``catch_up``,
+        read the log to its end (what modify, transactions and deletes decide on)."""
         writer = self._get_writer()
         me = threading.get_ident()
         if writer.owner == me:
@@ -979,7 +1055,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             with self._mutex:
                 if self._closed:
                     raise self._closed_error()
-                self._refresh()
+                if catch_up:
+                    self._sync_as_writer(writer)
         except BaseException:
             self._release_writer(writer)
             raise
@@ -993,12 +1070,22 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             writer.mutex.release()
 
     def _append(self, record: bytes, ops: list[tuple[int, bytes, bytes]]) -> None:
-        """Append one record (writer lock held) and apply its operations to the index."""
+        """Append one record (writer lock held), publish the new end, and apply the
+        record's operations to the index if it is caught up (else the next read does)."""
+        writer = self._writer
+        if writer is None:  # pragma: no cover - the caller holds the writer
+            raise self._closed_error()
         with self._mutex:
             if self._closed:
                 raise self._closed_error()
             fd = self._log_fd
-            start = self._end
+            start = os.lseek(fd, 0, os.SEEK_END)
+            if writer.boot.value != _BOOT_ID or writer.position.value != _pack(
+                    self._generation, start) or not _BOOT_ID:
+                # Not exactly what the last writer published: a torn tail, a compaction,
+                # a reboot. Read it all (the slow, always-right path) before appending.
+                self._sync_as_writer(writer)
+                fd, start = self._log_fd, self._end  # maybe another generation's log now
             try:
                 written = os.write(fd, record)
                 if written != len(record):  # interrupted, or the disk filled up: go on
@@ -1009,25 +1096,34 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise
             if self._durable:
                 os.fdatasync(fd)
+            writer.position.value = _pack(self._generation, start + len(record))
+            if self._end != start:
+                return  # others' records come first: the next refresh applies them, then ours
             self._end = start + len(record)
-            index = self._index
-            if len(ops) == 1 and record[2] != TXN:
-                rtype, key, value = ops[0]
-                if rtype == SET:
-                    self._put(index, key.decode(), value, start + HEADER_BYTES + len(key),
-                              len(record))
-                else:
-                    self._drop(index, key.decode())
-                return
-            pos = start + HEADER_BYTES
-            for rtype, key, value in ops:
-                pos += _SUB.size
-                if rtype == SET:
-                    self._put(index, key.decode(), value, pos + len(key),
-                              HEADER_BYTES + len(key) + len(value))
-                else:
-                    self._drop(index, key.decode())
-                pos += len(key) + len(value)
+            self._apply_own(start, record, ops)
+
+    def _apply_own(self, start: int, record: bytes, ops: list[tuple[int, bytes, bytes]]
+                   ) -> None:
+        """Apply this handle's record, just written at ``start``, to the index (without
+        reading it back)."""
+        index = self._index
+        if len(ops) == 1 and record[2] != TXN:
+            rtype, key, value = ops[0]
+            if rtype == SET:
+                self._put(index, key.decode(), value, start + HEADER_BYTES + len(key),
+                          len(record))
+            else:
+                self._drop(index, key.decode())
+            return
+        pos = start + HEADER_BYTES
+        for rtype, key, value in ops:
+            pos += _SUB.size
+            if rtype == SET:
+                self._put(index, key.decode(), value, pos + len(key),
+                          HEADER_BYTES + len(key) + len(value))
+            else:
+                self._drop(index, key.decode())
+            pos += len(key) + len(value)
 
     def _commit(self, ops: list[tuple[int, bytes, bytes]]) -> None:
         if len(ops) == 1:
@@ -1037,11 +1133,16 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             self._append(_encode_txn(ops), ops)
 
     def _write(self, ops: list[tuple[int, bytes, bytes]]) -> None:
-        writer = self._acquire_writer()
+        # A blind write needs no catch-up under the lock: the records it does not know
+        # are parsed after the lock is released, in parallel with the next writer.
+        writer = self._acquire_writer(catch_up=False)
         try:
             self._commit(ops)
         finally:
             self._release_writer(writer)
+        with self._mutex:
+            if not self._closed:
+                self._refresh()
         self._maybe_compact()
 
     # --- the mapping ------------------------------------------------------------------------
@@ -1308,6 +1409,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation),
                               self._path)
                 self._switch_to(new_generation)
+                self._sync_as_writer(writer)
                 for name in os.listdir(self._dir_fd):
                     generation = _generation_of(name)
                     if generation is not None and generation < new_generation:
