@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +23,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=JOIN_TIMEOUT * 2, check=False)
 
 
-def test_demo_runs_and_checks() -> None:
-    proc = run_cli("demo", "--workers", "2")
+def test_demo_runs_and_checks(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "safeshm", "demo", "--workers", "2"],
+                          capture_output=True, text=True, timeout=JOIN_TIMEOUT * 2,
+                          check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
-    assert proc.stdout.count("[ok]") == 6  # 4 totals, and the queue after each start method
+    # 4 totals, 3 store checks, and the queue after each start method.
+    assert proc.stdout.count("[ok]") == 9
     assert "FAIL" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # the store's directory is gone too
 
 
 def test_console_script_entry_point() -> None:

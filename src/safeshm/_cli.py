@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import fcntl
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
@@ -29,6 +32,7 @@ from ._segment import (
     segment_path,
     validate_name,
 )
+from ._store import SafeFileStore
 from ._store_cli import add_store_parser
 
 _CLASSES: dict[int, type[SharedStructure]] = {
@@ -251,13 +255,27 @@ class _DemoShared(NamedTuple):
     under_lock: SafeCounter
     slots: SafeArray[int]
     jobs: SafeQueue[tuple[int, int]]
+    store: SafeFileStore[Any]
 
 
 _DEMO_ITEMS = 500
+_DEMO_STORE_OPS = 20
+_DEMO_ACCOUNTS = 4
 
 
-def _demo_worker(shared: _DemoShared, worker: int) -> None:
-    exact, sharded, lock, under_lock, slots, jobs = shared
+def _demo_store_work(store: SafeFileStore[Any], method: str, worker: int) -> None:
+    for k in range(_DEMO_STORE_OPS):
+        store.modify("updates", lambda n: n + 1, default=0)
+        with store.transaction() as tx:  # move 1 between accounts: the total never changes
+            a, b = f"account:{(worker + k) % _DEMO_ACCOUNTS}", f"account:{k % _DEMO_ACCOUNTS}"
+            tx[a] -= 1
+            tx[b] += 1
+    store[f"worker:{method}:{worker}"] = {"pid": os.getpid(), "ops": _DEMO_STORE_OPS}
+
+
+def _demo_worker(shared: _DemoShared, worker: int, method: str) -> None:
+    exact, sharded, lock, under_lock, slots, jobs, store = shared
+    _demo_store_work(store, method, worker)
     for seq in range(_DEMO_ITEMS):
         jobs.put((worker, seq), timeout=60)
     for k in range(_DEMO_ADDS):
@@ -276,67 +294,85 @@ def _demo_worker(shared: _DemoShared, worker: int) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     workers = args.workers
     print(f"safeshm demo: {workers} worker processes per start method, sharing counters, "
-          "an array and a lock")
-    exact = SafeCounter.create()
-    sharded = ShardedCounter.create()
-    lock = SafeLock.create()
-    under_lock = SafeCounter.create()
-    slots = SafeArray.create("q", workers)
-    jobs: SafeQueue[tuple[int, int]] = SafeQueue.create(1 << 20)
+          "an array, a queue, a lock and a durable store")
+    with contextlib.ExitStack() as stack:
+        # Every segment is unlinked and the store's directory removed, whatever happens.
+        def segment(handle: Any) -> Any:
+            stack.callback(handle.unlink)
+            stack.callback(handle.close)
+            return handle
+
+        exact = segment(SafeCounter.create())
+        sharded = segment(ShardedCounter.create())
+        lock = segment(SafeLock.create())
+        under_lock = segment(SafeCounter.create())
+        slots = segment(SafeArray.create("q", workers))
+        jobs = segment(SafeQueue.create(1 << 20))
+        directory = tempfile.mkdtemp(prefix="safeshm-demo-")
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        store = stack.enter_context(SafeFileStore(os.path.join(directory, "store")))
+        store.update({f"account:{i}": 100 for i in range(_DEMO_ACCOUNTS)})
+        return _demo(workers, _DemoShared(exact, sharded, lock, under_lock, slots, jobs,
+                                          store))
+
+
+def _demo(workers: int, shared: _DemoShared) -> int:
+    exact, sharded, _lock, under_lock, slots, jobs, store = shared
     failures = 0
-    try:
-        print(f"  SafeCounter implementation: {exact.implementation}")
-        total_procs = 0
-        for ctx in (multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")):
-            method = ctx.get_start_method()
-            t0 = time.perf_counter()
-            shared = _DemoShared(exact, sharded, lock, under_lock, slots, jobs)
-            procs = [ctx.Process(target=_demo_worker, args=(shared, w))
-                     for w in range(workers)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join(timeout=120)
-            bad = [p.exitcode for p in procs if p.exitcode != 0]
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-            total_procs += workers
-            print(f"  {workers} {method} workers done in {time.perf_counter() - t0:.2f} s"
-                  + (f" -- {len(bad)} failed (exit codes {bad})" if bad else ""))
-            received: list[tuple[int, int]] = []
-            while not jobs.empty():
-                received.extend(jobs.get_many(1 << 16, timeout=5))
-            in_order = all([s for w, s in received if w == worker] == list(range(_DEMO_ITEMS))
-                           for worker in range(workers))
-            ok = in_order and len(received) == workers * _DEMO_ITEMS
-            failures += not ok
-            print(f"  [{'ok' if ok else 'FAIL'}] SafeQueue ({method}): {len(received)} items, "
-                  f"each worker's in order: {in_order} (expected {workers * _DEMO_ITEMS})")
-            failures += len(bad)
-        per_method = [0] * workers  # what one start method's workers add to each element
-        for w in range(workers):
-            for k in range(0, _DEMO_ADDS, 10):
-                per_method[w] += 1
-                per_method[k % workers] += 1
-        checks = [
-            ("SafeCounter total", exact.value,
-             total_procs * _DEMO_ADDS + 2 * sum(range(workers))),
-            ("ShardedCounter total", sharded.value, total_procs * _DEMO_ADDS),
-            ("read-modify-writes under SafeLock", under_lock.value, total_procs * 200),
-            ("SafeArray elements", slots.to_list(), [2 * v for v in per_method]),
-        ]
-        for label, got, want in checks:
-            ok = got == want
-            failures += not ok
-            print(f"  [{'ok' if ok else 'FAIL'}] {label}: {got} (expected {want})")
-    finally:
-        for handle in (exact, sharded, under_lock, slots, jobs):
-            handle.close()
-            handle.unlink()
-        lock.close()
-        lock.unlink()
+    print(f"  SafeCounter implementation: {exact.implementation}")
+    total_procs = 0
+    for ctx in (multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")):
+        method = ctx.get_start_method()
+        t0 = time.perf_counter()
+        procs = [ctx.Process(target=_demo_worker, args=(shared, w, method))
+                 for w in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        total_procs += workers
+        print(f"  {workers} {method} workers done in {time.perf_counter() - t0:.2f} s"
+              + (f" -- {len(bad)} failed (exit codes {bad})" if bad else ""))
+        received: list[tuple[int, int]] = []
+        while not jobs.empty():
+            received.extend(jobs.get_many(1 << 16, timeout=5))
+        in_order = all([s for w, s in received if w == worker] == list(range(_DEMO_ITEMS))
+                       for worker in range(workers))
+        ok = in_order and len(received) == workers * _DEMO_ITEMS
+        failures += not ok
+        print(f"  [{'ok' if ok else 'FAIL'}] SafeQueue ({method}): {len(received)} items, "
+              f"each worker's in order: {in_order} (expected {workers * _DEMO_ITEMS})")
+        failures += len(bad)
+    per_method = [0] * workers  # what one start method's workers add to each element
+    for w in range(workers):
+        for k in range(0, _DEMO_ADDS, 10):
+            per_method[w] += 1
+            per_method[k % workers] += 1
+    checks = [
+        ("SafeCounter total", exact.value,
+         total_procs * _DEMO_ADDS + 2 * sum(range(workers))),
+        ("ShardedCounter total", sharded.value, total_procs * _DEMO_ADDS),
+        ("read-modify-writes under SafeLock", under_lock.value, total_procs * 200),
+        ("SafeArray elements", slots.to_list(), [2 * v for v in per_method]),
+        ("SafeFileStore modify() updates", store.get("updates"),
+         total_procs * _DEMO_STORE_OPS),
+        ("SafeFileStore total over accounts after transactions",
+         sum(store[f"account:{i}"] for i in range(_DEMO_ACCOUNTS)), 100 * _DEMO_ACCOUNTS),
+        ("SafeFileStore workers' own keys",
+         len([k for k in store if k.startswith("worker:")]), total_procs),
+    ]
+    for label, got, want in checks:
+        ok = got == want
+        failures += not ok
+        print(f"  [{'ok' if ok else 'FAIL'}] {label}: {got} (expected {want})")
+    stats = store.statistics()
+    print(f"  SafeFileStore: {stats.keys} keys, log {stats.log_bytes} bytes, durable "
+          f"(every write fdatasync'ed)")
     print("demo passed" if not failures else f"demo FAILED ({failures} problems)")
     return 1 if failures else 0
 
