@@ -377,3 +377,17 @@ def test_timedlock_fallback(monkeypatch: pytest.MonkeyPatch, lock: safeshm.SafeL
         with pytest.warns(safeshm.HolderDiedWarning):
             assert lock.acquire(timeout=1.0)
         lock.release()
+
+
+def test_closed_handle_is_not_counted_as_in_use(cleanup: Any) -> None:
+    # The unlocker keeps the mapping (and the open file) alive after close(), so a holder
+    # can still release; the "in use" flock must go at close() all the same, or
+    # `safeshm ls` and `rm --stale` would count a closed handle as a user.
+    from safeshm._cli import _in_use
+    from safeshm._segment import segment_path
+
+    lock = cleanup(safeshm.SafeLock.create())
+    path = segment_path(lock.name)
+    assert _in_use(path) is True
+    lock.close()
+    assert _in_use(path) is False

@@ -386,7 +386,12 @@ class Segment:
         # touches stays valid until then, so nothing can fault.
         with contextlib.suppress(BufferError):
             self.mm.close()
-        self._finalizer()  # closes the fd (and so drops our flock) exactly once
+        # Drop the "in use" flock explicitly: a mapping that outlives close() (a view still
+        # exported, a SafeLock's unlocker) keeps the open file -- and with it the lock --
+        # alive, and `safeshm ls` / `rm --stale` would count this handle as a user.
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self._finalizer()  # closes the fd exactly once
 
     def unlink(self) -> None:
         """Remove the segment's name, so that nobody new can attach; mappings stay valid."""
