@@ -124,15 +124,25 @@ def _pack(generation: int, end: int) -> int:
     return generation << _POS_BITS | end
 
 
-def _read_boot_id() -> int:
+def _read_boot_id() -> bytes:
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-            return int.from_bytes(hashlib.blake2b(f.read(), digest_size=8).digest(), "little")
+            return f.read().strip()
     except OSError:
-        return 0  # unknown: published positions are never trusted
+        return b""  # unknown: published positions are never trusted
 
 
 _BOOT_ID: Final = _read_boot_id()
+
+
+def _stamp_of(st: os.stat_result) -> int:
+    """What a published position is valid for: this boot of the machine and this very log
+    file. A reboot (the mapped page may hold anything), a copy of the store (another
+    inode) or another generation (another file) all change it. 0: never trusted."""
+    if not _BOOT_ID:
+        return 0
+    data = b"%s:%d:%d" % (_BOOT_ID, st.st_dev, st.st_ino)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") or 1
 _O_FLAGS: Final = os.O_CLOEXEC | os.O_NOFOLLOW
 
 _crc32: Final = zlib.crc32
@@ -409,15 +419,16 @@ class _ProcessWriter:
       (:func:`_pack`), published by the writer after its record is complete (and synced,
       when durable). Readers read up to it without a system call; a writer that finds the
       file exactly that long knows there is no torn tail and appends at once.
-    * ``boot``: which boot of the machine published ``position`` (:data:`_BOOT_ID`). After
-      a reboot the mapped page may hold anything; then nobody trusts ``position`` until a
-      writer has checked the log and published it again.
+    * ``stamp``: which log file, in which boot of the machine, ``position`` is about
+      (:func:`_stamp_of`). After a reboot the mapped page may hold anything, and a copied
+      store carries its original's words: then nobody trusts ``position`` until a writer
+      has read the log and published it again.
 
     All three are hints checked against the file: the flock decides who writes, and the
     log's checksums decide what is data.
     """
 
-    __slots__ = ("__weakref__", "boot", "busy", "fd", "map", "mutex", "owner", "position")
+    __slots__ = ("__weakref__", "busy", "fd", "map", "mutex", "owner", "position", "stamp")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -428,13 +439,13 @@ class _ProcessWriter:
         self.map = mmap.mmap(fd, _LOCK_FILE_BYTES, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE, **_compat.MMAP_KWARGS)
         self.busy = ctypes.c_uint32.from_buffer(self.map)
-        self.boot = ctypes.c_uint64.from_buffer(self.map, 8)
+        self.stamp = ctypes.c_uint64.from_buffer(self.map, 8)
         self.position = ctypes.c_uint64.from_buffer(self.map, 16)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            del self.busy, self.boot, self.position
+            del self.busy, self.stamp, self.position
             with contextlib.suppress(OSError, BufferError):
                 self.map.close()
             with contextlib.suppress(OSError):
@@ -623,7 +634,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         self._serializer: Serializer[V] = _resolve_serializer(serializer)
         # `safeshm store check/dump`: take the recorded serializer's name, and read every
         # byte of the log, not only what writers published.
-        self._checking = self._adopt_serializer_name = isinstance(serializer, _RawSerializer)
+        self._adopt_serializer_name = isinstance(serializer, _RawSerializer)
         self._durable = durable
         self._mutex = threading.Lock()
         self._pid = _compat.pid
@@ -631,6 +642,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         self._torn = 0
         self._compact_min = COMPACT_MIN_BYTES
         self._suspect = False  # a record that did not check out awaits _settle()
+        self._stamp = 0  # see _stamp_of: set for each log this handle reads
         # A torn tail that a reader has seen (a writer discards it): what lies past _end,
         # so that later reads skip it until the log changes.
         self._torn_tail: bytes | None = None
@@ -780,13 +792,15 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             os.close(old)
         self._reset_log()
         self._generation = generation
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self._stamp = _stamp_of(st)
+        size = st.st_size
         if size == 0:
             self._corrupt(0, "the log is empty (a published log always holds its HEADER)")
         published = self._published(generation)
-        if published is not None and self._writer is not None and (
-                self._writer.owner != threading.get_ident()):
-            # A reader reads what was acknowledged, like every other reader.
+        if published is not None:
+            # What was acknowledged, like every other reader (a writer's _sync_as_writer
+            # deals with anything after it).
             size = min(size, published)
         self._catch_up(size)
 
@@ -794,8 +808,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
     def _published(self, generation: int) -> int | None:
         """The end of ``generation``'s log as the last writer published it, if trusted."""
         writer = self._writer
-        if (writer is None or writer.fd < 0 or not _BOOT_ID or writer.boot.value != _BOOT_ID
-                or self._checking):
+        if writer is None or writer.fd < 0 or not self._stamp or (
+                writer.stamp.value != self._stamp):
             return None
         word = writer.position.value
         if not word or word >> _POS_BITS != generation:
@@ -818,13 +832,35 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             self._catch_up(size)
 
     def _sync_as_writer(self, writer: _ProcessWriter) -> None:
-        """With the write lock held: read the log to its very end (discarding a torn
-        tail, following a compaction), then publish that end (caller holds _mutex)."""
+        """With the write lock held: bring the log and this handle to one end, and publish
+        it (caller holds _mutex).
+
+        Past a trusted published position lies only what no writer acknowledged -- the
+        record of a writer killed before it published -- and it is discarded, complete or
+        not: what readers were told stays the truth. Without a trusted position (a
+        reboot, a copied store) the file decides: every whole record counts, a torn tail
+        is discarded (see :meth:`_classify_tail`). A compaction is followed either way.
+        """
         for _ in range(_OPEN_RETRIES):
-            size = os.lseek(self._log_fd, 0, os.SEEK_END)
+            fd = self._log_fd
+            size = os.lseek(fd, 0, os.SEEK_END)
+            published = self._published(self._generation)
+            if published is not None and self._end <= published < size:
+                if published > self._end:
+                    self._catch_up(published)
+                    continue  # (a MOVED record may have switched the log)
+                rest = os.pread(fd, size - published, published)
+                if _torn_tail(memoryview(rest)) == "corrupt":  # not what a writer leaves
+                    self._corrupt(published, "a record whose checksum does not match, with "
+                                             "more data after it")
+                os.ftruncate(fd, published)
+                if self._durable:
+                    os.fdatasync(fd)
+                self._torn += 1
+                continue
             if size == self._end:
                 writer.position.value = _pack(self._generation, size)
-                writer.boot.value = _BOOT_ID
+                writer.stamp.value = self._stamp
                 return
             self._catch_up(size)
         raise StoreCorruptedError(f"{self._path!r}: the log keeps changing under its writer")
@@ -1080,8 +1116,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise self._closed_error()
             fd = self._log_fd
             start = os.lseek(fd, 0, os.SEEK_END)
-            if writer.boot.value != _BOOT_ID or writer.position.value != _pack(
-                    self._generation, start) or not _BOOT_ID:
+            if not self._stamp or writer.stamp.value != self._stamp or (
+                    writer.position.value != _pack(self._generation, start)):
                 # Not exactly what the last writer published: a torn tail, a compaction,
                 # a reboot. Read it all (the slow, always-right path) before appending.
                 self._sync_as_writer(writer)
@@ -1651,7 +1687,8 @@ class StoreReport:
     log_bytes: int
     live_bytes: int
     torn_tail_bytes: int
-    """Bytes of a half-written last record (a killed writer's); the next write discards
+    """Bytes past the last acknowledged write: a write in progress, or the record of a
+    writer killed before it acknowledged it (whole or torn). The next write discards
     them. Not an error."""
 
 
@@ -1690,8 +1727,16 @@ def dump_store(path: StrPath, *, want_values: bool = True
     with _open_raw(path) as store:
         pairs = store._snapshot() if want_values else []
         stats = store.statistics()
+        # What lies past the acknowledged end (a write in progress, or one whose writer
+        # was killed) is no data, but it must be what a killed writer leaves, not damage.
+        with store._mutex:
+            end = store._end
+            rest = os.pread(store._log_fd, 1 << 30, end)
+        if rest and _torn_tail(memoryview(rest)) == "corrupt":
+            store._corrupt(end, "a record whose checksum does not match, with more data "
+                                "after it")
         report = StoreReport(path=stats.path, generation=stats.generation,
                              serializer=store.serializer.name, keys=stats.keys,
                              log_bytes=stats.log_bytes, live_bytes=stats.live_bytes,
-                             torn_tail_bytes=len(store._torn_tail or b""))
+                             torn_tail_bytes=len(rest))
     return report, pairs
