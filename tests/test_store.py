@@ -539,3 +539,25 @@ def test_statistics_counts(tmp_path: Path) -> None:
     assert after.log_bytes == after.live_bytes < before.log_bytes
     assert after.compactions == 1
     assert json.loads(json.dumps(after.__dict__))["keys"] == 1
+
+
+def test_lost_current_is_reported_not_reinitialised(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with SafeFileStore(path, durable=False) as s:
+        s["a"] = 1
+    os.unlink(path / "CURRENT")
+    with pytest.raises(safeshm.StoreCorruptedError, match="no CURRENT"):
+        SafeFileStore(path)
+    assert (path / store_module.log_name(1)).stat().st_size > 0  # the data is untouched
+
+
+def test_debris_of_a_killed_initialisation_is_cleared(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with SafeFileStore(path, durable=False):
+        pass
+    os.unlink(path / "CURRENT")  # as if killed after the log, before CURRENT
+    (path / "data.0000000000000002.log.tmp").write_bytes(b"junk")
+    with SafeFileStore(path, durable=False) as s:
+        s["a"] = 1
+        assert s.to_dict() == {"a": 1}
+    assert not (path / "data.0000000000000002.log.tmp").exists()

@@ -744,13 +744,31 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise IncompatibleStoreError(
                     f"{self._path!r} is not empty and holds no SafeFileStore "
                     f"(found {shown}); use an empty or new directory")
-            # Anything of ours here is the debris of an initialisation that was killed
-            # before it wrote CURRENT; no write can have been acknowledged in it.
+            # An initialisation killed before it wrote CURRENT leaves temp files and a log
+            # holding only its HEADER: debris, removed. A log with records in it means
+            # CURRENT was lost from a store in use: that is for a person to look at.
             for name in os.listdir(self._dir_fd):
-                if name.startswith(_LOG_PREFIX) or name.endswith(_TMP_SUFFIX):
+                if name.endswith(_TMP_SUFFIX):
+                    _unlink_quietly(self._dir_fd, name)
+                elif _generation_of(name) is not None:
+                    if not self._only_header(name):
+                        raise StoreCorruptedError(
+                            f"{self._path!r} has no {CURRENT_FILE} but its log {name} holds "
+                            f"data; restore {CURRENT_FILE} or move the logs away")
                     _unlink_quietly(self._dir_fd, name)
             self._write_generation(1, [])
             _replace_file(self._dir_fd, CURRENT_FILE, _current_text(1), self._path)
+
+    def _only_header(self, name: str) -> bool:
+        fd = _open_file(self._dir_fd, name, os.O_RDONLY, self._path)
+        try:
+            data = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        if len(data) < HEADER_BYTES:
+            return True
+        _magic, rtype, _flags, klen, vlen, _bc, _hc = _unpack_hdr(data, 0)
+        return bool(rtype == HEADER and len(data) <= HEADER_BYTES + klen + vlen)
 
     def _header_record(self) -> bytes:
         meta = {"format": FORMAT_VERSION, "serializer": self._serializer.name}
