@@ -868,9 +868,15 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                     self._catch_up(published)
                     continue  # (a MOVED record may have switched the log)
                 rest = os.pread(fd, size - published, published)
-                if _torn_tail(memoryview(rest)) == "corrupt":  # not what a writer leaves
+                verdict = _torn_tail(memoryview(rest))
+                if verdict == "corrupt":  # not what a writer leaves
                     self._corrupt(published, "a record whose checksum does not match, with "
                                              "more data after it")
+                if verdict is None and rest[2] == MOVED:
+                    # A compaction killed between its commit point and publishing it: the
+                    # new generation is complete and durable, and is the store now.
+                    self._catch_up(size)
+                    continue
                 os.ftruncate(fd, published)
                 if self._durable:
                     os.fdatasync(fd)
@@ -1458,8 +1464,10 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 self._write_generation(new_generation, records)
                 # The MOVED record is the commit point: from here on, every process that
                 # reads the old log follows it to the new one.
-                _write_all(old_fd, encode_record(MOVED, b"", _GEN.pack(new_generation)))
+                moved = encode_record(MOVED, b"", _GEN.pack(new_generation))
+                _write_all(old_fd, moved)
                 os.fdatasync(old_fd)
+                writer.position.value = _pack(old_generation, self._end + len(moved))
                 _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation),
                               self._path)
                 self._switch_to(new_generation)
