@@ -351,3 +351,19 @@ def test_handle_passes_to_a_pool_as_a_reference(tmp_path: Path, method: str) -> 
             results = list(pool.map(pool_increment, [store] * 20, timeout=JOIN_TIMEOUT))
         assert sorted(results) == list(range(1, 21))
         assert store["hits"] == 20
+
+
+def test_idle_handle_follows_several_compactions(tmp_path: Path) -> None:
+    path = tmp_path / "g"
+    with SafeFileStore(path, durable=False) as idle, SafeFileStore(path, durable=False) as w:
+        w["a"] = 1
+        assert idle["a"] == 1
+        for generation in (2, 3, 4):
+            w["a"] = generation
+            w.compact()  # each compaction unlinks the log before it
+        assert w.statistics().generation == 4
+        assert idle["a"] == 4  # its log's successor is gone: CURRENT leads on
+        assert idle.statistics().generation == 4
+        idle["b"] = 2  # and it writes where everyone reads
+        with SafeFileStore(path, durable=False) as fresh:
+            assert fresh.to_dict() == {"a": 4, "b": 2}
