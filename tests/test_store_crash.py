@@ -405,8 +405,36 @@ def test_untrusted_published_position_falls_back_to_the_file(tmp_path: Path) -> 
         assert hints.stamp.value == writer._stamp != 0
         with SafeFileStore(path, durable=False) as reader:
             assert reader.to_dict() == {"a": 1, "b": 2}
-        hints.position.value = store_module._pack(1, 10**9)  # stale-high, as in a copy
+        hints.publish(hints.stamp.value, store_module._pack(1, 10**9))  # stale-high
         with SafeFileStore(path, durable=False) as reader:
             assert reader.to_dict() == {"a": 1, "b": 2}
         writer["c"] = 3
         assert store_module.check_store(path).keys == 3
+
+
+def test_damaged_lock_file_is_never_trusted(tmp_path: Path) -> None:
+    # write.lock holds only hints, but a hint believed wrongly would hide data (a position
+    # too low) or discard it: a flipped byte anywhere in it must change nothing visible.
+    original = tmp_path / "original"
+    history = _history(original)
+    state = history[-1][1]
+    data = (original / "write.lock").read_bytes()
+    assert len(data) == 64
+    for pos in range(32):  # busy, stamp, position, check
+        for flip in (0x01, 0x80, 0xFF):
+            path = _copy(original, tmp_path / f"lock{pos}-{flip}")
+            with SafeFileStore(path, durable=False) as store:  # make the hints trusted
+                store["t"] = 0
+                del store["t"]
+                expected = store.to_dict()
+                assert expected == state
+            damaged = bytearray((path / "write.lock").read_bytes())
+            damaged[pos] ^= flip
+            (path / "write.lock").write_bytes(bytes(damaged))
+            with SafeFileStore(path, durable=False) as store:
+                assert store.to_dict() == state, (pos, flip)
+                store["new"] = pos
+                assert store.to_dict() == {**state, "new": pos}, (pos, flip)
+            with SafeFileStore(path, durable=False) as store:
+                assert store.to_dict() == {**state, "new": pos}, (pos, flip)
+            shutil.rmtree(path)

@@ -117,6 +117,14 @@ _POS_BITS: Final = 40
 _POS_MASK: Final = (1 << _POS_BITS) - 1
 
 
+_MIX: Final = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads every bit of a word
+_WORD: Final = (1 << 64) - 1
+
+
+def _check_word(stamp: int, position: int) -> int:
+    return ((position * _MIX) ^ stamp ^ (position >> 29)) & _WORD
+
+
 def _pack(generation: int, end: int) -> int:
     """``position`` for ``(generation, end)``; 0 (never trusted) if it does not fit."""
     if end > _POS_MASK or not 0 < generation < 1 << 24:
@@ -423,12 +431,16 @@ class _ProcessWriter:
       (:func:`_stamp_of`). After a reboot the mapped page may hold anything, and a copied
       store carries its original's words: then nobody trusts ``position`` until a writer
       has read the log and published it again.
+    * ``check``: a checksum of ``stamp`` and ``position``, written last. A damaged lock
+      file, or a reader that looks while a writer publishes, sees a mismatch: the hints
+      are not trusted, and the file decides.
 
     All three are hints checked against the file: the flock decides who writes, and the
     log's checksums decide what is data.
     """
 
-    __slots__ = ("__weakref__", "busy", "fd", "map", "mutex", "owner", "position", "stamp")
+    __slots__ = ("__weakref__", "busy", "check", "fd", "map", "mutex", "owner", "position",
+                 "stamp")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -441,11 +453,20 @@ class _ProcessWriter:
         self.busy = ctypes.c_uint32.from_buffer(self.map)
         self.stamp = ctypes.c_uint64.from_buffer(self.map, 8)
         self.position = ctypes.c_uint64.from_buffer(self.map, 16)
+        self.check = ctypes.c_uint64.from_buffer(self.map, 24)
+
+    def publish(self, stamp: int, position: int) -> None:
+        """Publish ``position`` for the log ``stamp`` (write lock held). ``check`` is
+        written last: a reader between the stores sees a mismatch and does not trust
+        ``position`` -- it reads the file instead, which is never wrong."""
+        self.position.value = position
+        self.stamp.value = stamp
+        self.check.value = _check_word(stamp, position)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            del self.busy, self.stamp, self.position
+            del self.busy, self.stamp, self.position, self.check
             with contextlib.suppress(OSError, BufferError):
                 self.map.close()
             with contextlib.suppress(OSError):
@@ -830,7 +851,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 writer.stamp.value != self._stamp):
             return None
         word = writer.position.value
-        if not word or word >> _POS_BITS != generation:
+        if not word or word >> _POS_BITS != generation or (
+                writer.check.value != _check_word(self._stamp, word)):
             return None
         return int(word & _POS_MASK)
 
@@ -883,8 +905,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 self._torn += 1
                 continue
             if size == self._end:
-                writer.position.value = _pack(self._generation, size)
-                writer.stamp.value = self._stamp
+                writer.publish(self._stamp, _pack(self._generation, size))
                 return
             self._catch_up(size)
         raise StoreCorruptedError(f"{self._path!r}: the log keeps changing under its writer")
@@ -1156,7 +1177,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise
             if self._durable:
                 os.fdatasync(fd)
-            writer.position.value = _pack(self._generation, start + len(record))
+            writer.publish(self._stamp, _pack(self._generation, start + len(record)))
             if self._end != start:
                 return  # others' records come first: the next refresh applies them, then ours
             self._end = start + len(record)
@@ -1467,7 +1488,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 moved = encode_record(MOVED, b"", _GEN.pack(new_generation))
                 _write_all(old_fd, moved)
                 os.fdatasync(old_fd)
-                writer.position.value = _pack(old_generation, self._end + len(moved))
+                writer.publish(self._stamp, _pack(old_generation, self._end + len(moved)))
                 _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation),
                               self._path)
                 self._switch_to(new_generation)
