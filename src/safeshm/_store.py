@@ -716,6 +716,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         return cls(path, durable=durable, serializer=serializer, create=create)
 
     def _reset_log(self) -> None:
+        self._seen = -1  # a published word this handle checked and has read up to
         self._torn_tail = None
         self._generation = 0
         self._end = 0
@@ -854,7 +855,10 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         if not word or word >> _POS_BITS != generation or (
                 writer.check.value != _check_word(self._stamp, word)):
             return None
-        return int(word & _POS_MASK)
+        end = int(word & _POS_MASK)
+        if end == self._end and generation == self._generation:
+            self._seen = word  # checked, and read up to: the next reads compare only this
+        return end
 
     def _refresh(self) -> None:
         """Apply what other processes appended since we last looked (caller holds _mutex).
@@ -863,6 +867,9 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         when nothing changed, and never a write in progress); without a trusted one, up
         to the end of the file.
         """
+        writer = self._writer
+        if writer is not None and writer.fd >= 0 and writer.position.value == self._seen:
+            return  # the position this handle checked and read up to: nothing new
         size = self._published(self._generation)
         if size is None or size < self._end:
             # lseek(SEEK_END) is the file size, at a third of fstat's cost; the offset it
