@@ -15,7 +15,7 @@ import signal
 import sys
 import traceback
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from safeshm import SafeFileStore, _store
@@ -111,24 +111,6 @@ class StoreServer:
             self.proc.kill()
             self.proc.join(timeout=10)
         self._conn.close()
-
-
-@contextlib.contextmanager
-def spawned(target: Callable[..., Any], args_list: Sequence[tuple[Any, ...]],
-            method: str = "spawn") -> Iterator[list[Any]]:
-    """Start one process per args tuple; on exit reap them all, killing stragglers."""
-    ctx = multiprocessing.get_context(method)
-    procs = [ctx.Process(target=target, args=args, daemon=True) for args in args_list]
-    try:
-        for p in procs:
-            p.start()
-        yield procs
-    finally:
-        for p in procs:
-            p.join(timeout=JOIN_TIMEOUT)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
 
 
 def _report_failure(out: Any) -> None:

@@ -24,13 +24,12 @@ from hypothesis.stateful import (
 
 from safeshm import SafeFileStore
 
-from ._helpers import JOIN_TIMEOUT
+from ._helpers import JOIN_TIMEOUT, processes
 from ._store_helpers import (
     StoreServer,
     history_writer,
     is_whole,
     modify_worker,
-    spawned,
     torn_reader,
     total_reader,
     transfer_worker,
@@ -177,8 +176,9 @@ def test_concurrent_writers_are_serializable(tmp_path: Path,
     barrier = ctx.Barrier(len(histories))
     out = ctx.Queue()
     stop = ctx.Event()
-    with spawned(torn_reader, [(path, stop, out)]), spawned(
-            history_writer, [(path, w, ops, barrier, out) for w, ops in enumerate(histories)]):
+    with processes("spawn", torn_reader, [(path, stop, out)]), processes(
+            "spawn", history_writer,
+            [(path, w, ops, barrier, out) for w, ops in enumerate(histories)]):
         results = _drain(out, len(histories))
         stop.set()
         reader = _drain(out, 1)[0]
@@ -206,7 +206,7 @@ def test_modify_is_exact_across_processes(tmp_path: Path, method: str) -> None:
     procs, n = 4, 150
     barrier = ctx.Barrier(procs)
     out = ctx.Queue()
-    with spawned(modify_worker, [(path, n, barrier, out)] * procs, method):
+    with processes(method, modify_worker, [(path, n, barrier, out)] * procs):
         _drain(out, procs)
     with SafeFileStore(path, durable=False) as store:
         assert store["count"] == procs * n
@@ -227,8 +227,8 @@ def test_transactions_keep_the_total(tmp_path: Path) -> None:
     barrier = ctx.Barrier(workers)
     out = ctx.Queue()
     stop = ctx.Event()
-    with spawned(total_reader, [(path, accounts, stop, out)]), spawned(
-            transfer_worker, [(path, accounts, n, seed, barrier, out, True)
+    with processes("spawn", total_reader, [(path, accounts, stop, out)]), processes(
+            "spawn", transfer_worker, [(path, accounts, n, seed, barrier, out, True)
                               for seed in range(workers)]):
         _drain(out, workers)
         stop.set()
@@ -263,10 +263,10 @@ def test_compaction_under_load_loses_nothing(tmp_path: Path) -> None:
     barrier = ctx.Barrier(2)
     out = ctx.Queue()
     stop = ctx.Event()
-    with spawned(_compactor, [(path, stop, out)], "fork"), \
-            spawned(total_reader, [(path, accounts, stop, out)], "fork"), \
-            spawned(modify_worker, [(path, 400, barrier, out)], "fork"), \
-            spawned(transfer_worker, [(path, accounts, 400, 7, barrier, out)], "fork"):
+    with processes("fork", _compactor, [(path, stop, out)]), \
+            processes("fork", total_reader, [(path, accounts, stop, out)]), \
+            processes("fork", modify_worker, [(path, 400, barrier, out)]), \
+            processes("fork", transfer_worker, [(path, accounts, 400, 7, barrier, out)]):
         _drain(out, 2)
         stop.set()
         results = _drain(out, 2)
