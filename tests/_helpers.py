@@ -126,10 +126,12 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
 class Remote:
     """A server process holding safeshm handles; calls are made synchronously."""
 
-    def __init__(self, method: str = "fork") -> None:
+    def __init__(self, method: str = "fork",
+                 serve: Callable[[multiprocessing.connection.Connection], None] | None = None
+                 ) -> None:
         ctx = multiprocessing.get_context(method)
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=serve or _serve, args=(child,), daemon=True)
         self.proc.start()
         child.close()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from safeshm import SafeFileStore, _store
 
-from ._helpers import JOIN_TIMEOUT
+from ._helpers import JOIN_TIMEOUT, Remote
 
 
 # --- values that show whether they are whole -------------------------------------------------
@@ -84,33 +84,15 @@ def apply_txn(store: SafeFileStore[Any], ops: Sequence[tuple[str, str, Any]]) ->
                 del tx[key]
 
 
-class StoreServer:
-    """A spawned process holding a store handle; calls are synchronous."""
+class StoreServer(Remote):
+    """A spawned process holding a store handle (see :func:`serve`); calls are
+    synchronous."""
 
     def __init__(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve, args=(child,), daemon=True)
-        self.proc.start()
-        child.close()
+        super().__init__("spawn", serve)
 
-    def call(self, op: str, *args: Any) -> Any:
-        self._conn.send((op, args))
-        if not self._conn.poll(JOIN_TIMEOUT):
-            raise AssertionError("the store server did not answer in time (deadlock?)")
-        status, result = self._conn.recv()
-        if status == "err":
-            raise result
-        return result
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self._conn.send(None)
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():  # pragma: no cover
-            self.proc.kill()
-            self.proc.join(timeout=10)
-        self._conn.close()
+    def call(self, op: str, *args: Any) -> Any:  # type: ignore[override]
+        return self._request(op, args)
 
 
 def _report_failure(out: Any) -> None:

@@ -288,10 +288,18 @@ def test_sigkill_at_every_file_system_call(tmp_path: Path) -> None:
 
 
 # --- SIGKILL at random instants -----------------------------------------------------------
-def _kill_after(proc: Any, delay: float) -> None:
-    time.sleep(delay)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join(timeout=JOIN_TIMEOUT)
+def _run_and_kill(target: Any, args: tuple[Any, ...], delay: float) -> None:
+    """Run ``target`` in a forked child and SIGKILL it after ``delay`` seconds."""
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
+    proc.start()
+    try:
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.join(timeout=JOIN_TIMEOUT)
+        if proc.is_alive():  # pragma: no cover
+            proc.kill()
+            proc.join(timeout=10)
 
 
 @pytest.mark.slow
@@ -302,15 +310,7 @@ def test_sigkill_mid_write_and_mid_transaction(tmp_path: Path, durable: bool) ->
     acked = ctx.Value("q", 0, lock=False)
     rng = random.Random(1234)
     for _round in range(6):
-        proc = ctx.Process(target=big_value_writer, args=(str(path), acked, durable),
-                           daemon=True)
-        proc.start()
-        try:
-            _kill_after(proc, rng.uniform(0.05, 0.4))
-        finally:
-            if proc.is_alive():  # pragma: no cover
-                proc.kill()
-                proc.join(timeout=10)
+        _run_and_kill(big_value_writer, (str(path), acked, durable), rng.uniform(0.05, 0.4))
         with SafeFileStore(path, durable=False) as store:
             done = acked.value
             if done == 0 and "big" not in store:
@@ -335,14 +335,7 @@ def test_sigkill_mid_compaction(tmp_path: Path) -> None:
     rng = random.Random(99)
     generations = set()
     for _round in range(8):
-        proc = ctx.Process(target=compacting_writer, args=(str(path), acked), daemon=True)
-        proc.start()
-        try:
-            _kill_after(proc, rng.uniform(0.05, 0.3))
-        finally:
-            if proc.is_alive():  # pragma: no cover
-                proc.kill()
-                proc.join(timeout=10)
+        _run_and_kill(compacting_writer, (str(path), acked), rng.uniform(0.05, 0.3))
         with SafeFileStore(path, durable=False) as store:
             values = store.to_dict()
             generations.add(store.statistics().generation)
@@ -358,7 +351,6 @@ def test_sigkill_mid_compaction(tmp_path: Path) -> None:
             acked.value = max(seqs)
             store["probe"] = tagged(0, 0)
             del store["probe"]
-    names = os.listdir(path)
     assert len(generations) > 1, "no compaction ran"
     with SafeFileStore(path, durable=False) as store:
         store.compact()
