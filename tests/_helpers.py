@@ -22,6 +22,9 @@ import safeshm
 from safeshm import _compat
 
 JOIN_TIMEOUT = 60.0
+# "Promptly": far above what scheduling noise on a loaded 2-CPU CI machine adds, far below
+# the JOIN_TIMEOUT a missed wake-up or a lost lock would run into.
+PROMPT = 5.0
 START_METHODS = ("fork", "spawn")
 
 # Every structure, for conformance tests of the lifecycle they all share.
@@ -277,27 +280,35 @@ def array_adds_worker(arr: Any, barrier: Any, ops: Sequence[tuple[int, int]]) ->
         arr.add(index, delta)
 
 
-def uniform_writer_worker(arr: Any, rounds: int, use_locked: bool) -> None:
+def uniform_writer_worker(arr: Any, use_locked: bool, reads: Any, min_rounds: int,
+                          min_reads: int) -> None:
     """Set the whole array to one value per round: via locked() + element stores (slow,
-    so a torn read would have a wide window) or via fill()."""
-    for r in range(rounds):
+    so a torn read would have a wide window) or via fill(). Go on until ``min_rounds``
+    rounds are done and the reader has taken ``min_reads`` more snapshots meanwhile (the lock is
+    not fair: a loaded machine can starve the reader for hundreds of rounds)."""
+    deadline = time.monotonic() + JOIN_TIMEOUT / 2
+    target = reads.value + min_reads  # snapshots taken while this writer runs
+    r = 0
+    while r < min_rounds or (reads.value < target and time.monotonic() < deadline):
         if use_locked:
             with arr.locked() as view:
                 for k in range(len(view)):
                     view[k] = r
         else:
             arr.fill(r)
+        r += 1
 
 
 def snapshot_reader_worker(arr: Any, stop: Any, torn: Any, reads: Any) -> None:
-    """Take snapshots in every way there is until told to stop; count torn ones."""
+    """Take snapshots in every way there is until told to stop; count torn ones and
+    publish the number of rounds as it goes."""
     n = 0
     while not stop.is_set():
         for snap in (arr.to_list(), list(arr), arr[:], arr[::2]):
             if len(set(snap)) > 1:
                 torn.value += 1
         n += 1
-    reads.value = n
+        reads.value = n
 
 
 def die_inside_locked_worker(name: str, ready: Any) -> None:

@@ -19,6 +19,7 @@ import safeshm
 
 from ._helpers import (
     JOIN_TIMEOUT,
+    PROMPT,
     START_METHODS,
     Remote,
     array_adds_worker,
@@ -417,11 +418,11 @@ def test_snapshots_are_never_torn(use_locked: bool, make: Any) -> None:
     torn = ctx.RawValue("q", 0)
     reads = ctx.RawValue("q", 0)
     with processes("fork", snapshot_reader_worker, [(a, stop, torn, reads)]) as (reader,):
-        run_all("fork", uniform_writer_worker, [(a, 300, use_locked)])
+        run_all("fork", uniform_writer_worker, [(a, use_locked, reads, 300, 20)])
         stop.set()
         reader.join(timeout=JOIN_TIMEOUT)
         assert reader.exitcode == 0
-    assert reads.value > 10
+    assert reads.value >= 20, "the reader starved for the whole timeout"
     assert torn.value == 0
 
 
@@ -435,7 +436,7 @@ def test_elements_in_different_stripes_do_not_wait(make: Any) -> None:
         t0 = time.monotonic()
         for i in range(1, 64):
             a.add(i, 1)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < PROMPT
         kill_and_reap(p)
     assert a.add(0, 1) == 1  # its stripe recovered: an element write leaves nothing partial
 
@@ -469,7 +470,7 @@ def test_death_inside_locked_is_reported_to_the_next_holder(method: str, make: A
     with pytest.warns(safeshm.HolderDiedWarning, match="partial update"):
         repair()
     assert left == [-1] * 5 + [7] * 5
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < PROMPT
     assert not a.partial_update_suspected  # a completed bulk write clears it
     assert a.to_list() == [-1] * 5 + [0] * 5
     assert a.statistics().recoveries >= 1

@@ -13,6 +13,7 @@ import safeshm
 
 from ._helpers import (
     JOIN_TIMEOUT,
+    PROMPT,
     START_METHODS,
     hold_lock_worker,
     kill_and_reap,
@@ -107,14 +108,14 @@ def test_timeouts_across_processes(lock: safeshm.SafeLock) -> None:
         t0 = time.monotonic()
         assert lock.acquire(timeout=0.3) is False
         waited = time.monotonic() - t0
-        assert 0.25 <= waited < 2.0
+        assert 0.25 <= waited < PROMPT
         with pytest.raises(safeshm.LockTimeoutError), lock.acquired(timeout=0.05):
             pass
         # A blocked acquire wakes promptly when the holder releases.
         release.set()
         t0 = time.monotonic()
         assert lock.acquire(timeout=JOIN_TIMEOUT)
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < PROMPT
         lock.release()
 
 
@@ -143,7 +144,7 @@ def test_blocking_acquire_wakes_promptly(lock: safeshm.SafeLock,
     lock.release()
     assert got.wait(JOIN_TIMEOUT)
     t.join(timeout=JOIN_TIMEOUT)
-    assert woke_at[0] - released < 5.0  # woken by the unlock, not by a polling tick
+    assert woke_at[0] - released < PROMPT  # woken by the unlock, not by a polling tick
 
 
 @pytest.mark.parametrize("bad", [-1, -0.5, float("nan")])
@@ -215,7 +216,7 @@ def test_holder_killed_next_acquirer_recovers_and_is_told(method: str,
         t0 = time.monotonic()
         with pytest.warns(safeshm.HolderDiedWarning, match="previous holder died"):
             assert lock.acquire(timeout=1.0) is True
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < PROMPT
         assert lock.statistics().recoveries == 1
         lock.release()
         # Fully usable afterwards, with no further warning.
@@ -250,7 +251,7 @@ def test_holder_killed_while_we_wait(lock: safeshm.SafeLock) -> None:
         with pytest.warns(safeshm.HolderDiedWarning):
             killed = kill_while_it_waits()
         assert result[0] is True
-        assert result[1] - killed < 1.0
+        assert result[1] - killed < PROMPT
 
 
 def test_with_statement_after_dead_holder_warns(lock: safeshm.SafeLock) -> None:
@@ -372,7 +373,7 @@ def test_timedlock_fallback(monkeypatch: pytest.MonkeyPatch, lock: safeshm.SafeL
         assert holding.wait(JOIN_TIMEOUT)
         t0 = time.monotonic()
         assert lock.acquire(timeout=0.3) is False
-        assert 0.25 <= time.monotonic() - t0 < 2.0
+        assert 0.25 <= time.monotonic() - t0 < PROMPT
         kill_and_reap(p)
         with pytest.warns(safeshm.HolderDiedWarning):
             assert lock.acquire(timeout=1.0)

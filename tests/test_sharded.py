@@ -18,6 +18,7 @@ import safeshm
 
 from ._helpers import (
     JOIN_TIMEOUT,
+    PROMPT,
     START_METHODS,
     Remote,
     adds_then_report_worker,
@@ -316,7 +317,7 @@ def test_killed_while_holding_the_lock(counter: safeshm.ShardedCounter) -> None:
         kill_and_reap(p)
     t0 = time.monotonic()
     assert counter.exchange(1) == 5
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < PROMPT
     assert counter.value == 1
 
 
