@@ -135,9 +135,9 @@ def torn_reader(path: str, stop: Any, out: Any) -> None:
         _report_failure(out)
 
 
-def modify_worker(path: str, n: int, barrier: Any, out: Any) -> None:
+def modify_worker(path: str, n: int, barrier: Any, out: Any, durable: bool = False) -> None:
     try:
-        with SafeFileStore(path, durable=False) as store:
+        with SafeFileStore(path, durable=durable) as store:
             barrier.wait(timeout=JOIN_TIMEOUT)
             for _ in range(n):
                 store.modify("count", lambda c: c + 1, default=0)
@@ -162,6 +162,35 @@ def transfer_worker(path: str, accounts: int, n: int, seed: int, barrier: Any,  
                     tx[f"acct{b}"] = tx[f"acct{b}"] + amount
                     tx["transfers"] = tx.get("transfers", 0) + 1
         out.put(("done",))
+    except Exception:  # noqa: BLE001
+        _report_failure(out)
+
+
+def acked_writer(path: str, n: int, acked: Any, barrier: Any) -> None:
+    """Durably set "seq" to 1..n, recording each value once the set has returned."""
+    with SafeFileStore(path, durable=True) as store:
+        barrier.wait(timeout=JOIN_TIMEOUT)
+        for i in range(1, n + 1):
+            store["seq"] = i
+            acked.value = i
+
+
+def acked_reader(path: str, acked: Any, barrier: Any, stop: Any, out: Any) -> None:
+    """Until ``stop``: a value acknowledged before a read began is seen by the read."""
+    try:
+        with SafeFileStore(path, durable=False) as store:
+            reads, stale = 0, []
+            barrier.wait(timeout=JOIN_TIMEOUT)
+            while True:
+                done = stop.is_set()
+                before = acked.value
+                seen = store.get("seq", 0)
+                reads += 1
+                if seen < before:
+                    stale.append((seen, before))
+                if done:
+                    break
+            out.put(("reader", reads, stale[:5]))
     except Exception:  # noqa: BLE001
         _report_failure(out)
 

@@ -24,9 +24,11 @@ from hypothesis.stateful import (
 
 from safeshm import SafeFileStore
 
-from ._helpers import JOIN_TIMEOUT, processes
+from ._helpers import JOIN_TIMEOUT, processes, run_all
 from ._store_helpers import (
     StoreServer,
+    acked_reader,
+    acked_writer,
     history_writer,
     is_whole,
     modify_worker,
@@ -199,14 +201,15 @@ def test_concurrent_writers_are_serializable(tmp_path: Path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_modify_is_exact_across_processes(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "durable"),
+                         [("fork", False), ("spawn", False), ("fork", True)])
+def test_modify_is_exact_across_processes(tmp_path: Path, method: str, durable: bool) -> None:
     path = str(tmp_path / "m")
     ctx = multiprocessing.get_context(method)
     procs, n = 4, 150
     barrier = ctx.Barrier(procs)
     out = ctx.Queue()
-    with processes(method, modify_worker, [(path, n, barrier, out)] * procs):
+    with processes(method, modify_worker, [(path, n, barrier, out, durable)] * procs):
         _drain(out, procs)
     with SafeFileStore(path, durable=False) as store:
         assert store["count"] == procs * n
@@ -239,6 +242,27 @@ def test_transactions_keep_the_total(tmp_path: Path) -> None:
         assert store["transfers"] == workers * n
 
 
+@pytest.mark.slow
+def test_a_returned_durable_write_is_seen_by_every_later_read(tmp_path: Path) -> None:
+    """Linearizable: once a durable set returned (its fdatasync done outside the write
+    lock), a read that starts afterwards in another process sees it or a later value."""
+    path = str(tmp_path / "l")
+    SafeFileStore(path, durable=False).close()
+    ctx = multiprocessing.get_context("fork")
+    acked = ctx.RawValue("q", 0)
+    barrier = ctx.Barrier(3)
+    stop = ctx.Event()
+    out = ctx.Queue()
+    with processes("fork", acked_reader, [(path, acked, barrier, stop, out)] * 2):
+        run_all("fork", acked_writer, [(path, 300, acked, barrier)])
+        stop.set()
+        readers = _drain(out, 2)
+    for _kind, reads, stale in readers:
+        assert reads > 0 and stale == [], f"a read missed an acknowledged write: {stale}"
+    with SafeFileStore(path, durable=False) as store:
+        assert store["seq"] == 300
+
+
 def _compactor(path: str, stop: Any, out: Any) -> None:
     try:
         with SafeFileStore(path, durable=False) as store:
@@ -266,7 +290,8 @@ def test_compaction_under_load_loses_nothing(tmp_path: Path) -> None:
     with processes("fork", _compactor, [(path, stop, out)]), \
             processes("fork", total_reader, [(path, accounts, stop, out)]), \
             processes("fork", modify_worker, [(path, 400, barrier, out)]), \
-            processes("fork", transfer_worker, [(path, accounts, 400, 7, barrier, out)]):
+            processes("fork", transfer_worker,
+                      [(path, accounts, 400, 7, barrier, out, True)]):  # durable: group commit
         _drain(out, 2)
         stop.set()
         results = _drain(out, 2)

@@ -14,13 +14,15 @@ an in-memory index in every handle:
   writer dies, so a SIGKILL never leaves it held) and, inside a process, on a
   per-store ``threading.Lock``. Before appending, a writer reads what others appended
   and truncates a torn tail (a record that a killed writer left half-written: it can
-  only be the last one). With ``durable=True`` it calls ``fdatasync`` before it
-  releases the lock, so an acknowledged write survives power loss and nobody reads a
-  value that could still vanish.
-* Readers take no file lock: one ``fstat`` tells them whether the log grew, and they
-  parse only the new records. A record that does not check out stops them there; only
-  with the writers excluded (``LOCK_SH``) do they decide between a torn tail (ignored:
-  the next writer discards it) and corruption (``StoreCorruptedError``).
+  only be the last one). With ``durable=True`` it calls ``fdatasync`` after it released
+  the lock (group commit: the next writer's write, and its sync, overlap ours) and
+  before it returns, so an acknowledged write survives power loss; readers read only up
+  to what a finished sync covered, so nobody reads a value that could still vanish.
+* Readers take no file lock: a word in the mapped ``write.lock`` tells them how far the
+  log is acknowledged, and they parse only the new records. A record that does not
+  check out stops them there; only with the writers excluded (``LOCK_SH``) do they
+  decide between a torn tail (ignored: the next writer discards it) and corruption
+  (``StoreCorruptedError``).
 * Compaction writes the live records to a new generation (temp file, fsync, rename,
   fsync of the directory), appends ``MOVED`` to the old log, then replaces
   ``CURRENT``. Every step leaves a state from which any process reaches the same data:
@@ -121,8 +123,10 @@ _MIX: Final = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads every bit of a
 _WORD: Final = (1 << 64) - 1
 
 
-def _check_word(stamp: int, position: int) -> int:
-    return ((position * _MIX) ^ stamp ^ (position >> 29)) & _WORD
+def _check_word(stamp: int, position: int, synced: int) -> int:
+    # Multiplying by an odd constant is a bijection of 64-bit words: a change in any bit of
+    # position or synced (rotated, so the two do not cancel) changes the result.
+    return (((position ^ (synced << 32) ^ (synced >> 32)) * _MIX) ^ stamp) & _WORD
 
 
 def _pack(generation: int, end: int) -> int:
@@ -418,29 +422,35 @@ class _ProcessWriter:
     child must never use its parent's descriptor (it would "hold" the parent's lock), so
     the registry is emptied and the inherited descriptors closed in every child.
 
-    The lock file is mapped shared and holds three words (see ``docs/design.md``):
+    The lock file is mapped shared and holds these words (see ``docs/design.md``), all
+    written with the flock held:
 
     * ``busy``: set by the holder of the flock, cleared before it unlocks; only a hint for
       waiters (see :func:`_lock_exclusive`). A holder that dies with it set costs the next
       writer one short spin, nothing more.
-    * ``position``: the generation and end of the log after the last acknowledged write
-      (:func:`_pack`), published by the writer after its record is complete (and synced,
-      when durable). Readers read up to it without a system call; a writer that finds the
-      file exactly that long knows there is no torn tail and appends at once.
-    * ``stamp``: which log file, in which boot of the machine, ``position`` is about
+    * ``position``: the generation and end of the log after the last complete write
+      (:func:`_pack`), published by the writer as soon as its ``write`` returned. A writer
+      that finds the file exactly that long knows there is no torn tail and appends at
+      once; past it lies only what a killed writer left half-written.
+    * ``synced``: the generation and end of what readers may see: complete and, for a
+      durable writer, on disk. A durable writer publishes ``position`` and releases the
+      lock before its ``fdatasync`` (so the next writer's write overlaps it, and the kernel
+      can commit both at once: group commit), then takes the lock again to move ``synced``
+      past its record. Readers read up to ``synced`` without a system call.
+    * ``stamp``: which log file, in which boot of the machine, the positions are about
       (:func:`_stamp_of`). After a reboot the mapped page may hold anything, and a copied
-      store carries its original's words: then nobody trusts ``position`` until a writer
-      has read the log and published it again.
-    * ``check``: a checksum of ``stamp`` and ``position``, written last. A damaged lock
-      file, or a reader that looks while a writer publishes, sees a mismatch: the hints
-      are not trusted, and the file decides.
+      store carries its original's words: then nobody trusts them until a writer has read
+      the log and published them again.
+    * ``check``: a checksum of ``stamp``, ``position`` and ``synced``, written last. A
+      damaged lock file, or a reader that looks while a writer publishes, sees a mismatch:
+      the hints are not trusted, and the file decides.
 
-    All three are hints checked against the file: the flock decides who writes, and the
-    log's checksums decide what is data.
+    All are hints checked against the file: the flock decides who writes, and the log's
+    checksums decide what is data.
     """
 
     __slots__ = ("__weakref__", "busy", "check", "fd", "map", "mutex", "owner", "position",
-                 "stamp")
+                 "stamp", "synced")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -454,19 +464,39 @@ class _ProcessWriter:
         self.stamp = ctypes.c_uint64.from_buffer(self.map, 8)
         self.position = ctypes.c_uint64.from_buffer(self.map, 16)
         self.check = ctypes.c_uint64.from_buffer(self.map, 24)
+        self.synced = ctypes.c_uint64.from_buffer(self.map, 32)
 
-    def publish(self, stamp: int, position: int) -> None:
-        """Publish ``position`` for the log ``stamp`` (write lock held). ``check`` is
-        written last: a reader between the stores sees a mismatch and does not trust
-        ``position`` -- it reads the file instead, which is never wrong."""
+    def publish(self, stamp: int, position: int, synced: int) -> None:
+        """Publish ``position`` and ``synced`` for the log ``stamp`` (write lock held).
+        ``check`` is written last: a reader between the stores sees a mismatch and looks
+        again, or does not trust the words -- it reads the file instead, which is never
+        wrong."""
         self.position.value = position
+        self.synced.value = synced
         self.stamp.value = stamp
-        self.check.value = _check_word(stamp, position)
+        self.check.value = _check_word(stamp, position, synced)
+
+    def hints(self, stamp: int, generation: int) -> tuple[int, int] | None:
+        """``(position, synced)`` as words, if they are trusted for ``generation``'s log
+        ``stamp``: intact, about that log, and ``synced <= position``."""
+        for _attempt in (1, 2, 3):  # a publish in progress: its stores take nanoseconds
+            position, synced = self.position.value, self.synced.value
+            if self.stamp.value != stamp or not stamp:
+                return None
+            if self.check.value == (((position ^ (synced << 32) ^ (synced >> 32)) * _MIX)
+                                    ^ stamp) & _WORD:  # _check_word, inlined: a hot path
+                break
+        else:
+            return None
+        if (position >> _POS_BITS != generation or synced >> _POS_BITS != generation
+                or synced > position or not position):
+            return None
+        return position, synced
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            del self.busy, self.stamp, self.position, self.check
+            del self.busy, self.stamp, self.position, self.check, self.synced
             with contextlib.suppress(OSError, BufferError):
                 self.map.close()
             with contextlib.suppress(OSError):
@@ -572,6 +602,9 @@ _DELETED: Final[Any] = object()
 # offset and length in the log, and the size of the record it came in (for the space
 # accounting that triggers compaction).
 _Entry = tuple[bytes | None, int, int, int]
+# A durable write waiting for its fdatasync (see SafeFileStore._finish): the process's
+# writer, the log's stamp and generation, the record's end, and a descriptor of the log.
+_Pending = tuple[_ProcessWriter, int, int, int, int]
 
 
 class SafeFileStore(MutableMapping[str, V], Generic[V]):
@@ -589,10 +622,14 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
       lost, and a transaction is all-or-nothing even if its process is killed while it
       commits.
     * A writer killed at any instant (even by SIGKILL) leaves every key with a complete,
-      committed value; the next writer discards its half-written record.
+      committed value; the next writer discards its half-written record. (A write killed
+      after its record was whole, while it synced, may still take effect -- whole -- when
+      the next writer syncs.)
     * ``durable=True`` (the default): a write returns only after ``fdatasync``, so it
-      survives power loss. ``durable=False`` leaves flushing to the kernel (a crash of the
-      machine may lose the last writes, never tear them).
+      survives power loss, and other handles see it only once it is on disk. Concurrent
+      durable writers sync outside the write lock, so their syncs overlap (group commit).
+      ``durable=False`` leaves flushing to the kernel (a crash of the machine may lose the
+      last writes, never tear them).
     * Corruption on disk (a flipped byte, a truncated file) is detected by CRC-32 checksums
       and raised as :class:`StoreCorruptedError`, never returned as data.
     * The directory is created ``0700`` and the files ``0600``; a directory that another
@@ -846,52 +883,56 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
 
     # --- reading the log --------------------------------------------------------------------
     def _published(self, generation: int) -> int | None:
-        """The end of ``generation``'s log as the last writer published it, if trusted."""
+        """The end of ``generation``'s log that readers may see (``synced``), if trusted."""
         writer = self._writer
-        if writer is None or writer.fd < 0 or not self._stamp or (
-                writer.stamp.value != self._stamp):
+        if writer is None or writer.fd < 0:
             return None
-        word = writer.position.value
-        if not word or word >> _POS_BITS != generation or (
-                writer.check.value != _check_word(self._stamp, word)):
+        hints = writer.hints(self._stamp, generation)
+        if hints is None:
             return None
-        end = int(word & _POS_MASK)
-        if end == self._end and generation == self._generation:
-            self._seen = word  # checked, and read up to: the next reads compare only this
+        synced = hints[1]
+        end = int(synced & _POS_MASK)
+        if end <= self._end and generation == self._generation:
+            # Checked, and read up to (or past: a writer reads what is not synced yet):
+            # the next reads compare only this word.
+            self._seen = synced
         return end
 
     def _refresh(self) -> None:
         """Apply what other processes appended since we last looked (caller holds _mutex).
 
-        Reads up to the published position (an acknowledged write's end: no system call
-        when nothing changed, and never a write in progress); without a trusted one, up
-        to the end of the file.
+        Reads up to the published ``synced`` end (acknowledged writes: no system call when
+        nothing changed, and never a write in progress or not yet on disk); without
+        trusted hints, up to the end of the file.
         """
         writer = self._writer
-        if writer is not None and writer.fd >= 0 and writer.position.value == self._seen:
-            return  # the position this handle checked and read up to: nothing new
+        if writer is not None and writer.fd >= 0 and writer.synced.value == self._seen:
+            return  # the word this handle checked and read up to: nothing new
         size = self._published(self._generation)
-        if size is None or size < self._end:
+        if size is None:
             # lseek(SEEK_END) is the file size, at a third of fstat's cost; the offset it
             # moves is used by nobody (O_APPEND writes, positioned reads).
             size = os.lseek(self._log_fd, 0, os.SEEK_END)
-        if size != self._end:
+            if size != self._end:
+                self._catch_up(size)
+        elif size > self._end:
             self._catch_up(size)
 
     def _sync_as_writer(self, writer: _ProcessWriter) -> None:
         """With the write lock held: bring the log and this handle to one end, and publish
         it (caller holds _mutex).
 
-        Past a trusted published position lies only what no writer acknowledged -- the
-        record of a writer killed before it published -- and it is discarded, complete or
-        not: what readers were told stays the truth. Without a trusted position (a
-        reboot, a copied store) the file decides: every whole record counts, a torn tail
-        is discarded (see :meth:`_classify_tail`). A compaction is followed either way.
+        Past a trusted published ``position`` lies only what a writer killed in its
+        ``write`` left (it publishes ``position`` as soon as ``write`` returns), and it is
+        discarded, complete or not. Without trusted hints (a reboot, a copied store) the
+        file decides: every whole record counts, a torn tail is discarded (see
+        :meth:`_classify_tail`). A compaction is followed either way.
         """
         for _ in range(_OPEN_RETRIES):
             fd = self._log_fd
             size = os.lseek(fd, 0, os.SEEK_END)
-            published = self._published(self._generation)
+            hints = writer.hints(self._stamp, self._generation)
+            published = int(hints[0] & _POS_MASK) if hints is not None else None
             if published is not None and self._end <= published < size:
                 if published > self._end:
                     self._catch_up(published)
@@ -912,7 +953,13 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 self._torn += 1
                 continue
             if size == self._end:
-                writer.publish(self._stamp, _pack(self._generation, size))
+                position = _pack(self._generation, size)
+                # Records between `synced` and `position` are complete: durable writers'
+                # in the middle of their fdatasync (they move `synced` past them), or ones
+                # killed there (the next durable writer's sync covers them). Without
+                # trusted hints, everything whole in the file is what readers see.
+                synced = hints[1] if hints is not None and published == size else position
+                writer.publish(self._stamp, position, synced)
                 return
             self._catch_up(size)
         raise StoreCorruptedError(f"{self._path!r}: the log keeps changing under its writer")
@@ -1157,9 +1204,12 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         finally:
             writer.mutex.release()
 
-    def _append(self, record: bytes, ops: list[tuple[int, bytes, bytes]]) -> None:
+    def _append(self, record: bytes, ops: list[tuple[int, bytes, bytes]]) -> _Pending | None:
         """Append one record (writer lock held), publish the new end, and apply the
-        record's operations to the index if it is caught up (else the next read does)."""
+        record's operations to the index if it is caught up (else the next read does).
+
+        A durable handle returns what :meth:`_finish` needs to sync the record and make it
+        visible, after the caller released the lock."""
         writer = self._writer
         if writer is None:  # pragma: no cover - the caller holds the writer
             raise self._closed_error()
@@ -1168,12 +1218,17 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise self._closed_error()
             fd = self._log_fd
             start = os.lseek(fd, 0, os.SEEK_END)
+            # A durable writer keeps `synced` as it is, so it must trust it (the checksum
+            # over all words); a non-durable one sets both words to its end.
+            hints = writer.hints(self._stamp, self._generation) if self._durable else None
             if not self._stamp or writer.stamp.value != self._stamp or (
-                    writer.position.value != _pack(self._generation, start)):
+                    writer.position.value != _pack(self._generation, start)) or (
+                    self._durable and hints is None):
                 # Not exactly what the last writer published: a torn tail, a compaction,
                 # a reboot. Read it all (the slow, always-right path) before appending.
                 self._sync_as_writer(writer)
                 fd, start = self._log_fd, self._end  # maybe another generation's log now
+                hints = writer.hints(self._stamp, self._generation)
             try:
                 written = os.write(fd, record)
                 if written != len(record):  # interrupted, or the disk filled up: go on
@@ -1182,13 +1237,42 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 # A short write (ENOSPC, EDQUOT): take the fragment back; nothing changed.
                 os.ftruncate(fd, start)
                 raise
+            end = start + len(record)
+            position = _pack(self._generation, end)
+            pending = None
             if self._durable:
-                os.fdatasync(fd)
-            writer.publish(self._stamp, _pack(self._generation, start + len(record)))
-            if self._end != start:
-                return  # others' records come first: the next refresh applies them, then ours
-            self._end = start + len(record)
-            self._apply_own(start, record, ops)
+                # Visible to the next writer at once, to readers once on disk (_finish).
+                writer.publish(self._stamp, position, hints[1] if hints is not None else 0)
+                pending = (writer, self._stamp, self._generation, end, os.dup(fd))
+            else:
+                writer.publish(self._stamp, position, position)
+            if self._end == start:  # else others' records come first: the next refresh
+                self._end = end     # applies them, then ours
+                self._apply_own(start, record, ops)
+            return pending
+
+    def _finish(self, pending: _Pending | None) -> None:
+        """Make a durable write durable and visible, after the write lock was released:
+        ``fdatasync`` (other writers write meanwhile, and their syncs overlap ours: the
+        kernel commits them together), then take the lock again to move ``synced`` past
+        the record -- unless another writer's sync, or a compaction, already did."""
+        if pending is None:
+            return
+        writer, stamp, generation, end, fd = pending
+        try:
+            os.fdatasync(fd)  # covers every byte written to the file before it started
+        finally:
+            os.close(fd)
+        with writer.mutex:
+            if writer.fd < 0:  # pragma: no cover - only a forked child closes it
+                return
+            _lock_exclusive(writer)
+            try:
+                hints = writer.hints(stamp, generation)
+                if hints is not None and hints[1] & _POS_MASK < end <= hints[0] & _POS_MASK:
+                    writer.publish(stamp, hints[0], _pack(generation, end))
+            finally:
+                _unlock_exclusive(writer)
 
     def _apply_own(self, start: int, record: bytes, ops: list[tuple[int, bytes, bytes]]
                    ) -> None:
@@ -1213,21 +1297,23 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 self._drop(index, key.decode())
             pos += len(key) + len(value)
 
-    def _commit(self, ops: list[tuple[int, bytes, bytes]]) -> None:
+    def _commit(self, ops: list[tuple[int, bytes, bytes]]) -> _Pending | None:
         if len(ops) == 1:
             rtype, key, value = ops[0]
-            self._append(encode_record(rtype, key, value), ops)
-        elif ops:
-            self._append(_encode_txn(ops), ops)
+            return self._append(encode_record(rtype, key, value), ops)
+        if ops:
+            return self._append(_encode_txn(ops), ops)
+        return None
 
     def _write(self, ops: list[tuple[int, bytes, bytes]]) -> None:
         # A blind write needs no catch-up under the lock: the records it does not know
         # are parsed after the lock is released, in parallel with the next writer.
         writer = self._acquire_writer(catch_up=False)
         try:
-            self._commit(ops)
+            pending = self._commit(ops)
         finally:
             self._release_writer(writer)
+        self._finish(pending)
         with self._mutex:
             if not self._closed:
                 self._refresh()
@@ -1288,9 +1374,10 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         try:
             if key not in self._index:
                 raise KeyError(key)
-            self._commit([(DEL, kb, b"")])
+            pending = self._commit([(DEL, kb, b"")])
         finally:
             self._release_writer(writer)
+        self._finish(pending)
         self._maybe_compact()
 
     def __contains__(self, key: object) -> bool:
@@ -1421,9 +1508,10 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             new = fn(current)
             encoded = self._dumps(new)
             _check_size(kb, encoded)
-            self._commit([(SET, kb, encoded)])
+            pending = self._commit([(SET, kb, encoded)])
         finally:
             self._release_writer(writer)
+        self._finish(pending)
         self._maybe_compact()
         return new
 
@@ -1495,7 +1583,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 moved = encode_record(MOVED, b"", _GEN.pack(new_generation))
                 _write_all(old_fd, moved)
                 os.fdatasync(old_fd)
-                writer.publish(self._stamp, _pack(old_generation, self._end + len(moved)))
+                moved_end = _pack(old_generation, self._end + len(moved))
+                writer.publish(self._stamp, moved_end, moved_end)
                 _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation),
                               self._path)
                 self._switch_to(new_generation)
@@ -1638,15 +1727,17 @@ class Transaction(MutableMapping[str, V], Generic[V]):
         if writer is None:
             return
         store = self._store
+        pending = None
         try:
             if exc_type is None:
-                store._commit([
+                pending = store._commit([
                     (SET, kb, value) if value is not None else (DEL, kb, b"")
                     for kb, value in self._ops.values()])
         finally:
             self._state = "done"
             store._release_writer(writer)
         if exc_type is None:
+            store._finish(pending)
             store._maybe_compact()
 
     def _check(self) -> None:
