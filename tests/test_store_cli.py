@@ -58,7 +58,7 @@ def test_check_ok_torn_and_corrupt(tmp_path: Path, capsys: pytest.CaptureFixture
     with open(log, "ab") as f:
         f.write(store_module.encode_record(store_module.SET, b"b", b"2")[:10])
     code, out, _ = _run(capsys, "store", "check", str(path))
-    assert code == 0 and "10 bytes" in out and "discards them" in out
+    assert code == 0 and "10 bytes" in out and "discards a half-written record" in out
     code, out, _ = _run(capsys, "store", "check", "--json", str(path))
     assert code == 0 and json.loads(out)["torn_tail_bytes"] == 10
     with open(log, "ab") as f:

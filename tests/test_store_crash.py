@@ -380,8 +380,8 @@ def test_readers_see_only_acknowledged_writes(tmp_path: Path) -> None:
             SafeFileStore(path, durable=False) as reader:
         writer["a"] = 1
         assert reader.to_dict() == {"a": 1}
-        # A complete record appended by a writer that died before it published its end
-        # (before its write was acknowledged): readers do not see it ...
+        # A complete record appended by a writer that died inside write(), before it
+        # published its end (the write was never acknowledged): readers do not see it ...
         with open(path / store_module.log_name(1), "ab") as f:
             f.write(store_module.encode_record(store_module.SET, b"b", b"2"))
         assert reader.to_dict() == {"a": 1}
@@ -389,7 +389,9 @@ def test_readers_see_only_acknowledged_writes(tmp_path: Path) -> None:
             assert fresh.to_dict() == {"a": 1}
         report = store_module.check_store(path)
         assert report.keys == 1 and report.torn_tail_bytes > 0
-        # ... and the next writer discards it: it was never acknowledged.
+        # ... and the next writer discards it: past `position` lies only what a killed
+        # writer left (records a writer finished lie before it, see the group commit
+        # tests below).
         writer["c"] = 3
         assert reader.to_dict() == {"a": 1, "c": 3}
         assert store_module.check_store(path) == dataclasses.replace(

@@ -1832,9 +1832,9 @@ class StoreReport:
     log_bytes: int
     live_bytes: int
     torn_tail_bytes: int
-    """Bytes past the last acknowledged write: a write in progress, or the record of a
-    writer killed before it acknowledged it (whole or torn). The next write discards
-    them. Not an error."""
+    """Bytes past the last acknowledged write: writes in progress (or syncing), or what a
+    writer killed before it acknowledged left. The next write discards a half-written
+    record; whole ones take effect when the next durable write syncs. Not an error."""
 
 
 class _RawSerializer:

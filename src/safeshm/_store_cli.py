@@ -67,7 +67,7 @@ def cmd_store_check(args: argparse.Namespace) -> int:
           f"generation {report.generation}, log {report.log_bytes} bytes "
           f"({report.live_bytes} live); every checksum matches")
     if report.torn_tail_bytes:
-        print(f"note: the log ends in {report.torn_tail_bytes} bytes of a write that was "
-              f"never acknowledged (in progress, or its writer was killed); the next write "
-              f"discards them")
+        print(f"note: the log ends in {report.torn_tail_bytes} bytes not acknowledged yet "
+              f"(a write in progress, or one whose writer was killed); the next write "
+              f"discards a half-written record and makes whole ones visible")
     return 0
