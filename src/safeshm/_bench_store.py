@@ -288,11 +288,12 @@ def report(cells: list[StoreCell]) -> str:
     """The human-readable table."""
     lines = [f"SafeFileStore vs alternatives ({VALUE_BYTES}-byte values; set/get: {KEYS} "
              f"keys, durable set: {DURABLE_KEYS}; ops/s, median)"]
-    lines.append(f"  {'workload':<12} {'implementation':<16} {'ops/s':>12}   runs")
+    width = max([len("implementation")] + [len(c.implementation) for c in cells])
+    lines.append(f"  {'workload':<12} {'implementation':<{width}} {'ops/s':>12}   runs")
     for c in cells:
         runs = " ".join(f"{r:,.0f}" for r in c.runs)
-        lines.append(f"  {c.workload:<12} {c.implementation:<16} {c.ops_per_second:>12,.0f}"
-                     f"   {runs}")
+        lines.append(f"  {c.workload:<12} {c.implementation:<{width}} "
+                     f"{c.ops_per_second:>12,.0f}   {runs}")
     lines.append("  ratios (SafeFileStore ÷ alternative; bar = required):")
     for label, versus, ratio, goal in ratios(cells):
         verdict = "" if goal is None else ("  PASS" if ratio >= goal else "  MISS")
