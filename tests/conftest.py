@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -20,6 +21,15 @@ if "SAFESHM_DIR" not in os.environ:
     _SESSION_DIR = f"/dev/shm/safeshm-tests-{os.getpid()}"
     os.mkdir(_SESSION_DIR, 0o700)
     os.environ["SAFESHM_DIR"] = _SESSION_DIR
+
+    def _remove_empty_session_dir(owner: int = os.getpid()) -> None:
+        # Also when pytest stops before the session (a usage error): the directory goes
+        # if it is empty; what a test leaked stays, for pytest_sessionfinish to report.
+        if os.getpid() == owner and _SESSION_DIR is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(_SESSION_DIR)
+
+    atexit.register(_remove_empty_session_dir)
 
 from safeshm import _compat  # noqa: E402 - must follow the SAFESHM_DIR set-up
 
