@@ -4,6 +4,7 @@ SIGKILLed at every file-system call of a script and at random instants."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import multiprocessing
 import os
 import random
@@ -469,6 +470,35 @@ def test_a_durable_write_is_visible_when_its_own_sync_returns(
             gate.release.set()
             gate.slow.join(timeout=JOIN_TIMEOUT)
         assert reader.to_dict() == {"x": 1, "y": 2}  # published by the writer itself
+
+
+def test_a_failed_sync_raises_and_the_store_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fdatasync failing (EIO from a dying disk) fails the write that called it: not
+    acknowledged, not visible; the next durable write's sync covers the record."""
+    path = tmp_path / "s"
+
+    class FailingSync:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def fdatasync(self, fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+    with SafeFileStore(path) as store, SafeFileStore(path, durable=False) as reader:
+        store["a"] = 1
+        fds = len(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(store_module, "os", FailingSync())
+        with pytest.raises(OSError, match="Input/output"):
+            store["b"] = 2
+        with pytest.raises(OSError, match="Input/output"), store.transaction() as tx:
+            tx["c"] = 3
+        monkeypatch.undo()
+        assert len(os.listdir("/proc/self/fd")) == fds  # the log's duplicate is closed
+        assert reader.to_dict() == {"a": 1}  # never acknowledged: not shown
+        store["d"] = 4  # whole records before it take effect with its sync
+        assert reader.to_dict() == {"a": 1, "b": 2, "c": 3, "d": 4}
+        assert store_module.check_store(path).torn_tail_bytes == 0
 
 
 def test_untrusted_published_position_falls_back_to_the_file(tmp_path: Path) -> None:
