@@ -84,7 +84,10 @@ def main(n_items: int = 100) -> None:
             runs = store["runs"]
         if results != {f"result:{i}": i * i for i in range(n_items)} or runs != 2:
             raise SystemExit("a result is missing or wrong")
-        if stopped_at + resumed != n_items:
+        # A commit the child had written whole but not yet synced when it was killed is
+        # not acknowledged (checkpoint() did not see it), yet it is on record: it takes
+        # effect when the next run syncs, and that run then starts one item later.
+        if n_items - resumed not in (stopped_at, stopped_at + 1):
             raise SystemExit("the second run did not resume from the checkpoint")
 
 
