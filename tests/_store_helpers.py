@@ -272,13 +272,24 @@ class KillingOS:
         return traced
 
 
-def scripted_child(path: str, script: list[tuple[str, Any]], kill_at: int, how: str,
-                   conn: Any) -> None:
-    """Open ``path`` and run ``script`` with the fault injector armed; report over ``conn``
-    each step as it is acknowledged, and finally the number of traced calls."""
+def group_commit(store: SafeFileStore[Any]) -> None:
+    """Make the store's durable writers sync outside the write lock (group commit), as
+    they do after a writer found the lock taken; a lone writer syncs holding it."""
+    writer = store._writer
+    assert writer is not None
+    writer.contended.value = 1 << 30
+
+
+def scripted_child(path: str, script: list[tuple[str, Any]], kill_at: int, how: str,  # noqa: PLR0917
+                   group: bool, conn: Any) -> None:
+    """Open ``path`` and run ``script`` with the fault injector armed (durable writes
+    synced outside the lock when ``group``); report over ``conn`` each step as it is
+    acknowledged, and finally the number of traced calls."""
     tracer = KillingOS(kill_at, how)
     try:
         with SafeFileStore(path, durable=True) as store:
+            if group:
+                group_commit(store)
             _store.os = tracer  # type: ignore[assignment]  # the stand-in passes calls through
             for step, (op, arg) in enumerate(script):
                 run_step(store, op, arg)

@@ -20,12 +20,13 @@ import pytest
 from safeshm import SafeFileStore, StoreCorruptedError
 from safeshm import _store as store_module
 
-from ._helpers import JOIN_TIMEOUT, run_all
+from ._helpers import JOIN_TIMEOUT, PROMPT, processes, run_all
 from ._store_helpers import (
     TRACED,
     apply_step,
     big_value_writer,
     compacting_writer,
+    group_commit,
     is_whole,
     scripted_child,
     tagged,
@@ -194,12 +195,14 @@ CRASH_SCRIPT: Steps = [
 BASE = {"base": "before", "n": 41}
 
 
-def _run_scripted(path: Path, kill_at: int, how: str) -> tuple[int, int | None, str | None]:
+def _run_scripted(path: Path, kill_at: int, how: str, group: bool
+                  ) -> tuple[int, int | None, str | None]:
     """Run CRASH_SCRIPT in a forked child that kills itself at traced call ``kill_at``;
     return (steps acknowledged, traced calls if it finished, error text)."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=scripted_child, args=(str(path), CRASH_SCRIPT, kill_at, how, child))
+    proc = ctx.Process(target=scripted_child,
+                       args=(str(path), CRASH_SCRIPT, kill_at, how, group, child))
     proc.start()
     child.close()
     acked, calls, error = 0, None, None
@@ -237,11 +240,12 @@ def _prepare(path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_every_file_system_call(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [False, True], ids=["alone", "group-commit"])
+def test_sigkill_at_every_file_system_call(tmp_path: Path, group: bool) -> None:
     states = _states()
     dry = tmp_path / "dry"
     _prepare(dry)
-    acked, calls, error = _run_scripted(dry, kill_at=0, how="before")
+    acked, calls, error = _run_scripted(dry, kill_at=0, how="before", group=group)
     assert error is None, error
     assert acked == len(CRASH_SCRIPT) and calls is not None and calls > 20
     with SafeFileStore(dry, durable=False) as store:
@@ -256,7 +260,7 @@ def test_sigkill_at_every_file_system_call(tmp_path: Path) -> None:
             # one opened afterwards must agree on everything, whatever the crash left.
             with SafeFileStore(path, durable=False) as veteran:
                 veteran_before = veteran.to_dict()
-                acked, finished, error = _run_scripted(path, kill_at, how)
+                acked, finished, error = _run_scripted(path, kill_at, how, group)
                 assert error is None, error
                 assert finished is None, f"the child was not killed at call {kill_at}"
                 runs += 1
@@ -271,10 +275,11 @@ def test_sigkill_at_every_file_system_call(tmp_path: Path) -> None:
                 assert veteran.to_dict() == got, where
                 assert report.keys == len(got), where
                 # ... and carries on, through either handle: a write by the veteran is
-                # seen by a new process (it never lands in a log compacted away). A step
-                # the child wrote whole but was killed before it synced and returned may
-                # take effect with the next write (as a whole: it comes before that write,
-                # so a reader sees both or neither); a half-written one never does.
+                # seen by a new process (it never lands in a log compacted away). With
+                # group commit, a step the child wrote whole but was killed before it
+                # synced and returned may take effect with the next write (as a whole: it
+                # comes before that write, so a reader sees both or neither); a lone
+                # writer syncs before it publishes, so the next writer discards it.
                 veteran["after"] = True
                 with SafeFileStore(path, durable=False) as fresh:
                     now = fresh.to_dict()
@@ -291,9 +296,10 @@ def test_sigkill_at_every_file_system_call(tmp_path: Path) -> None:
             assert len([n for n in names if n.startswith("data.")]) == 1, (where, names)
             shutil.rmtree(path)
     assert runs == 3 * calls
-    # Kills between a durable write and its fdatasync leave whole, unsynced steps: some
-    # of them must have been seen to take effect later, or the check above tests nothing.
-    assert pending_steps > 0
+    # With group commit, kills between a durable write and its fdatasync leave whole,
+    # unsynced steps: some must have been seen to take effect later, or the check above
+    # tests nothing. A lone writer's never do.
+    assert pending_steps > 0 if group else pending_steps == 0
 
 
 # --- SIGKILL at random instants -----------------------------------------------------------
@@ -431,6 +437,7 @@ def test_group_commit_readers_see_a_durable_write_only_once_it_is_synced(
     gate = _SyncGate()
     monkeypatch.setattr(store_module, "os", gate)
     with SafeFileStore(path) as slow, SafeFileStore(path, durable=False) as reader:
+        group_commit(slow)  # as after contention: sync outside the lock
         gate.slow = threading.Thread(target=slow.__setitem__, args=("a", 1))
         gate.slow.start()
         try:
@@ -455,12 +462,15 @@ def test_group_commit_readers_see_a_durable_write_only_once_it_is_synced(
         assert reader.to_dict() == {"a": 1, "b": 2, "c": 3}
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["alone", "group-commit"])
 def test_a_durable_write_is_visible_when_its_own_sync_returns(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool) -> None:
     path = tmp_path / "s"
     gate = _SyncGate()
     monkeypatch.setattr(store_module, "os", gate)
     with SafeFileStore(path) as slow, SafeFileStore(path, durable=False) as reader:
+        if group:
+            group_commit(slow)
         gate.slow = threading.Thread(target=slow.update, args=({"x": 1, "y": 2},))
         gate.slow.start()
         try:
@@ -472,10 +482,12 @@ def test_a_durable_write_is_visible_when_its_own_sync_returns(
         assert reader.to_dict() == {"x": 1, "y": 2}  # published by the writer itself
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["alone", "group-commit"])
 def test_a_failed_sync_raises_and_the_store_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool) -> None:
     """fdatasync failing (EIO from a dying disk) fails the write that called it: not
-    acknowledged, not visible; the next durable write's sync covers the record."""
+    acknowledged, not visible. A lone writer had not published it, so the next writer
+    discards it; with group commit it was, and the next durable write's sync covers it."""
     path = tmp_path / "s"
 
     class FailingSync:
@@ -487,6 +499,8 @@ def test_a_failed_sync_raises_and_the_store_goes_on(
 
     with SafeFileStore(path) as store, SafeFileStore(path, durable=False) as reader:
         store["a"] = 1
+        if group:
+            group_commit(store)
         fds = len(os.listdir("/proc/self/fd"))
         monkeypatch.setattr(store_module, "os", FailingSync())
         with pytest.raises(OSError, match="Input/output"):
@@ -496,9 +510,42 @@ def test_a_failed_sync_raises_and_the_store_goes_on(
         monkeypatch.undo()
         assert len(os.listdir("/proc/self/fd")) == fds  # the log's duplicate is closed
         assert reader.to_dict() == {"a": 1}  # never acknowledged: not shown
-        store["d"] = 4  # whole records before it take effect with its sync
-        assert reader.to_dict() == {"a": 1, "b": 2, "c": 3, "d": 4}
+        store["d"] = 4
+        failed = {"b": 2, "c": 3} if group else {}
+        assert reader.to_dict() == {"a": 1, **failed, "d": 4}
         assert store_module.check_store(path).torn_tail_bytes == 0
+
+
+def _hold_write_lock(path: str, ready: Any, release: Any) -> None:
+    with SafeFileStore(path) as store, store.transaction():
+        ready.set()
+        release.wait(JOIN_TIMEOUT)
+
+
+def test_contention_switches_durable_writers_to_group_commit(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    with SafeFileStore(path) as store:
+        hints = store._writer
+        assert hints is not None
+        store["a"] = 1
+        assert hints.contended.value == 0  # alone: synced with the lock held
+        with processes("fork", _hold_write_lock, [(str(path), ready, release)]):
+            assert ready.wait(JOIN_TIMEOUT)
+            t = threading.Thread(target=store.__setitem__, args=("b", 2))
+            t.start()
+            deadline = time.monotonic() + PROMPT
+            while not hints.contended.value and time.monotonic() < deadline:
+                time.sleep(0.001)
+            release.set()
+            t.join(timeout=JOIN_TIMEOUT)
+        # It found the lock taken: the next durable writes sync outside it, counting down.
+        assert hints.contended.value == store_module._CONTENDED_WRITES - 1
+        store["c"] = 3
+        assert hints.contended.value == store_module._CONTENDED_WRITES - 2
+        with SafeFileStore(path, durable=False) as reader:
+            assert reader.to_dict() == {"a": 1, "b": 2, "c": 3}
 
 
 def test_untrusted_published_position_falls_back_to_the_file(tmp_path: Path) -> None:

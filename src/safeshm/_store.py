@@ -14,10 +14,11 @@ an in-memory index in every handle:
   writer dies, so a SIGKILL never leaves it held) and, inside a process, on a
   per-store ``threading.Lock``. Before appending, a writer reads what others appended
   and truncates a torn tail (a record that a killed writer left half-written: it can
-  only be the last one). With ``durable=True`` it calls ``fdatasync`` after it released
-  the lock (group commit: the next writer's write, and its sync, overlap ours) and
-  before it returns, so an acknowledged write survives power loss; readers read only up
-  to what a finished sync covered, so nobody reads a value that could still vanish.
+  only be the last one). With ``durable=True`` it calls ``fdatasync`` before it returns
+  -- after releasing the lock when other writers are about (group commit: the next
+  writer's write, and its sync, overlap ours) -- so an acknowledged write survives power
+  loss; readers read only up to what a finished sync covered, so nobody reads a value
+  that could still vanish.
 * Readers take no file lock: a word in the mapped ``write.lock`` tells them how far the
   log is acknowledged, and they parse only the new records. A record that does not
   check out stops them there; only with the writers excluded (``LOCK_SH``) do they
@@ -428,15 +429,22 @@ class _ProcessWriter:
     * ``busy``: set by the holder of the flock, cleared before it unlocks; only a hint for
       waiters (see :func:`_lock_exclusive`). A holder that dies with it set costs the next
       writer one short spin, nothing more.
+    * ``contended``: set to :data:`_CONTENDED_WRITES` by a writer that found the flock
+      taken, counted down by each durable write. While it is not zero, durable writers
+      sync after releasing the lock (group commit, below); at zero -- a lone writer -- a
+      durable writer syncs with the lock held and publishes both ends at once, saving a
+      second round trip through the lock. Only a hint: either way is correct.
     * ``position``: the generation and end of the log after the last complete write
-      (:func:`_pack`), published by the writer as soon as its ``write`` returned. A writer
-      that finds the file exactly that long knows there is no torn tail and appends at
-      once; past it lies only what a killed writer left half-written.
+      (:func:`_pack`), published by the writer once its ``write`` returned (a lone durable
+      writer: once its sync did). A writer that finds the file exactly that long knows
+      there is no torn tail and appends at once; past it lies only what a writer killed
+      before it published left.
     * ``synced``: the generation and end of what readers may see: complete and, for a
-      durable writer, on disk. A durable writer publishes ``position`` and releases the
-      lock before its ``fdatasync`` (so the next writer's write overlaps it, and the kernel
-      can commit both at once: group commit), then takes the lock again to move ``synced``
-      past its record. Readers read up to ``synced`` without a system call.
+      durable writer, on disk. Under contention a durable writer publishes ``position``
+      and releases the lock before its ``fdatasync`` (so the next writer's write overlaps
+      it, and the kernel can commit both at once: group commit), then takes the lock again
+      to move ``synced`` past its record. Readers read up to ``synced`` without a system
+      call.
     * ``stamp``: which log file, in which boot of the machine, the positions are about
       (:func:`_stamp_of`). After a reboot the mapped page may hold anything, and a copied
       store carries its original's words: then nobody trusts them until a writer has read
@@ -449,8 +457,8 @@ class _ProcessWriter:
     checksums decide what is data.
     """
 
-    __slots__ = ("__weakref__", "busy", "check", "fd", "map", "mutex", "owner", "position",
-                 "stamp", "synced")
+    __slots__ = ("__weakref__", "busy", "check", "contended", "fd", "map", "mutex", "owner",
+                 "position", "stamp", "synced")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -461,6 +469,7 @@ class _ProcessWriter:
         self.map = mmap.mmap(fd, _LOCK_FILE_BYTES, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE, **_compat.MMAP_KWARGS)
         self.busy = ctypes.c_uint32.from_buffer(self.map)
+        self.contended = ctypes.c_uint32.from_buffer(self.map, 4)
         self.stamp = ctypes.c_uint64.from_buffer(self.map, 8)
         self.position = ctypes.c_uint64.from_buffer(self.map, 16)
         self.check = ctypes.c_uint64.from_buffer(self.map, 24)
@@ -496,7 +505,7 @@ class _ProcessWriter:
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            del self.busy, self.stamp, self.position, self.check, self.synced
+            del self.busy, self.contended, self.stamp, self.position, self.check, self.synced
             with contextlib.suppress(OSError, BufferError):
                 self.map.close()
             with contextlib.suppress(OSError):
@@ -530,6 +539,8 @@ os.register_at_fork(after_in_child=_writers_after_fork_in_child)
 # flock calls for the file's lock list. So a waiter on another CPU (never with one CPU)
 # watches the hint in shared memory and tries the flock when it reads "free".
 _SPINS: Final = 2500
+# Durable writes that sync outside the lock after the last time a writer found it taken.
+_CONTENDED_WRITES: Final = 64
 
 
 def _lock_exclusive(writer: _ProcessWriter) -> None:
@@ -538,6 +549,7 @@ def _lock_exclusive(writer: _ProcessWriter) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        writer.contended.value = _CONTENDED_WRITES  # durable writers: sync after letting go
         if not _take_after_spinning(writer):
             fcntl.flock(fd, fcntl.LOCK_EX)
     writer.busy.value = 1
@@ -627,7 +639,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
       the next writer syncs.)
     * ``durable=True`` (the default): a write returns only after ``fdatasync``, so it
       survives power loss, and other handles see it only once it is on disk. Concurrent
-      durable writers sync outside the write lock, so their syncs overlap (group commit).
+      durable writers sync outside the write lock, so their syncs overlap (group commit);
+      a lone one syncs holding it, which saves a second round trip through the lock.
       ``durable=False`` leaves flushing to the kernel (a crash of the machine may lose the
       last writes, never tear them).
     * Corruption on disk (a flipped byte, a truncated file) is detected by CRC-32 checksums
@@ -922,8 +935,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         """With the write lock held: bring the log and this handle to one end, and publish
         it (caller holds _mutex).
 
-        Past a trusted published ``position`` lies only what a writer killed in its
-        ``write`` left (it publishes ``position`` as soon as ``write`` returns), and it is
+        Past a trusted published ``position`` lies only what a writer killed before it
+        published its end left (in its ``write``, or, alone, in its sync), and it is
         discarded, complete or not. Without trusted hints (a reboot, a copied store) the
         file decides: every whole record counts, a torn tail is discarded (see
         :meth:`_classify_tail`). A compaction is followed either way.
@@ -1240,11 +1253,16 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             end = start + len(record)
             position = _pack(self._generation, end)
             pending = None
-            if self._durable:
+            contended = writer.contended.value if self._durable else 0
+            if contended:
+                # Other writers are about: let them write while we sync (group commit).
                 # Visible to the next writer at once, to readers once on disk (_finish).
+                writer.contended.value = contended - 1
                 writer.publish(self._stamp, position, hints[1] if hints is not None else 0)
                 pending = (writer, self._stamp, self._generation, end, os.dup(fd))
             else:
+                if self._durable:  # alone: sync with the lock held, publish once
+                    os.fdatasync(fd)
                 writer.publish(self._stamp, position, position)
             if self._end == start:  # else others' records come first: the next refresh
                 self._end = end     # applies them, then ours
