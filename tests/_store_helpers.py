@@ -195,13 +195,15 @@ def acked_reader(path: str, acked: Any, barrier: Any, stop: Any, out: Any) -> No
         _report_failure(out)
 
 
-def total_reader(path: str, accounts: int, stop: Any, out: Any) -> None:
-    """Check the total of all accounts in every snapshot until ``stop`` is set."""
+def total_reader(path: str, accounts: int, barrier: Any, stop: Any, out: Any) -> None:
+    """Check the total of all accounts in every snapshot from when the writers start (the
+    barrier) until ``stop`` is set."""
     try:
         with SafeFileStore(path, durable=False) as store:
             reads = 0
             wrong: list[int] = []
-            while not stop.is_set():
+            barrier.wait(timeout=JOIN_TIMEOUT)
+            while not stop.is_set() or not reads:
                 snapshot = store.to_dict()
                 total = sum(snapshot[f"acct{i}"] for i in range(accounts))
                 reads += 1

@@ -228,10 +228,10 @@ def test_transactions_keep_the_total(tmp_path: Path) -> None:
     # and two that are not: their records become visible as soon as they are written, so
     # a commit split into several records would show the reader its halves.
     workers, n = 3, 80
-    barrier = ctx.Barrier(workers)
+    barrier = ctx.Barrier(workers + 1)  # the writers and the reader start together
     out = ctx.Queue()
     stop = ctx.Event()
-    with processes("spawn", total_reader, [(path, accounts, stop, out)]), processes(
+    with processes("spawn", total_reader, [(path, accounts, barrier, stop, out)]), processes(
             "spawn", transfer_worker, [(path, accounts, n, seed, barrier, out, seed == 0)
                               for seed in range(workers)]):
         _drain(out, workers)
@@ -264,11 +264,12 @@ def test_a_returned_durable_write_is_seen_by_every_later_read(tmp_path: Path) ->
         assert store["seq"] == 300
 
 
-def _compactor(path: str, stop: Any, out: Any) -> None:
+def _compactor(path: str, barrier: Any, stop: Any, out: Any) -> None:
     try:
         with SafeFileStore(path, durable=False) as store:
             done = 0
-            while not stop.is_set():
+            barrier.wait(timeout=JOIN_TIMEOUT)
+            while not stop.is_set() or not done:
                 store.compact()
                 done += 1
         out.put(("compactions", done))
@@ -285,11 +286,11 @@ def test_compaction_under_load_loses_nothing(tmp_path: Path) -> None:
     with SafeFileStore(path, durable=False) as store:
         store.update({f"acct{i}": 100 for i in range(accounts)})
     ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(2)
+    barrier = ctx.Barrier(4)  # the two writers, the reader and the compactor start together
     out = ctx.Queue()
     stop = ctx.Event()
-    with processes("fork", _compactor, [(path, stop, out)]), \
-            processes("fork", total_reader, [(path, accounts, stop, out)]), \
+    with processes("fork", _compactor, [(path, barrier, stop, out)]), \
+            processes("fork", total_reader, [(path, accounts, barrier, stop, out)]), \
             processes("fork", modify_worker, [(path, 400, barrier, out)]), \
             processes("fork", transfer_worker,
                       [(path, accounts, 400, 7, barrier, out, True)]):  # durable: group commit
