@@ -1231,12 +1231,14 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise self._closed_error()
             fd = self._log_fd
             start = os.lseek(fd, 0, os.SEEK_END)
-            # A durable writer keeps `synced` as it is, so it must trust it (the checksum
-            # over all words); a non-durable one sets both words to its end.
-            hints = writer.hints(self._stamp, self._generation) if self._durable else None
+            # Under group commit a durable writer keeps `synced` as it is, so it must
+            # trust it (the checksum over all words); otherwise a writer sets both words
+            # to its end and needs only `position`.
+            contended = writer.contended.value if self._durable else 0
+            hints = writer.hints(self._stamp, self._generation) if contended else None
             if not self._stamp or writer.stamp.value != self._stamp or (
                     writer.position.value != _pack(self._generation, start)) or (
-                    self._durable and hints is None):
+                    contended and hints is None):
                 # Not exactly what the last writer published: a torn tail, a compaction,
                 # a reboot. Read it all (the slow, always-right path) before appending.
                 self._sync_as_writer(writer)
@@ -1253,7 +1255,6 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             end = start + len(record)
             position = _pack(self._generation, end)
             pending = None
-            contended = writer.contended.value if self._durable else 0
             if contended:
                 # Other writers are about: let them write while we sync (group commit).
                 # Visible to the next writer at once, to readers once on disk (_finish).
