@@ -18,6 +18,7 @@ def test_all_is_the_documented_surface() -> None:
     assert set(safeshm.__all__) == {
         "ArrayStatistics",
         "CounterStatistics",
+        "HandleClosedError",
         "HolderDiedWarning",
         "IncompatibleSegmentError",
         "IncompatibleStoreError",
@@ -38,6 +39,7 @@ def test_all_is_the_documented_surface() -> None:
         "SafeShmError",
         "SafeShmWarning",
         "SegmentClosedError",
+        "SegmentNotFoundError",
         "SegmentPermissionError",
         "Serializer",
         "ShardedCounter",
@@ -45,6 +47,7 @@ def test_all_is_the_documented_surface() -> None:
         "StoreClosedError",
         "StoreCorruptedError",
         "StoreStatistics",
+        "StoreTimeoutError",
         "Transaction",
         "__version__",
     }
@@ -79,6 +82,12 @@ def test_error_hierarchy() -> None:
     assert issubclass(safeshm.LockTimeoutError, TimeoutError)
     assert issubclass(safeshm.HolderDiedWarning, safeshm.SafeShmWarning)
     assert issubclass(safeshm.HolderDiedWarning, RuntimeWarning)
+    # One closed-handle base for everything safeshm hands out (trio's ClosedResourceError).
+    assert issubclass(safeshm.SegmentClosedError, safeshm.HandleClosedError)
+    assert issubclass(safeshm.StoreClosedError, safeshm.HandleClosedError)
+    assert issubclass(safeshm.SegmentNotFoundError, FileNotFoundError)
+    assert issubclass(safeshm.StoreTimeoutError, safeshm.LockTimeoutError)
+    assert issubclass(safeshm.LockedViewLeakedError, BufferError)
     for name in safeshm.__all__:
         obj = getattr(safeshm, name)
         if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(
@@ -86,19 +95,31 @@ def test_error_hierarchy() -> None:
             assert issubclass(obj, safeshm.SafeShmError), name
 
 
-@pytest.mark.parametrize("exc", [
-    safeshm.SafeShmError("x"),
-    safeshm.SegmentClosedError("segment 'a' is closed"),
-    safeshm.IncompatibleSegmentError("segment 'a' is a SafeLock"),
-    safeshm.InvalidNameError("bad"),
-    safeshm.SegmentPermissionError("not yours"),
-    safeshm.LockReentryError("again"),
-    safeshm.LockNotHeldError("not held"),
-    safeshm.LockTimeoutError("slow"),
-    safeshm.HolderDiedWarning("died"),
-    safeshm.QueueShutDown("done"),
-])
-def test_errors_pickle(exc: BaseException) -> None:
+def _every_error_class() -> list[type[BaseException]]:
+    from safeshm import _errors
+
+    classes = {getattr(safeshm, n) for n in safeshm.__all__} | {
+        getattr(_errors, n) for n in _errors.__all__}
+    return sorted((c for c in classes if isinstance(c, type) and issubclass(c, BaseException)),
+                  key=lambda c: c.__name__)
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    if issubclass(cls, OSError):
+        return cls(2, "segment 'a' is missing", "/dev/shm/safeshm.a")
+    return cls("segment 'a': something")
+
+
+def test_every_error_lives_in_errors_module() -> None:
+    from safeshm import _errors
+
+    for cls in _every_error_class():
+        assert cls.__name__ in _errors.__all__, cls
+
+
+@pytest.mark.parametrize("cls", _every_error_class(), ids=lambda c: c.__name__)
+def test_errors_pickle(cls: type[BaseException]) -> None:
+    exc = _instance(cls)
     again = pickle.loads(pickle.dumps(exc))
     assert type(again) is type(exc)
     assert str(again) == str(exc)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 # First: on an unsupported platform this raises a clear ImportError before anything else.
 from . import _compat  # noqa: F401
-from ._array import ArrayStatistics, LockedViewLeakedError, SafeArray
+from ._array import ArrayStatistics, SafeArray
 from ._counter import CounterStatistics, SafeCounter, ShardedCounter, ShardedCounterStatistics
 from ._errors import (
+    HandleClosedError,
     HolderDiedWarning,
     IncompatibleSegmentError,
     IncompatibleStoreError,
     InsecureDirectoryError,
     InvalidNameError,
+    LockedViewLeakedError,
     LockNotHeldError,
     LockReentryError,
     LockTimeoutError,
@@ -25,9 +27,11 @@ from ._errors import (
     SafeShmError,
     SafeShmWarning,
     SegmentClosedError,
+    SegmentNotFoundError,
     SegmentPermissionError,
     StoreClosedError,
     StoreCorruptedError,
+    StoreTimeoutError,
 )
 from ._lock import LockStatistics, SafeLock
 from ._queue import QueueStatistics, SafeQueue
@@ -38,6 +42,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ArrayStatistics",
     "CounterStatistics",
+    "HandleClosedError",
     "HolderDiedWarning",
     "IncompatibleSegmentError",
     "IncompatibleStoreError",
@@ -58,6 +63,7 @@ __all__ = [
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
+    "SegmentNotFoundError",
     "SegmentPermissionError",
     "Serializer",
     "ShardedCounter",
@@ -65,6 +71,7 @@ __all__ = [
     "StoreClosedError",
     "StoreCorruptedError",
     "StoreStatistics",
+    "StoreTimeoutError",
     "Transaction",
     "__version__",
 ]

@@ -15,7 +15,11 @@ from contextlib import contextmanager
 from typing import Any, Final, Generic, Literal, SupportsIndex, TypeVar, cast, overload
 
 from . import _compat
-from ._errors import HolderDiedWarning, IncompatibleSegmentError, SafeShmError
+from ._errors import (
+    HolderDiedWarning,
+    IncompatibleSegmentError,
+    LockedViewLeakedError,
+)
 from ._lock import MUTEX_BLOCK, RECOVERED, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 
@@ -571,10 +575,6 @@ def _index(index: Any) -> int:
         return operator.index(index)
     except TypeError:
         raise TypeError("array indices must be integers") from None
-
-
-class LockedViewLeakedError(SafeShmError, BufferError):
-    """The view from ``SafeArray.locked()`` outlived its block (see ``locked()``)."""
 
 
 def _check_typecode(typecode: object) -> None:

@@ -12,6 +12,7 @@ import queue
 import sys
 
 __all__ = [
+    "HandleClosedError",
     "HolderDiedWarning",
     "IncompatibleSegmentError",
     "IncompatibleStoreError",
@@ -20,13 +21,16 @@ __all__ = [
     "LockNotHeldError",
     "LockReentryError",
     "LockTimeoutError",
+    "LockedViewLeakedError",
     "QueueShutDown",
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
+    "SegmentNotFoundError",
     "SegmentPermissionError",
     "StoreClosedError",
     "StoreCorruptedError",
+    "StoreTimeoutError",
 ]
 
 
@@ -34,10 +38,27 @@ class SafeShmError(Exception):
     """Base class of every error that safeshm raises itself."""
 
 
-class SegmentClosedError(SafeShmError, ValueError):
-    """A handle was used after ``close()``.
+class HandleClosedError(SafeShmError, ValueError):
+    """A handle (of a shared-memory structure or of a store) was used after ``close()``.
+
+    The common base of :class:`SegmentClosedError` and :class:`StoreClosedError`, as
+    trio's ``ClosedResourceError`` is for its resources: ``except HandleClosedError``
+    catches use-after-close of anything safeshm hands out.
+    """
+
+
+class SegmentClosedError(HandleClosedError):
+    """A shared-memory handle was used after ``close()``.
 
     Raised instead of touching unmapped memory: a closed handle never segfaults.
+    """
+
+
+class SegmentNotFoundError(SafeShmError, FileNotFoundError):
+    """No safeshm segment has this name (``attach()``, ``inspect``, ``rm``).
+
+    A :class:`FileNotFoundError` (``errno.ENOENT``), so code that already catches that keeps
+    working, and a :class:`SafeShmError`, so ``except SafeShmError`` catches it too.
     """
 
 
@@ -76,6 +97,10 @@ class LockNotHeldError(SafeShmError, RuntimeError):
 
 class LockTimeoutError(SafeShmError, TimeoutError):
     """A lock could not be acquired within the given timeout."""
+
+
+class LockedViewLeakedError(SafeShmError, BufferError):
+    """The view from ``SafeArray.locked()`` outlived its block (see ``locked()``)."""
 
 
 class SafeShmWarning(UserWarning):
@@ -131,6 +156,11 @@ class InsecureDirectoryError(SafeShmError, PermissionError):
     or one of the store's files is a symbolic link: other users could change the data."""
 
 
-class StoreClosedError(SafeShmError, ValueError):
+class StoreTimeoutError(LockTimeoutError):
+    """A ``SafeFileStore`` write could not take the store's write lock within its timeout
+    (another writer holds it: busy, stopped or stuck). Nothing was written."""
+
+
+class StoreClosedError(HandleClosedError):
     """A ``SafeFileStore`` handle was used after ``close()``, or a transaction outside its
     ``with`` block."""

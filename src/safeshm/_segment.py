@@ -52,6 +52,7 @@ from ._errors import (
     IncompatibleSegmentError,
     InvalidNameError,
     SegmentClosedError,
+    SegmentNotFoundError,
     SegmentPermissionError,
 )
 
@@ -343,7 +344,7 @@ class Segment:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
+            raise SegmentNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
                                     path) from None
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -361,10 +362,10 @@ class Segment:
             try:
                 now = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
-                raise FileNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
+                raise SegmentNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
                                         path) from None
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                raise FileNotFoundError(errno.ENOENT,
+                raise SegmentNotFoundError(errno.ENOENT,
                                         f"safeshm segment {name!r} was removed while attaching",
                                         path)
             seg = cls.__new__(cls)
@@ -399,11 +400,11 @@ class Segment:
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT,
+            raise SegmentNotFoundError(errno.ENOENT,
                                     f"safeshm segment {self.name!r} was already unlinked",
                                     path) from None
         if (st.st_dev, st.st_ino) != self.dev_ino:
-            raise FileNotFoundError(
+            raise SegmentNotFoundError(
                 errno.ENOENT,
                 f"safeshm segment {self.name!r} was already unlinked (the name now belongs "
                 "to a newer segment, which is left alone)", path)
@@ -452,7 +453,7 @@ def _open_shm_dir() -> int:
     try:
         return os.open(_compat.SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise SegmentNotFoundError(
             errno.ENOENT,
             f"shared-memory directory {_compat.SHM_DIR} does not exist (set SAFESHM_DIR to a "
             "tmpfs directory)", _compat.SHM_DIR) from None

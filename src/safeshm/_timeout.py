@@ -1,0 +1,38 @@
+"""One validator for every ``timeout=`` argument.
+
+Every blocking call checks its timeout here, before it does anything, so a bad value gets
+the same error and message whatever the structure, and nothing happens first.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+
+
+def check_timeout(timeout: object) -> float | None:
+    """``timeout`` as seconds: ``None`` (wait forever) or a float ``>= 0`` (``inf`` also
+    means forever).
+
+    Raises:
+        TypeError: not a real number (``bool`` is refused: ``acquire(False)``-style
+            mistakes must not read as a timeout of 0 seconds) and not ``None``.
+        ValueError: negative or NaN.
+    """
+    if timeout is None:
+        return None
+    if (type(timeout) is not float and type(timeout) is not int  # the fast path
+            and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real))):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    seconds = float(timeout)
+    if not seconds >= 0:  # also NaN
+        raise ValueError(
+            f"timeout must be a non-negative number of seconds or None, got {timeout!r}")
+    return seconds
+
+
+def deadline(timeout: float | None) -> float:
+    """The ``time.monotonic()`` instant a checked timeout ends at (``inf``: never)."""
+    return math.inf if timeout is None else time.monotonic() + timeout
