@@ -476,6 +476,29 @@ def test_death_inside_locked_is_reported_to_the_next_holder(method: str, make: A
     assert a.statistics().recoveries >= 1
 
 
+def test_death_inside_locked_is_reported_once(make: Any) -> None:
+    """Warn once per recovery (issue 11), not at every snapshot until a bulk write; the
+    flag stays set all the same."""
+    import warnings
+
+    a = make("q", [7] * 8, stripes=4)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    with processes("fork", die_inside_locked_worker, [(a.name, ready)]) as (p,):
+        assert ready.wait(JOIN_TIMEOUT)
+        kill_and_reap(p)
+    with pytest.warns(safeshm.HolderDiedWarning, match="partial update"):
+        assert a.add(5, 1) == 8  # recovers one stripe and tells
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert a.to_list() == [-1] * 4 + [7, 8, 7, 7]  # recovers the others: no new warning
+        assert a.to_list() == [-1] * 4 + [7, 8, 7, 7]
+        assert a.partial_update_suspected
+        assert a.statistics().partial_update_suspected
+        a.fill(0)
+    assert not a.partial_update_suspected
+
+
 def test_death_holding_one_stripe_is_not_a_partial_update(make: Any) -> None:
     a = make("q", 4, stripes=1)
     ctx = multiprocessing.get_context("fork")

@@ -147,9 +147,9 @@ def test_blocking_acquire_wakes_promptly(lock: safeshm.SafeLock,
     assert woke_at[0] - released < PROMPT  # woken by the unlock, not by a polling tick
 
 
-@pytest.mark.parametrize("bad", [-1, -0.5, float("nan")])
+@pytest.mark.parametrize("bad", [-2, -0.5, -1.5, float("-inf"), float("nan")])
 def test_bad_timeouts(lock: safeshm.SafeLock, bad: float) -> None:
-    with pytest.raises(ValueError, match="timeout"):
+    with pytest.raises(ValueError, match="timeout must be a non-negative number"):
         lock.acquire(timeout=bad)
     assert not lock.locked()
 
@@ -157,13 +157,49 @@ def test_bad_timeouts(lock: safeshm.SafeLock, bad: float) -> None:
 @pytest.mark.parametrize("bad", ["1", [], True, False])
 def test_timeout_type_errors(lock: safeshm.SafeLock, bad: Any) -> None:
     with pytest.raises(TypeError, match="timeout"):
-        lock.acquire(bad)
+        lock.acquire(timeout=bad)
     assert not lock.locked()
 
 
-def test_timeout_with_nonblocking_is_an_error(lock: safeshm.SafeLock) -> None:
-    with pytest.raises(ValueError, match="blocking=False"):
-        lock.acquire(timeout=1, blocking=False)
+@pytest.mark.parametrize("timeout", [0, 1, 0.5, float("inf"), -2])
+def test_timeout_with_nonblocking_is_an_error(lock: safeshm.SafeLock, timeout: float) -> None:
+    # threading.Lock's exact error, before anything happens.
+    with pytest.raises(ValueError, match="can't specify a timeout for a non-blocking call"):
+        lock.acquire(blocking=False, timeout=timeout)
+    with pytest.raises(ValueError, match="can't specify a timeout for a non-blocking call"):
+        lock.acquire(False, timeout)
+    assert not lock.locked()
+
+
+def test_threading_lock_semantics(lock: safeshm.SafeLock) -> None:
+    """acquire(blocking=True, timeout=-1) as threading.Lock (BaseLockTests' cases)."""
+    assert lock.acquire(False) is True  # try once, free: acquired
+    held: list[bool] = []
+
+    def other() -> None:
+        held.append(lock.acquire(False))
+        held.append(lock.acquire(blocking=False))
+        held.append(lock.acquire_nowait())
+        held.append(lock.acquire(timeout=0))
+        held.append(lock.acquire(True, 0.01))
+        held.append(lock.acquire(blocking=False, timeout=-1))
+        held.append(lock.acquire(blocking=False, timeout=None))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=JOIN_TIMEOUT)
+    assert held == [False] * 7
+    lock.release()
+    for forever in ({}, {"timeout": -1}, {"timeout": -1.0}, {"timeout": None},
+                    {"blocking": True}, {"blocking": 1}):
+        assert lock.acquire(**forever) is True  # type: ignore[arg-type]
+        lock.release()
+    assert lock.acquire(True) is True  # the first argument is `blocking`, as threading's
+    lock.release()
+    assert lock.acquire_nowait() is True
+    lock.release()
+    assert lock.acquire(timeout=float("inf")) is True
+    lock.release()
 
 
 def test_acquired_context(lock: safeshm.SafeLock) -> None:

@@ -87,7 +87,20 @@ def test_nonblocking_and_timeouts_follow_queue_queue(make: Any) -> None:
     with pytest.raises(ValueError, match="non-negative"):
         q.put(b"1", timeout=-1)
     assert q.get() == b"x" * 20
-    q.put(b"1", timeout=-1)  # like queue.Queue: a timeout is only looked at when waiting
+    # One validator, before anything happens: a bad timeout raises even when no wait
+    # would be needed, and changes nothing.
+    with pytest.raises(ValueError, match="non-negative"):
+        q.put(b"1", timeout=-1)
+    with pytest.raises(ValueError, match="non-negative"):
+        q.put_many([b"1"], timeout=-1)
+    with pytest.raises(ValueError, match="non-negative"):
+        q.get(timeout=-1)
+    with pytest.raises(ValueError, match="non-negative"):
+        q.get_many(5, timeout=float("nan"))
+    with pytest.raises(TypeError, match="timeout"):
+        q.get(timeout="1")
+    assert q.qsize() == 1
+    assert q.get() == b"y" * 20
 
 
 def test_maxsize(make: Any) -> None:

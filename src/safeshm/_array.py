@@ -20,7 +20,15 @@ from ._errors import (
     IncompatibleSegmentError,
     LockedViewLeakedError,
 )
-from ._lock import MUTEX_BLOCK, RECOVERED, RobustMutex, init_mutex
+from ._lock import (
+    EDEADLK,
+    MUTEX_BLOCK,
+    OWNER_WORD,
+    RECOVERED,
+    RobustMutex,
+    init_mutex,
+    unlock_each,
+)
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 
 T = TypeVar("T", int, float)
@@ -72,6 +80,9 @@ class ArrayStatistics:
 
 _trylock: Final = _compat.mutex_trylock
 _unlock: Final = _compat.mutex_unlock
+_consistent: Final = _compat.mutex_consistent
+_NEVER: Final = float("inf")
+_REPORTED: Final = 2  # the control flag once a recovery told someone about the partial update
 
 
 class SafeArray(SharedStructure, Generic[T]):
@@ -108,7 +119,9 @@ class SafeArray(SharedStructure, Generic[T]):
     _MAPPED = ("_data", "_hot", "_stripes", "_ctl", "_bytes")
 
     _data: memoryview[Any]  # elements: int or float, per the typecode
-    _hot: tuple[memoryview[Any], list[Any], int]  # (data, stripe pointers, stripe count)
+    # (data, stripe pointers, stripe count, the stripes' owner words, and prefixes[n]: the
+    # first n stripe pointers, a tuple, for unlock_each)
+    _hot: tuple[memoryview[Any], list[Any], int, memoryview, tuple[tuple[Any, ...], ...]]
     _stripes: list[RobustMutex]
     _ctl: memoryview
     _bytes: memoryview
@@ -274,7 +287,10 @@ class SafeArray(SharedStructure, Generic[T]):
         what = f"SafeArray {self._seg.name!r}"
         self._stripes = [RobustMutex(mm, _STRIPES_OFFSET + k * MUTEX_BLOCK, what)
                          for k in range(nstripes)]
-        self._hot = (self._data, [m.pointer for m in self._stripes], nstripes)
+        ptrs = [m.pointer for m in self._stripes]
+        owners = whole[_STRIPES_OFFSET : _STRIPES_OFFSET + nstripes * MUTEX_BLOCK].cast("i")
+        self._hot = (self._data, ptrs, nstripes, owners[OWNER_WORD :: MUTEX_BLOCK // 4],
+                     tuple(tuple(ptrs[:n]) for n in range(nstripes + 1)))
 
     # -- elements ----------------------------------------------------------------------------
     @property
@@ -327,7 +343,7 @@ class SafeArray(SharedStructure, Generic[T]):
             return
         # The index checks and stripe lookup are written out in each element method rather
         # than shared: a helper call would add ~50 ns to every one of them.
-        data, ptrs, nstripes = self._hot
+        data, ptrs, nstripes, owners, _ = self._hot
         n = len(data)
         i = index if type(index) is int else _index(index)
         if i < 0:
@@ -335,15 +351,25 @@ class SafeArray(SharedStructure, Generic[T]):
         if not 0 <= i < n:
             raise IndexError("array assignment index out of range")
         p = ptrs[i % nstripes]
-        rc = _trylock(p)
-        if rc:
-            self._finish_acquire(i % nstripes, rc)
+        # Async-exception safe: see the pattern at the top of _lock.py.
+        rc = -1
+        if owners[i % nstripes]:
+            self._stripes[i % nstripes].check_not_mine()
         try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(i % nstripes, rc)
             data[i] = value
         except (ValueError, TypeError) as e:
             raise self._bad_value(e, value) from None
         finally:
-            _unlock(p)
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
 
     def add(self, index: SupportsIndex, delta: T) -> T:
         """Atomically add ``delta`` to element ``index`` and return its new value.
@@ -353,7 +379,7 @@ class SafeArray(SharedStructure, Generic[T]):
             OverflowError: the result does not fit the typecode; nothing changed.
             TypeError: ``delta`` (or the index) has the wrong type; nothing changed.
         """
-        data, ptrs, nstripes = self._hot
+        data, ptrs, nstripes, owners, _ = self._hot
         n = len(data)
         i = index if type(index) is int else _index(index)
         if i < 0:
@@ -361,10 +387,13 @@ class SafeArray(SharedStructure, Generic[T]):
         if not 0 <= i < n:
             raise IndexError("array index out of range")
         p = ptrs[i % nstripes]
-        rc = _trylock(p)
-        if rc:
-            self._finish_acquire(i % nstripes, rc)
+        rc = -1
+        if owners[i % nstripes]:
+            self._stripes[i % nstripes].check_not_mine()
         try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(i % nstripes, rc)
             new = data[i] + delta
             try:
                 data[i] = new
@@ -372,7 +401,13 @@ class SafeArray(SharedStructure, Generic[T]):
                 raise self._bad_value(e, new) from None
             new = data[i]  # as stored: a float32 element rounds
         finally:
-            _unlock(p)
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
         return new  # type: ignore[no-any-return]
 
     def compare_and_set(self, index: SupportsIndex, expected: T, new: T) -> bool:
@@ -386,7 +421,7 @@ class SafeArray(SharedStructure, Generic[T]):
             IndexError, TypeError, OverflowError: as :class:`array.array`, for the index
                 or ``new``; nothing changed.
         """
-        data, ptrs, nstripes = self._hot
+        data, ptrs, nstripes, owners, _ = self._hot
         n = len(data)
         i = index if type(index) is int else _index(index)
         if i < 0:
@@ -395,21 +430,39 @@ class SafeArray(SharedStructure, Generic[T]):
             raise IndexError("array index out of range")
         p = ptrs[i % nstripes]
         probe = self._check_value(new)
-        rc = _trylock(p)
-        if rc:
-            self._finish_acquire(i % nstripes, rc)
+        rc = -1
+        if owners[i % nstripes]:
+            self._stripes[i % nstripes].check_not_mine()
         try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(i % nstripes, rc)
             if data[i] != expected:
                 return False
             data[i] = probe
             return True
         finally:
-            _unlock(p)
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
 
     def _finish_acquire(self, stripe: int, rc: int) -> None:
         """A stripe's trylock did not simply succeed: wait, recover, or raise."""
-        if self._stripes[stripe].finish_acquire(rc, None) == RECOVERED and self._ctl[_DIRTY]:
-            self._warn_partial(stacklevel=4)
+        if self._stripes[stripe].finish_acquire(rc, _NEVER) == RECOVERED:
+            self._recovered(stacklevel=4)
+
+    def _recovered(self, stacklevel: int) -> None:
+        """A stripe was recovered from a dead holder: if that holder died in the middle of
+        a bulk write, say so -- once per such death, not at every later acquire (the flag
+        stays set, as :attr:`partial_update_suspected`, until a bulk write completes)."""
+        ctl = self._ctl
+        if ctl[_DIRTY] == 1:
+            ctl[_DIRTY] = _REPORTED
+            self._warn_partial(stacklevel=stacklevel + 1)
 
     def _check_value(self, value: Any) -> Any:
         """Validate one element value exactly as :class:`array.array` would."""
@@ -437,14 +490,26 @@ class SafeArray(SharedStructure, Generic[T]):
         While ``writing``, the control line says "bulk write in progress": if this
         process dies before the end, the next holder learns the array may be partial.
         """
-        held: list[RobustMutex] = []
+        _, ptrs, nstripes, owners, prefixes = self._hot
+        stripes = self._stripes
+        # Async-exception safe (see _lock.py): ``n`` counts the stripes that may be held
+        # -- it includes stripe k before its trylock, whose result ``rc`` is unknown (-1)
+        # until stored -- and the finally releases all of them in one C-level call.
+        n = 0
+        rc = 0
+        recovered = False
         try:
-            for m in self._stripes:
-                m.acquire(None)
-                held.append(m)
+            for k in range(nstripes):
+                if owners[k]:
+                    stripes[k].check_not_mine()
+                n = k + 1
+                rc = -1
+                rc = _trylock(ptrs[k])
+                if rc and stripes[k].finish_acquire(rc, _NEVER) == RECOVERED:
+                    recovered = True
             ctl = self._ctl
-            if ctl[_DIRTY]:
-                self._warn_partial(stacklevel=4)
+            if recovered:
+                self._recovered(stacklevel=4)
             if writing:
                 ctl[_DIRTY] = 1
                 try:
@@ -457,8 +522,11 @@ class SafeArray(SharedStructure, Generic[T]):
             else:
                 yield
         finally:
-            for m in reversed(held):
-                m.release()
+            try:
+                if rc:
+                    _consistent(ptrs[n - 1])  # maybe an EOWNERDEAD acquire cut short
+            finally:
+                unlock_each(prefixes[n])
 
     def _warn_partial(self, stacklevel: int) -> None:
         warnings.warn(HolderDiedWarning(

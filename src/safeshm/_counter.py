@@ -18,7 +18,7 @@ from typing import Any, Final, Literal, Self, overload
 
 from . import _compat
 from ._errors import IncompatibleSegmentError, SafeShmWarning, SegmentClosedError
-from ._lock import MUTEX_BLOCK, RobustMutex, init_mutex
+from ._lock import MUTEX_BLOCK, Held, RobustMutex, init_mutex
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 
 INT64_MIN: Final = -(2**63)
@@ -259,7 +259,7 @@ class SafeCounter(SharedStructure):
         word, cas, _ = self._hot
         if cas is None:
             value = _check_int64("value", value)
-            with _Held(self._mutex):
+            with Held(self._mutex):
                 word[0] = value
             return
         try:
@@ -279,7 +279,7 @@ class SafeCounter(SharedStructure):
         value = _check_int64("value", value)
         word, cas, pval = self._hot
         if cas is None:
-            with _Held(self._mutex):
+            with Held(self._mutex):
                 old: int = word[0]
                 word[0] = value
                 return old
@@ -311,7 +311,7 @@ class SafeCounter(SharedStructure):
         if cas is None:
             expected = _check_int64("expected", expected)
             new = _check_int64("new", new)
-            with _Held(self._mutex):
+            with Held(self._mutex):
                 if word[0] != expected:
                     return False
                 word[0] = new
@@ -335,7 +335,7 @@ class SafeCounter(SharedStructure):
 
     def _add_locked(self, delta: int) -> int:
         word = self._value
-        with _Held(self._mutex):
+        with Held(self._mutex):
             old: int = word[0]
             try:
                 word[0] = new = old + delta
@@ -366,25 +366,6 @@ class SafeCounter(SharedStructure):
 
     def _repr_fields(self) -> str:
         return f"value={self.value}"
-
-
-class _Held:
-    """``with _Held(mutex):`` -- hold an internal robust mutex for a block.
-
-    A dead previous holder is fine here: every structure keeps its state consistent at
-    every instant a holder can die (each commit is one store), so recovery needs no repair.
-    """
-
-    __slots__ = ("_m",)
-
-    def __init__(self, mutex: RobustMutex) -> None:
-        self._m = mutex
-
-    def __enter__(self) -> None:
-        self._m.acquire(None)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._m.release()
 
 
 # --- ShardedCounter layout ----------------------------------------------------------------
@@ -451,7 +432,7 @@ class _Lease:
         self.pid = 0
         w = self.index - _S_VALUE
         mv = self.mv
-        with _Held(self.mutex):
+        with Held(self.mutex):
             if mv[w + _S_PID] == _compat.pid and mv[w + _S_TOKEN] == self.token:
                 mv[w + _S_PID] = 0
 
@@ -619,7 +600,7 @@ class ShardedCounter(SharedStructure):
             if slot is not None:
                 self.add(delta)
                 return
-        with _Held(self._mutex):
+        with Held(self._mutex):
             mv = self._mv
             new = mv[_BASE] + delta
             if not INT64_MIN <= new <= INT64_MAX:
@@ -639,7 +620,7 @@ class ShardedCounter(SharedStructure):
         start = _owner_start_time()
         ns = _compat.pid_namespace()
         chosen: int | None = None
-        with _Held(self._mutex):
+        with Held(self._mutex):
             high = mv[_HIGH]
             for k in range(self._nslots):  # an int: survives close, unlike the views
                 w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
@@ -722,7 +703,7 @@ class ShardedCounter(SharedStructure):
         """
         value = _check_int64("value", value)
         mv = self._mv
-        with _Held(self._mutex):
+        with Held(self._mutex):
             slots = self._slot_sum(mv[_HIGH])
             base = value - slots
             if not INT64_MIN <= base <= INT64_MAX:

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
+import functools
 import math
 import mmap
+import operator
 import os
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from . import _compat
 from ._errors import (
@@ -31,8 +36,10 @@ from ._errors import (
     LockReentryError,
     LockTimeoutError,
     SafeShmError,
+    SegmentClosedError,
 )
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
+from ._timeout import check_timeout
 
 MUTEX_BLOCK: Final = 128
 """Bytes a :class:`RobustMutex` occupies: the pthread mutex (64), a recovery count (8),
@@ -49,8 +56,69 @@ _WAIT_SLICE: Final = 0.1
 does not delay the hand-over, which the unlocking thread's futex wake-up drives."""
 
 _FUTEX_TID_MASK: Final = 0x3FFFFFFF
+_FUTEX_OWNER_DIED: Final = 0x40000000
 _SPINS: Final = 60
 """trylock attempts (~150 ns each) before a contended acquire sleeps in the kernel."""
+_NEVER: Final = math.inf
+
+# -- async-exception safety ---------------------------------------------------------------------
+# A Python signal handler (KeyboardInterrupt, a SIGALRM timeout) runs only in the main thread,
+# at the eval loop's "eval breaker" checks: in CPython 3.11-3.13 at RESUME (a function's
+# entry), JUMP_BACKWARD, and right after a CALL completes -- never inside a ctypes foreign
+# call, never at loads, stores, arithmetic, comparisons or forward jumps. Every acquire and
+# release of an internal mutex therefore follows one pattern (see _queue.SafeQueue.get):
+#
+#     rc = -1                       # "unknown": the locking call may not have returned yet
+#     if owner[0]:                  # held by someone: raise LockReentryError *before* the try
+#         mutex.check_not_mine()    #   if it is this thread, or the finally would release
+#     try:                          #   the interrupted outer hold
+#         rc = _trylock(p)          # an exception right after the call lands in the try
+#         if rc:
+#             ... mutex.finish_acquire(rc, deadline) ...
+#         ... the critical section ...
+#     finally:
+#         if not rc:                # the common case: one C call, nothing before it
+#             _unlock(p)
+#         elif rc != EDEADLK:       # unknown or slow path: maybe held, maybe inconsistent
+#             try:
+#                 _consistent(p)    # an EOWNERDEAD acquire the exception cut short
+#             finally:
+#                 _unlock(p)        # not held: EPERM, harmless (an ERRORCHECK mutex)
+#
+# No handler can run between entering the finally and the unlock call completing (no call,
+# no backward jump before it), and a Python-level helper must not be called there: its RESUME
+# would be a place for the next exception. pthread_mutex_consistent on a mutex this thread
+# does not hold returns EINVAL or EPERM (glibc: only when it is inconsistent does it act, and
+# the recovery below tolerates another thread having marked it consistent).
+
+
+def _probe_owner_word() -> int:
+    """The index (in ``int``s) of the robust futex word, which holds the owner's thread id.
+
+    The kernel's robust-futex protocol requires the owner tid in the futex word, so every
+    libc that implements robust mutexes keeps one; where it sits differs (glibc: the first
+    int, musl: the second). Found once, on a private mutex: the word that reads this
+    thread's tid while it holds the mutex and 0 once it released it.
+    """
+    buf = mmap.mmap(-1, MUTEX_BLOCK)
+    init_mutex(buf, 0)
+    target = ctypes.c_char.from_buffer(buf, 0)
+    words = memoryview(buf).cast("i")
+    try:
+        tid = threading.get_native_id()
+        _check(_compat.mutex_trylock(ctypes.byref(target)), "pthread_mutex_trylock")
+        held = [i for i in range(_compat.PTHREAD_MUTEX_SIZE // 4)
+                if words[i] & _FUTEX_TID_MASK == tid]
+        _check(_compat.mutex_unlock(ctypes.byref(target)), "pthread_mutex_unlock")
+        found = [i for i in held if words[i] & _FUTEX_TID_MASK == 0]
+    finally:
+        words.release()
+        del target
+        buf.close()
+    if not found:  # pragma: no cover - a libc without robust futexes
+        raise ImportError("safeshm: cannot find the owner thread id in this C library's "
+                          "robust mutexes; they do not follow the kernel's robust-futex protocol")
+    return found[0]
 
 
 def init_mutex(mm: mmap.mmap, offset: int) -> None:
@@ -79,14 +147,73 @@ def _check(rc: int, what: str) -> None:
         raise OSError(rc, f"{what}() failed: {os.strerror(rc)}")
 
 
+OWNER_WORD: Final = _probe_owner_word()
+"""Index of the robust futex word in a mutex, as ``int``s (0 on glibc, 1 on musl)."""
+
+_trylock: Final = _compat.mutex_trylock
+_unlock: Final = _compat.mutex_unlock
+_consistent: Final = _compat.mutex_consistent
+EDEADLK: Final = _compat.EDEADLK
+unlock_each: Final = functools.partial(sorted, key=_unlock)
+"""``unlock_each(pointers)`` unlocks every mutex of a sequence in ONE call: ``sorted``
+calls its key from C, so no signal handler can run between the unlocks (a Python loop
+would check for one at every backward jump)."""
+
+
+class _CLevel(property):
+    """A property whose getter is C (``operator.attrgetter``) and that is also callable
+    from the class, as ``contextlib.ExitStack`` calls ``type(cm).__exit__(cm, ...)``."""
+
+    def __call__(self, instance: Any, *args: Any) -> Any:
+        return self.__get__(instance)(*args)
+
+
+class _AnyArgument:
+    """An ``argtypes`` entry that passes any object as a C int (its truth value) without
+    running Python code: ``__exit__``'s exception arguments, which unlock ignores."""
+
+    from_param = bool
+
+
+class _UnlockResult(dict[int, None]):
+    """``restype`` of the C-level unlock: 0 maps to ``None``; an error calls
+    ``__missing__``, which raises (Python code, but only once nothing is held)."""
+
+    __slots__ = ("_mutex", "_seg")
+
+    def __init__(self, mutex: RobustMutex, seg: Segment | None) -> None:
+        super().__init__({0: None})
+        self._mutex = mutex
+        self._seg = seg
+
+    def __missing__(self, rc: int) -> None:
+        if rc == _compat.EPERM and self._seg is not None and self._seg.closed:
+            raise SegmentClosedError(
+                f"SafeLock {self._seg.name!r} is closed on this handle")
+        self._mutex._release_failed(rc)
+
+
+def _c_release(mutex: RobustMutex, seg: Segment) -> Any:
+    """``release()`` for a SafeLock's ``mutex``: one C-level call."""
+    release = _LIBC_GIL["pthread_mutex_unlock"]
+    release.restype = _UnlockResult(mutex, seg).__getitem__
+    return functools.partial(release, mutex.pointer)
+
+
+# Indexing (not attribute access) makes a new function object each time, with its own
+# restype and argtypes. PyDLL: the unlock never blocks, so it keeps the GIL.
+_LIBC_GIL: Final = ctypes.PyDLL(None)
+
 class RobustMutex:
     """A view of a robust mutex inside a mapping (see :func:`init_mutex`).
 
     Internal building block: ``SafeLock`` exposes it, and structures that need a lock
-    embed one in their own segment.
+    embed one in their own segment. Hot paths lock and unlock through :attr:`pointer`
+    themselves, following the async-exception-safe pattern described above, and hand a
+    nonzero trylock result to :meth:`finish_acquire`: the one recovery sequence.
     """
 
-    __slots__ = ("_p", "_target", "_what", "_words")
+    __slots__ = ("_p", "_target", "_what", "_words", "exit_c", "owner")
 
     def __init__(self, mm: mmap.mmap, offset: int, what: str) -> None:
         # from_buffer (not from_address) keeps a buffer export on the mmap for as long as
@@ -94,20 +221,12 @@ class RobustMutex:
         self._target = ctypes.c_char.from_buffer(mm, offset)
         self._p = ctypes.byref(self._target)
         self._words = memoryview(mm)[offset : offset + MUTEX_BLOCK].cast("q")
+        self.owner = memoryview(mm)[offset + 4 * OWNER_WORD : offset + 4 * OWNER_WORD + 4
+                                    ].cast("i")
+        """A one-word view of the robust futex word: nonzero while some thread holds it."""
         self._what = what
-
-    def acquire(self, timeout: float | None = None) -> int:
-        """Lock; return ``OK``, ``RECOVERED`` (the previous holder died) or ``TIMED_OUT``.
-
-        ``timeout=None`` waits forever, ``0`` does not wait.
-
-        Raises:
-            LockReentryError: the calling thread already holds it.
-        """
-        rc = _compat.mutex_trylock(self._p)
-        if rc == 0:
-            return OK
-        return self.finish_acquire(rc, timeout)
+        self.exit_c = _c_exit(self)
+        """``exit_c(t, v, tb)``: unlock as one C-level call, for ``__exit__`` methods."""
 
     @property
     def pointer(self) -> Any:
@@ -115,49 +234,90 @@ class RobustMutex:
         and hand a nonzero trylock result to :meth:`finish_acquire`."""
         return self._p
 
-    def finish_acquire(self, rc: int, timeout: float | None) -> int:
-        """Complete an acquire whose ``pthread_mutex_trylock`` returned ``rc != 0``."""
+    def acquire(self, timeout: float | None = None) -> int:
+        """Lock; return ``OK``, ``RECOVERED`` (the previous holder died) or ``TIMED_OUT``.
+
+        ``timeout=None`` waits forever, ``0`` does not wait. Not async-exception-safe by
+        itself (the caller gets the result after a call returns): for diagnostics and
+        tests; structures use the pattern above.
+
+        Raises:
+            LockReentryError: the calling thread already holds it.
+        """
+        rc = _trylock(self._p)
+        if rc == 0:
+            return OK
+        return self.finish_acquire(
+            rc, _NEVER if timeout is None else time.monotonic() + timeout)
+
+    def check_not_mine(self) -> None:
+        """Raise :class:`LockReentryError` if the calling thread holds the mutex.
+
+        Called before the ``try`` of an acquire when :attr:`owner` is nonzero: a re-entry
+        (e.g. a signal handler that uses the structure while the code it interrupted holds
+        its mutex) must fail without its ``finally`` releasing the outer hold.
+        """
+        if self.owner[0] & _FUTEX_TID_MASK == threading.get_native_id():
+            raise self._reentry()
+
+    def _reentry(self) -> LockReentryError:
+        return LockReentryError(
+            f"{self._what} is already held by this thread; it is not reentrant, so "
+            "acquiring it again would deadlock")
+
+    def finish_acquire(self, rc: int, deadline: float) -> int:
+        """Complete an acquire whose ``pthread_mutex_trylock`` returned ``rc != 0``.
+
+        Waits until the ``time.monotonic()`` instant ``deadline`` (``math.inf``: forever;
+        one already past: not at all). Returns ``OK``, ``RECOVERED`` or ``TIMED_OUT``.
+        """
         if rc == _compat.EBUSY:
-            if timeout is not None and timeout <= 0:
+            if deadline != _NEVER and deadline <= time.monotonic():
                 return TIMED_OUT
             # Critical sections are a few microseconds of Python: retrying briefly before
             # sleeping in the kernel usually wins the lock without a context switch (what
             # glibc's adaptive mutexes do in C -- a robust mutex cannot be adaptive).
-            trylock = _compat.mutex_trylock
+            trylock = _trylock
             p = self._p
             for _ in range(_SPINS if _compat.spinning_helps() else 0):
                 rc = trylock(p)
                 if rc != _compat.EBUSY:
                     break
             else:
-                rc = self._wait(timeout)
+                rc = self._wait(deadline)
                 if rc == _compat.ETIMEDOUT:
                     return TIMED_OUT
         if rc == 0:
             return OK
         if rc == _compat.EOWNERDEAD:
-            # We hold it now. Mark it consistent at once: a lock unlocked without this
-            # becomes permanently unusable (ENOTRECOVERABLE).
-            _check(_compat.mutex_consistent(self._p), "pthread_mutex_consistent")
-            self._words[_RECOVERIES_OFFSET // 8] += 1
-            return RECOVERED
-        if rc == _compat.EDEADLK:
-            raise LockReentryError(
-                f"{self._what} is already held by this thread; it is not reentrant, so "
-                "acquiring it again would deadlock")
+            return self._recover()
+        if rc == EDEADLK:
+            raise self._reentry()
         if rc == _compat.ENOTRECOVERABLE:  # pragma: no cover - we always call consistent()
             raise SafeShmError(f"{self._what} is unrecoverable (ENOTRECOVERABLE)")
         raise OSError(rc, f"locking {self._what} failed: {os.strerror(rc)}")
 
-    def _wait(self, timeout: float | None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _recover(self) -> int:
+        """The one recovery sequence, right after a locking call returned EOWNERDEAD: this
+        thread holds the mutex, whose holder died. Count it, then mark it consistent (a
+        mutex unlocked without this becomes permanently unusable: ENOTRECOVERABLE); the
+        caller then tells its user (RECOVERED)."""
+        self._words[_RECOVERIES_OFFSET // 8] += 1  # counted first: a store, no call
+        rc = _consistent(self._p)
+        # EINVAL: an interrupted acquire's cleanup in another thread of this process
+        # already marked it consistent (glibc lets any thread do so; see above).
+        if rc not in (0, errno.EINVAL):  # pragma: no cover
+            raise OSError(rc, f"pthread_mutex_consistent() failed: {os.strerror(rc)}")
+        return RECOVERED
+
+    def _wait(self, deadline: float) -> int:
         ts = _compat.Timespec()
         pts = ctypes.byref(ts)
         while True:
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if now >= deadline:
                 return _compat.ETIMEDOUT
-            wake = now + _WAIT_SLICE if deadline is None else min(deadline, now + _WAIT_SLICE)
+            wake = min(deadline, now + _WAIT_SLICE)
             if _compat.mutex_clocklock is not None:
                 _set_timespec(ts, wake)
                 rc: int = _compat.mutex_clocklock(self._p, _compat.CLOCK_MONOTONIC, pts)
@@ -173,7 +333,7 @@ class RobustMutex:
         Raises:
             LockNotHeldError: the calling thread does not hold it.
         """
-        rc = _compat.mutex_unlock(self._p)
+        rc = _unlock(self._p)
         if rc != 0:
             self._release_failed(rc)
 
@@ -182,45 +342,91 @@ class RobustMutex:
             raise LockNotHeldError(f"{self._what} is not held by this thread")
         raise OSError(rc, f"unlocking {self._what} failed: {os.strerror(rc)}")  # pragma: no cover
 
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the mutex."""
+        return self.owner[0] & _FUTEX_TID_MASK == threading.get_native_id()
+
     def release_if_held_here(self) -> None:
         """Release the lock if the calling thread holds it; otherwise do nothing."""
-        rc = _compat.mutex_trylock(self._p)
-        if rc == _compat.EOWNERDEAD:
-            _compat.mutex_consistent(self._p)
-            self._words[_RECOVERIES_OFFSET // 8] += 1
-            rc = 0
-        if rc in (0, _compat.EDEADLK):
-            _compat.mutex_unlock(self._p)
+        if self.held_here():
+            _unlock(self._p)
+
+    def held_in_this_process(self) -> bool:
+        """Whether a live thread of this process holds the mutex (a snapshot)."""
+        word = self.owner[0]
+        tid = word & _FUTEX_TID_MASK
+        if not tid or word & _FUTEX_OWNER_DIED:
+            return False
+        return os.path.exists(f"/proc/self/task/{tid}")
 
     def holder_tid(self) -> int | None:
-        """The kernel thread id of the holder, 0 if free, ``None`` if this libc hides it.
+        """The kernel thread id of the holder, 0 if free.
 
-        A snapshot for diagnostics only: it may change the moment it is read. On glibc
-        the robust futex word (the first ``int`` of the mutex) holds the owner's tid.
+        A snapshot for diagnostics only: it may change the moment it is read. The robust
+        futex word holds the owner's tid (see :data:`OWNER_WORD`).
         """
-        if not _compat.GLIBC:  # pragma: no cover - musl keeps the owner elsewhere
-            return None
-        return int(self._words.cast("B").cast("i")[0]) & _FUTEX_TID_MASK
+        return int(self.owner[0]) & _FUTEX_TID_MASK
 
     def locked(self) -> bool:
         """Whether any thread holds the mutex right now. A snapshot; never blocks."""
-        tid = self.holder_tid()
-        if tid is not None:
-            return tid != 0
-        rc = _compat.mutex_trylock(self._p)  # pragma: no cover - non-glibc: probe
-        if rc == _compat.EOWNERDEAD:  # pragma: no cover
-            _compat.mutex_consistent(self._p)
-            self._words[_RECOVERIES_OFFSET // 8] += 1
-            rc = 0
-        if rc == 0:  # pragma: no cover
-            _compat.mutex_unlock(self._p)
-            return False
-        return True  # pragma: no cover
+        return self.holder_tid() != 0
 
     @property
     def recoveries(self) -> int:
         """How many times a holder died and the lock was recovered (since creation)."""
         return int(self._words[_RECOVERIES_OFFSET // 8])
+
+
+class Held:
+    """``with Held(mutex):`` -- hold an internal robust mutex for a block.
+
+    Async-exception safe: ``__enter__`` follows the pattern above, and ``__exit__`` is a
+    single C-level call (a Python ``__exit__`` would let a signal handler's exception land
+    at its first instruction, before the unlock). ``on_recovered`` runs, holding the
+    mutex, when the previous holder died (e.g. to repair what it left half-done).
+    """
+
+    __slots__ = ("_m", "_on_recovered")
+
+    def __init__(self, mutex: RobustMutex, on_recovered: Any = None) -> None:
+        self._m = mutex
+        self._on_recovered = on_recovered
+
+    def __enter__(self) -> None:
+        m = self._m
+        p = m._p
+        rc = -1
+        if m.owner[0]:
+            m.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc and m.finish_acquire(rc, _NEVER) == RECOVERED and self._on_recovered:
+                self._on_recovered()
+        except BaseException:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+            raise
+
+    if TYPE_CHECKING:
+        def __exit__(self, *exc_info: object) -> None: ...
+    else:
+        __exit__ = _CLevel(operator.attrgetter("_m.exit_c"))
+
+
+def _c_exit(mutex: RobustMutex) -> Any:
+    """``exit_c(t, v, tb)`` for ``mutex``: a ctypes call of pthread_mutex_unlock that
+    ignores the three exception arguments (every supported ABI passes extra arguments in
+    registers, and the caller cleans up), raising only if the unlock failed."""
+    result = _UnlockResult(mutex, None)
+    exit_ = _LIBC_GIL["pthread_mutex_unlock"]
+    exit_.argtypes = (ctypes.c_void_p, _AnyArgument, _AnyArgument, _AnyArgument)  # type: ignore[assignment]
+    exit_.restype = result.__getitem__
+    return functools.partial(exit_, mutex.pointer)
 
 
 def _set_timespec(ts: _compat.Timespec, t: float) -> None:
@@ -277,13 +483,17 @@ class SafeLock(SharedStructure):
 
     _KIND = Kind.LOCK
     _LAYOUT = 1
-    _MAPPED = ("_mutex",)
+    _MAPPED = ("_mutex", "_hot")
 
     _mutex: RobustMutex
+    _hot: tuple[Any, memoryview, RobustMutex]  # (pointer, owner word, the mutex)
     # The same mutex, never swapped out at close(): a thread that holds the lock can
     # always release it, even after another thread closed the handle (otherwise the lock
     # would stay held by a live thread, and every other process would wait for it).
     _unlocker: RobustMutex
+    # C-level unlocks of that mutex, also never swapped out (see release and __exit__).
+    _release_c: Any
+    _exit_c: Any
 
     @classmethod
     def create(cls, name: str | None = None) -> Self:
@@ -317,73 +527,129 @@ class SafeLock(SharedStructure):
         return cls._open_segment(name, lambda: cls.create(name))
 
     def _bind(self, mm: mmap.mmap) -> None:
-        self._mutex = self._unlocker = RobustMutex(mm, HEADER_SIZE,
-                                                   f"SafeLock {self._seg.name!r}")
+        mutex = RobustMutex(mm, HEADER_SIZE, f"SafeLock {self._seg.name!r}")
+        self._mutex = self._unlocker = mutex
+        self._hot = (mutex.pointer, mutex.owner, mutex)
+        self._release_c = _c_release(mutex, self._seg)
+        self._exit_c = mutex.exit_c
+        # The mapping must outlive every hold of the mutex: glibc links a held robust mutex
+        # into its thread's robust list, and the kernel walks that list when the thread
+        # dies. Unmapping it while held -- this handle garbage-collected, or the interpreter
+        # tearing down at exit -- would make the thread's next robust-mutex operation
+        # segfault and keep the death from ever being seen. So when the handle goes, a
+        # mutex still held here keeps its mapping for the rest of the process.
+        weakref.finalize(self, _keep_mapping_if_held, mutex)
 
-    def acquire(self, timeout: float | None = None, *, blocking: bool = True) -> bool:
-        """Acquire the lock, waiting up to ``timeout`` seconds (forever if ``None``).
+    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:  # noqa: PLR0912 - inlined lock pattern
+        """Acquire the lock, like :meth:`threading.Lock.acquire`.
 
-        Waiting sleeps in the kernel; the lock is handed over as soon as it is released.
+        ``acquire()`` waits as long as it takes; ``acquire(timeout=2.0)`` waits at most 2
+        seconds; ``acquire(False)`` (or :meth:`acquire_nowait`) tries once. ``timeout=-1``
+        and ``timeout=None`` both mean "forever". Waiting sleeps in the kernel; the lock is
+        handed over as soon as it is released.
 
         Returns:
-            ``True`` once acquired; ``False`` if the timeout expired first.
+            ``True`` once acquired; ``False`` if the timeout expired first (or, without
+            ``blocking``, if another thread holds it).
 
         Raises:
             LockReentryError: the calling thread already holds the lock.
-            ValueError: ``timeout`` is negative or NaN, or given with ``blocking=False``.
-            TypeError: ``timeout`` is not a number (``acquire(True)`` is a mistake: the
-                first argument is the timeout, not ``blocking``).
+            ValueError: a timeout with ``blocking=False``, or a negative timeout other
+                than ``-1``, or NaN.
+            TypeError: ``timeout`` is not a number.
 
         Warns:
             HolderDiedWarning: the previous holder died holding the lock; it is now held
                 by the caller. (If warnings are turned into errors, the lock is released
                 before the error propagates.)
         """
-        mutex = self._mutex
-        if timeout is None and blocking:
-            result = mutex.acquire(None)
+        if blocking:
+            if timeout is None or timeout == -1:
+                deadline = _NEVER
+            else:
+                deadline = time.monotonic() + check_timeout(timeout)  # type: ignore[operator]
+        elif timeout is None or timeout == -1:
+            deadline = 0.0
         else:
-            result = mutex.acquire(_check_timeout(timeout, blocking))
-        if result == OK:
-            return True
-        if result == TIMED_OUT:
-            return False
-        self._warn_recovered(3)
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        p, owner, mutex = self._hot
+        # Async-exception safe (see the pattern at the top of this module): a signal
+        # handler's exception anywhere from here to the return leaves the lock free.
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                got = mutex.finish_acquire(rc, deadline)
+                if got == TIMED_OUT:
+                    return False
+                if got == RECOVERED:
+                    self._warn_recovered(3)
+        except BaseException:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+            raise
         return True
 
+    def acquire_nowait(self) -> bool:
+        """Try once: ``acquire(blocking=False)``. ``True`` if acquired."""
+        return self.acquire(False)
+
     def _warn_recovered(self, stacklevel: int) -> None:
-        try:
-            warnings.warn(
-                HolderDiedWarning(
-                    f"SafeLock {self._seg.name!r}: the previous holder died while holding "
-                    "it; the lock was recovered and is now held by this thread (whatever "
-                    "the dead holder was changing under it may be incomplete)"),
-                stacklevel=stacklevel)
-        except BaseException:
-            self._mutex.release()
-            raise
+        warnings.warn(
+            HolderDiedWarning(
+                f"SafeLock {self._seg.name!r}: the previous holder died while holding "
+                "it; the lock was recovered and is now held by this thread (whatever "
+                "the dead holder was changing under it may be incomplete)"),
+            stacklevel=stacklevel)
 
-    def release(self) -> None:
-        """Release the lock. Works even after :meth:`close`, for a thread that holds it.
+    if TYPE_CHECKING:
+        def release(self) -> None:
+            """Release the lock (see the runtime definition below)."""
 
-        Raises:
-            LockNotHeldError: the calling thread does not hold it.
-            SegmentClosedError: the handle is closed and this thread does not hold it.
-        """
-        try:
-            self._unlocker.release()
-        except LockNotHeldError:
-            if self._seg.closed:
-                self._raise_closed()
-            raise
+        def __exit__(self, *exc_info: object) -> None: ...
+    else:
+        # Both are C-level calls (a ctypes call bound to this mutex, reached through a
+        # property whose getter is C too): a Python method would give a signal handler's
+        # exception a place to land -- its first instruction -- before the unlock, and the
+        # lock would stay held by this live thread.
+        release = _CLevel(operator.attrgetter("_release_c"), doc="""\
+Release the lock. Works even after :meth:`close`, for a thread that holds it.
+
+Raises:
+    LockNotHeldError: the calling thread does not hold it.
+    SegmentClosedError: the handle is closed and this thread does not hold it.
+""")
+        __exit__ = _CLevel(operator.attrgetter("_exit_c"))
 
     def __enter__(self) -> Self:
-        if self._mutex.acquire(None) == RECOVERED:
-            self._warn_recovered(3)
+        p, owner, mutex = self._hot
+        # As in acquire(): no exception can leave the lock held between the trylock and
+        # the with-block's start (the with statement's cleanup covers the instruction
+        # right after __enter__ returns; a return from a Python frame checks nothing).
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc and mutex.finish_acquire(rc, _NEVER) == RECOVERED:
+                self._warn_recovered(3)
+        except BaseException:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+            raise
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._unlocker.release()
 
     @contextmanager
     def acquired(self, timeout: float | None = None) -> Iterator[Self]:
@@ -393,13 +659,13 @@ class SafeLock(SharedStructure):
             LockTimeoutError: not acquired within ``timeout`` seconds (also a
                 ``TimeoutError``).
         """
-        if not self.acquire(timeout):
+        if not self.acquire(timeout=timeout):
             raise LockTimeoutError(
                 f"SafeLock {self._seg.name!r} not acquired within {timeout} s")
         try:
             yield self
         finally:
-            self.release()
+            self._release_c()
 
     def locked(self) -> bool:
         """Whether any thread (of any process) holds the lock right now. A snapshot."""
@@ -427,18 +693,14 @@ class SafeLock(SharedStructure):
         return f"locked={self.locked()}"
 
 
-def _check_timeout(timeout: Any, blocking: bool) -> float | None:
-    if not blocking:
-        if timeout is not None:
-            raise ValueError("a timeout cannot be given with blocking=False")
-        return 0.0
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(
-            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
-            + (" (use blocking=False for a non-blocking acquire)"
-               if isinstance(timeout, bool) else ""))
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-    return float(timeout)
+_kept_mappings: list[RobustMutex] = []
+
+
+def _keep_mapping_if_held(mutex: RobustMutex) -> None:
+    """A SafeLock handle is going away (garbage-collected, or the interpreter is exiting):
+    if a thread of this process still holds its mutex, keep the mapping for good."""
+    if mutex.held_in_this_process():
+        _kept_mappings.append(mutex)
+        # Also through interpreter teardown, which clears module globals: the kernel walks
+        # the holder's robust list only when the thread exits, after all of that.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(mutex))

@@ -16,8 +16,9 @@ from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
 from ._errors import IncompatibleSegmentError, QueueShutDown, SafeShmError
-from ._lock import MUTEX_BLOCK, RECOVERED, RobustMutex, init_mutex
+from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
+from ._timeout import check_timeout
 
 T = TypeVar("T")
 
@@ -59,6 +60,8 @@ _PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
 _SYS_FUTEX: Final = ctypes.c_long(_compat.SYS_FUTEX or -1)
 _trylock: Final = _compat.mutex_trylock
 _unlock: Final = _compat.mutex_unlock
+_consistent: Final = _compat.mutex_consistent
+_NEVER: Final = math.inf
 _futex_wait: Final = _compat.futex_wait_call
 _futex_wake: Final = _compat.futex_wake_call
 _FUTEX_WAIT: Final = _compat.FUTEX_WAIT
@@ -122,8 +125,9 @@ class SafeQueue(SharedStructure, Generic[T]):
     _LAYOUT = 1
     _MAPPED = ("_hot", "_state", "_fw", "_mutex", "_futex_ptrs")
 
-    _hot: tuple[memoryview, memoryview, memoryview, memoryview, Any, int]
-    # (state words, futex words, ring bytes, ring 8-byte words, mutex pointer, capacity)
+    _hot: tuple[memoryview, memoryview, memoryview, memoryview, Any, int, memoryview]
+    # (state words, futex words, ring bytes, ring 8-byte words, mutex pointer, capacity,
+    #  the mutex's owner word)
     _state: memoryview
     _fw: memoryview
     _mutex: RobustMutex
@@ -233,7 +237,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NE_SEQ)),
             ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NF_SEQ)))
         self._hot = (self._state, self._fw, ring, ring.cast("Q"), self._mutex.pointer,
-                     capacity)
+                     capacity, self._mutex.owner)
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -301,17 +305,22 @@ class SafeQueue(SharedStructure, Generic[T]):
         data = self._encode(item) if self._raw else _dumps(item, _PROTOCOL)
         n = len(data)
         need = (n + 15) & ~7
-        state, fw, ring, words, p, cap = self._hot
+        deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
+        state, fw, ring, words, p, cap, owner = self._hot
         if need > cap:
             raise self._too_big(n)
-        rc = _trylock(p)
-        if rc:
-            self._finish_acquire(rc)
+        # Async-exception safe: see the pattern at the top of _lock.py.
+        rc = -1
+        if owner[0]:
+            self._mutex.check_not_mine()
         try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, deadline, queue.Full)
             tail = state[_TAIL]
             if cap - (tail - state[_HEAD]) < need or state[_SHUT] or (
                     self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize):
-                tail = self._wait_for_room(need, 1, block, timeout)
+                tail = self._wait_for_room(need, 1, deadline)
             pos = tail % cap
             words[pos >> 3] = n | _MARK
             start = pos + 8
@@ -330,7 +339,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NE_SLEEP]
         finally:
-            _unlock(p)
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
         if sleepers:
             self._wake(_NE_SEQ, 1, sleepers)
 
@@ -338,7 +353,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         """``put(item, block=False)``."""
         self.put(item, False)
 
-    def put_many(self, items: Iterable[T], block: bool = True,
+    def put_many(self, items: Iterable[T], block: bool = True,  # noqa: PLR0912, PLR0915 - inlined lock pattern
                  timeout: float | None = None) -> None:
         """Put all ``items`` at the end of the queue at once: consumers see all or none of
         them, in order, with no other producer's items in between.
@@ -365,7 +380,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             return
         blob = b"".join(parts)
         total = len(blob)
-        state, fw, ring, _, p, cap = self._hot
+        deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
+        state, fw, ring, _, p, cap, owner = self._hot
         if total > cap:
             raise ValueError(
                 f"SafeQueue {self._seg.name!r}: a batch of {k} items needs {total} bytes, "
@@ -374,14 +390,17 @@ class SafeQueue(SharedStructure, Generic[T]):
             raise ValueError(
                 f"SafeQueue {self._seg.name!r}: a batch of {k} items exceeds maxsize "
                 f"{self._maxsize}; nothing was put")
-        rc = _trylock(p)
-        if rc:
-            self._finish_acquire(rc)
+        rc = -1
+        if owner[0]:
+            self._mutex.check_not_mine()
         try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, deadline, queue.Full)
             tail = state[_TAIL]
             if cap - (tail - state[_HEAD]) < total or state[_SHUT] or (
                     self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
-                tail = self._wait_for_room(total, k, block, timeout)
+                tail = self._wait_for_room(total, k, deadline)
             pos = tail % cap
             end = pos + total
             if end <= cap:
@@ -396,7 +415,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NE_SLEEP]
         finally:
-            _unlock(p)
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
         if sleepers:
             self._wake(_NE_SEQ, k, sleepers)
 
@@ -415,14 +440,18 @@ class SafeQueue(SharedStructure, Generic[T]):
             QueueShutDown: the queue was shut down and is empty.
             ValueError: a negative timeout.
         """
-        state, fw, ring, words, p, cap = self._hot
-        rc = _trylock(p)
-        if rc:
-            self._finish_acquire(rc)
+        deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
+        state, fw, ring, words, p, cap, owner = self._hot
+        rc = -1
+        if owner[0]:
+            self._mutex.check_not_mine()
         try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, deadline, queue.Empty)
             head = state[_HEAD]
             if head == state[_TAIL]:
-                head = self._wait_for_item(block, timeout)
+                head = self._wait_for_item(deadline)
             pos = head % cap
             n = words[pos >> 3] & _LEN_MASK
             start = pos + 8
@@ -438,7 +467,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
         finally:
-            _unlock(p)
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
         if sleepers:
             self._wake(_NF_SEQ, 1, sleepers)
         return data if self._raw else _loads(data)  # type: ignore[return-value]
@@ -447,7 +482,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         """``get(block=False)``."""
         return self.get(False)
 
-    def get_many(self, max_items: int, block: bool = True,
+    def get_many(self, max_items: int, block: bool = True,  # noqa: PLR0912, PLR0915 - inlined lock pattern
                  timeout: float | None = None) -> list[T]:
         """Remove and return up to ``max_items`` items from the front of the queue, waiting
         (as :meth:`get` does) only until there is at least one.
@@ -461,15 +496,19 @@ class SafeQueue(SharedStructure, Generic[T]):
             raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
-        state, fw, ring, words, p, cap = self._hot
-        rc = _trylock(p)
-        if rc:
-            self._finish_acquire(rc)
+        deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
+        state, fw, ring, words, p, cap, owner = self._hot
+        rc = -1
+        if owner[0]:
+            self._mutex.check_not_mine()
         try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, deadline, queue.Empty)
             head = state[_HEAD]
             tail = state[_TAIL]
             if head == tail:
-                head = self._wait_for_item(block, timeout)
+                head = self._wait_for_item(deadline)
                 tail = state[_TAIL]
             # Walk the headers to see how far max_items reach, then copy that whole span
             # out at once (twice where the ring wraps) and commit; parse it after unlocking.
@@ -489,7 +528,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
         finally:
-            _unlock(p)
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
         if sleepers:
             self._wake(_NF_SEQ, taken, sleepers)
         view = memoryview(span)
@@ -515,9 +560,8 @@ class SafeQueue(SharedStructure, Generic[T]):
     # If a wake finds nobody asleep (a sleeper that died, or none had slept yet), the waker
     # lowers the token -- unless a new sleeper has set a new one meanwhile -- so that later
     # puts and gets make no system call at all.
-    def _wait_for_room(self, need: int, k: int, block: bool, timeout: float | None) -> int:
+    def _wait_for_room(self, need: int, k: int, deadline: float | None) -> int:
         state = self._state
-        deadline = _deadline(block, timeout)
         while True:
             if state[_SHUT]:
                 raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down")
@@ -528,12 +572,11 @@ class SafeQueue(SharedStructure, Generic[T]):
             # No spinning here: a producer that finds the ring full is better off asleep
             # while the consumers drain several items (measured: spinning producers
             # ping-pong the mutex with consumers copying large items out).
-            if deadline is None or not self._sleep(_NF_SEQ, deadline):
+            if deadline is None or not self._sleep(_NF_SEQ, deadline, queue.Full):
                 raise queue.Full
 
-    def _wait_for_item(self, block: bool, timeout: float | None) -> int:
+    def _wait_for_item(self, deadline: float | None) -> int:
         state = self._state
-        deadline = _deadline(block, timeout)
         spun = False
         while True:
             head: int = state[_HEAD]
@@ -545,11 +588,11 @@ class SafeQueue(SharedStructure, Generic[T]):
                 raise queue.Empty
             if not spun and _compat.spinning_helps():
                 spun = True
-                self._spin(_TAIL, state[_TAIL])
-            elif not self._sleep(_NE_SEQ, deadline):
+                self._spin(_TAIL, state[_TAIL], deadline)
+            elif not self._sleep(_NE_SEQ, deadline, queue.Empty):
                 raise queue.Empty
 
-    def _spin(self, word: int, seen: int) -> None:
+    def _spin(self, word: int, seen: int, deadline: float) -> None:
         """Briefly watch ``state[word]`` without the mutex before going to sleep.
 
         In a steady stream the other side usually acts within microseconds; catching that
@@ -558,18 +601,20 @@ class SafeQueue(SharedStructure, Generic[T]):
         when another CPU is available (see ``_compat.spinning_helps``).
         """
         state = self._state
-        self._mutex.release()
+        p = self._hot[4]
+        _unlock(p)
         try:
             for _ in range(_SPINS):
                 if state[word] != seen or state[_SHUT]:
                     break
         finally:
-            self._finish_acquire(_trylock(self._mutex.pointer))
+            self._relock(p, deadline, queue.Empty)
 
-    def _sleep(self, which: int, deadline: float) -> bool:
+    def _sleep(self, which: int, deadline: float, timed_out: type[Exception]) -> bool:
         """Sleep on a sequence word until woken or ``deadline``; False if it has passed.
 
-        Releases and retakes the mutex; the caller re-checks its condition.
+        Releases and retakes the mutex (raising ``timed_out`` if that takes past the
+        deadline); the caller re-checks its condition.
         """
         if deadline == math.inf:
             pts = _SLICE_TIMESPEC
@@ -592,10 +637,23 @@ class SafeQueue(SharedStructure, Generic[T]):
             # arguments for this operation, so they are not passed (each costs ctypes time).
             _futex_wait(_SYS_FUTEX, self._futex_ptrs[which >> 1], _FUTEX_WAIT, seen, pts)
         finally:
+            self._relock(p, deadline, timed_out)
+        return True
+
+    def _relock(self, p: Any, deadline: float, timed_out: type[Exception]) -> None:
+        """Retake the mutex a wait released. The caller's ``finally`` unlocks it (an
+        unlock of a mutex this thread does not hold is a harmless EPERM)."""
+        rc = -1
+        try:
             rc = _trylock(p)
             if rc:
-                self._finish_acquire(rc)
-        return True
+                self._finish_acquire(rc, deadline, timed_out)
+        except BaseException:
+            if rc and rc != EDEADLK:
+                # Maybe an EOWNERDEAD acquire this exception cut short: the caller's
+                # finally unlocks, which must not leave the mutex unrecoverable.
+                _consistent(p)
+            raise
 
     def _wake(self, which: int, n: int, token: int) -> None:
         """Wake up to ``n`` sleepers on a sequence word. Called without the mutex."""
@@ -608,13 +666,19 @@ class SafeQueue(SharedStructure, Generic[T]):
                 if fw[which + 1] == token:
                     fw[which + 1] = 0
 
-    def _finish_acquire(self, rc: int) -> None:
-        """The mutex's trylock returned ``rc``: wait for it, or recover it from a dead
-        holder (then repair what that holder may have left half-done)."""
-        if rc == 0:
-            return
-        if self._mutex.finish_acquire(rc, None) == RECOVERED:
+    def _finish_acquire(self, rc: int, deadline: float | None,
+                        timed_out: type[Exception]) -> None:
+        """The mutex's trylock returned ``rc``: wait for it until ``deadline`` (then raise
+        ``timed_out``), or recover it from a dead holder (then repair what that holder may
+        have left half-done). The deadline covers the mutex too: a holder that is stuck
+        (SIGSTOPped) does not stretch a ``timeout=``. ``None`` (no blocking) still waits
+        for the mutex, which is only ever held for a few microseconds by a running
+        process."""
+        got = self._mutex.finish_acquire(rc, _NEVER if deadline is None else deadline)
+        if got == RECOVERED:
             self._repair()
+        elif got == TIMED_OUT:
+            raise timed_out
 
     def _repair(self) -> None:
         """After a holder died: recount the items, and wake every sleeper, since the dead
@@ -624,7 +688,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         they are consistent whatever instant the holder died at; the put and get totals are
         updated after them and may be one commit behind.
         """
-        state, _, _, words, _, cap = self._hot
+        state, _, _, words, _, cap, _ = self._hot
         head, tail = state[_HEAD], state[_TAIL]
         count = 0
         at = head
@@ -669,8 +733,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         """Whether :meth:`shutdown` was called (by any process)."""
         return bool(self._state[_SHUT])
 
-    def _mutex_held(self) -> _Held:
-        return _Held(self)
+    def _mutex_held(self) -> Held:
+        return Held(self._mutex, self._repair)
 
     # -- introspection -------------------------------------------------------------------------
     def statistics(self) -> QueueStatistics:
@@ -688,31 +752,12 @@ class SafeQueue(SharedStructure, Generic[T]):
                 + (", raw=True" if self._raw else ""))
 
 
-class _Held:
-    __slots__ = ("_q",)
-
-    def __init__(self, q: SafeQueue[Any]) -> None:
-        self._q = q
-
-    def __enter__(self) -> None:
-        self._q._finish_acquire(_trylock(self._q._mutex.pointer))
-
-    def __exit__(self, *exc_info: object) -> None:
-        _unlock(self._q._mutex.pointer)
-
-
 def _deadline(block: bool, timeout: float | None) -> float | None:
     """``None`` for "do not wait", ``math.inf`` for "wait forever", else a monotonic time."""
     if not block:
         return None
-    if timeout is None:
-        return math.inf
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not "
-                        f"{type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return time.monotonic() + timeout
+    seconds = check_timeout(timeout)
+    return math.inf if seconds is None else time.monotonic() + seconds
 
 
 def _check_count(what: str, value: Any) -> int:

@@ -1,0 +1,189 @@
+"""Run safeshm operations under a 0.3 ms SIGALRM whose handler raises, and check after every
+interrupt that no internal robust mutex was left held (issue 10.3).
+
+Run as a script in a subprocess by tests/test_async_exceptions.py, so that a hang or a
+crash fails that test instead of killing pytest: ``python _async_worker.py KIND N``.
+Exit status 0: N interrupts landed and every mutex was free after each; 3: a mutex was
+left held (the message names the operation and the mutex).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import queue
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import safeshm
+from safeshm import _lock
+
+CHECK_WAIT = 5.0  # bounded: a free mutex is taken at once, a leaked one never
+
+
+class Alarm(Exception):
+    """What the signal handler raises: a stand-in for KeyboardInterrupt or a timeout."""
+
+
+def _raise(signum: int, frame: Any) -> None:
+    raise Alarm
+
+
+def _mutexes(handle: Any) -> list[Any]:
+    if isinstance(handle, safeshm.SafeArray):
+        return list(handle._stripes)
+    return [handle._mutex]
+
+
+def _free_everywhere(mutexes: list[Any]) -> str | None:
+    """From another thread: take and release every mutex (bounded wait)."""
+    for m in mutexes:
+        if m.acquire(CHECK_WAIT) == _lock.TIMED_OUT:
+            return f"{m._what} is still held {CHECK_WAIT} s after the interrupt"
+        m.release()
+    return None
+
+
+def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
+    if kind == "queue":
+        q = handle
+
+        def get() -> None:
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.001)
+
+        def get_many() -> None:
+            with contextlib.suppress(queue.Empty):
+                q.get_many(3, timeout=0.001)
+
+        def put() -> None:
+            with contextlib.suppress(queue.Full):
+                q.put(b"x" * 20, timeout=0.001)
+
+        def put_many() -> None:
+            with contextlib.suppress(queue.Full):
+                q.put_many([b"y"] * 3, timeout=0.001)
+
+        return [("put", put), ("get", get), ("put_many", put_many), ("get_many", get_many)]
+    if kind == "array":
+        a = handle
+
+        def locked() -> None:
+            with a.locked() as view:
+                view[0] = 1
+
+        def setitem() -> None:
+            a[1] = 5
+
+        def setslice() -> None:
+            a[0:2] = [3, 4]
+
+        return [("add", lambda: a.add(2, 1)), ("set", setitem),
+                ("compare_and_set", lambda: a.compare_and_set(3, 0, 0)),
+                ("to_list", a.to_list), ("fill", lambda: a.fill(0)), ("locked", locked),
+                ("slice", setslice), ("getslice", lambda: a[0:3])]
+    if kind == "sharded":
+        c = handle
+        return [("add", c.add), ("exchange", lambda: c.exchange(0))]
+    if kind == "lock":
+        lock = handle
+
+        def with_lock() -> None:
+            with lock:
+                pass
+
+        def acquire_release() -> None:
+            if lock.acquire():
+                try:
+                    pass
+                finally:
+                    lock.release()
+
+        def acquire_timeout() -> None:
+            if lock.acquire(timeout=1.0):
+                try:
+                    pass
+                finally:
+                    lock.release()
+
+        def acquired() -> None:
+            with lock.acquired(timeout=1.0):
+                pass
+
+        return [("with", with_lock), ("acquire", acquire_release),
+                ("acquire(timeout)", acquire_timeout), ("acquired", acquired)]
+    raise SystemExit(f"unknown kind {kind!r}")
+
+
+@contextlib.contextmanager
+def _handle(kind: str, pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[Any]:
+    if kind == "queue":
+        h: Any = safeshm.SafeQueue.create(1 << 16, raw=True)
+    elif kind == "array":
+        h = safeshm.SafeArray.create("q", 8, stripes=4)
+    elif kind == "sharded":
+        h = safeshm.ShardedCounter.create(slots=1)
+        # Another, live thread owns the only slot: this thread's adds take the lock.
+        pool.submit(h.add, 1).result(timeout=CHECK_WAIT)
+    else:
+        h = safeshm.SafeLock.create()
+    try:
+        yield h
+    finally:
+        h.close()
+        h.unlink()
+
+
+def main(kind: str, wanted: int, budget_s: float) -> int:
+    warnings.simplefilter("ignore", safeshm.SafeShmWarning)
+    signal.signal(signal.SIGALRM, _raise)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    with _handle(kind, pool) as h:
+        mutexes = _mutexes(h)
+        ops = _ops(kind, h)
+        counts = dict.fromkeys([name for name, _ in ops], 0)
+        interrupts = 0
+        stop_at = time.monotonic() + budget_s
+        while interrupts < wanted and time.monotonic() < stop_at:
+            for name, op in ops:
+                hit = False
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+                    while True:  # until the alarm lands, somewhere in an operation
+                        op()
+                except Alarm:
+                    hit = True
+                finally:
+                    # The handler may still fire once between here and the timer's end.
+                    while True:
+                        try:
+                            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+                            break
+                        except Alarm:
+                            hit = True
+                if not hit:
+                    continue
+                interrupts += 1
+                counts[name] += 1
+                problem = pool.submit(_free_everywhere, mutexes).result(
+                    timeout=CHECK_WAIT * len(mutexes) + 5)
+                if problem:
+                    print(f"LEAK after {interrupts} interrupts, in {kind} {name}: {problem}",
+                          flush=True)
+                    # Let the other thread's check see nothing more; exit without cleanup
+                    # (the parent test removes the segment).
+                    for m in mutexes:
+                        with contextlib.suppress(Exception):
+                            m.release()
+                    return 3
+    pool.shutdown()
+    print(f"OK {kind}: {interrupts} interrupts {counts}", flush=True)
+    return 0 if interrupts >= min(wanted, 20) else 4
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
