@@ -428,3 +428,81 @@ def test_closed_handle_is_not_counted_as_in_use(cleanup: Any) -> None:
     assert _in_use(path) is True
     lock.close()
     assert _in_use(path) is False
+
+
+# -- the mapping outlives every hold (issue 10.2) ---------------------------------------------
+def _python(code: str, **kwargs: Any) -> Any:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    src = str(Path(safeshm.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def test_dropping_a_held_lock_does_not_crash_the_holder(unique: Any) -> None:
+    """glibc links a held robust mutex into its thread's robust list: unmapping it (the
+    handle garbage-collected) made the thread's next robust-mutex operation segfault."""
+    name = unique()
+    proc = _python(f"""
+import gc, safeshm
+safeshm.SafeLock.create(name={name!r}).acquire()  # held; the handle is dropped at once
+gc.collect()
+for _ in range(3):
+    other = safeshm.SafeLock.create()
+    for _ in range(50):
+        with other:
+            pass
+    other.close(); other.unlink()
+q = safeshm.SafeQueue.create(4096)
+q.put(1); q.get()
+q.close(); q.unlink()
+print("survived", flush=True)
+""")
+    try:
+        out, err = proc.communicate(timeout=JOIN_TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait()
+        safeshm.SafeLock.attach(name).unlink()
+    assert proc.returncode == 0 and "survived" in out, (proc.returncode, err[-2000:])
+
+
+@pytest.mark.parametrize("holder", ["thread", "process"])
+def test_holder_of_a_dropped_handle_dies_and_is_seen_dead(holder: str,
+                                                          lock: safeshm.SafeLock) -> None:
+    """If the mapping is gone when the holder exits, the kernel cannot mark the mutex
+    owner-dead, and every other process waits forever without a HolderDiedWarning."""
+    acquire_and_drop = f"""
+import gc, safeshm
+def take():
+    safeshm.SafeLock.attach({lock.name!r}).acquire()  # the handle is dropped at once
+    gc.collect()
+"""
+    if holder == "thread":
+        code = acquire_and_drop + """
+import sys, threading
+t = threading.Thread(target=take)
+t.start(); t.join()
+print("thread exited", flush=True)
+sys.stdin.read()  # this process stays alive until the test is done
+"""
+    else:
+        code = acquire_and_drop + "take()\nprint('exiting', flush=True)\n"
+    proc = _python(code)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() in ("thread exited", "exiting")
+        if holder == "process":
+            proc.wait(timeout=JOIN_TIMEOUT)
+        with pytest.warns(safeshm.HolderDiedWarning):
+            assert lock.acquire(timeout=10.0) is True
+        lock.release()
+    finally:
+        proc.kill()
+        proc.communicate()

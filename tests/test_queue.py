@@ -456,6 +456,39 @@ def test_lock_holder_killed_others_carry_on(make: Any) -> None:
     assert q.qsize() == 0
 
 
+def test_timeouts_cover_the_internal_mutex(make: Any) -> None:
+    """A stuck (SIGSTOPped) process holding the queue's mutex does not stretch a
+    timeout= (issue 10.4): every timed call gives up at its deadline."""
+    import os
+    import signal
+
+    q = make(4096)
+    q.put("there")
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    with processes("fork", hold_queue_lock_worker, [(q.name, ready)]) as (p,):
+        try:
+            assert ready.wait(JOIN_TIMEOUT)
+            os.kill(p.pid, signal.SIGSTOP)
+            calls: list[tuple[type[Exception], Any]] = [
+                (queue.Empty, lambda: q.get(timeout=0.3)),
+                (queue.Empty, lambda: q.get_many(5, timeout=0.3)),
+                (queue.Full, lambda: q.put("x", timeout=0.3)),
+                (queue.Full, lambda: q.put_many(["x", "y"], timeout=0.3)),
+                (queue.Empty, lambda: q.get(True, 0)),
+            ]
+            for expected, call in calls:
+                t0 = time.monotonic()
+                with pytest.raises(expected):
+                    call()
+                assert time.monotonic() - t0 < PROMPT
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+            kill_and_reap(p)
+    assert q.get(timeout=1) == "there"  # nothing was changed meanwhile
+    assert q.qsize() == 0
+
+
 def test_sleeper_killed_does_not_tax_later_puts(make: Any) -> None:
     """A consumer killed while asleep in get() leaves the sleepers flag up; the next put
     finds nobody to wake and lowers it again, so later puts pay for no system call."""
