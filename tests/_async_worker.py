@@ -33,6 +33,30 @@ def _raise(signum: int, frame: Any) -> None:
     raise Alarm
 
 
+class Reentrant:
+    """A handler that first uses the structure itself -- possibly while the code it
+    interrupted holds the structure's mutex -- then raises. A re-entry must fail with
+    LockReentryError and leave the outer hold in place."""
+
+    def __init__(self, mutexes: list[Any]) -> None:
+        self.mutexes = mutexes
+        self.op: Callable[[], Any] | None = None
+        self.refused = 0
+        self.problems: list[str] = []
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        op = self.op
+        if op is not None:
+            held = [m.held_here() for m in self.mutexes]
+            try:
+                op()
+            except safeshm.LockReentryError:
+                self.refused += 1
+                if [m.held_here() for m in self.mutexes] != held:
+                    self.problems.append("a refused re-entry changed what this thread holds")
+        raise Alarm
+
+
 def _mutexes(handle: Any) -> list[Any]:
     if isinstance(handle, safeshm.SafeArray):
         return list(handle._stripes)
@@ -54,19 +78,19 @@ def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
 
         def get() -> None:
             with contextlib.suppress(queue.Empty):
-                q.get(timeout=0.001)
+                q.get(timeout=0)
 
         def get_many() -> None:
             with contextlib.suppress(queue.Empty):
-                q.get_many(3, timeout=0.001)
+                q.get_many(3, timeout=0)
 
         def put() -> None:
             with contextlib.suppress(queue.Full):
-                q.put(b"x" * 20, timeout=0.001)
+                q.put(b"x" * 20, timeout=0)
 
         def put_many() -> None:
             with contextlib.suppress(queue.Full):
-                q.put_many([b"y"] * 3, timeout=0.001)
+                q.put_many([b"y"] * 3, timeout=0)
 
         return [("put", put), ("get", get), ("put_many", put_many), ("get_many", get_many)]
     if kind == "array":
@@ -138,19 +162,21 @@ def _handle(kind: str, pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[
         h.unlink()
 
 
-def main(kind: str, wanted: int, budget_s: float) -> int:
+def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:
     warnings.simplefilter("ignore", safeshm.SafeShmWarning)
-    signal.signal(signal.SIGALRM, _raise)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     with _handle(kind, pool) as h:
         mutexes = _mutexes(h)
         ops = _ops(kind, h)
+        handler = Reentrant(mutexes)
+        signal.signal(signal.SIGALRM, handler if reentrant else _raise)
         counts = dict.fromkeys([name for name, _ in ops], 0)
         interrupts = 0
         stop_at = time.monotonic() + budget_s
         while interrupts < wanted and time.monotonic() < stop_at:
             for name, op in ops:
                 hit = False
+                handler.op = op
                 try:
                     signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
                     while True:  # until the alarm lands, somewhere in an operation
@@ -165,6 +191,10 @@ def main(kind: str, wanted: int, budget_s: float) -> int:
                             break
                         except Alarm:
                             hit = True
+                handler.op = None
+                if handler.problems:
+                    print(f"RE-ENTRY in {kind} {name}: {handler.problems[0]}", flush=True)
+                    return 5
                 if not hit:
                     continue
                 interrupts += 1
@@ -181,9 +211,11 @@ def main(kind: str, wanted: int, budget_s: float) -> int:
                             m.release()
                     return 3
     pool.shutdown()
-    print(f"OK {kind}: {interrupts} interrupts {counts}", flush=True)
+    print(f"OK {kind}: {interrupts} interrupts {counts}; re-entries refused: "
+          f"{handler.refused}", flush=True)
     return 0 if interrupts >= min(wanted, 20) else 4
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]),
+                  len(sys.argv) > 4 and sys.argv[4] == "reentrant"))

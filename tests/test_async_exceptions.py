@@ -20,11 +20,12 @@ WORKER = Path(__file__).with_name("_async_worker.py")
 KINDS = ["queue", "array", "sharded", "lock"]
 
 
-def _run(kind: str, interrupts: int, budget_s: float) -> None:
+def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> None:
     env = dict(os.environ)
     src = str(Path(safeshm.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(WORKER), kind, str(interrupts), str(budget_s)],
+    proc = subprocess.run([sys.executable, str(WORKER), kind, str(interrupts), str(budget_s),
+                           mode],
                           check=False, capture_output=True, text=True, env=env,
                           timeout=budget_s + 60)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
@@ -35,7 +36,15 @@ def test_interrupts_leave_no_mutex_held(kind: str) -> None:
     _run(kind, interrupts=150, budget_s=8.0)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
-def test_many_interrupts_leave_no_mutex_held(kind: str) -> None:
-    _run(kind, interrupts=3000, budget_s=60.0)
+def test_reentrant_handlers_never_release_the_outer_hold(kind: str) -> None:
+    """The handler uses the structure first: where it interrupted a hold, the re-entry
+    fails with LockReentryError and the interrupted code still holds the mutex."""
+    _run(kind, interrupts=150, budget_s=8.0, mode="reentrant")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["raise", "reentrant"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_interrupts_leave_no_mutex_held(kind: str, mode: str) -> None:
+    _run(kind, interrupts=3000, budget_s=60.0, mode=mode)
