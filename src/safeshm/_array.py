@@ -492,23 +492,15 @@ class SafeArray(SharedStructure, Generic[T]):
         """
         _, ptrs, nstripes, owners, prefixes = self._hot
         stripes = self._stripes
-        # Async-exception safe (see _lock.py): ``n`` counts the stripes that may be held
-        # -- it includes stripe k before its trylock, whose result ``rc`` is unknown (-1)
-        # until stored -- and the finally releases all of them in one C-level call.
-        n = 0
-        rc = 0
-        recovered = False
+        # Async-exception safe (see _lock.py): the finally releases every stripe that may
+        # be held -- including one whose trylock result is unknown -- in one C-level call.
+        # held = [n, rc, recovered]: a list, so that _take_stripes (a function, for its
+        # loop: see _queue._span_end) updates it as it goes.
+        held = [0, 0, False]
         try:
-            for k in range(nstripes):
-                if owners[k]:
-                    stripes[k].check_not_mine()
-                n = k + 1
-                rc = -1
-                rc = _trylock(ptrs[k])
-                if rc and stripes[k].finish_acquire(rc, _NEVER) == RECOVERED:
-                    recovered = True
+            _take_stripes(stripes, ptrs, owners, nstripes, held)
             ctl = self._ctl
-            if recovered:
+            if held[2]:
                 self._recovered(stacklevel=4)
             if writing:
                 ctl[_DIRTY] = 1
@@ -523,10 +515,10 @@ class SafeArray(SharedStructure, Generic[T]):
                 yield
         finally:
             try:
-                if rc:
-                    _consistent(ptrs[n - 1])  # maybe an EOWNERDEAD acquire cut short
+                if held[1]:
+                    _consistent(ptrs[held[0] - 1])  # maybe an EOWNERDEAD acquire cut short
             finally:
-                unlock_each(prefixes[n])
+                unlock_each(prefixes[held[0]])
 
     def _warn_partial(self, stacklevel: int) -> None:
         warnings.warn(HolderDiedWarning(
@@ -555,13 +547,7 @@ class SafeArray(SharedStructure, Generic[T]):
         total = len(raw)
         with self._all_stripes(writing=True):
             if total:
-                # Write one element, then double the filled prefix: log2(n) memcpys.
-                raw[: len(item)] = item
-                done = len(item)
-                while done < total:
-                    step = min(done, total - done)
-                    raw[done : done + step] = raw[:step]
-                    done += step
+                _fill_bytes(raw, item, total)  # a function for its loop: see _take_stripes
 
     def _set_slice(self, index: slice, values: Iterable[Any]) -> None:
         data = self._data
@@ -636,6 +622,37 @@ class SafeArray(SharedStructure, Generic[T]):
 
     def _repr_fields(self) -> str:
         return f"typecode={self._typecode!r}, length={len(self._data)}"
+
+
+def _take_stripes(stripes: list[RobustMutex], ptrs: list[Any], owners: memoryview,
+                  nstripes: int, held: list[Any]) -> None:
+    """Lock every stripe, in order; ``held = [n, rc, recovered]`` says at every instant
+    how many stripes may be held (stripe ``n - 1``'s trylock result is ``rc``, -1 while
+    unknown) and whether a dead holder's stripe was recovered.
+
+    A function, not a loop in the caller's ``try``: CPython (gh-108214, gh-130279) may leave
+    a loop's backward jump out of the enclosing ``try``'s exception range, so a signal
+    handler's exception raised there would skip the ``finally``; raised in here, it reaches
+    the caller at the call, which the ``try`` covers.
+    """
+    for k in range(nstripes):
+        if owners[k]:
+            stripes[k].check_not_mine()
+        held[0] = k + 1
+        held[1] = -1
+        held[1] = rc = _trylock(ptrs[k])
+        if rc and stripes[k].finish_acquire(rc, _NEVER) == RECOVERED:
+            held[2] = True
+
+
+def _fill_bytes(raw: memoryview, item: bytes, total: int) -> None:
+    """Write one element, then double the filled prefix: log2(n) memcpys."""
+    raw[: len(item)] = item
+    done = len(item)
+    while done < total:
+        step = min(done, total - done)
+        raw[done : done + step] = raw[:step]
+        done += step
 
 
 def _index(index: Any) -> int:

@@ -622,19 +622,7 @@ class ShardedCounter(SharedStructure):
         chosen: int | None = None
         with Held(self._mutex):
             high = mv[_HIGH]
-            for k in range(self._nslots):  # an int: survives close, unlike the views
-                w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
-                if mv[w + _S_PID] == 0:
-                    chosen = k
-                    break
-            else:
-                for k in range(high):
-                    w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
-                    owner = mv[w + _S_PID]
-                    if owner != me and not _compat.process_alive(
-                            owner, mv[w + _S_START], mv[w + _S_NS]):
-                        chosen = k
-                        break
+            chosen = _free_slot(mv, self._nslots, high, me)
             if chosen is not None:
                 w = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8
                 mv[w + _S_START] = start
@@ -732,6 +720,26 @@ class ShardedCounter(SharedStructure):
 
     def _repr_fields(self) -> str:
         return f"value={self.value}"
+
+
+def _free_slot(mv: memoryview, nslots: int, high: int, me: int) -> int | None:
+    """A free slot, else one whose owner died; ``None`` if every slot is owned.
+
+    Called holding the mutex, and a function because of its loops: CPython (gh-108214,
+    gh-130279) may leave a loop's backward jump out of the enclosing ``with`` block's
+    exception range, so a signal handler's exception raised there would skip the exit
+    that releases the mutex; raised in here, it reaches the caller at the call.
+    """
+    for k in range(nslots):  # an int: survives close, unlike the views
+        w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
+        if mv[w + _S_PID] == 0:
+            return k
+    for k in range(high):
+        w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
+        owner = mv[w + _S_PID]
+        if owner != me and not _compat.process_alive(owner, mv[w + _S_START], mv[w + _S_NS]):
+            return k
+    return None
 
 
 _start_time_cache: dict[int, int] = {}

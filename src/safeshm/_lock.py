@@ -87,9 +87,14 @@ _NEVER: Final = math.inf
 #
 # No handler can run between entering the finally and the unlock call completing (no call,
 # no backward jump before it), and a Python-level helper must not be called there: its RESUME
-# would be a place for the next exception. pthread_mutex_consistent on a mutex this thread
-# does not hold returns EINVAL or EPERM (glibc: only when it is inconsistent does it act, and
-# the recovery below tolerates another thread having marked it consistent).
+# would be a place for the next exception. And no loop in the locked region itself: CPython
+# (gh-108214, gh-130279; 3.13 for any `while` with a compound condition) may leave a loop's
+# backward jump -- an eval-breaker check -- out of the enclosing try's exception range, so an
+# exception raised there skips the finally. Loops go in functions called from the try (an
+# exception raised in a callee reaches the caller at the call, which the try covers).
+# pthread_mutex_consistent on a mutex this thread does not hold returns EINVAL or EPERM
+# (glibc: only when it is inconsistent does it act, and the recovery below tolerates another
+# thread having marked it consistent).
 
 
 def _probe_owner_word() -> int:

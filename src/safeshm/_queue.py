@@ -482,7 +482,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         """``get(block=False)``."""
         return self.get(False)
 
-    def get_many(self, max_items: int, block: bool = True,  # noqa: PLR0912, PLR0915 - inlined lock pattern
+    def get_many(self, max_items: int, block: bool = True,  # noqa: PLR0912 - inlined lock pattern
                  timeout: float | None = None) -> list[T]:
         """Remove and return up to ``max_items`` items from the front of the queue, waiting
         (as :meth:`get` does) only until there is at least one.
@@ -512,11 +512,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 tail = state[_TAIL]
             # Walk the headers to see how far max_items reach, then copy that whole span
             # out at once (twice where the ring wraps) and commit; parse it after unlocking.
-            end = head
-            taken = 0
-            while end != tail and taken < max_items:
-                end += ((words[(end % cap) >> 3] & _LEN_MASK) + 15) & ~7
-                taken += 1
+            end, taken = _span_end(words, head, tail, cap, max_items)
             start = head % cap
             stop = start + (end - head)
             if stop <= cap:
@@ -721,10 +717,10 @@ class SafeQueue(SharedStructure, Generic[T]):
                 state[_HEAD] = state[_TAIL]
                 state[_GETS] = state[_PUTS]
             fw = self._fw
-            tokens = []
-            for which in (_NE_SEQ, _NF_SEQ):
-                fw[which] = (fw[which] + 1) & _SEQ_MASK
-                tokens.append((which, fw[which + 1]))
+            # Written out, not a loop: see _span_end.
+            fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
+            fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
+            tokens = ((_NE_SEQ, fw[_NE_SEQ + 1]), (_NF_SEQ, fw[_NF_SEQ + 1]))
         for which, token in tokens:
             self._wake(which, 0x7FFFFFFF, token)
 
@@ -750,6 +746,24 @@ class SafeQueue(SharedStructure, Generic[T]):
     def _repr_fields(self) -> str:
         return (f"capacity={self._capacity}, items={self.qsize()}"
                 + (", raw=True" if self._raw else ""))
+
+
+def _span_end(words: memoryview, head: int, tail: int, cap: int,
+              max_items: int) -> tuple[int, int]:
+    """Where the first ``max_items`` records from ``head`` end, and how many there are.
+
+    A function of its own, called while the mutex is held, because of its loop: CPython
+    (gh-108214, gh-130279) may leave a loop's backward jump out of the enclosing ``try``'s
+    exception range, so a signal handler's exception raised there would skip the
+    ``finally`` that releases the mutex. Raised inside a call, it reaches the caller at
+    the call, which the ``try`` covers.
+    """
+    end = head
+    taken = 0
+    while end != tail and taken < max_items:
+        end += ((words[(end % cap) >> 3] & _LEN_MASK) + 15) & ~7
+        taken += 1
+    return end, taken
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
