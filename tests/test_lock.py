@@ -506,3 +506,28 @@ sys.stdin.read()  # this process stays alive until the test is done
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_exit_works_through_the_class_as_exit_stack_calls_it(lock: safeshm.SafeLock) -> None:
+    """release() and __exit__ are C-level calls reached through properties; the class
+    attributes still work as ExitStack (type(cm).__exit__(cm, ...)) and users call them."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lock)
+        assert lock.locked()
+    assert not lock.locked()
+    def fail_inside() -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(lock)
+            raise KeyError("x")  # __exit__ must not swallow it
+
+    with pytest.raises(KeyError):
+        fail_inside()
+    assert not lock.locked()
+    lock.acquire()
+    safeshm.SafeLock.release(lock)
+    assert not lock.locked()
+    with pytest.raises(safeshm.LockNotHeldError):
+        type(lock).__exit__(lock, None, None, None)
+    assert "Release the lock" in (safeshm.SafeLock.release.__doc__ or "")

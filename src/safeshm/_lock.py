@@ -169,6 +169,10 @@ class _CLevel(property):
     """A property whose getter is C (``operator.attrgetter``) and that is also callable
     from the class, as ``contextlib.ExitStack`` calls ``type(cm).__exit__(cm, ...)``."""
 
+    def __init__(self, fget: Any, doc: str | None = None) -> None:
+        super().__init__(fget)
+        self.__doc__ = doc  # the class's own docstring would shadow property's doc=
+
     def __call__(self, instance: Any, *args: Any) -> Any:
         return self.__get__(instance)(*args)
 
