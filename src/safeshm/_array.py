@@ -285,7 +285,7 @@ class SafeArray(SharedStructure, Generic[T]):
         self._data = self._bytes.cast(typecode)
         self._ctl = whole[_CTL_OFFSET : _CTL_OFFSET + CACHE_LINE].cast("q")
         what = f"SafeArray {self._seg.name!r}"
-        self._stripes = [RobustMutex(mm, _STRIPES_OFFSET + k * MUTEX_BLOCK, what)
+        self._stripes = [RobustMutex(mm, _STRIPES_OFFSET + k * MUTEX_BLOCK, what, held=False)
                          for k in range(nstripes)]
         ptrs = [m.pointer for m in self._stripes]
         owners = whole[_STRIPES_OFFSET : _STRIPES_OFFSET + nstripes * MUTEX_BLOCK].cast("i")

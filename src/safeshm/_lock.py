@@ -188,24 +188,34 @@ class _UnlockResult(dict[int, None]):
     """``restype`` of the C-level unlock: 0 maps to ``None``; an error calls
     ``__missing__``, which raises (Python code, but only once nothing is held)."""
 
-    __slots__ = ("_mutex", "_seg")
+    __slots__ = ("_seg", "_what")
 
-    def __init__(self, mutex: RobustMutex, seg: Segment | None) -> None:
+    def __init__(self, what: str, seg: Segment | None) -> None:
+        # Neither the mutex nor the segment itself: ctypes function objects sit in a
+        # reference cycle of their own (freed only by the cyclic GC), and through this
+        # restype they would keep the mapping -- and, before 3.13, the descriptor mmap
+        # duplicated -- alive after close().
         super().__init__({0: None})
-        self._mutex = mutex
-        self._seg = seg
+        self._what = what
+        self._seg = None if seg is None else weakref.ref(seg)
 
     def __missing__(self, rc: int) -> None:
-        if rc == _compat.EPERM and self._seg is not None and self._seg.closed:
-            raise SegmentClosedError(
-                f"SafeLock {self._seg.name!r} is closed on this handle")
-        self._mutex._release_failed(rc)
+        seg = None if self._seg is None else self._seg()
+        if rc == _compat.EPERM and seg is not None and seg.closed:
+            raise SegmentClosedError(f"SafeLock {seg.name!r} is closed on this handle")
+        _release_failed(self._what, rc)
+
+
+def _release_failed(what: str, rc: int) -> None:
+    if rc == _compat.EPERM:
+        raise LockNotHeldError(f"{what} is not held by this thread")
+    raise OSError(rc, f"unlocking {what} failed: {os.strerror(rc)}")  # pragma: no cover
 
 
 def _c_release(mutex: RobustMutex, seg: Segment) -> Any:
     """``release()`` for a SafeLock's ``mutex``: one C-level call."""
     release = _LIBC_GIL["pthread_mutex_unlock"]
-    release.restype = _UnlockResult(mutex, seg).__getitem__
+    release.restype = _UnlockResult(mutex._what, seg).__getitem__
     return functools.partial(release, mutex.pointer)
 
 
@@ -224,7 +234,7 @@ class RobustMutex:
 
     __slots__ = ("_p", "_target", "_what", "_words", "exit_c", "owner")
 
-    def __init__(self, mm: mmap.mmap, offset: int, what: str) -> None:
+    def __init__(self, mm: mmap.mmap, offset: int, what: str, *, held: bool = True) -> None:
         # from_buffer (not from_address) keeps a buffer export on the mmap for as long as
         # this object lives: the mapping cannot be unmapped under an in-flight call.
         self._target = ctypes.c_char.from_buffer(mm, offset)
@@ -234,8 +244,9 @@ class RobustMutex:
                                     ].cast("i")
         """A one-word view of the robust futex word: nonzero while some thread holds it."""
         self._what = what
-        self.exit_c = _c_exit(self)
-        """``exit_c(t, v, tb)``: unlock as one C-level call, for ``__exit__`` methods."""
+        self.exit_c = _c_exit(self) if held else None
+        """``exit_c(t, v, tb)``: unlock as one C-level call, for ``__exit__`` methods (only
+        with ``held``: a mutex that :class:`Held` or ``SafeLock`` uses)."""
 
     @property
     def pointer(self) -> Any:
@@ -347,9 +358,7 @@ class RobustMutex:
             self._release_failed(rc)
 
     def _release_failed(self, rc: int) -> None:
-        if rc == _compat.EPERM:
-            raise LockNotHeldError(f"{self._what} is not held by this thread")
-        raise OSError(rc, f"unlocking {self._what} failed: {os.strerror(rc)}")  # pragma: no cover
+        _release_failed(self._what, rc)
 
     def held_here(self) -> bool:
         """Whether the calling thread holds the mutex."""
@@ -431,7 +440,7 @@ def _c_exit(mutex: RobustMutex) -> Any:
     """``exit_c(t, v, tb)`` for ``mutex``: a ctypes call of pthread_mutex_unlock that
     ignores the three exception arguments (every supported ABI passes extra arguments in
     registers, and the caller cleans up), raising only if the unlock failed."""
-    result = _UnlockResult(mutex, None)
+    result = _UnlockResult(mutex._what, None)
     exit_ = _LIBC_GIL["pthread_mutex_unlock"]
     exit_.argtypes = (ctypes.c_void_p, _AnyArgument, _AnyArgument, _AnyArgument)  # type: ignore[assignment]
     exit_.restype = result.__getitem__
