@@ -350,15 +350,16 @@ class SafeArray(SharedStructure, Generic[T]):
             i += n
         if not 0 <= i < n:
             raise IndexError("array assignment index out of range")
-        p = ptrs[i % nstripes]
+        s = i % nstripes
+        p = ptrs[s]
         # Async-exception safe: see the pattern at the top of _lock.py.
         rc = -1
-        if owners[i % nstripes]:
-            self._stripes[i % nstripes].check_not_mine()
+        if owners[s]:
+            self._stripes[s].check_not_mine()
         try:
             rc = _trylock(p)
             if rc:
-                self._finish_acquire(i % nstripes, rc)
+                self._finish_acquire(s, rc)
             data[i] = value
         except (ValueError, TypeError) as e:
             raise self._bad_value(e, value) from None
@@ -386,14 +387,15 @@ class SafeArray(SharedStructure, Generic[T]):
             i += n
         if not 0 <= i < n:
             raise IndexError("array index out of range")
-        p = ptrs[i % nstripes]
+        s = i % nstripes
+        p = ptrs[s]
         rc = -1
-        if owners[i % nstripes]:
-            self._stripes[i % nstripes].check_not_mine()
+        if owners[s]:
+            self._stripes[s].check_not_mine()
         try:
             rc = _trylock(p)
             if rc:
-                self._finish_acquire(i % nstripes, rc)
+                self._finish_acquire(s, rc)
             new = data[i] + delta
             try:
                 data[i] = new
@@ -428,15 +430,16 @@ class SafeArray(SharedStructure, Generic[T]):
             i += n
         if not 0 <= i < n:
             raise IndexError("array index out of range")
-        p = ptrs[i % nstripes]
+        s = i % nstripes
+        p = ptrs[s]
         probe = self._check_value(new)
         rc = -1
-        if owners[i % nstripes]:
-            self._stripes[i % nstripes].check_not_mine()
+        if owners[s]:
+            self._stripes[s].check_not_mine()
         try:
             rc = _trylock(p)
             if rc:
-                self._finish_acquire(i % nstripes, rc)
+                self._finish_acquire(s, rc)
             if data[i] != expected:
                 return False
             data[i] = probe
