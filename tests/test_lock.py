@@ -473,16 +473,24 @@ print("survived", flush=True)
     assert proc.returncode == 0 and "survived" in out, (proc.returncode, err[-2000:])
 
 
-@pytest.mark.parametrize("holder", ["thread", "process"])
+@pytest.mark.parametrize("holder", ["thread", "process", "normal exit"])
 def test_holder_of_a_dropped_handle_dies_and_is_seen_dead(holder: str,
                                                           lock: safeshm.SafeLock) -> None:
     """If the mapping is gone when the holder exits, the kernel cannot mark the mutex
-    owner-dead, and every other process waits forever without a HolderDiedWarning."""
+    owner-dead, and every other process waits forever without a HolderDiedWarning. Also
+    for a process that simply exits holding it: interpreter teardown frees the handle."""
     acquire_and_drop = f"""
 import gc, safeshm
 def take():
     safeshm.SafeLock.attach({lock.name!r}).acquire()  # the handle is dropped at once
     gc.collect()
+"""
+    if holder == "normal exit":
+        acquire_and_drop = f"""
+import safeshm
+kept = safeshm.SafeLock.attach({lock.name!r})
+def take():
+    kept.acquire()  # held until the process exits; the handle lives until teardown
 """
     if holder == "thread":
         code = acquire_and_drop + """
