@@ -35,9 +35,9 @@ STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock, saf
 def create(cls: Any, name: str | None = None) -> Any:
     """``cls.create`` with whatever arguments the structure requires."""
     if cls is safeshm.SafeArray:
-        return cls.create("q", 4, name)
+        return cls.create("q", 4, name=name)
     if cls is safeshm.SafeQueue:
-        return cls.create(4096, name)
+        return cls.create(4096, name=name)
     return cls.create(name=name)
 
 

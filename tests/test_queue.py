@@ -271,15 +271,19 @@ def test_bad_capacity_type(bad: Any) -> None:
         safeshm.SafeQueue.create(bad)
 
 
-def test_open_checks_mode(name: str, cleanup: Any) -> None:
-    cleanup(safeshm.SafeQueue.open(name, 1024))
-    q2 = safeshm.SafeQueue.open(name, 4096)  # capacity of the existing one is kept
-    try:
-        assert q2.capacity == 1024
-    finally:
-        q2.close()
+def test_open_checks_what_it_would_create(name: str, cleanup: Any) -> None:
+    """One rule for every open(): an existing segment must match the parameters given."""
+    cleanup(safeshm.SafeQueue.open(name, 1024, maxsize=5))
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="capacity 1024, expected 4096"):
+        safeshm.SafeQueue.open(name, 4096)
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="maxsize 5, expected 6"):
+        safeshm.SafeQueue.open(name, 1024, maxsize=6)
     with pytest.raises(safeshm.IncompatibleSegmentError, match="pickling"):
         safeshm.SafeQueue.open(name, 1024, raw=True)
+    for same in (safeshm.SafeQueue.open(name, 1020),  # rounded up to 1024
+                 safeshm.SafeQueue.open(name, 1024, maxsize=5)):
+        assert (same.capacity, same.maxsize) == (1024, 5)
+        same.close()
 
 
 # -- across processes -------------------------------------------------------------------------

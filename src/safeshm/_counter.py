@@ -124,15 +124,19 @@ class SafeCounter(SharedStructure):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *,
+    def create(cls, initial: int = 0, *, name: str | None = None,
                sharded: Literal[False] = False) -> Self: ...
     @overload
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *,
+    def create(cls, initial: int = 0, *, name: str | None = None,
                sharded: Literal[True], slots: int | None = None) -> ShardedCounter: ...
+    @overload
+    @classmethod
+    def create(cls, initial: int = 0, *, name: str | None = None, sharded: bool,
+               slots: int | None = None) -> SafeCounter | ShardedCounter: ...
 
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *, sharded: bool = False,
+    def create(cls, initial: int = 0, *, name: str | None = None, sharded: bool = False,
                slots: int | None = None) -> Self | ShardedCounter:
         """Create a new counter holding ``initial``.
 
@@ -149,7 +153,7 @@ class SafeCounter(SharedStructure):
             TypeError: ``initial`` is not an int.
         """
         if sharded:
-            return ShardedCounter.create(initial, name, slots=slots)
+            return ShardedCounter.create(initial, name=name, slots=slots)
         if slots is not None:
             raise TypeError("slots= applies to sharded counters only")
         initial = _check_int64("initial value", initial)
@@ -182,6 +186,10 @@ class SafeCounter(SharedStructure):
     @classmethod
     def open(cls, name: str, initial: int = 0, *, sharded: Literal[True],
              slots: int | None = None) -> ShardedCounter: ...
+    @overload
+    @classmethod
+    def open(cls, name: str, initial: int = 0, *, sharded: bool,
+             slots: int | None = None) -> SafeCounter | ShardedCounter: ...
 
     @classmethod
     def open(cls, name: str, initial: int = 0, *, sharded: bool = False,
@@ -195,7 +203,7 @@ class SafeCounter(SharedStructure):
         if slots is not None:
             raise TypeError("slots= applies to sharded counters only")
         initial = _check_int64("initial value", initial)
-        return cls._open_segment(name, lambda: cls.create(initial, name))
+        return cls._open_segment(name, lambda: cls.create(initial, name=name))
 
     def _bind(self, mm: mmap.mmap) -> None:
         impl = self._seg.header.flags
@@ -521,7 +529,7 @@ class ShardedCounter(SharedStructure):
     _warned_full: bool
 
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *,
+    def create(cls, initial: int = 0, *, name: str | None = None,
                slots: int | None = None) -> Self:
         """Create a new sharded counter holding ``initial``.
 
@@ -566,10 +574,23 @@ class ShardedCounter(SharedStructure):
     def open(cls, name: str, initial: int = 0, *, slots: int | None = None) -> Self:
         """Attach to ``name``, creating it with ``initial`` first if needed (race-free).
 
-        ``slots`` applies only if this call creates the counter.
+        ``initial`` applies only if this call creates the counter.
+
+        Raises:
+            IncompatibleSegmentError: ``slots`` is given and the existing counter has
+                another number of slots (one rule for every ``open()``: a parameter
+                given explicitly must match the existing segment).
         """
         initial = _check_int64("initial value", initial)
-        return cls._open_segment(name, lambda: cls.create(initial, name, slots=slots))
+
+        def check(seg: Segment) -> None:
+            (have,) = _PARAMS.unpack_from(seg.header.params)
+            if slots is not None and have != slots:
+                raise IncompatibleSegmentError(
+                    f"ShardedCounter {seg.name!r} has {have} slots; expected {slots}")
+
+        return cls._open_segment(name, lambda: cls.create(initial, name=name, slots=slots),
+                                 check)
 
     def _bind(self, mm: mmap.mmap) -> None:
         (nslots,) = _PARAMS.unpack_from(self._seg.header.params)

@@ -286,7 +286,7 @@ class SafeLock(SharedStructure):
     _unlocker: RobustMutex
 
     @classmethod
-    def create(cls, name: str | None = None) -> Self:
+    def create(cls, *, name: str | None = None) -> Self:
         """Create a new lock, initially free.
 
         Args:
@@ -314,7 +314,7 @@ class SafeLock(SharedStructure):
     @classmethod
     def open(cls, name: str) -> Self:
         """Attach to the lock ``name``, creating it first if needed (race-free)."""
-        return cls._open_segment(name, lambda: cls.create(name))
+        return cls._open_segment(name, lambda: cls.create(name=name))
 
     def _bind(self, mm: mmap.mmap) -> None:
         self._mutex = self._unlocker = RobustMutex(mm, HEADER_SIZE,

@@ -135,15 +135,19 @@ class SafeQueue(SharedStructure, Generic[T]):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
                raw: Literal[False] = False) -> SafeQueue[Any]: ...
     @overload
     @classmethod
-    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
                raw: Literal[True]) -> SafeQueue[bytes]: ...
+    @overload
+    @classmethod
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
+               raw: bool) -> SafeQueue[Any]: ...
 
     @classmethod
-    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
                raw: bool = False) -> SafeQueue[Any]:
         """Create a new, empty queue.
 
@@ -186,28 +190,47 @@ class SafeQueue(SharedStructure, Generic[T]):
 
     @overload
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
              raw: Literal[False] = False) -> SafeQueue[Any]: ...
     @overload
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
              raw: Literal[True]) -> SafeQueue[bytes]: ...
+    @overload
+    @classmethod
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
+             raw: bool) -> SafeQueue[Any]: ...
 
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
              raw: bool = False) -> SafeQueue[Any]:
-        """Attach to ``name``, creating it first if needed (race-free). An existing queue
-        must be in the same mode (``raw``); its capacity and maxsize are kept."""
+        """Attach to ``name``, creating it first if needed (race-free).
+
+        An existing queue must be what this call would create: the same ``capacity``
+        (after rounding up to a multiple of 8) and mode (``raw``), and the same
+        ``maxsize`` if one is given (``None``: 0 when creating, any when attaching) --
+        the rule of every ``open()``. Otherwise :class:`~safeshm.IncompatibleSegmentError`
+        names what differs.
+        """
+        want_capacity = (_check_count("capacity", capacity) + 7) & ~7
+        if maxsize is not None:
+            maxsize = _check_count("maxsize", maxsize)
 
         def check(seg: Segment) -> None:
-            have_raw = bool(_PARAMS.unpack_from(seg.header.params)[2])
-            if have_raw != bool(raw):
-                raise IncompatibleSegmentError(
-                    f"SafeQueue {name!r} is {'raw (bytes)' if have_raw else 'pickling'}, "
-                    f"expected {'raw (bytes)' if raw else 'pickling'}")
+            have_capacity, have_maxsize, have_raw = _PARAMS.unpack_from(seg.header.params)
+            diffs = []
+            if have_capacity != want_capacity:
+                diffs.append(f"capacity {have_capacity}, expected {want_capacity}")
+            if maxsize is not None and have_maxsize != maxsize:
+                diffs.append(f"maxsize {have_maxsize}, expected {maxsize}")
+            if bool(have_raw) != bool(raw):
+                diffs.append(f"{'raw (bytes)' if have_raw else 'pickling'}, expected "
+                             f"{'raw (bytes)' if raw else 'pickling'}")
+            if diffs:
+                raise IncompatibleSegmentError(f"SafeQueue {name!r} has " + "; ".join(diffs))
 
         return cls._open_segment(
-            name, lambda: cls.create(capacity, name, maxsize=maxsize, raw=raw),  # type: ignore[call-overload]
+            name, lambda: cls.create(capacity, name=name, maxsize=maxsize or 0, raw=raw),
             check)
 
     def _bind(self, mm: mmap.mmap) -> None:

@@ -509,6 +509,7 @@ class SharedStructure:
     _LAYOUT: ClassVar[int]
     _MAPPED: ClassVar[tuple[str, ...]] = ()
     _seg: Segment
+    _unlink_on_exit: bool
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         raise TypeError(
@@ -519,6 +520,8 @@ class SharedStructure:
     def _from_segment(cls, seg: Segment) -> Self:
         self = cls.__new__(cls)
         self._seg = seg
+        # True only for a handle that create() made; open() clears it (see __exit__).
+        self._unlink_on_exit = seg.created_here
         try:
             self._bind(seg.mm)
         except BaseException:
@@ -542,9 +545,12 @@ class SharedStructure:
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                return create()
+                made = create()
             except FileExistsError:
                 pass
+            else:
+                made._unlink_on_exit = False
+                return made
             try:
                 seg = cls._attach_segment(name)
             except FileNotFoundError:
@@ -602,20 +608,22 @@ class SharedStructure:
         """
         self._seg.unlink()
 
-    def _owns_segment(self) -> bool:
-        seg = self._seg
-        return seg.created_here and seg.creator_pid == _compat.pid
-
     def __enter__(self) -> Self:
         if self._seg.closed:
             self._raise_closed()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        """Close; and unlink too, if this handle created the segment (in this process)."""
-        owns = self._owns_segment()
+        """Close; and unlink too if this handle came from ``create()`` (in this process).
+
+        A handle from ``open()`` or ``attach()`` only closes, even when that ``open()``
+        happened to create the segment: whether it did depends on a race between the
+        processes opening it, and ``with X.open(name):`` in many workers must never
+        remove what the others still use.
+        """
+        unlink = self._unlink_on_exit and self._seg.creator_pid == _compat.pid
         self.close()
-        if owns:
+        if unlink:
             with contextlib.suppress(FileNotFoundError):
                 self._seg.unlink()
 
