@@ -24,6 +24,7 @@ def test_all_is_the_documented_surface() -> None:
         "IncompatibleStoreError",
         "InsecureDirectoryError",
         "InvalidNameError",
+        "ItemDecodeError",
         "LockNotHeldError",
         "LockReentryError",
         "LockStatistics",

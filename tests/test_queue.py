@@ -577,3 +577,45 @@ def test_state_machine(remote: Remote) -> None:
         QueueMachine.TestCase().runTest()
     finally:
         QueueMachine.remote = None
+
+
+def _refuse_to_load(tag: int) -> Any:
+    raise LookupError(f"item {tag} cannot be loaded here")
+
+
+class _Undecodable:
+    """Pickles fine; unpickling raises (as a class missing in the consumer would)."""
+
+    def __init__(self, tag: int) -> None:
+        self.tag = tag
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, (self.tag,))
+
+
+def test_get_many_loses_nothing_when_items_fail_to_unpickle(make: Any) -> None:
+    q = make(1 << 16)
+    q.put_many([0, 1, _Undecodable(2), 3, _Undecodable(4), 5])
+    with pytest.raises(safeshm.ItemDecodeError, match="2 of 6 item") as info:
+        q.get_many(10)
+    e = info.value
+    assert e.items == [0, 1, 3, 5]
+    assert len(e.undecodable) == 2
+    with pytest.raises(LookupError, match="item 2"):
+        pickle.loads(e.undecodable[0])
+    assert isinstance(e.__cause__, LookupError)
+    assert isinstance(e, pickle.UnpicklingError)
+    assert q.qsize() == 0
+    again = pickle.loads(pickle.dumps(e))  # crosses a pool's process boundary intact
+    assert (type(again), again.items, again.undecodable) == (type(e), e.items, e.undecodable)
+
+
+def test_get_hands_over_an_item_that_fails_to_unpickle(make: Any) -> None:
+    q = make(1 << 16)
+    q.put(_Undecodable(7))
+    q.put("next")
+    with pytest.raises(safeshm.ItemDecodeError) as info:
+        q.get()
+    assert info.value.items == []
+    assert len(info.value.undecodable) == 1
+    assert q.get(timeout=5) == "next"

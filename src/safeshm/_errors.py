@@ -8,8 +8,11 @@ in pools unchanged.
 
 from __future__ import annotations
 
+import pickle
 import queue
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "HandleClosedError",
@@ -18,6 +21,7 @@ __all__ = [
     "IncompatibleStoreError",
     "InsecureDirectoryError",
     "InvalidNameError",
+    "ItemDecodeError",
     "LockNotHeldError",
     "LockReentryError",
     "LockTimeoutError",
@@ -134,6 +138,26 @@ else:
 
         Also a :class:`queue.ShutDown` on Python 3.13+, like the standard queues raise.
         """
+
+
+class ItemDecodeError(SafeShmError, pickle.UnpicklingError):
+    """Items taken from a ``SafeQueue`` could not be unpickled in this process (their class
+    cannot be imported here, their ``__setstate__`` raised, ...).
+
+    They are off the queue, but nothing is lost: :attr:`items` holds every item of the
+    same ``get_many()`` batch that did unpickle, in queue order, and :attr:`undecodable`
+    the pickled bytes of each item that did not (for ``get()``: no items, one blob).
+    ``__cause__`` is the first failure. Also a :class:`pickle.UnpicklingError`.
+    """
+
+    def __init__(self, message: str, items: Sequence[Any] = (),
+                 undecodable: Sequence[bytes] = ()) -> None:
+        super().__init__(message)
+        self.items: list[Any] = list(items)
+        self.undecodable: list[bytes] = list(undecodable)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.items, self.undecodable))
 
 
 class StoreCorruptedError(SafeShmError, ValueError):

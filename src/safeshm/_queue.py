@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
-from ._errors import IncompatibleSegmentError, QueueShutDown, SafeShmError
+from ._errors import IncompatibleSegmentError, ItemDecodeError, QueueShutDown, SafeShmError
 from ._lock import MUTEX_BLOCK, RECOVERED, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 
@@ -437,6 +437,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             queue.Empty: no item within the timeout (or at once, without ``block``).
             QueueShutDown: the queue was shut down and is empty.
             ValueError: a negative timeout.
+            ItemDecodeError: the item was taken but could not be unpickled here; its
+                pickled bytes are on the exception (``undecodable``).
         """
         state, fw, ring, words, p, cap = self._hot
         rc = _trylock(p)
@@ -464,7 +466,12 @@ class SafeQueue(SharedStructure, Generic[T]):
             _unlock(p)
         if sleepers:
             self._wake(_NF_SEQ, 1, sleepers)
-        return data if self._raw else _loads(data)  # type: ignore[return-value]
+        if self._raw:
+            return data  # type: ignore[return-value]
+        try:
+            return _loads(data)  # type: ignore[no-any-return]
+        except Exception as e:
+            raise self._undecodable([], [data], e) from e
 
     def get_nowait(self) -> T:
         """``get(block=False)``."""
@@ -475,10 +482,15 @@ class SafeQueue(SharedStructure, Generic[T]):
         """Remove and return up to ``max_items`` items from the front of the queue, waiting
         (as :meth:`get` does) only until there is at least one.
 
+        Items are unpickled after they are taken. If some cannot be, nothing of the batch
+        is lost: :class:`~safeshm.ItemDecodeError` carries the ones that could (``items``,
+        in order) and the pickled bytes of the others (``undecodable``).
+
         Raises:
             queue.Empty: no item within the timeout (or at once, without ``block``).
             QueueShutDown: the queue was shut down and is empty.
             ValueError: ``max_items`` below 1, or a negative timeout.
+            ItemDecodeError: some of the items taken could not be unpickled (see above).
         """
         if isinstance(max_items, bool) or not isinstance(max_items, int):
             raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
@@ -515,16 +527,43 @@ class SafeQueue(SharedStructure, Generic[T]):
             _unlock(p)
         if sleepers:
             self._wake(_NF_SEQ, taken, sleepers)
+        return self._decode(span, taken)
+
+    def _decode(self, span: bytes, taken: int) -> list[Any]:
+        """The ``taken`` items of a span that ``get_many`` copied out of the ring."""
+        # Unpickled after the commit and outside the lock (unpickling runs arbitrary code,
+        # which must never run holding the queue). An item that fails does not cost the
+        # batch: the others, and its bytes, go to the caller on the exception.
         view = memoryview(span)
         out: list[Any] = []
+        failed: list[bytes] = []
+        first: Exception | None = None
         at = 0
         raw = self._raw
         for _ in range(taken):
             n = _HEADER_WORD.unpack_from(span, at)[0] & _LEN_MASK
             payload = view[at + 8 : at + 8 + n]
-            out.append(payload.tobytes() if raw else _loads(payload))
             at += (n + 15) & ~7
+            if raw:
+                out.append(payload.tobytes())
+                continue
+            try:
+                out.append(_loads(payload))
+            except Exception as e:  # noqa: BLE001 - re-raised below, with the batch
+                failed.append(payload.tobytes())
+                first = first or e
+        if first is not None:
+            raise self._undecodable(out, failed, first) from first
         return out
+
+    def _undecodable(self, items: list[Any], failed: list[bytes],
+                     first: Exception) -> ItemDecodeError:
+        return ItemDecodeError(
+            f"{len(failed)} of {len(items) + len(failed)} item(s) taken from SafeQueue "
+            f"{self._seg.name!r} could not be unpickled (first: {type(first).__name__}: "
+            f"{first}); they are off the queue: the pickled bytes are in .undecodable"
+            + (f", the {len(items)} other item(s) in .items" if items else ""),
+            items, failed)
 
     # -- waiting ---------------------------------------------------------------------------------
     # The wait functions are called with the mutex held and return with it held (or raise,
