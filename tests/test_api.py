@@ -40,6 +40,7 @@ def test_all_is_the_documented_surface() -> None:
         "SafeShmError",
         "SafeShmWarning",
         "SegmentClosedError",
+        "SegmentExistsError",
         "SegmentNotFoundError",
         "SegmentPermissionError",
         "Serializer",
@@ -87,6 +88,7 @@ def test_error_hierarchy() -> None:
     assert issubclass(safeshm.SegmentClosedError, safeshm.HandleClosedError)
     assert issubclass(safeshm.StoreClosedError, safeshm.HandleClosedError)
     assert issubclass(safeshm.SegmentNotFoundError, FileNotFoundError)
+    assert issubclass(safeshm.SegmentExistsError, FileExistsError)
     assert issubclass(safeshm.StoreTimeoutError, safeshm.LockTimeoutError)
     assert issubclass(safeshm.LockedViewLeakedError, BufferError)
     for name in safeshm.__all__:

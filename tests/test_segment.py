@@ -547,3 +547,17 @@ def test_default_directory_is_dev_shm() -> None:
                           timeout=JOIN_TIMEOUT, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ok\n"
+
+
+@pytest.mark.parametrize("cls", STRUCTURES)
+def test_name_errors_are_safeshm_errors(cls: Any, name: str, cleanup: Any) -> None:
+    """``except SafeShmError`` catches a taken or a missing name too; code that catches the
+    builtins (FileExistsError, FileNotFoundError) keeps working."""
+    with pytest.raises(safeshm.SegmentNotFoundError, match=repr(name)) as missing:
+        cls.attach(name)
+    assert isinstance(missing.value, FileNotFoundError)
+    cleanup(create(cls, name))
+    with pytest.raises(safeshm.SegmentExistsError, match=repr(name)) as taken:
+        create(cls, name)
+    assert isinstance(taken.value, FileExistsError)
+    assert isinstance(taken.value, safeshm.SafeShmError)

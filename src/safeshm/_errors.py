@@ -30,6 +30,7 @@ __all__ = [
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
+    "SegmentExistsError",
     "SegmentNotFoundError",
     "SegmentPermissionError",
     "StoreClosedError",
@@ -63,6 +64,13 @@ class SegmentNotFoundError(SafeShmError, FileNotFoundError):
 
     A :class:`FileNotFoundError` (``errno.ENOENT``), so code that already catches that keeps
     working, and a :class:`SafeShmError`, so ``except SafeShmError`` catches it too.
+    """
+
+
+class SegmentExistsError(SafeShmError, FileExistsError):
+    """``create()`` was given a name that another segment already has.
+
+    A :class:`FileExistsError` (``errno.EEXIST``) and a :class:`SafeShmError`.
     """
 
 

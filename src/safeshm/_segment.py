@@ -52,6 +52,7 @@ from ._errors import (
     IncompatibleSegmentError,
     InvalidNameError,
     SegmentClosedError,
+    SegmentExistsError,
     SegmentNotFoundError,
     SegmentPermissionError,
 )
@@ -440,8 +441,8 @@ class _Spec(NamedTuple):
     flags: int
 
 
-def _exists(name: str) -> FileExistsError:
-    return FileExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
+def _exists(name: str) -> SegmentExistsError:
+    return SegmentExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
                            segment_path(name))
 
 
