@@ -119,7 +119,7 @@ def _describe(name: str, header: Header, size: int, path: str) -> _Entry:
             summary = f"cannot attach: {e}"
         else:
             try:
-                st = handle.statistics()  # type: ignore[attr-defined]
+                st = handle.statistics()
                 stats = dataclasses.asdict(st)
                 summary = _summary(st)
             finally:

@@ -533,6 +533,11 @@ class SharedStructure:
     def _bind(self, mm: mmap.mmap) -> None:
         raise NotImplementedError
 
+    def statistics(self) -> Any:
+        """A snapshot of the structure's state: a frozen dataclass of each structure's own
+        (``CounterStatistics``, ``QueueStatistics``...), also shown by ``safeshm inspect``."""
+        raise NotImplementedError
+
     @classmethod
     def _attach_segment(cls, name: str) -> Segment:
         return Segment.attach(name, kind=cls._KIND, layout=cls._LAYOUT)
