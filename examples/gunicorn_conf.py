@@ -5,6 +5,10 @@ and puts its name in the environment, which every worker inherits. ``on_exit`` r
 the master when gunicorn shuts down: it removes the counter. Workers only attach
 (``gunicorn_app.requests_counter``), so a worker that crashes or is replaced by gunicorn
 leaves the counter, and every request it counted, in place.
+
+The master's handle is kept on the arbiter (the ``server`` every hook receives), not in a
+global of this module: a reload (``kill -HUP``) executes this file again, which would
+reset a global to its initial value, while the arbiter lives as long as the master.
 """
 
 from __future__ import annotations
@@ -18,18 +22,18 @@ bind = os.environ.get("MYAPP_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("MYAPP_WORKERS", "4"))
 
 COUNTER_ENV = "MYAPP_REQUESTS_COUNTER"  # the name gunicorn_app.py reads
-_counter: SafeCounter | None = None
 
 
 def on_starting(server: Any) -> None:  # gunicorn's Arbiter (gunicorn ships no type hints)
-    global _counter  # noqa: PLW0603 - the master's one handle, kept until on_exit
-    _counter = SafeCounter.create()    # a random name: two gunicorns never share it by mistake
-    os.environ[COUNTER_ENV] = _counter.name
-    server.log.info("request counter: %s", _counter.name)
+    counter = SafeCounter.create()  # a random name: two gunicorns never share it by mistake
+    server.requests_counter = counter  # survives a reload, unlike a global of this file
+    os.environ[COUNTER_ENV] = counter.name
+    server.log.info("request counter: %s", counter.name)
 
 
 def on_exit(server: Any) -> None:
-    if _counter is not None:
-        server.log.info("requests served: %d", _counter.value)
-        _counter.close()
-        _counter.unlink()
+    counter: SafeCounter | None = getattr(server, "requests_counter", None)
+    if counter is not None:  # None: on_starting failed, gunicorn is exiting on that
+        server.log.info("requests served: %d", counter.value)
+        counter.close()
+        counter.unlink()
