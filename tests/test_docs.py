@@ -40,7 +40,7 @@ TIMEOUT = 60.0
 
 # Fewer runnable blocks than this means the parser (or a careless no-test marker) is
 # skipping examples; raise it as the docs grow.
-MIN_RUNNABLE_BLOCKS = 17
+MIN_RUNNABLE_BLOCKS = 19
 
 # Examples without a main(), and why.
 NOT_SCRIPTS = {"gunicorn_conf.py": "a gunicorn config file, served by test_gunicorn"}
