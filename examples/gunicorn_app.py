@@ -1,7 +1,7 @@
 """A WSGI app whose gunicorn workers count requests in one shared counter.
 
-The gunicorn master creates the counter (see ``gunicorn_conf.py``) and passes its name
-to the workers in the environment; each worker attaches on its first request.
+The gunicorn master creates the counter (see ``gunicorn_conf.py``) and passes its
+name to the workers in the environment; each worker attaches on its first request.
 
 Run it (from this directory)::
 
