@@ -8,7 +8,8 @@
   (``--8<-- "file.py"``, how the how-to pages show ``examples/``) is checked to include
   an example that ``test_example`` runs.
 * Each ``examples/*.py`` is run as a script (its ``main()``), the same way; the gunicorn
-  example is also served by a real gunicorn when gunicorn is installed.
+  example is also served by a real gunicorn when gunicorn is installed, reloaded with
+  ``SIGHUP`` and stopped with ``SIGTERM``.
 
 The autouse leak check of ``conftest.py`` fails a test whose example leaves a segment
 behind. ``test_blocks_found`` guards against a parser mistake that would skip everything.
