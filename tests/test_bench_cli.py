@@ -400,7 +400,7 @@ def test_quick_takes_one_fixed_size_sample_per_contender() -> None:
     # Workers forked from a forkserver: no interpreter start per worker.
     assert results["environment"]["start_method"] == "forkserver"
     for row in results["results"]:
-        assert row["ops_per_worker"] == counter._START_OPS  # no calibration
+        assert row["ops_per_worker"] == counter._QUICK_OPS  # no calibration
         assert len(row["samples_ops_per_s"]) == 1
     steps = [line for line in proc.stderr.splitlines() if line.startswith("[")]
     # No warm-up, no calibration: one step per implementation, then "measured".

@@ -90,13 +90,16 @@ _BULK_DESCRIPTIONS: Final = {
 _INDEX_SEED: Final = 0x5AFE5111
 _WARMUP_OPS: Final = 5_000
 _START_OPS: Final = 20_000
+_QUICK_OPS: Final = 50_000
+"""Operations per worker in every --quick run (no calibration): long enough to time."""
 """Element adds per worker in the first calibration run (or, with --quick, every run)."""
 # An array worker's index list costs 8 bytes per operation: 200 MB at this cap.
 _MAX_OPS_PER_WORKER: Final = 25_000_000
 # A bulk calibration run shorter than this fraction of the target is too noisy to scale from.
 _CALIBRATION_MIN_FRACTION: Final = 0.1
-_QUICK_SUMS: Final = 3
-"""Back-to-back sums per bulk sample with --quick (no calibration)."""
+_QUICK_SUMS: Final = 20
+"""Back-to-back sums per bulk sample with --quick (no calibration): milliseconds, in this
+process, so a quick run still sums each array once, untimed, before its sample."""
 
 
 def _indices(worker: int, n: int, length: int) -> list[int]:
@@ -240,7 +243,8 @@ def measure_elements(ctx: Context, settings: Settings, plan: Plan,
 
     return measure_cells(plan.element_implementations, settings, progress,
                          part="array element add", measure_one=one, warmup_ops=_WARMUP_OPS,
-                         start_ops=_START_OPS, cap=_MAX_OPS_PER_WORKER)
+                         start_ops=_START_OPS, quick_ops=_QUICK_OPS,
+                         cap=_MAX_OPS_PER_WORKER)
 
 
 # --- the bulk sum: one process, no workers ---------------------------------------------------
@@ -352,7 +356,8 @@ class BulkCell:
 
 def measure_bulk(settings: Settings, progress: Progress) -> dict[str, BulkCell]:
     """Warm up, calibrate and time every bulk-sum implementation, in this process
-    (``settings.quick``: :data:`_QUICK_SUMS` sums per sample, no warm-up or calibration)."""
+    (``settings.quick``: one untimed sum each instead of the warm-up steps, and
+    :data:`_QUICK_SUMS` sums per sample without calibration)."""
     elements, seconds, repeats = settings.bulk_elements, settings.seconds, settings.repeats
     expected = _bulk_expected_sum(elements)
 
@@ -361,7 +366,10 @@ def measure_bulk(settings: Settings, progress: Progress) -> dict[str, BulkCell]:
 
     with _bulk_contenders(elements) as contenders:
         counts = dict.fromkeys(BULK_IMPLEMENTATIONS, _QUICK_SUMS)
-        if not settings.quick:
+        if settings.quick:
+            for impl in BULK_IMPLEMENTATIONS:  # first-touch costs, off the clock
+                _time_sums(impl, contenders[impl], 1, expected)
+        else:
             for impl in BULK_IMPLEMENTATIONS:
                 step(impl, "warm-up")
                 _time_sums(impl, contenders[impl], 1, expected)

@@ -105,6 +105,8 @@ def _worker_safeshm(counter: SafeCounter | ShardedCounter, n: int, *, barrier: B
 # --quick, every run).
 _WARMUP_OPS: Final = 5_000
 _START_OPS: Final = 20_000
+_QUICK_OPS: Final = 50_000
+"""Operations per worker in every --quick run (no calibration): long enough to time."""
 
 
 def prepare(ctx: Context, implementation: str, n: int) -> Contender:
@@ -137,7 +139,8 @@ def measure_all(ctx: Context, settings: Settings,
         return measure(ctx, prepare, impl, p, n, time_limit_s=settings.time_limit_s)
 
     return measure_cells(IMPLEMENTATIONS, settings, progress, part="counter",
-                         measure_one=one, warmup_ops=_WARMUP_OPS, start_ops=_START_OPS)
+                         measure_one=one, warmup_ops=_WARMUP_OPS, start_ops=_START_OPS,
+                         quick_ops=_QUICK_OPS)
 
 
 def rows(cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:
