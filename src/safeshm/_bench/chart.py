@@ -147,24 +147,23 @@ def _label_text(r: Ratio) -> str:
 def _x_limits(ratios: Sequence[Ratio], *, log: bool, lo: float, hi: float,
               plot_pt: float) -> tuple[float, float]:
     """The x axis's limits: a margin below ``lo``, and on the right room for every bar's
-    figure to end inside the axes, never in the legend beside them."""
+    figure to end inside the axes (``plot_pt`` points wide), never in the legend beside
+    them, however far a huge ratio reaches."""
     xmin = lo / 1.6 if log else 0.0
 
-    def position(x: float) -> float:
+    def position(x: float) -> float:  # along the axis: log or linear
         return math.log(x) if log else x
 
-    # A bar's figure starts at its end (or its goal mark, if further right) and needs
-    # `need` points: its end must lie at most 1 - need/plot_pt of the way across.
-    xmax_pos = position(hi * 1.15) if not log else position(hi * 1.3)
+    left = position(xmin)
+    right = position(hi * (1.3 if log else 1.15))
     for r in ratios:
-        end = max(r.ratio, r.goal or 0.0, 1.0 if log else 0.0)
-        need = (_LABEL_OFFSET_PT + _LABEL_CHAR_PT * len(_label_text(r)) + 4) / plot_pt
-        need = min(need, 0.5)
-        # position(end) = xmin_pos + (1 - need) * (xmax_pos - xmin_pos), solved for xmax_pos.
-        xmin_pos = position(xmin) if log else xmin
-        required = xmin_pos + (position(end) - xmin_pos) / (1 - need)
-        xmax_pos = max(xmax_pos, required)
-    return xmin, (math.exp(xmax_pos) if log else xmax_pos)
+        # A figure starts at its bar's end (or its goal mark, if further right) and takes
+        # `need` of the axes' width: that start must lie at most 1 - need of the way across.
+        start = max(r.ratio, r.goal or 0.0, 1.0 if log else 0.0)
+        text_pt = _LABEL_OFFSET_PT + _LABEL_CHAR_PT * len(_label_text(r)) + 4
+        need = min(text_pt / plot_pt, 0.5)
+        right = max(right, left + (position(start) - left) / (1 - need))
+    return xmin, (math.exp(right) if log else right)
 
 
 @dataclasses.dataclass
@@ -269,7 +268,7 @@ def plot_ratios(ratios: Sequence[Ratio], path: str, *, title: str, subtitle: str
     One panel per :attr:`Ratio.structure`; in each, one row per :attr:`Ratio.label`
     holding one horizontal bar per alternative, from the 1x line (as fast as the
     alternative) to the ratio, labelled with its value; a black mark across the bar where
-    the project has a goal for it (a ratio that misses its goal is labelled in red). The x
+    the ratio has a goal (a ratio that misses its goal is labelled in red). The x
     axis, shared by the panels, is logarithmic when the ratios span more than 10x.
 
     Uses matplotlib's Agg renderer directly (no pyplot, no display, no global state), and
