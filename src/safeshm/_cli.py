@@ -378,65 +378,15 @@ def _demo(workers: int, shared: _DemoShared) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ._bench import run  # noqa: PLC0415 - only `bench` needs it (and it is slow to import)
+    # Only `bench` needs the measuring code (and it is slow to import).
+    from ._bench.command import run  # noqa: PLC0415
 
     return run(args)
 
 
-# `safeshm bench`'s choices and defaults, here with its options (safeshm._bench, which
-# uses them too, is imported only when `bench` runs).
-BENCH_STRUCTURES: Final = ("counter", "array", "queue", "store")
-DEFAULT_BENCH_PROCESSES: Final = (1, 2)
-DEFAULT_BENCH_SECONDS: Final = 1.0
-DEFAULT_BENCH_REPEATS: Final = 5
-DEFAULT_BULK_ELEMENTS: Final = 10_000_000
-# Sanity limits on the benchmark's and the demo's arguments: beyond them a value is a typo
-# (`--processes 10000` would start 10,000 interpreters) rather than a wish.
+# A sanity limit on the demo's workers: beyond it a value is a typo (`--workers 10000`
+# would start 10,000 interpreters) rather than a wish.
 _MAX_PROCESSES: Final = 256
-_MAX_REPEATS: Final = 1000
-_MAX_SECONDS: Final = 3600.0
-_MAX_BULK_ELEMENTS: Final = 1 << 36
-
-
-def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
-    """The options of ``safeshm bench`` (also ``benchmarks/bench_*.py``).
-
-    Measuring options default to ``None`` so that ``--from-json``, which measures
-    nothing, can tell that one was given; :func:`safeshm._bench.run` fills in the defaults.
-    """
-    measuring = bench.add_argument_group("what to measure")
-    measuring.add_argument(
-        "--processes", type=_int_in(1, _MAX_PROCESSES), nargs="+", metavar="N",
-        help="process counts to measure (default: "
-             f"{' '.join(map(str, DEFAULT_BENCH_PROCESSES))}); for the queue, N processes "
-             "means N producers and N consumers")
-    measuring.add_argument(
-        "--seconds", type=_seconds, metavar="S",
-        help=f"approximate duration of each measurement (default: {DEFAULT_BENCH_SECONDS})")
-    measuring.add_argument(
-        "--repeats", type=_int_in(1, _MAX_REPEATS), metavar="R",
-        help="measurements per implementation and process count; the tables report their "
-             f"median (default: {DEFAULT_BENCH_REPEATS})")
-    measuring.add_argument(
-        "--structures", nargs="+", choices=BENCH_STRUCTURES,
-        metavar="{" + ",".join(BENCH_STRUCTURES) + "}",
-        help=f"what to benchmark (default: {' '.join(BENCH_STRUCTURES)})")
-    measuring.add_argument(
-        "--bulk-elements", type=_int_in(1, _MAX_BULK_ELEMENTS), metavar="N",
-        help="float64 elements summed by the array benchmark's bulk part "
-             f"(default: {DEFAULT_BULK_ELEMENTS})")
-    output = bench.add_argument_group("output")
-    output.add_argument("--json", action="store_true",
-                        help="print the results as JSON on stdout instead of tables")
-    output.add_argument("--plot", metavar="FILE.png",
-                        help="also draw a bar chart of safeshm's speed ratios against the "
-                             "alternatives into FILE.png (needs matplotlib: "
-                             "pip install 'safeshm[plot]')")
-    output.add_argument("--from-json", metavar="FILE",
-                        help="measure nothing: read the results a previous `safeshm bench "
-                             "--json` saved in FILE, and print (or --plot) them")
-    output.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress display on stderr (problems are still reported)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -468,12 +418,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="worker processes per start method (default: 4)")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser(
-        "bench", help="benchmark safeshm against the alternatives",
-        description="Measure safeshm's structures against what users use today "
-                    "(multiprocessing idioms, numpy, faster_fifo), print the figures and "
-                    "ratios, and optionally chart them.")
-    _add_bench_arguments(bench)
+    # The options only (a light module): the measuring code is imported when `bench` runs.
+    from ._bench import options as bench_options  # noqa: PLC0415
+
+    bench = sub.add_parser("bench", help="benchmark safeshm against the alternatives",
+                           description=bench_options.DESCRIPTION)
+    bench_options.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
 
@@ -503,19 +453,6 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def _seconds(text: str) -> float:
-    """An argparse ``type``: a duration in seconds, positive and finite."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    # `not value > 0` also refuses nan; inf would overflow every timeout derived from it.
-    if not value > 0 or value > _MAX_SECONDS:
-        raise argparse.ArgumentTypeError(
-            f"must be more than 0 and at most {_MAX_SECONDS:g}, got {text}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
