@@ -41,12 +41,14 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import mmap
 import os
 import pickle
 import stat
 import struct
 import threading
+import time
 import weakref
 import zlib
 from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
@@ -73,7 +75,9 @@ from ._errors import (
     LockReentryError,
     StoreClosedError,
     StoreCorruptedError,
+    StoreTimeoutError,
 )
+from ._timeout import check_timeout, deadline
 
 if TYPE_CHECKING:
     from _typeshed import SupportsKeysAndGetItem
@@ -322,6 +326,11 @@ def _check_owner(st: os.stat_result, what: str, *, directory: bool) -> None:
             f"(uid {os.geteuid()}); refusing to use it")
     if st.st_mode & 0o022:
         hint = f" (fix: chmod 700 {what})" if directory else ""
+        if directory and st.st_mode & stat.S_ISVTX:
+            # A shared directory by design (/tmp, mode 1777): making it private would break
+            # every other program that uses it.
+            hint = (f" (it is a shared directory, like /tmp: keep the store in a private "
+                    f"subdirectory of it instead, e.g. mkdir -m 700 {what}/mystore)")
         raise InsecureDirectoryError(
             f"store {kind} {what} can be written by other users "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it{hint}")
@@ -464,8 +473,13 @@ class _ProcessWriter:
         self.fd = fd
         self.mutex = threading.Lock()
         self.owner = 0
-        if os.fstat(fd).st_size < _LOCK_FILE_BYTES:
-            os.ftruncate(fd, _LOCK_FILE_BYTES)  # the same size whoever does it first
+        # Reserve the page's block before mapping it: a page of a sparse file gets its
+        # block on the first store to it, and on a full file system that store kills the
+        # process with SIGBUS instead of raising. posix_fallocate extends the file (to the
+        # same size whoever does it first) and raises ENOSPC here, with nothing mapped.
+        # Always, not only when the file is short: one extended by ftruncate (an older
+        # safeshm, or another program) may be the right size and still sparse.
+        os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
         self.map = mmap.mmap(fd, _LOCK_FILE_BYTES, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE, **_compat.MMAP_KWARGS)
         self.busy = ctypes.c_uint32.from_buffer(self.map)
@@ -543,16 +557,50 @@ _SPINS: Final = 2500
 _CONTENDED_WRITES: Final = 64
 
 
-def _lock_exclusive(writer: _ProcessWriter) -> None:
-    """Take the store's flock for ``writer`` (whose process mutex the caller holds)."""
+# Polling flock(LOCK_NB) for a write with a timeout (flock itself has none): the first
+# retry after 100 us, doubling up to 5 ms, so a short wait costs little and a long one
+# little CPU.
+_POLL_FIRST: Final = 1e-4
+_POLL_MAX: Final = 5e-3
+
+
+def _lock_exclusive(writer: _ProcessWriter, until: float = math.inf) -> bool:
+    """Take the store's flock for ``writer`` (whose process mutex the caller holds) before
+    the ``time.monotonic()`` instant ``until`` (``inf``: wait as long as it takes);
+    ``False`` if it could not."""
     fd = writer.fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         writer.contended.value = _CONTENDED_WRITES  # durable writers: sync after letting go
         if not _take_after_spinning(writer):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if until == math.inf:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            elif not _poll_exclusive(fd, until):
+                return False
     writer.busy.value = 1
+    return True
+
+
+def _poll_exclusive(fd: int, until: float) -> bool:
+    delay = _POLL_FIRST
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, _POLL_MAX)
+        else:
+            return True
+
+
+def _acquire_mutex(mutex: threading.Lock, until: float) -> bool:
+    if until == math.inf:
+        return mutex.acquire()
+    return mutex.acquire(timeout=max(0.0, until - time.monotonic()))
 
 
 def _take_after_spinning(writer: _ProcessWriter) -> bool:
@@ -609,11 +657,25 @@ class StoreStatistics:
 
 
 _MISSING: Final[Any] = object()
+
+
+class _StoreDefault:
+    """The default of a write's ``timeout=``: the store's own (see ``SafeFileStore``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<the store's timeout>"
+
+
+_DEFAULT: Final[Any] = _StoreDefault()
 _DELETED: Final[Any] = object()
 # An index entry: the value's bytes (None when it is larger than _CACHE_LIMIT), its
-# offset and length in the log, and the size of the record it came in (for the space
-# accounting that triggers compaction).
-_Entry = tuple[bytes | None, int, int, int]
+# offset and length in the log, the size of the record it came in (for the space
+# accounting that triggers compaction), and the start and length of the whole record that
+# holds it (a value read from the file is checked against that record's checksums on
+# every read: the file may have changed since it was indexed).
+_Entry = tuple[bytes | None, int, int, int, int, int]
 # A durable write waiting for its fdatasync (see SafeFileStore._finish): the process's
 # writer, the log's stamp and generation, the record's end, and a descriptor of the log.
 _Pending = tuple[_ProcessWriter, int, int, int, int]
@@ -660,6 +722,11 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         durable: ``fdatasync`` each write before returning.
         serializer: ``"json"``, ``"bytes"``, ``"pickle"`` or a :class:`Serializer`.
         create: with ``False``, a missing store raises ``FileNotFoundError`` instead.
+        timeout: how long a write waits for the write lock, in seconds, unless it says
+            otherwise (``modify(..., timeout=)``, ``transaction(timeout=)``, ...):
+            ``None`` (the default) waits as long as it takes, ``0`` tries once. A write
+            that times out raises :class:`StoreTimeoutError` and writes nothing. Reads
+            never wait for writers.
 
     Raises:
         InsecureDirectoryError: the directory or a file in it belongs to another user or
@@ -680,28 +747,33 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
 
     @overload
     def __init__(self: SafeFileStore[Any], path: StrPath, *, durable: bool = ...,
-                 serializer: Literal["json"] = ..., create: bool = ...) -> None: ...
+                 serializer: Literal["json"] = ..., create: bool = ...,
+                 timeout: float | None = ...) -> None: ...
 
     @overload
     def __init__(self: SafeFileStore[bytes], path: StrPath, *, durable: bool = ...,
-                 serializer: Literal["bytes"], create: bool = ...) -> None: ...
+                 serializer: Literal["bytes"], create: bool = ...,
+                 timeout: float | None = ...) -> None: ...
 
     @overload
     def __init__(self: SafeFileStore[Any], path: StrPath, *, durable: bool = ...,
-                 serializer: Literal["pickle"], create: bool = ...) -> None: ...
+                 serializer: Literal["pickle"], create: bool = ...,
+                 timeout: float | None = ...) -> None: ...
 
     @overload
     def __init__(self, path: StrPath, *, durable: bool = ..., serializer: Serializer[V],
-                 create: bool = ...) -> None: ...
+                 create: bool = ...,
+                 timeout: float | None = ...) -> None: ...
 
     def __init__(self, path: StrPath, *, durable: bool = True,
                  serializer: SerializerName | Serializer[Any] = "json",
-                 create: bool = True) -> None:
+                 create: bool = True, timeout: float | None = None) -> None:
         self._closed = True  # until fully open: close() and __del__ must work on a failure
         self._log_fd = -1
         self._dir_fd = -1
         if not isinstance(durable, bool):
             raise TypeError(f"durable must be a bool, not {type(durable).__name__}")
+        self._timeout = check_timeout(timeout)
         self._serializer: Serializer[V] = _resolve_serializer(serializer)
         # `safeshm store check/dump`: take the recorded serializer's name, and read every
         # byte of the log, not only what writers published.
@@ -718,6 +790,9 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         # so that later reads skip it until the log changes.
         self._torn_tail: bytes | None = None
         self._exclusive = False  # inside _settle(): writers are excluded
+        # The trusted `position` end, read before the data that _apply is parsing: every
+        # record before it was whole when written (see _acknowledged_end).
+        self._ack = 0
         self._dir_fd, self._path = open_directory(path, create=create)
         try:
             if not create and self._read_current() is None:
@@ -740,30 +815,35 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
     @overload
     @classmethod
     def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["json"] = ...,
-             create: bool = ...) -> SafeFileStore[Any]: ...
+             create: bool = ...,
+                 timeout: float | None = ...) -> SafeFileStore[Any]: ...
 
     @overload
     @classmethod
     def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["bytes"],
-             create: bool = ...) -> SafeFileStore[bytes]: ...
+             create: bool = ...,
+                 timeout: float | None = ...) -> SafeFileStore[bytes]: ...
 
     @overload
     @classmethod
     def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["pickle"],
-             create: bool = ...) -> SafeFileStore[Any]: ...
+             create: bool = ...,
+                 timeout: float | None = ...) -> SafeFileStore[Any]: ...
 
     @overload
     @classmethod
     def open(cls, path: StrPath, *, durable: bool = ..., serializer: Serializer[T],
-             create: bool = ...) -> SafeFileStore[T]: ...
+             create: bool = ...,
+                 timeout: float | None = ...) -> SafeFileStore[T]: ...
 
     @classmethod
     def open(cls, path: StrPath, *, durable: bool = True,
              serializer: SerializerName | Serializer[Any] = "json",
-             create: bool = True) -> SafeFileStore[Any]:
+             create: bool = True, timeout: float | None = None) -> SafeFileStore[Any]:
         """Open the store at ``path``, creating it if needed: the same as the constructor
         (named like the shared-memory structures' ``open``)."""
-        return cls(path, durable=durable, serializer=serializer, create=create)
+        return cls(path, durable=durable, serializer=serializer, create=create,
+                   timeout=timeout)
 
     def _reset_log(self) -> None:
         self._seen = -1  # a published word this handle checked and has read up to
@@ -887,6 +967,9 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         size = st.st_size
         if size == 0:
             self._corrupt(0, "the log is empty (a published log always holds its HEADER)")
+        acknowledged = self._acknowledged_end()
+        if size < acknowledged:
+            self._truncated(size, acknowledged)
         published = self._published(generation)
         if published is not None:
             # What was acknowledged, like every other reader (a writer's _sync_as_writer
@@ -895,6 +978,30 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         self._catch_up(size)
 
     # --- reading the log --------------------------------------------------------------------
+    def _acknowledged_end(self) -> int:
+        """The end of this handle's log up to which every record was whole when written,
+        if the published hints are trusted (this boot, this very file); else 0.
+
+        That is the ``position`` word: a writer publishes it only after its ``write``
+        returned (and takes a short write back first), and nobody truncates below it. So a
+        record before it that does not check out is damage, never a torn write, and a file
+        shorter than it was cut. After a reboot, or in a copy of the store, the hints are
+        not trusted and the file alone decides: damage to the last record, or a cut at a
+        record boundary, then looks like a write that never finished (see
+        ``docs/design.md``)."""
+        writer = self._writer
+        if writer is None or writer.fd < 0:
+            return 0
+        hints = writer.hints(self._stamp, self._generation)
+        return 0 if hints is None else int(hints[0] & _POS_MASK)
+
+    def _truncated(self, size: int, acknowledged: int) -> NoReturn:
+        raise StoreCorruptedError(
+            f"{self._path!r}: {log_name(self._generation)} is corrupt at byte {size}: the "
+            f"file ends there, but its writers acknowledged {acknowledged} bytes (it was "
+            f"truncated or replaced; if you restored it from a backup, also remove "
+            f"{WRITE_LOCK_FILE}, which holds only hints about the log it replaced)")
+
     def _published(self, generation: int) -> int | None:
         """The end of ``generation``'s log that readers may see (``synced``), if trusted."""
         writer = self._writer
@@ -946,6 +1053,8 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             size = os.lseek(fd, 0, os.SEEK_END)
             hints = writer.hints(self._stamp, self._generation)
             published = int(hints[0] & _POS_MASK) if hints is not None else None
+            if published is not None and size < published:
+                self._truncated(size, published)
             if published is not None and self._end <= published < size:
                 if published > self._end:
                     self._catch_up(published)
@@ -983,8 +1092,12 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 raise StoreCorruptedError(
                     f"{self._path!r}: {log_name(self._generation)} shrank below data already "
                     f"read ({size} < {self._end} bytes); was it modified by another program?")
-            # Shorter than asked only when a published position is stale (a copied store):
-            # the file decides.
+            # Read what is acknowledged before the data: what a writer published after our
+            # read could make a write that was still in progress look like damage.
+            self._ack = self._acknowledged_end()
+            # Shorter than asked when a published position is not trusted (a copied store:
+            # the file decides), or when the file was cut (below what was acknowledged: the
+            # records there are missing, reported when _apply stops short of them).
             data = os.pread(self._log_fd, size - self._end, self._end)
             if self._torn_tail is not None:
                 writer = self._writer
@@ -1037,7 +1150,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 if old is not None:
                     live -= old[3]
                 index[key] = (data[vstart:end] if vlen <= _CACHE_LIMIT else None,
-                              base + vstart, vlen, end - pos)
+                              base + vstart, vlen, end - pos, base + pos, end - pos)
                 live += end - pos
                 pos = end
                 continue
@@ -1046,7 +1159,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             if rtype == DEL:
                 self._drop(index, self._key_at(view, body, klen, base + pos))
             elif rtype == TXN:
-                self._apply_txn(view, body + klen, end, base)
+                self._apply_txn(view, body + klen, end, base, pos)
             elif rtype == HEADER:
                 self._check_header(bytes(view[body + klen:end]))
                 self._live += end - pos
@@ -1064,9 +1177,11 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         self._live += live
         return None
 
-    def _apply_txn(self, view: memoryview, pos: int, end: int, base: int) -> None:
+    def _apply_txn(self, view: memoryview, pos: int, end: int, base: int, record: int
+                   ) -> None:
         index = self._index
         start = pos
+        where = (base + record, end - record)  # the TXN record: what a large value is in
         while pos < end:
             if end - pos < _SUB.size:
                 self._corrupt(base + start, "a truncated operation inside a TXN record")
@@ -1078,18 +1193,20 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             key = self._key_at(view, body, klen, base + start)
             if rtype == SET:
                 self._put(index, key, view[body + klen:stop], base + body + klen,
-                          HEADER_BYTES + klen + vlen)
+                          HEADER_BYTES + klen + vlen, where)
             else:
                 self._drop(index, key)
             pos = stop
 
-    def _put(self, index: dict[str, _Entry], key: str, value: bytes | memoryview, offset: int,
-             cost: int) -> None:
+    def _put(self, index: dict[str, _Entry], key: str,  # noqa: PLR0917 - a hot path
+             value: bytes | memoryview, offset: int, cost: int, record: tuple[int, int]
+             ) -> None:
         old = index.get(key)
         if old is not None:
             self._live -= old[3]
         size = len(value)
-        index[key] = (bytes(value) if size <= _CACHE_LIMIT else None, offset, size, cost)
+        index[key] = (bytes(value) if size <= _CACHE_LIMIT else None, offset, size, cost,
+                      *record)
         self._live += cost
 
     def _drop(self, index: dict[str, _Entry], key: str) -> None:
@@ -1130,6 +1247,11 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         decides at once; any other reader stops here and settles it outside ``_mutex``."""
         if offset == 0:
             self._corrupt(0, "the log's HEADER record does not check out")
+        if offset < self._ack:
+            if os.fstat(self._log_fd).st_size < self._ack:
+                self._truncated(os.fstat(self._log_fd).st_size, self._ack)
+            self._corrupt(offset, "a record that does not check out, in the part of the log "
+                                  "that its writers acknowledged (damage, not a torn write)")
         writer = self._writer
         if self._exclusive or (writer is not None and writer.owner == threading.get_ident()):
             self._classify_tail(offset, truncate=not self._exclusive)
@@ -1183,21 +1305,37 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             raise self._closed_error()
         return writer
 
-    def _acquire_writer(self, *, catch_up: bool = True) -> _ProcessWriter:
-        """Take this process's lock for the store, then the file lock; with ``catch_up``,
-        read the log to its end (what modify, transactions and deletes decide on)."""
+    def _until(self, timeout: object) -> float:
+        """The instant a write given ``timeout=`` must have its lock by (``inf``: never
+        gives up); :data:`_DEFAULT` is the store's timeout."""
+        return deadline(self._timeout if timeout is _DEFAULT else check_timeout(timeout))
+
+    def _timed_out(self, until: float, what: str = "nothing was written") -> StoreTimeoutError:
+        return StoreTimeoutError(
+            f"SafeFileStore {self._path!r}: could not take the write lock in time (another "
+            f"writer holds it: busy, stopped or stuck); {what}")
+
+    def _acquire_writer(self, *, catch_up: bool = True, until: float = math.inf
+                        ) -> _ProcessWriter:
+        """Take this process's lock for the store, then the file lock, before ``until``
+        (else :class:`StoreTimeoutError`, nothing taken); with ``catch_up``, read the log
+        to its end (what modify, transactions and deletes decide on)."""
         writer = self._get_writer()
         me = threading.get_ident()
         if writer.owner == me:
             raise LockReentryError(
                 f"this thread already holds {self._path!r}'s write lock (inside modify() or "
                 f"transaction()); write through the transaction object instead")
-        writer.mutex.acquire()
+        if not _acquire_mutex(writer.mutex, until):
+            raise self._timed_out(until)
         try:
-            _lock_exclusive(writer)
+            taken = _lock_exclusive(writer, until)
         except BaseException:
             writer.mutex.release()
             raise
+        if not taken:
+            writer.mutex.release()
+            raise self._timed_out(until)
         writer.owner = me
         try:
             with self._mutex:
@@ -1244,13 +1382,23 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 self._sync_as_writer(writer)
                 fd, start = self._log_fd, self._end  # maybe another generation's log now
                 hints = writer.hints(self._stamp, self._generation)
+            # Everything that can fail for want of a resource comes before the record is
+            # written: a call that raises must change nothing (an os.dup() after the write
+            # failing with EMFILE left a write that raised, yet took effect).
+            sync_fd = os.dup(fd) if contended else -1
             try:
                 written = os.write(fd, record)
                 if written != len(record):  # interrupted, or the disk filled up: go on
                     _write_all(fd, memoryview(record)[written:])
+                if self._durable and not contended:  # alone: sync with the lock held
+                    os.fdatasync(fd)
             except BaseException:
-                # A short write (ENOSPC, EDQUOT): take the fragment back; nothing changed.
-                os.ftruncate(fd, start)
+                # A short write (ENOSPC, EDQUOT) or a failed sync (EIO): take the record
+                # back before anyone was told of it; nothing changed.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                if sync_fd >= 0:
+                    os.close(sync_fd)
                 raise
             end = start + len(record)
             position = _pack(self._generation, end)
@@ -1260,21 +1408,23 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 # Visible to the next writer at once, to readers once on disk (_finish).
                 writer.contended.value = contended - 1
                 writer.publish(self._stamp, position, hints[1] if hints is not None else 0)
-                pending = (writer, self._stamp, self._generation, end, os.dup(fd))
+                pending = (writer, self._stamp, self._generation, end, sync_fd)
             else:
-                if self._durable:  # alone: sync with the lock held, publish once
-                    os.fdatasync(fd)
-                writer.publish(self._stamp, position, position)
+                writer.publish(self._stamp, position, position)  # alone: publish once
             if self._end == start:  # else others' records come first: the next refresh
                 self._end = end     # applies them, then ours
                 self._apply_own(start, record, ops)
             return pending
 
-    def _finish(self, pending: _Pending | None) -> None:
+    def _finish(self, pending: _Pending | None, until: float = math.inf) -> None:
         """Make a durable write durable and visible, after the write lock was released:
         ``fdatasync`` (other writers write meanwhile, and their syncs overlap ours: the
         kernel commits them together), then take the lock again to move ``synced`` past
-        the record -- unless another writer's sync, or a compaction, already did."""
+        the record -- unless another writer's sync, or a compaction, already did.
+
+        If the lock cannot be had before ``until``, the write is committed and on disk but
+        not yet shown to other processes (the next write shows it): the
+        :class:`StoreTimeoutError` says so, since retrying would write it twice."""
         if pending is None:
             return
         writer, stamp, generation, end, fd = pending
@@ -1282,16 +1432,23 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             os.fdatasync(fd)  # covers every byte written to the file before it started
         finally:
             os.close(fd)
-        with writer.mutex:
+        committed = ("the write WAS committed and is on disk (do not repeat it); other "
+                     "processes see it after the next write")
+        if not _acquire_mutex(writer.mutex, until):
+            raise self._timed_out(until, committed)
+        try:
             if writer.fd < 0:  # pragma: no cover - only a forked child closes it
                 return
-            _lock_exclusive(writer)
+            if not _lock_exclusive(writer, until):
+                raise self._timed_out(until, committed)
             try:
                 hints = writer.hints(stamp, generation)
                 if hints is not None and hints[1] & _POS_MASK < end <= hints[0] & _POS_MASK:
                     writer.publish(stamp, hints[0], _pack(generation, end))
             finally:
                 _unlock_exclusive(writer)
+        finally:
+            writer.mutex.release()
 
     def _apply_own(self, start: int, record: bytes, ops: list[tuple[int, bytes, bytes]]
                    ) -> None:
@@ -1302,7 +1459,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             rtype, key, value = ops[0]
             if rtype == SET:
                 self._put(index, key.decode(), value, start + HEADER_BYTES + len(key),
-                          len(record))
+                          len(record), (start, len(record)))
             else:
                 self._drop(index, key.decode())
             return
@@ -1311,7 +1468,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             pos += _SUB.size
             if rtype == SET:
                 self._put(index, key.decode(), value, pos + len(key),
-                          HEADER_BYTES + len(key) + len(value))
+                          HEADER_BYTES + len(key) + len(value), (start, len(record)))
             else:
                 self._drop(index, key.decode())
             pos += len(key) + len(value)
@@ -1327,16 +1484,19 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
     def _write(self, ops: list[tuple[int, bytes, bytes]]) -> None:
         # A blind write needs no catch-up under the lock: the records it does not know
         # are parsed after the lock is released, in parallel with the next writer.
-        writer = self._acquire_writer(catch_up=False)
+        until = self._until(_DEFAULT)
+        writer = self._acquire_writer(catch_up=False, until=until)
         try:
             pending = self._commit(ops)
         finally:
             self._release_writer(writer)
-        self._finish(pending)
-        with self._mutex:
+        self._finish(pending, until)
+        with self._mutex, contextlib.suppress(StoreCorruptedError):
+            # The write is committed: damage in records before it is reported by the next
+            # read, never as a failure of a write that took effect.
             if not self._closed:
                 self._refresh()
-        self._maybe_compact()
+        self._maybe_compact(until)
 
     # --- the mapping ------------------------------------------------------------------------
     def __getitem__(self, key: str) -> V:
@@ -1379,7 +1539,24 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             return None
         if entry[0] is not None:
             return entry[0]
-        return os.pread(self._log_fd, entry[2], entry[1])
+        return self._read_value(entry)
+
+    def _read_value(self, entry: _Entry) -> bytes:
+        """A value that the index does not hold, read from the log and checked against its
+        record's checksums (caller holds _mutex): damage, or a log cut short, raises
+        instead of being returned as data."""
+        _cached, offset, size, _cost, start, length = entry
+        record = os.pread(self._log_fd, length, start)
+        if len(record) != length:
+            self._corrupt(start, "the log ends inside this record, which was read before "
+                                 "(was the file truncated?)")
+        magic, _rtype, _flags, klen, vlen, body_crc, head_crc = _unpack_hdr(record, 0)
+        if (magic != _MAGIC or _crc32(record[:_HDR_CRC_SPAN]) != head_crc
+                or HEADER_BYTES + klen + vlen != length
+                or _crc32(memoryview(record)[HEADER_BYTES:]) != body_crc):
+            self._corrupt(start, "a record whose checksum no longer matches (the file was "
+                                 "damaged after it was read)")
+        return record[offset - start:offset - start + size]
 
     def __setitem__(self, key: str, value: V) -> None:
         kb = _key_bytes(key)
@@ -1389,15 +1566,16 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
 
     def __delitem__(self, key: str) -> None:
         kb = _key_bytes(key)
-        writer = self._acquire_writer()
+        until = self._until(_DEFAULT)
+        writer = self._acquire_writer(until=until)
         try:
             if key not in self._index:
                 raise KeyError(key)
             pending = self._commit([(DEL, kb, b"")])
         finally:
             self._release_writer(writer)
-        self._finish(pending)
-        self._maybe_compact()
+        self._finish(pending, until)
+        self._maybe_compact(until)
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
@@ -1415,9 +1593,9 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
     def _snapshot(self) -> list[tuple[str, bytes]]:
         def pairs() -> list[tuple[str, bytes]]:
             out: list[tuple[str, bytes]] = []
-            for key, (cached, offset, size, _cost) in self._index.items():
-                out.append((key, cached if cached is not None
-                            else os.pread(self._log_fd, size, offset)))
+            for key, entry in self._index.items():
+                cached = entry[0]
+                out.append((key, cached if cached is not None else self._read_value(entry)))
             return out
         return self._read(pairs)
 
@@ -1445,58 +1623,66 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
     # --- atomic compound operations ---------------------------------------------------------
     # MutableMapping's mixins would read and then write in two steps, each atomic but not
     # the pair; these run as one transaction.
-    def _atomically(self, fn: Callable[[Transaction[V]], T]) -> T:
-        with self.transaction() as tx:
+    def _atomically(self, fn: Callable[[Transaction[V]], T], timeout: float | None) -> T:
+        with self.transaction(timeout=timeout) as tx:
             return fn(tx)
 
     @overload
-    def pop(self, key: str, /) -> V: ...
+    def pop(self, key: str, /, *, timeout: float | None = ...) -> V: ...
 
     @overload
-    def pop(self, key: str, default: V, /) -> V: ...
+    def pop(self, key: str, default: V, /, *, timeout: float | None = ...) -> V: ...
 
     @overload
-    def pop(self, key: str, default: T, /) -> V | T: ...
+    def pop(self, key: str, default: T, /, *, timeout: float | None = ...) -> V | T: ...
 
-    def pop(self, key: str, default: Any = _MISSING, /) -> Any:
-        """Remove ``key`` and return its value (or ``default``), atomically."""
+    def pop(self, key: str, default: Any = _MISSING, /, *, timeout: float | None = _DEFAULT
+            ) -> Any:
+        """Remove ``key`` and return its value (or ``default``), atomically.
+        ``timeout``: as for :meth:`modify`."""
         if default is _MISSING:
-            return self._atomically(lambda tx: tx.pop(key))
-        return self._atomically(lambda tx: tx.pop(key, default))
+            return self._atomically(lambda tx: tx.pop(key), timeout)
+        return self._atomically(lambda tx: tx.pop(key, default), timeout)
 
-    def popitem(self) -> tuple[str, V]:
-        """Remove and return some ``(key, value)`` pair, atomically."""
-        return self._atomically(lambda tx: tx.popitem())
-
-    @overload
-    def setdefault(self, key: str, default: V, /) -> V: ...
+    def popitem(self, *, timeout: float | None = _DEFAULT) -> tuple[str, V]:
+        """Remove and return some ``(key, value)`` pair, atomically. ``timeout``: as for
+        :meth:`modify`."""
+        return self._atomically(lambda tx: tx.popitem(), timeout)
 
     @overload
-    def setdefault(self: SafeFileStore[T | None], key: str, default: None = None, /
-                   ) -> T | None: ...
+    def setdefault(self, key: str, default: V, /, *, timeout: float | None = ...) -> V: ...
 
-    def setdefault(self, key: str, default: Any = None, /) -> Any:
+    @overload
+    def setdefault(self: SafeFileStore[T | None], key: str, default: None = None, /, *,
+                   timeout: float | None = ...) -> T | None: ...
+
+    def setdefault(self, key: str, default: Any = None, /, *,
+                   timeout: float | None = _DEFAULT) -> Any:
         """Return the value of ``key``, first storing ``default`` if it is missing,
-        atomically."""
-        return self._atomically(lambda tx: tx.setdefault(key, default))
+        atomically. ``timeout``: as for :meth:`modify`."""
+        return self._atomically(lambda tx: tx.setdefault(key, default), timeout)
 
-    def clear(self) -> None:
-        """Delete every key, as one transaction."""
-        self._atomically(lambda tx: tx.clear())
+    def clear(self, *, timeout: float | None = _DEFAULT) -> None:
+        """Delete every key, as one transaction. ``timeout``: as for :meth:`modify`."""
+        self._atomically(lambda tx: tx.clear(), timeout)
 
     def update(self, other: SupportsKeysAndGetItem[str, V] | Iterable[tuple[str, V]] = (),
                /, **kwargs: V) -> None:
         """Set several keys as one transaction: all of them or, on any error (an
-        unencodable value, a bad key), none."""
-        self._atomically(lambda tx: tx.update(other, **kwargs))
+        unencodable value, a bad key), none. Waits for the write lock as long as the
+        store's ``timeout`` says (keyword arguments are keys here: for a timeout of its
+        own, write ``with store.transaction(timeout=t) as tx: tx.update(...)``)."""
+        self._atomically(lambda tx: tx.update(other, **kwargs), _DEFAULT)
 
     @overload
-    def modify(self, key: str, fn: Callable[[V], V]) -> V: ...
+    def modify(self, key: str, fn: Callable[[V], V], *, timeout: float | None = ...) -> V: ...
 
     @overload
-    def modify(self, key: str, fn: Callable[[V], V], default: V) -> V: ...
+    def modify(self, key: str, fn: Callable[[V], V], default: V, *,
+               timeout: float | None = ...) -> V: ...
 
-    def modify(self, key: str, fn: Callable[[V], V], default: V = _MISSING) -> V:
+    def modify(self, key: str, fn: Callable[[V], V], default: V = _MISSING, *,
+               timeout: float | None = _DEFAULT) -> V:
         """Atomically replace the value of ``key`` with ``fn(value)`` and return the new
         value.
 
@@ -1508,13 +1694,17 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             key: the key.
             fn: computes the new value from the current one.
             default: used as the current value when ``key`` is missing.
+            timeout: seconds to wait for the write lock (``None``: as long as it takes;
+                ``0``: try once); by default the store's ``timeout``.
 
         Raises:
             KeyError: ``key`` is missing and no ``default`` was given.
+            StoreTimeoutError: the write lock was not free in time; nothing is written.
             Exception: whatever ``fn`` or the serializer raises; nothing is written.
         """
         kb = _key_bytes(key)
-        writer = self._acquire_writer()
+        until = self._until(timeout)
+        writer = self._acquire_writer(until=until)
         try:
             with self._mutex:
                 data = self._value(key)
@@ -1530,11 +1720,11 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
             pending = self._commit([(SET, kb, encoded)])
         finally:
             self._release_writer(writer)
-        self._finish(pending)
-        self._maybe_compact()
+        self._finish(pending, until)
+        self._maybe_compact(until)
         return new
 
-    def transaction(self) -> Transaction[V]:
+    def transaction(self, *, timeout: float | None = _DEFAULT) -> Transaction[V]:
         """A multi-key, all-or-nothing, serializable transaction.
 
         ``with store.transaction() as tx:`` takes the store's write lock for the block:
@@ -1544,13 +1734,18 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         they see the state before or after the whole transaction. A process killed while
         it commits leaves the store as it was before (recovered by the next access).
 
+        ``timeout``: seconds that entering the block waits for the write lock (``None``: as
+        long as it takes; ``0``: try once); by default the store's ``timeout``.
+
         Raises:
             LockReentryError: this thread is already inside a transaction or modify().
+            StoreTimeoutError: on entering the block, the write lock was not free in time.
         """
-        return Transaction(self)
+        return Transaction(self, self._timeout if timeout is _DEFAULT
+                           else check_timeout(timeout))
 
     # --- compaction -------------------------------------------------------------------------
-    def _maybe_compact(self) -> None:
+    def _maybe_compact(self, until: float = math.inf) -> None:
         end = self._end
         if end < self._compact_min or end <= 2 * self._live:
             return
@@ -1560,25 +1755,44 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         except filelock.Timeout:
             return  # another process is compacting
         try:
-            self._compact_locked(force=False)
+            self._compact_locked(force=False, until=until)
+        except StoreTimeoutError:
+            pass  # the write that got us here is done; a later one compacts
         finally:
             lock.release()
 
-    def compact(self) -> None:
+    def compact(self, *, timeout: float | None = _DEFAULT) -> None:
         """Rewrite the log with only the current values, reclaiming the space of
         overwritten and deleted ones.
 
         Safe while other processes read and write: writers wait for it (their lock is held
         while the new log is written), readers move over to the new log on their next read.
         A process killed at any point of it leaves the store readable and complete.
+
+        ``timeout``: seconds to wait for the locks (``None``: as long as it takes); by
+        default the store's ``timeout``. :class:`StoreTimeoutError` if they are not free in
+        time, nothing changed.
+
+        Raises:
+            StoreCorruptedError: a record does not check out; nothing is rewritten (a
+                compaction never copies damage under a fresh checksum).
         """
+        until = self._until(timeout)
         if self._writer is not None and self._writer.owner == threading.get_ident():
             raise LockReentryError("compact() inside modify() or transaction()")
-        with self._maintenance_lock():
-            self._compact_locked(force=True)
+        lock = self._maintenance_lock()
+        try:
+            lock.acquire(timeout=-1 if until == math.inf
+                         else max(0.0, until - time.monotonic()))
+        except filelock.Timeout:
+            raise self._timed_out(until, "nothing was compacted") from None
+        try:
+            self._compact_locked(force=True, until=until)
+        finally:
+            lock.release()
 
-    def _compact_locked(self, *, force: bool) -> None:
-        writer = self._acquire_writer()
+    def _compact_locked(self, *, force: bool, until: float = math.inf) -> None:
+        writer = self._acquire_writer(until=until)
         try:
             with self._mutex:
                 if not force and (self._end < self._compact_min or self._end <= 2 * self._live):
@@ -1586,8 +1800,12 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 old_fd, old_generation = self._log_fd, self._generation
                 new_generation = old_generation + 1
                 records: list[bytes] = []
-                for key, (cached, offset, size, _cost) in self._index.items():
-                    value = cached if cached is not None else os.pread(old_fd, size, offset)
+                for key, entry in self._index.items():
+                    # Checked like every read: a record that does not verify raises here,
+                    # before anything is written, and is never copied under a fresh
+                    # checksum (that would launder the damage).
+                    cached = entry[0]
+                    value = cached if cached is not None else self._read_value(entry)
                     records.append(encode_record(SET, key.encode(), value))
                 # Debris of compactions that were killed: temp files, and logs that are
                 # neither the current one nor the one we are about to publish.
@@ -1600,7 +1818,13 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 # The MOVED record is the commit point: from here on, every process that
                 # reads the old log follows it to the new one.
                 moved = encode_record(MOVED, b"", _GEN.pack(new_generation))
-                _write_all(old_fd, moved)
+                try:
+                    _write_all(old_fd, moved)
+                except BaseException:
+                    # A short write (ENOSPC): take the fragment back; nothing changed (the
+                    # new log is debris that the next compaction removes).
+                    os.ftruncate(old_fd, self._end)
+                    raise
                 os.fdatasync(old_fd)
                 moved_end = _pack(old_generation, self._end + len(moved))
                 writer.publish(self._stamp, moved_end, moved_end)
@@ -1634,6 +1858,12 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def timeout(self) -> float | None:
+        """How long a write waits for the write lock by default, in seconds (``None``: as
+        long as it takes); a write's own ``timeout=`` overrides it."""
+        return self._timeout
+
     def statistics(self) -> StoreStatistics:
         """A consistent snapshot of the store's size and this handle's counters."""
         return self._read(lambda: StoreStatistics(
@@ -1645,6 +1875,13 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
     def close(self) -> None:
         """Close this handle (idempotent). Other handles and processes are unaffected; the
         data stays on disk."""
+        if self._pid != _compat.pid:
+            # A forked child: another thread of the parent may have held _mutex at the
+            # fork, and nobody in the child will release it (issue 10, a hang in close()).
+            # The parent's writer is not ours either; closing needs no writer of its own.
+            self._mutex = threading.Lock()
+            self._pid = _compat.pid
+            self._writer = None
         with self._mutex:
             if self._closed:
                 return
@@ -1685,7 +1922,7 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         serializer: object = self._serializer
         if type(serializer) in (JSONSerializer, BytesSerializer, PickleSerializer):
             serializer = self._serializer.name
-        return (_reopen, (self._path, self._durable, serializer))
+        return (_reopen, (self._path, self._durable, serializer, self._timeout))
 
     def __repr__(self) -> str:
         try:
@@ -1718,8 +1955,10 @@ class _ValuesSnapshot(ValuesView[V]):
             yield loads(data)
 
 
-def _reopen(path: str, durable: bool, serializer: Any) -> SafeFileStore[Any]:
-    return SafeFileStore(path, durable=durable, serializer=serializer, create=False)
+def _reopen(path: str, durable: bool, serializer: Any, timeout: float | None = None
+            ) -> SafeFileStore[Any]:
+    return SafeFileStore(path, durable=durable, serializer=serializer, create=False,
+                         timeout=timeout)
 
 
 class Transaction(MutableMapping[str, V], Generic[V]):
@@ -1727,8 +1966,9 @@ class Transaction(MutableMapping[str, V], Generic[V]):
     :meth:`SafeFileStore.transaction`). Values written to it are encoded at once (an
     unencodable value raises there, in the block), and committed together on exit."""
 
-    def __init__(self, store: SafeFileStore[V]) -> None:
+    def __init__(self, store: SafeFileStore[V], timeout: float | None) -> None:
         self._store = store
+        self._timeout = timeout
         self._writer: _ProcessWriter | None = None
         self._ops: dict[str, tuple[bytes, bytes | None]] = {}  # key -> (key bytes, value)
         self._state = "new"
@@ -1736,7 +1976,7 @@ class Transaction(MutableMapping[str, V], Generic[V]):
     def __enter__(self) -> Transaction[V]:
         if self._state != "new":
             raise RuntimeError("a transaction can be entered only once")
-        self._writer = self._store._acquire_writer()
+        self._writer = self._store._acquire_writer(until=deadline(self._timeout))
         self._state = "open"
         return self
 
@@ -1756,8 +1996,9 @@ class Transaction(MutableMapping[str, V], Generic[V]):
             self._state = "done"
             store._release_writer(writer)
         if exc_type is None:
-            store._finish(pending)
-            store._maybe_compact()
+            until = deadline(self._timeout)
+            store._finish(pending, until)
+            store._maybe_compact(until)
 
     def _check(self) -> None:
         if self._state != "open":
