@@ -18,6 +18,7 @@ def test_all_is_the_documented_surface() -> None:
     assert set(safeshm.__all__) == {
         "ArrayStatistics",
         "CounterStatistics",
+        "DamagedRecord",
         "HandleClosedError",
         "HolderDiedWarning",
         "IncompatibleSegmentError",
@@ -31,6 +32,7 @@ def test_all_is_the_documented_surface() -> None:
         "LockedViewLeakedError",
         "QueueShutDown",
         "QueueStatistics",
+        "RecoveryReport",
         "SafeArray",
         "SafeCounter",
         "SafeFileStore",

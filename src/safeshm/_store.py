@@ -845,6 +845,34 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         return cls(path, durable=durable, serializer=serializer, create=create,
                    timeout=timeout)
 
+    @staticmethod
+    def recover(source: StrPath, destination: StrPath, *, serializer: str | None = None
+                ) -> RecoveryReport:
+        """Copy every record of the store at ``source`` that checks out into a new store
+        at ``destination``, and say exactly what was lost: ``safeshm store recover``.
+
+        For a store that cannot be opened because a record is damaged. The log is replayed
+        from its start; each stretch that does not check out is skipped (and reported,
+        with the keys it wrote as far as they can be read), every record that does is
+        applied, so each key ends with its last write that survived. ``source`` is only
+        read, never changed (not even its lock file); ``destination`` must be a new or
+        empty directory and becomes a store with the same serializer. Check the report's
+        :attr:`~RecoveryReport.lost_keys` (and the damage whose keys could not be read)
+        before you replace the damaged store with the recovered one.
+
+        Args:
+            source: the damaged store's directory.
+            destination: where to write the recovered store.
+            serializer: the serializer's name, needed only when the log's HEADER record is
+                damaged (the recovered store records it).
+
+        Raises:
+            FileExistsError: ``destination`` exists and is not an empty directory.
+            FileNotFoundError: there is no store at ``source``.
+            StoreCorruptedError: the HEADER is damaged and no ``serializer`` was named.
+        """
+        return recover_store(source, destination, serializer=serializer)
+
     def _reset_log(self) -> None:
         self._seen = -1  # a published word this handle checked and has read up to
         self._torn_tail = None
@@ -2136,7 +2164,16 @@ def dump_store(path: StrPath, *, want_values: bool = True
         # was killed) is no data, but it must be what a killed writer leaves, not damage.
         with store._mutex:
             end = store._end
+            acknowledged = store._acknowledged_end()
             rest = os.pread(store._log_fd, 1 << 30, end)
+        # Records written but not yet synced (group commit) lie before the acknowledged
+        # `position`: whole when written, so one that does not check out is damage.
+        pos = 0
+        while end + pos < acknowledged and (length := _record_length(rest, pos)):
+            pos += length
+        if end + pos < acknowledged:
+            store._corrupt(end + pos, "a record that does not check out, in the part of "
+                                      "the log that its writers acknowledged")
         if rest and _torn_tail(memoryview(rest)) == "corrupt":
             store._corrupt(end, "a record whose checksum does not match, with more data "
                                 "after it")
@@ -2145,3 +2182,285 @@ def dump_store(path: StrPath, *, want_values: bool = True
                              log_bytes=stats.log_bytes, live_bytes=stats.live_bytes,
                              torn_tail_bytes=len(rest))
     return report, pairs
+
+
+# --- recovery (safeshm store recover; the damage that store check names) ------------------
+@dataclasses.dataclass(frozen=True)
+class DamagedRecord:
+    """A stretch of a store's log that does not check out (see
+    :meth:`SafeFileStore.recover`)."""
+
+    log: str
+    """The log file it is in."""
+    offset: int
+    """Where it starts in that file, in bytes."""
+    length: int
+    """How many bytes were skipped: the record, as far as its own header tells (or up to
+    the next record that checks out, when the header is damaged too)."""
+    kind: str
+    """``"SET"``, ``"DEL"``, ``"TXN"``, ... as its header says, or ``"unknown"`` when the
+    header itself is damaged."""
+    keys: tuple[str, ...]
+    """The keys it wrote, as far as they can be read. Read from bytes that no checksum
+    vouches for any more: a best guess, and empty when they cannot be read."""
+    lost: tuple[str, ...]
+    """Those of :attr:`keys` whose recovered value is older than this write (no later
+    record that checks out wrote them): these keys lost this write. The other keys were
+    written again later, so their recovered value is current."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryReport:
+    """What :meth:`SafeFileStore.recover` (``safeshm store recover``) found and copied."""
+
+    source: str
+    destination: str | None
+    """Where the records that check out were copied (``None``: only looked, as
+    ``safeshm store check`` does)."""
+    serializer: str
+    keys: int
+    """Keys in the recovered store."""
+    records: int
+    """Records that checked out and were replayed."""
+    damaged: tuple[DamagedRecord, ...]
+    """Every stretch that did not check out, in log order."""
+    torn_tail_bytes: int
+    """Bytes at the very end that look like a write that never finished (past the
+    acknowledged end, when that is known): not counted as damage."""
+
+    @property
+    def lost_keys(self) -> tuple[str, ...]:
+        """Every key whose recovered value misses a write (see :attr:`DamagedRecord.lost`),
+        sorted. Damage whose keys could not be read adds none: see :attr:`damaged`."""
+        return tuple(sorted({key for record in self.damaged for key in record.lost}))
+
+
+def _record_length(data: bytes, pos: int) -> int:
+    """The length of the record at ``pos`` if it checks out completely, else 0."""
+    if len(data) - pos < HEADER_BYTES:
+        return 0
+    magic, _rtype, _flags, klen, vlen, body_crc, head_crc = _unpack_hdr(data, pos)
+    end = pos + HEADER_BYTES + klen + vlen
+    if (magic != _MAGIC or _crc32(data[pos:pos + _HDR_CRC_SPAN]) != head_crc
+            or end > len(data)
+            or _crc32(memoryview(data)[pos + HEADER_BYTES:end]) != body_crc):
+        return 0
+    return int(end - pos)
+
+
+def _next_record(data: bytes, pos: int) -> int:
+    """The offset of the next record from ``pos`` on that checks out (``len(data)``: none)."""
+    while True:
+        pos = data.find(_MAGIC, pos)
+        if pos < 0:
+            return len(data)
+        if _record_length(data, pos):
+            return pos
+        pos += 1
+
+
+def _ops_of(rtype: int, body: memoryview, klen: int) -> list[tuple[int, bytes, bytes]]:
+    """The operations of a record's body (``SET``/``DEL``: one; ``TXN``: each). For a
+    damaged record, as many as can be parsed."""
+    if rtype in (SET, DEL):
+        return [(rtype, bytes(body[:klen]), bytes(body[klen:]))]
+    ops: list[tuple[int, bytes, bytes]] = []
+    if rtype == TXN:
+        pos = klen
+        while len(body) - pos >= _SUB.size:
+            sub, sklen, svlen = _SUB.unpack_from(body, pos)
+            start, stop = pos + _SUB.size, pos + _SUB.size + sklen + svlen
+            if sub not in (SET, DEL) or stop > len(body):
+                break
+            ops.append((sub, bytes(body[start:start + sklen]), bytes(body[start + sklen:stop])))
+            pos = stop
+    return ops
+
+
+def _keys_of(ops: list[tuple[int, bytes, bytes]]) -> tuple[str, ...]:
+    keys: list[str] = []
+    for _rtype, key, _value in ops:
+        with contextlib.suppress(UnicodeDecodeError):
+            if key and key.decode() not in keys:
+                keys.append(key.decode())
+    return tuple(keys)
+
+
+def _trusted_position(dir_fd: int, log_fd: int, generation: int) -> int:
+    """The acknowledged end of ``generation``'s log that the lock file publishes, if it
+    is trusted (see ``_ProcessWriter``); 0 if not. Read, never mapped or written: recovery
+    changes nothing in the store it reads."""
+    try:
+        fd = _open_file(dir_fd, WRITE_LOCK_FILE, os.O_RDONLY, "")
+    except (OSError, InsecureDirectoryError):
+        return 0
+    try:
+        words = os.pread(fd, 40, 0)
+    finally:
+        os.close(fd)
+    if len(words) < 40:
+        return 0
+    stamp, position, check, synced = struct.unpack_from("<QQQQ", words, 8)
+    if (not stamp or stamp != _stamp_of(os.fstat(log_fd))
+            or check != _check_word(stamp, position, synced)
+            or position >> _POS_BITS != generation):
+        return 0
+    return int(position & _POS_MASK)
+
+
+def _first_generation(dir_fd: int, where: str) -> int:
+    """Where a scan starts: the generation ``CURRENT`` names or, if it is damaged or lost,
+    the oldest log (the chain of MOVED records leads on from there)."""
+    try:
+        fd = _open_file(dir_fd, CURRENT_FILE, os.O_RDONLY, where)
+    except FileNotFoundError:
+        fd = -1
+    if fd >= 0:
+        try:
+            data = os.read(fd, 256)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(StoreCorruptedError):
+            return _parse_current(data, repr(where))
+    found = [g for g in map(_generation_of, os.listdir(dir_fd)) if g is not None]
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path", where)
+    return min(found)
+
+
+class _Scan:
+    """Replays the records of a store's logs that check out, and notes the others."""
+
+    def __init__(self, serializer: str | None) -> None:
+        self.serializer = serializer
+        self.values: dict[str, bytes] = {}
+        self.written: dict[str, int] = {}  # key -> the sequence number of its last write
+        self.damaged: list[tuple[int, str, int, int, str, tuple[str, ...]]] = []
+        self.records = self.torn = self.seq = 0
+
+    def log(self, name: str, data: bytes, acknowledged: int) -> int | None:
+        """Scan one log; the generation its MOVED record leads to, if any."""
+        pos = 0
+        while pos < len(data):
+            self.seq += 1
+            length = _record_length(data, pos)
+            if length:
+                following = self._apply(data, pos, length)
+                if following is not None:
+                    return following
+                pos += length
+                continue
+            good = _next_record(data, pos + 1)
+            if (good == len(data) and pos >= acknowledged
+                    and _torn_tail(memoryview(data)[pos:]) == "torn"):
+                self.torn += len(data) - pos  # what a killed writer leaves: no damage
+                return None
+            kind, end = "unknown", good
+            keys: tuple[str, ...] = ()
+            if len(data) - pos >= HEADER_BYTES:
+                magic, rtype, _flags, klen, vlen, _bc, head_crc = _unpack_hdr(data, pos)
+                stop = pos + HEADER_BYTES + klen + vlen
+                if (magic == _MAGIC and _crc32(data[pos:pos + _HDR_CRC_SPAN]) == head_crc
+                        and stop <= good):
+                    kind, end = _TYPE_NAMES.get(rtype, f"type {rtype}"), stop
+                    keys = _keys_of(_ops_of(rtype, memoryview(data)[pos + HEADER_BYTES:stop],
+                                            klen))
+            self.damaged.append((self.seq, name, pos, end - pos, kind, keys))
+            pos = end
+        return None
+
+    def _apply(self, data: bytes, pos: int, length: int) -> int | None:
+        _magic, rtype, _flags, klen, _vlen, _bc, _hc = _unpack_hdr(data, pos)
+        body = memoryview(data)[pos + HEADER_BYTES:pos + length]
+        self.records += 1
+        if rtype == HEADER and pos == 0 and self.serializer is None:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.serializer = str(json.loads(bytes(body[klen:]))["serializer"])
+        elif rtype == MOVED and len(body) - klen == _GEN.size:
+            return int(_GEN.unpack_from(body, klen)[0])
+        for op, key, value in _ops_of(rtype, body, klen):
+            with contextlib.suppress(UnicodeDecodeError):
+                text = key.decode()
+                self.written[text] = self.seq
+                if op == SET:
+                    self.values[text] = value
+                else:
+                    self.values.pop(text, None)
+        return None
+
+    def report(self, where: str) -> RecoveryReport:
+        if self.serializer is None:
+            raise StoreCorruptedError(
+                f"{where!r}: the log's HEADER record is damaged, so the serializer is "
+                f"unknown; name it (serializer='json', 'bytes', 'pickle' or your "
+                f"serializer's name)")
+        return RecoveryReport(
+            source=where, destination=None, serializer=self.serializer,
+            keys=len(self.values), records=self.records, torn_tail_bytes=self.torn,
+            damaged=tuple(
+                DamagedRecord(log=name, offset=pos, length=length, kind=kind, keys=keys,
+                              lost=tuple(k for k in keys if self.written.get(k, 0) < seq))
+                for seq, name, pos, length, kind, keys in self.damaged))
+
+
+def _scan(path: StrPath, serializer: str | None = None
+          ) -> tuple[RecoveryReport, dict[str, bytes]]:
+    """Replay every record of the store at ``path`` that checks out, skipping damage;
+    change nothing there. The report (no destination) and the recovered values."""
+    dir_fd, where = open_directory(path, create=False)
+    scan = _Scan(serializer)
+    try:
+        generation: int | None = _first_generation(dir_fd, where)
+        while generation is not None:
+            name = log_name(generation)
+            fd = _open_file(dir_fd, name, os.O_RDONLY, where)
+            try:
+                size = os.fstat(fd).st_size
+                data = os.pread(fd, size, 0) if size else b""
+                acknowledged = _trusted_position(dir_fd, fd, generation)
+            finally:
+                os.close(fd)
+            generation = scan.log(name, data, acknowledged)
+            if generation is not None and log_name(generation) not in os.listdir(dir_fd):
+                generation = None  # a compaction's MOVED whose log is gone: nothing more
+    finally:
+        os.close(dir_fd)
+    return scan.report(where), scan.values
+
+
+def scan_store(path: StrPath) -> RecoveryReport:
+    """What :meth:`SafeFileStore.recover` would recover from ``path``, without writing
+    anything anywhere (``safeshm store check`` names damage with it)."""
+    return _scan(path)[0]
+
+
+# A recovered store is written in transactions of about this many bytes (one record each).
+_RECOVER_BATCH: Final = 64 << 20
+
+
+def recover_store(source: StrPath, destination: StrPath, *, serializer: str | None = None
+                  ) -> RecoveryReport:
+    """See :meth:`SafeFileStore.recover`."""
+    if serializer is not None and not isinstance(serializer, str):
+        raise TypeError("serializer must be the name a store records, as a str")
+    dest = os.fspath(destination)
+    if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise FileExistsError(errno.EEXIST, "the destination of a recovery must be a new or "
+                                            "empty directory", dest)
+    if os.path.realpath(dest) == os.path.realpath(os.fspath(source)):
+        raise ValueError("recovery never writes into the store it reads: give another "
+                         "directory")
+    report, values = _scan(source, serializer)
+    raw = _RawSerializer()
+    raw.name = report.serializer  # the recovered store records the original's serializer
+    with SafeFileStore(dest, durable=True, serializer=raw) as store:
+        batch: dict[str, bytes] = {}
+        size = 0
+        for key, value in values.items():
+            batch[key] = value
+            size += len(key) + len(value) + 16
+            if size >= _RECOVER_BATCH:
+                store.update(batch)
+                batch, size = {}, 0
+        store.update(batch)
+    return dataclasses.replace(report, destination=dest)
