@@ -992,10 +992,12 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
         self._generation = generation
         st = os.fstat(fd)
         self._stamp = _stamp_of(st)
-        size = st.st_size
+        # What was acknowledged, read before the size: a writer that appends and publishes
+        # in between would otherwise look like a cut in the log.
+        acknowledged = self._acknowledged_end()
+        size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
             self._corrupt(0, "the log is empty (a published log always holds its HEADER)")
-        acknowledged = self._acknowledged_end()
         if size < acknowledged:
             self._truncated(size, acknowledged)
         published = self._published(generation)
