@@ -705,8 +705,16 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
       a lone one syncs holding it, which saves a second round trip through the lock.
       ``durable=False`` leaves flushing to the kernel (a crash of the machine may lose the
       last writes, never tear them).
-    * Corruption on disk (a flipped byte, a truncated file) is detected by CRC-32 checksums
-      and raised as :class:`StoreCorruptedError`, never returned as data.
+    * Corruption on disk (a flipped byte, a truncated file) is detected by CRC-32 checksums,
+      checked on every read, and raised as :class:`StoreCorruptedError`, never returned as
+      data. Until the machine reboots the store also knows how far its writers got, so
+      damage to the last acknowledged write, or a log cut short, raises too; after a
+      reboot, or in a copy of the store, damage to the very last record or a cut exactly
+      between two records looks like a write that never finished (the state before it is
+      shown). :meth:`recover` saves what checks out of a damaged store.
+    * Writes wait for the write lock as long as ``timeout`` says (per call, or the
+      store's default); one that times out raises :class:`StoreTimeoutError` and writes
+      nothing.
     * The directory is created ``0700`` and the files ``0600``; a directory that another
       user owns or can write into is refused (:class:`InsecureDirectoryError`); the store's
       own files are never opened through a symlink.
