@@ -29,6 +29,7 @@ from ._store_helpers import (
     group_commit,
     is_whole,
     scripted_child,
+    store_modules,
     tagged,
 )
 
@@ -435,7 +436,8 @@ def test_group_commit_readers_see_a_durable_write_only_once_it_is_synced(
     syncs overlap), readers do not see the write until some sync covered it."""
     path = tmp_path / "s"
     gate = _SyncGate()
-    monkeypatch.setattr(store_module, "os", gate)
+    for module in store_modules():
+        monkeypatch.setattr(module, "os", gate)
     with SafeFileStore(path) as slow, SafeFileStore(path, durable=False) as reader:
         group_commit(slow)  # as after contention: sync outside the lock
         gate.slow = threading.Thread(target=slow.__setitem__, args=("a", 1))
@@ -467,7 +469,8 @@ def test_a_durable_write_is_visible_when_its_own_sync_returns(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool) -> None:
     path = tmp_path / "s"
     gate = _SyncGate()
-    monkeypatch.setattr(store_module, "os", gate)
+    for module in store_modules():
+        monkeypatch.setattr(module, "os", gate)
     with SafeFileStore(path) as slow, SafeFileStore(path, durable=False) as reader:
         if group:
             group_commit(slow)
@@ -502,7 +505,8 @@ def test_a_failed_sync_raises_and_the_store_goes_on(
         if group:
             group_commit(store)
         fds = len(os.listdir("/proc/self/fd"))
-        monkeypatch.setattr(store_module, "os", FailingSync())
+        for module in store_modules():
+            monkeypatch.setattr(module, "os", FailingSync())
         with pytest.raises(OSError, match="Input/output"):
             store["b"] = 2
         with pytest.raises(OSError, match="Input/output"), store.transaction() as tx:
