@@ -1536,6 +1536,56 @@ class SafeFileStore(MutableMapping[str, V], Generic[V]):
                 self._refresh()
         self._maybe_compact(until)
 
+    # --- what Transaction and dump_store use ------------------------------------------------
+    def _begin_write(self, timeout: float | None) -> _ProcessWriter:
+        """Take the write lock (within ``timeout``) and catch up: a transaction begins."""
+        return self._acquire_writer(until=deadline(timeout))
+
+    def _end_write(self, writer: _ProcessWriter, ops: list[tuple[int, bytes, bytes]] | None,
+                   timeout: float | None) -> None:
+        """Commit ``ops`` as one record (``None``: nothing, the transaction was abandoned),
+        release the lock, then sync (a durable write) and maybe compact."""
+        pending = None
+        try:
+            if ops is not None:
+                pending = self._commit(ops)
+        finally:
+            self._release_writer(writer)
+        if ops is not None:
+            until = deadline(timeout)
+            self._finish(pending, until)
+            self._maybe_compact(until)
+
+    def _committed_value(self, key: str) -> bytes | None:
+        """The committed bytes of ``key`` (the write lock held: caught up)."""
+        with self._mutex:
+            return self._value(key)
+
+    def _committed_keys(self) -> list[str]:
+        with self._mutex:
+            return list(self._index)
+
+    def _verify_tail(self) -> int:
+        """Check what lies past the end readers see, with nothing changed: records of
+        writes in progress (before the acknowledged ``position``, each must check out) and
+        what a killed writer left (a torn tail, not damage). Its length in bytes."""
+        with self._mutex:
+            end = self._end
+            acknowledged = self._acknowledged_end()
+            rest = os.pread(self._log_fd, 1 << 30, end)
+        # Records written but not yet synced (group commit) lie before the acknowledged
+        # `position`: whole when written, so one that does not check out is damage.
+        pos = 0
+        while end + pos < acknowledged and (length := _record_length(rest, pos)):
+            pos += length
+        if end + pos < acknowledged:
+            self._corrupt(end + pos, "a record that does not check out, in the part of the "
+                                     "log that its writers acknowledged")
+        if rest and _torn_tail(memoryview(rest)) == "corrupt":
+            self._corrupt(end, "a record whose checksum does not match, with more data "
+                               "after it")
+        return len(rest)
+
     # --- the mapping ------------------------------------------------------------------------
     def __getitem__(self, key: str) -> V:
         data = self._get_bytes(key)
@@ -2014,7 +2064,7 @@ class Transaction(MutableMapping[str, V], Generic[V]):
     def __enter__(self) -> Transaction[V]:
         if self._state != "new":
             raise RuntimeError("a transaction can be entered only once")
-        self._writer = self._store._acquire_writer(until=deadline(self._timeout))
+        self._writer = self._store._begin_write(self._timeout)
         self._state = "open"
         return self
 
@@ -2023,20 +2073,11 @@ class Transaction(MutableMapping[str, V], Generic[V]):
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        store = self._store
-        pending = None
-        try:
-            if exc_type is None:
-                pending = store._commit([
-                    (SET, kb, value) if value is not None else (DEL, kb, b"")
-                    for kb, value in self._ops.values()])
-        finally:
-            self._state = "done"
-            store._release_writer(writer)
-        if exc_type is None:
-            until = deadline(self._timeout)
-            store._finish(pending, until)
-            store._maybe_compact(until)
+        ops = None if exc_type is not None else [
+            (SET, kb, value) if value is not None else (DEL, kb, b"")
+            for kb, value in self._ops.values()]
+        self._state = "done"
+        self._store._end_write(writer, ops, self._timeout)
 
     def _check(self) -> None:
         if self._state != "open":
@@ -2048,9 +2089,7 @@ class Transaction(MutableMapping[str, V], Generic[V]):
         op = self._ops.get(key)
         if op is not None:
             return op[1]
-        store = self._store
-        with store._mutex:
-            return store._value(key)
+        return self._store._committed_value(key)
 
     def __getitem__(self, key: str) -> V:
         if not isinstance(key, str):
@@ -2058,7 +2097,7 @@ class Transaction(MutableMapping[str, V], Generic[V]):
         data = self._lookup(key)
         if data is None:
             raise KeyError(key)
-        return self._store._serializer.loads(data)
+        return self._store.serializer.loads(data)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._lookup(key) is not None
@@ -2080,9 +2119,7 @@ class Transaction(MutableMapping[str, V], Generic[V]):
 
     def _keys(self) -> list[str]:
         self._check()
-        store = self._store
-        with store._mutex:
-            keys = dict.fromkeys(store._index)
+        keys = dict.fromkeys(self._store._committed_keys())
         for key, (_kb, value) in self._ops.items():
             if value is None:
                 keys.pop(key, None)
@@ -2172,25 +2209,11 @@ def dump_store(path: StrPath, *, want_values: bool = True
         stats = store.statistics()
         # What lies past the acknowledged end (a write in progress, or one whose writer
         # was killed) is no data, but it must be what a killed writer leaves, not damage.
-        with store._mutex:
-            end = store._end
-            acknowledged = store._acknowledged_end()
-            rest = os.pread(store._log_fd, 1 << 30, end)
-        # Records written but not yet synced (group commit) lie before the acknowledged
-        # `position`: whole when written, so one that does not check out is damage.
-        pos = 0
-        while end + pos < acknowledged and (length := _record_length(rest, pos)):
-            pos += length
-        if end + pos < acknowledged:
-            store._corrupt(end + pos, "a record that does not check out, in the part of "
-                                      "the log that its writers acknowledged")
-        if rest and _torn_tail(memoryview(rest)) == "corrupt":
-            store._corrupt(end, "a record whose checksum does not match, with more data "
-                                "after it")
+        tail = store._verify_tail()
         report = StoreReport(path=stats.path, generation=stats.generation,
                              serializer=store.serializer.name, keys=stats.keys,
                              log_bytes=stats.log_bytes, live_bytes=stats.live_bytes,
-                             torn_tail_bytes=len(rest))
+                             torn_tail_bytes=tail)
     return report, pairs
 
 
