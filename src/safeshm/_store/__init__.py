@@ -75,6 +75,10 @@ from ._format import (
 from ._serializers import BytesSerializer, JSONSerializer, PickleSerializer, Serializer
 from ._writer import _CONTENDED_WRITES
 
+# Pickles of a store name this function: keep the name they use stable (it was defined
+# here before the store became a package).
+_reopen.__module__ = __name__
+
 __all__ = [
     "DEL",
     "HEADER",

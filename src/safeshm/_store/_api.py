@@ -563,6 +563,8 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     def __repr__(self) -> str:
         try:
             state = ", closed=True" if self._closed else ""
+            if self._timeout is not None:
+                state = f", timeout={self._timeout!r}{state}"
             return (f"safeshm.SafeFileStore({self._path!r}, durable={self._durable}, "
                     f"serializer={self._serializer.name!r}{state})")
         except Exception:  # noqa: BLE001 - repr must never raise
