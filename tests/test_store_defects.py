@@ -34,7 +34,7 @@ from safeshm import (
 from safeshm import _store as store_module
 
 from ._helpers import JOIN_TIMEOUT, PROMPT
-from ._store_helpers import group_commit
+from ._store_helpers import group_commit, store_modules
 
 LOG = store_module.log_name(1)
 
@@ -447,3 +447,55 @@ def test_the_hint_for_a_shared_sticky_directory_is_a_subdirectory(tmp_path: Path
     os.chmod(shared, 0o777)  # not shared by design: making it private is the fix
     with pytest.raises(InsecureDirectoryError, match="chmod 700"):
         SafeFileStore(shared)
+
+
+def test_a_write_that_times_out_after_it_committed_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: the record is written and synced, then the lock is needed once more
+    to show it to other processes. If that times out, the error must say the write was
+    committed (repeating it would write it twice), and it does take effect."""
+    path = tmp_path / "s"
+    entered, release = threading.Event(), threading.Event()
+    slow: list[threading.Thread] = []
+
+    class SyncGate:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def fdatasync(self, fd: int) -> None:
+            if threading.current_thread() in slow:
+                entered.set()
+                release.wait(JOIN_TIMEOUT)
+            os.fdatasync(fd)
+
+    with SafeFileStore(path, timeout=0.3) as store, SafeFileStore(path) as other:
+        store["a"] = 1
+        group_commit(store)
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                store["x"] = 1
+            except BaseException as e:  # noqa: BLE001 - checked below
+                errors.append(e)
+
+        for module in store_modules():
+            monkeypatch.setattr(module, "os", SyncGate())
+        t = threading.Thread(target=write)
+        slow.append(t)
+        t.start()
+        try:
+            assert entered.wait(JOIN_TIMEOUT)  # written, lock released, syncing
+            with other.transaction() as tx:    # another writer holds the lock meanwhile
+                tx["y"] = 2
+                release.set()
+                t.join(JOIN_TIMEOUT)
+        finally:
+            release.set()
+            t.join(JOIN_TIMEOUT)
+        monkeypatch.undo()
+        assert len(errors) == 1 and isinstance(errors[0], StoreTimeoutError)
+        assert "WAS committed" in str(errors[0]) and "do not repeat" in str(errors[0])
+        assert store["x"] == 1
+    with SafeFileStore(path) as fresh:
+        assert fresh.to_dict() == {"a": 1, "x": 1, "y": 2}
