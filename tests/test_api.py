@@ -18,6 +18,7 @@ def test_all_is_the_documented_surface() -> None:
     assert set(safeshm.__all__) == {
         "ArrayStatistics",
         "CounterStatistics",
+        "DamagedRecord",
         "HandleClosedError",
         "HolderDiedWarning",
         "IncompatibleSegmentError",
@@ -32,6 +33,7 @@ def test_all_is_the_documented_surface() -> None:
         "LockedViewLeakedError",
         "QueueShutDown",
         "QueueStatistics",
+        "RecoveryReport",
         "SafeArray",
         "SafeCounter",
         "SafeFileStore",

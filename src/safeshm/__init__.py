@@ -37,13 +37,21 @@ from ._errors import (
 )
 from ._lock import LockStatistics, SafeLock
 from ._queue import QueueStatistics, SafeQueue
-from ._store import SafeFileStore, Serializer, StoreStatistics, Transaction
+from ._store import (
+    DamagedRecord,
+    RecoveryReport,
+    SafeFileStore,
+    Serializer,
+    StoreStatistics,
+    Transaction,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ArrayStatistics",
     "CounterStatistics",
+    "DamagedRecord",
     "HandleClosedError",
     "HolderDiedWarning",
     "IncompatibleSegmentError",
@@ -58,6 +66,7 @@ __all__ = [
     "LockedViewLeakedError",
     "QueueShutDown",
     "QueueStatistics",
+    "RecoveryReport",
     "SafeArray",
     "SafeCounter",
     "SafeFileStore",
