@@ -39,6 +39,7 @@ def test_all_is_the_documented_surface() -> None:
         "SafeShmError",
         "SafeShmWarning",
         "SegmentClosedError",
+        "SegmentCorruptedError",
         "SegmentNotFoundError",
         "SegmentPermissionError",
         "Serializer",

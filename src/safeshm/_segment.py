@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Final, NamedTuple, Self
 from . import _compat
 from ._errors import (
     IncompatibleSegmentError,
+    InsecureDirectoryError,
     InvalidNameError,
     SegmentClosedError,
     SegmentNotFoundError,
@@ -65,6 +66,10 @@ CACHE_LINE: Final = 64
 
 # magic, header layout, kind, kind layout, flags, total size, creator pid, creator start, ns
 _HEADER: Final = struct.Struct("=8sHHHHQQQQ")
+
+MAX_SEGMENT_SIZE: Final = 1 << 62
+"""The largest segment safeshm makes: far beyond any memory, yet every offset and byte
+counter into it (int64 words in the segments) stays exact."""
 
 NAME_MAX: Final = 64
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
@@ -241,6 +246,10 @@ class Segment:
         name = random_name() if name is None else validate_name(name)
         if len(params) > PARAMS_SIZE:  # pragma: no cover - programming error in a structure
             raise ValueError("kind parameters too large")
+        if payload_size > MAX_SEGMENT_SIZE - HEADER_SIZE:
+            raise OverflowError(
+                f"a {payload_size}-byte segment is beyond safeshm's limit of "
+                f"{MAX_SEGMENT_SIZE} bytes; nothing was created")
         spec = _Spec(name, kind, layout, HEADER_SIZE + payload_size, init,
                      params.ljust(PARAMS_SIZE, b"\0"), flags)
         dir_fd = _open_shm_dir()
@@ -341,17 +350,17 @@ class Segment:
         """Map an existing segment after checking that it is a ``kind`` of ``layout``."""
         validate_name(name)
         path = segment_path(name)
+        dir_fd = _open_shm_dir()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(_compat.FILE_PREFIX + name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         dir_fd=dir_fd)
         except FileNotFoundError:
             raise SegmentNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
                                     path) from None
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise IncompatibleSegmentError(
-                    f"segment {name!r} is a symbolic link, not a safeshm segment; refusing "
-                    "to follow it") from None
-            raise
+            raise _open_error(name, e, dir_fd) from None
+        finally:
+            os.close(dir_fd)
         try:
             header = _validate(name, fd, kind, layout)
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -450,13 +459,73 @@ class _TmpfileUnsupported(Exception):
 
 
 def _open_shm_dir() -> int:
+    """Open the segment directory and check that no other user can swap our files in it."""
     try:
-        return os.open(_compat.SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(_compat.SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SegmentNotFoundError(
             errno.ENOENT,
             f"shared-memory directory {_compat.SHM_DIR} does not exist (set SAFESHM_DIR to a "
             "tmpfs directory)", _compat.SHM_DIR) from None
+    except PermissionError:
+        raise SegmentPermissionError(
+            f"segment directory {_compat.SHM_DIR} cannot be opened by you (uid "
+            f"{os.geteuid()}); set SAFESHM_DIR to a directory of your own") from None
+    try:
+        check_directory(os.fstat(fd), _compat.SHM_DIR)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_directory(st: os.stat_result, path: str) -> None:
+    """Refuse a segment directory in which another user could replace or remove our files.
+
+    Like ``/dev/shm`` (root's, mode 1777) it may be shared, but then only with the sticky
+    bit, which stops users from renaming or unlinking each other's files. Without it,
+    another user could swap two of our segments (their names, not their contents: each
+    file still passes the per-file owner check) and we would use the wrong one.
+
+    Raises:
+        InsecureDirectoryError: the directory belongs to another user (not root), or
+            users other than its owner can write into it and it is not sticky.
+    """
+    uid = os.geteuid()
+    if st.st_uid not in (0, uid):
+        raise InsecureDirectoryError(
+            f"segment directory {path} belongs to uid {st.st_uid}, not to you (uid {uid}) "
+            "or root: its owner could replace our segments. Point SAFESHM_DIR at a "
+            "directory of your own (mkdir -m 700 DIR on a tmpfs such as /dev/shm)")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        mode = f"{stat.S_IMODE(st.st_mode):04o}"
+        raise InsecureDirectoryError(
+            f"segment directory {path} can be written by other users and is not sticky "
+            f"(mode {mode}): they could rename or remove our segments. Make it private "
+            f"(chmod go-w {path}) if it is yours alone, or point SAFESHM_DIR at a private "
+            "subdirectory (mkdir -m 700 /dev/shm/NAME)")
+
+
+def _open_error(name: str, e: OSError, dir_fd: int) -> OSError:
+    """The typed error for an ``open()`` of segment ``name`` that failed with ``e``."""
+    path = segment_path(name)
+    if e.errno == errno.ELOOP:
+        return IncompatibleSegmentError(
+            f"segment {name!r} is a symbolic link, not a safeshm segment; refusing to follow it")
+    if e.errno == errno.EISDIR:
+        return IncompatibleSegmentError(
+            f"segment {name!r} is a directory ({path}), not a safeshm segment")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        try:
+            st = os.stat(_compat.FILE_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            owner = ""
+        else:
+            owner = f" (it belongs to uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        return SegmentPermissionError(
+            f"segment {name!r} cannot be opened by you (uid {os.geteuid()}){owner}; safeshm "
+            "segments are private to the user who created them")
+    return e
 
 
 def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
