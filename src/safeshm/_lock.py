@@ -54,8 +54,6 @@ does not delay the hand-over, which the unlocking thread's futex wake-up drives.
 
 _FUTEX_TID_MASK: Final = 0x3FFFFFFF
 _FUTEX_OWNER_DIED: Final = 0x40000000
-_PID_MAX_LIMIT: Final = 1 << 22
-"""No Linux thread id reaches this (``PID_MAX_LIMIT`` on 64-bit kernels)."""
 # glibc's pthread_mutex_t, the same on x86_64 and aarch64: int __lock (the robust futex
 # word: owner tid | FUTEX_WAITERS | FUTEX_OWNER_DIED), unsigned __count, int __owner,
 # unsigned __nusers, int __kind.
@@ -125,7 +123,7 @@ def check_mutex(words: memoryview, what: str) -> None:
             f"mutex ({_glibc_kind()})")
     tid = ints[0] & _FUTEX_TID_MASK
     owner = ints[_GLIBC_OWNER_WORD]
-    if tid >= _PID_MAX_LIMIT or not (0 <= owner < _PID_MAX_LIMIT
+    if tid >= _compat.PID_MAX_LIMIT or not (0 <= owner < _compat.PID_MAX_LIMIT
                                      or owner in _GLIBC_OWNER_SPECIAL):
         raise SegmentCorruptedError(
             f"{what} is damaged: its mutex names owner thread {tid} / {owner}, which no "
