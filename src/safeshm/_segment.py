@@ -506,7 +506,7 @@ def check_directory(st: os.stat_result, path: str) -> None:
             "subdirectory (mkdir -m 700 /dev/shm/NAME)")
 
 
-def _open_error(name: str, e: OSError, dir_fd: int) -> OSError:
+def _open_error(name: str, e: OSError, dir_fd: int) -> Exception:
     """The typed error for an ``open()`` of segment ``name`` that failed with ``e``."""
     path = segment_path(name)
     if e.errno == errno.ELOOP:
