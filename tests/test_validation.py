@@ -108,15 +108,21 @@ def test_a_damaged_record_is_never_returned(name: str, raw: bool, offset: int,
         q.unlink()
 
 
-def test_a_record_shortened_within_what_was_put_is_caught_by_its_successor(name: str) -> None:
+@pytest.mark.parametrize("length", [8, 48, 56], ids=["shortened", "grown", "grown-more"])
+@pytest.mark.parametrize("many", [False, True], ids=["get", "get_many"])
+def test_a_record_resized_within_what_was_put_is_caught_by_its_successor(
+        name: str, length: int, many: bool) -> None:
     q = safeshm.SafeQueue.create(4096, name=name, raw=True)
     try:
-        q.put_many([b"a" * 40, b"b" * 8])
-        # The first record now claims 8 bytes: its "successor" would start inside its data.
-        poke(name, QUEUE_RING, "=I", 8)
+        q.put_many([b"a" * 40, b"b" * 8, b"c" * 8])
+        # The first record (40 bytes) now claims another length: where its successor
+        # should start there is data, or the middle of a record.
+        poke(name, QUEUE_RING, "=I", length)
         with pytest.raises(safeshm.SegmentCorruptedError):
-            q.get_many(10, block=False)
-        assert q.qsize() == 2
+            q.get_many(10, block=False) if many else q.get_nowait()
+        assert q.qsize() == 3
+        poke(name, QUEUE_RING, "=I", 40)
+        assert q.get_many(10, block=False) == [b"a" * 40, b"b" * 8, b"c" * 8]
     finally:
         q.close()
         q.unlink()

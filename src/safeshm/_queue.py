@@ -34,8 +34,9 @@ T = TypeVar("T")
 #   192  futex line, uint32 words: not-empty sequence and "sleepers" token, then not-full
 #   256  robust mutex block
 #   384  the ring: capacity bytes of records, each an 8-byte header (payload length in
-#        the low 32 bits, a marker in the high 32) and the payload, padded to 8 bytes;
-#        a payload may wrap around the end of the ring (a header never does).
+#        the low 32 bits, the length XOR _MARK_KEY in the high 32: layout 2) and the
+#        payload, padded to 8 bytes; a payload may wrap around the end of the ring (a
+#        header never does).
 _STATE_OFFSET: Final = HEADER_SIZE
 _HEAD, _TAIL, _PUTS, _GETS, _SHUT = range(5)
 _FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
@@ -43,7 +44,10 @@ _NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP = range(4)  # _futex_ptrs[seq >> 1] is a 
 _MUTEX_OFFSET: Final = HEADER_SIZE + 2 * CACHE_LINE
 _RING_OFFSET: Final = _MUTEX_OFFSET + MUTEX_BLOCK
 _RECORD_HEADER: Final = 8
-_MARK: Final = 0x51ED0000 << 32
+# A record header's high half is its length XOR this key: a length changed by damage no
+# longer matches its check half, so it is never used to cut an item out of the ring (a
+# constant marker let a damaged length swallow the records after it, returned as one item).
+_MARK_KEY: Final = 0x51ED51ED
 _INT64_MAX: Final = (1 << 63) - 1
 _LEN_MASK: Final = 0xFFFFFFFF
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
@@ -125,7 +129,7 @@ class SafeQueue(SharedStructure, Generic[T]):
     """
 
     _KIND = Kind.QUEUE
-    _LAYOUT = 1
+    _LAYOUT = 2  # 2: record headers carry a check of their length (1: a constant marker)
     _MAPPED = ("_hot", "_state", "_fw", "_mutex", "_futex_ptrs")
 
     _hot: tuple[memoryview, memoryview, memoryview, memoryview, Any, int]
@@ -327,7 +331,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                     self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize):
                 tail = self._wait_for_room(need, 1, block, timeout)
             pos = tail % cap
-            words[pos >> 3] = n | _MARK
+            words[pos >> 3] = n | ((n ^ _MARK_KEY) << 32)
             start = pos + 8
             if start == cap:
                 start = 0
@@ -373,7 +377,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             encoded = (_dumps(item, _PROTOCOL) for item in items)
         for data in encoded:
             n = len(data)
-            parts += (_HEADER_WORD.pack(n | _MARK), data, _PADDING[: -n & 7])
+            parts += (_HEADER_WORD.pack(n | ((n ^ _MARK_KEY) << 32)), data, _PADDING[: -n & 7])
             k += 1
         if not k:
             return
@@ -450,9 +454,10 @@ class SafeQueue(SharedStructure, Generic[T]):
             pos = head % cap
             word = words[pos >> 3]
             n = word & _LEN_MASK
-            # What the ring says must be a record, inside what was put: otherwise damage
-            # (never returned as an item).
-            if word - n != _MARK or head & 7 or (n + 15) & ~7 > tail - head:
+            # What the ring says must be a record (its length checks out) inside what was
+            # put: otherwise damage, never returned as an item.
+            need = (n + 15) & ~7
+            if (word >> 32) ^ n != _MARK_KEY or head & 7 or need > tail - head:
                 raise self._damaged(head)
             start = pos + 8
             if start == cap:
@@ -462,7 +467,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 data = ring[start:end].tobytes()
             else:
                 data = ring[start:].tobytes() + ring[: end - cap].tobytes()
-            state[_HEAD] = head + ((n + 15) & ~7)  # the commit: the item is taken
+            state[_HEAD] = head + need  # the commit: the item is taken
             state[_GETS] += 1
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
@@ -508,9 +513,10 @@ class SafeQueue(SharedStructure, Generic[T]):
                 raise self._damaged(head)
             while end != tail and taken < max_items:
                 word = words[(end % cap) >> 3]
-                if word >> 32 != _MARK >> 32 or end + (((word & _LEN_MASK) + 15) & ~7) > tail:
+                n = word & _LEN_MASK
+                if (word >> 32) ^ n != _MARK_KEY or end + ((n + 15) & ~7) > tail:
                     raise self._damaged(end)
-                end += ((word & _LEN_MASK) + 15) & ~7
+                end += (n + 15) & ~7
                 taken += 1
             start = head % cap
             stop = start + (end - head)
@@ -673,9 +679,10 @@ class SafeQueue(SharedStructure, Generic[T]):
             raise self._damaged(head)
         while at != tail:
             header = words[(at % cap) >> 3]
-            if header & ~_LEN_MASK != _MARK or at + (((header & _LEN_MASK) + 15) & ~7) > tail:
+            n = header & _LEN_MASK
+            if (header >> 32) ^ n != _MARK_KEY or at + ((n + 15) & ~7) > tail:
                 raise self._damaged(at)
-            at += ((header & _LEN_MASK) + 15) & ~7
+            at += (n + 15) & ~7
             count += 1
         state[_GETS] = state[_PUTS] - count
         fw = self._fw
