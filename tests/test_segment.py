@@ -144,12 +144,33 @@ def test_attach_foreign_versions(name: str, offset: int, value: int, message: st
     c.close()
     c.unlink()
     struct.pack_into("=H", raw, offset, value)
+    # Written by that other version: its header's checksum matches what it says.
+    struct.pack_into("=I", raw, 48, _segment._header_crc(raw))
     _write_file(name, bytes(raw))
     try:
         with pytest.raises(safeshm.IncompatibleSegmentError, match=message):
             safeshm.SafeCounter.attach(name)
     finally:
         os.unlink(path_of(name))
+
+
+@pytest.mark.parametrize(("offset", "value"), [
+    (10, 5),  # the kind: a SafeQueue now?
+    (14, 2),  # the counter's flags: lock-free atomics <-> the mutex, a silent loss of atomicity
+    (24, 1),  # the creator pid
+    (64, 1),  # a kind parameter
+])
+def test_a_damaged_header_is_found_by_its_checksum(name: str, offset: int, value: int) -> None:
+    c = safeshm.SafeCounter.create(name=name)
+    try:
+        with open(path_of(name), "r+b") as f:
+            f.seek(offset)
+            f.write(struct.pack("=H", value))
+        with pytest.raises(safeshm.SegmentCorruptedError, match=f"{name!r} is damaged.*checksum"):
+            safeshm.SafeCounter.attach(name)
+    finally:
+        c.close()
+        c.unlink()
 
 
 def test_attach_truncated_segment(name: str, cleanup: Any) -> None:

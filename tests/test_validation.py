@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import safeshm
-from safeshm import _compat
+from safeshm import _compat, _segment
 
 from ._helpers import STRUCTURES, create
 
@@ -34,9 +34,16 @@ def path_of(name: str) -> str:
 
 
 def poke(name: str, offset: int, fmt: str, value: Any) -> None:
+    """Write ``value`` at ``offset``. In the header, also fix its checksum: these tests are
+    about the checks behind it (test_segment.py checks the checksum itself)."""
     with open(path_of(name), "r+b") as f:
         f.seek(offset)
         f.write(struct.pack(fmt, value))
+        if offset < _segment.HEADER_SIZE:
+            f.seek(0)
+            header = f.read(_segment.HEADER_SIZE)
+            f.seek(48)
+            f.write(struct.pack("=I", _segment._header_crc(header)))
 
 
 def peek(name: str, offset: int, fmt: str) -> Any:

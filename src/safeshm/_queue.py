@@ -49,6 +49,7 @@ _RECORD_HEADER: Final = 8
 # constant marker let a damaged length swallow the records after it, returned as one item).
 _MARK_KEY: Final = 0x51ED51ED
 _INT64_MAX: Final = (1 << 63) - 1
+_COUNT_LIMIT: Final = 1 << 62  # more puts than a queue can see in centuries: damage
 _LEN_MASK: Final = 0xFFFFFFFF
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
 _SHUTDOWN: Final = 1
@@ -787,8 +788,12 @@ def _check_state(state: memoryview, capacity: int, name: str) -> None:
             break
     else:  # pragma: no cover - a queue this busy is checked by every get instead
         return
+    gets = state[_GETS]  # first: both only grow, and gets never passes puts
+    puts = state[_PUTS]
     if head < 0 or head & 7 or tail & 7 or not 0 <= tail - head <= capacity or (
-            state[_SHUT] not in (0, _SHUTDOWN, _SHUTDOWN_NOW)):
+            state[_SHUT] not in (0, _SHUTDOWN, _SHUTDOWN_NOW)) or not (
+            0 <= gets <= puts < _COUNT_LIMIT):
         raise SegmentCorruptedError(
             f"SafeQueue {name!r} is damaged: read position {head}, write position {tail}, "
-            f"shutdown flag {state[_SHUT]} in a {capacity}-byte ring")
+            f"{puts} items put, {gets} taken, shutdown flag {state[_SHUT]} in a "
+            f"{capacity}-byte ring")

@@ -14,7 +14,9 @@ a 128-byte header::
     32      8     creator start time (clock ticks since boot; with the pid, it names the
                   creating process even after its pid is reused)
     40      8     creation time (ns since the epoch)
-    48      16    reserved (zero)
+    48      4     CRC-32 of bytes 8-48 and 64-128 (header layout 2): damage to what the
+                  header says (a kind, a size, a parameter, a flag) is found at attach
+    52      12    reserved (zero)
     64      64    kind parameters (e.g. the shard count of a ShardedCounter)
 
 Creation is race-free and never exposes a half-built segment: the file is built as an
@@ -44,6 +46,7 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, NamedTuple, Self
 
@@ -53,12 +56,13 @@ from ._errors import (
     InsecureDirectoryError,
     InvalidNameError,
     SegmentClosedError,
+    SegmentCorruptedError,
     SegmentNotFoundError,
     SegmentPermissionError,
 )
 
 MAGIC: Final = b"SAFESHM\x00"
-HEADER_LAYOUT: Final = 1
+HEADER_LAYOUT: Final = 2  # 2: the header carries a CRC-32 (1: none)
 HEADER_SIZE: Final = 128
 PARAMS_OFFSET: Final = 64
 PARAMS_SIZE: Final = 64
@@ -66,6 +70,14 @@ CACHE_LINE: Final = 64
 
 # magic, header layout, kind, kind layout, flags, total size, creator pid, creator start, ns
 _HEADER: Final = struct.Struct("=8sHHHHQQQQ")
+_CRC_OFFSET: Final = 48
+_CRC: Final = struct.Struct("=I")
+
+
+def _header_crc(raw: bytes | bytearray | mmap.mmap) -> int:
+    """CRC-32 of what a header says: all of it but the magic (the ready flag, written
+    last), the CRC itself and the reserved bytes."""
+    return zlib.crc32(raw[PARAMS_OFFSET:HEADER_SIZE], zlib.crc32(raw[8:_CRC_OFFSET]))
 
 MAX_SEGMENT_SIZE: Final = 1 << 62
 """The largest segment safeshm makes: far beyond any memory, yet every offset and byte
@@ -148,6 +160,8 @@ class Header:
     creator_start: int
     created_ns: int
     params: bytes
+    intact: bool = True
+    """Whether the header's CRC matches: if not, none of the above can be trusted."""
 
     @classmethod
     def parse(cls, raw: bytes) -> Header | None:
@@ -157,8 +171,9 @@ class Header:
         magic, hlayout, kind, layout, flags, size, cpid, cstart, cns = _HEADER.unpack_from(raw)
         if magic != MAGIC or hlayout != HEADER_LAYOUT:
             return None
+        intact = _CRC.unpack_from(raw, _CRC_OFFSET)[0] == _header_crc(raw)
         return cls(kind, layout, flags, size, cpid, cstart, cns,
-                   bytes(raw[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE]))
+                   bytes(raw[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE]), intact)
 
 
 def read_header(path: str) -> tuple[Header | None, os.stat_result]:
@@ -337,6 +352,7 @@ class Segment:
                               header.flags, header.total_size, header.creator_pid,
                               header.creator_start, header.created_ns)
             mm[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE] = header.params
+            _CRC.pack_into(mm, _CRC_OFFSET, _header_crc(mm))
             spec.init(mm)
             mm[0:8] = MAGIC  # published last: the ready flag
         except BaseException:
@@ -543,7 +559,7 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
     raw = os.pread(fd, HEADER_SIZE, 0)
     header = Header.parse(raw)
     if header is None:
-        if len(raw) >= 8 and raw[:8] == MAGIC:
+        if len(raw) >= 10 and raw[:8] == MAGIC:
             raise IncompatibleSegmentError(
                 f"segment {name!r} has a safeshm header of layout "
                 f"{struct.unpack_from('=H', raw, 8)[0]}, but this safeshm reads layout "
@@ -551,6 +567,10 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
         raise IncompatibleSegmentError(
             f"segment {name!r} is not a safeshm segment (no safeshm header in its "
             f"{st.st_size} bytes), expected {describe_kind(kind, layout)}")
+    if not header.intact:
+        raise SegmentCorruptedError(
+            f"segment {name!r} is damaged: its header's checksum does not match, so what it "
+            "says (kind, size, parameters) cannot be trusted")
     if header.kind != kind or header.layout != layout:
         raise IncompatibleSegmentError(
             f"segment {name!r} is {describe_kind(header.kind, header.layout)}, "
