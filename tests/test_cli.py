@@ -378,3 +378,20 @@ def test_problems_of_the_environment_are_one_line(monkeypatch: pytest.MonkeyPatc
     assert main(["ls"]) == 1
     assert capsys.readouterr().err.strip() == (
         "safeshm: [Errno 13] Permission denied: '/some/file'")
+
+
+def test_ls_reports_a_damaged_header(capsys: pytest.CaptureFixture[str], cleanup: Any,
+                                     name: str) -> None:
+    cleanup(safeshm.SafeCounter.create(3, name=name))
+    with open(_path(name), "r+b") as f:  # the kind, without fixing the header's checksum
+        f.seek(10)
+        f.write(b"\x05\x00")
+    assert main(["ls"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(name))
+    assert "damaged" in line and "checksum" in line and "SafeQueue" not in line
+    assert main(["inspect", "--json", name]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["damaged"] is True and info["statistics"] is None
+    assert "checksum" in info["problem"]
+    with pytest.raises(safeshm.SegmentCorruptedError):
+        safeshm.SafeCounter.attach(name)

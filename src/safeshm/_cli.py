@@ -149,6 +149,9 @@ def _entry(filename: str) -> _Entry | None:
 
 
 def _describe(name: str, header: Header, size: int, path: str) -> _Entry:
+    if not header.intact:  # nothing it says can be trusted, not even its kind
+        return _Entry(name, "damaged", size, None, None, _in_use(path),
+                      "DAMAGED: its header's checksum does not match", None, True)
     alive = _compat.process_alive(header.creator_pid, header.creator_start,
                                   _compat.pid_namespace())
     cls = _CLASSES.get(header.kind)
