@@ -303,8 +303,9 @@ def _remove(name: str, path: str, args: argparse.Namespace) -> bool:
         print(f"safeshm: cannot open {name!r}: {e.strerror}; left alone", file=sys.stderr)
         return False
     try:
-        if not name.startswith(_compat.TMP_PREFIX) and not _is_ours(fd):
-            print(f"safeshm: {name!r} is not a safeshm segment; left alone", file=sys.stderr)
+        problem = None if name.startswith(_compat.TMP_PREFIX) else _not_ours(fd)
+        if problem:
+            print(f"safeshm: {name!r} {problem}; left alone", file=sys.stderr)
             return False
         st = os.fstat(fd)
         busy = _in_use(path) is True
@@ -317,11 +318,13 @@ def _remove(name: str, path: str, args: argparse.Namespace) -> bool:
         os.close(fd)  # and with it the exclusive flock, if taken
 
 
-def _is_ours(fd: int) -> bool:
+def _not_ours(fd: int) -> str | None:
+    """Why the open file ``fd`` is not a safeshm segment; ``None`` if it is one."""
     try:
-        return Header.parse(os.pread(fd, HEADER_SIZE, 0)) is not None
-    except OSError:
-        return False
+        ours = Header.parse(os.pread(fd, HEADER_SIZE, 0)) is not None
+    except OSError as e:  # EISDIR: a directory at a segment's name
+        return f"cannot be read: {e.strerror}"
+    return None if ours else "is not a safeshm segment"
 
 
 def _confirm(name: str, st: os.stat_result, busy: bool, args: argparse.Namespace) -> bool | None:
