@@ -8,6 +8,7 @@ created.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import struct
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 import safeshm
 from safeshm import _compat, _segment
 
-from ._helpers import STRUCTURES, create
+from ._helpers import JOIN_TIMEOUT, STRUCTURES, create
 
 # Offsets into the segments (docs/design.md): the header is 128 bytes, parameters at 64.
 QUEUE_PARAMS_RAW = 64 + 16
@@ -194,3 +195,56 @@ def test_mutex_damaged_after_attach_is_a_typed_error_on_use(name: str) -> None:
     finally:
         lock.close()
         lock.unlink()
+
+
+def _dead_tid() -> int:
+    p = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    p.start()
+    p.join(JOIN_TIMEOUT)
+    assert p.pid is not None and not os.path.exists(f"/proc/{p.pid}")
+    return p.pid
+
+
+def _hold_open(name: str, ready: Any, done: Any) -> None:
+    h = safeshm.SafeLock.attach(name)
+    ready.set()
+    done.wait(JOIN_TIMEOUT)
+    h.close()
+
+
+def test_a_mutex_held_by_a_vanished_thread_that_nobody_can_release(name: str) -> None:
+    if not _compat.GLIBC:  # pragma: no cover
+        pytest.skip("the mutex layout is glibc's")
+    lock = safeshm.SafeLock.create(name=name)
+    try:
+        lock.close()
+        # Held by a thread that is gone, never marked dead (no robust-list entry): every
+        # acquire would wait forever. Nobody else has the segment open: stuck for good.
+        poke(name, 128, "=i", _dead_tid())
+        with pytest.raises(safeshm.SegmentCorruptedError, match="never marked dead"):
+            safeshm.SafeLock.attach(name)
+        # While another process has it open, that process may be the holder, in another
+        # pid namespace where its thread id means nothing here: not declared stuck.
+        ctx = multiprocessing.get_context("fork")
+        ready, done = ctx.Event(), ctx.Event()
+        poke(name, 128, "=i", 0)
+        p = ctx.Process(target=_hold_open, args=(name, ready, done))
+        p.start()
+        try:
+            assert ready.wait(JOIN_TIMEOUT)
+            poke(name, 128, "=i", _dead_tid())
+            other = safeshm.SafeLock.attach(name)
+            assert other.acquire(timeout=0.05) is False
+            other.close()
+        finally:
+            done.set()
+            p.join(JOIN_TIMEOUT)
+        # A holder marked dead by the kernel is the normal, recoverable case.
+        poke(name, 128, "=i", 0x40000000)
+        again = safeshm.SafeLock.attach(name)
+        with pytest.warns(safeshm.HolderDiedWarning):
+            assert again.acquire(timeout=JOIN_TIMEOUT)
+        again.release()
+        again.close()
+    finally:
+        os.unlink(path_of(name))

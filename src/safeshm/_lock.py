@@ -121,13 +121,64 @@ def check_mutex(words: memoryview, what: str) -> None:
         raise SegmentCorruptedError(
             f"{what} is damaged: its mutex has type {kind}, not a robust process-shared "
             f"mutex ({_glibc_kind()})")
-    tid = ints[0] & _FUTEX_TID_MASK
+    word = ints[0]
+    tid = word & _FUTEX_TID_MASK
     owner = ints[_GLIBC_OWNER_WORD]
     if tid >= _compat.PID_MAX_LIMIT or not (0 <= owner < _compat.PID_MAX_LIMIT
                                      or owner in _GLIBC_OWNER_SPECIAL):
         raise SegmentCorruptedError(
             f"{what} is damaged: its mutex names owner thread {tid} / {owner}, which no "
             "Linux thread id can be")
+    if tid and not word & _FUTEX_OWNER_DIED and _held_forever(words, tid):
+        raise SegmentCorruptedError(
+            f"{what} is held by thread {tid}, which no longer exists and was never marked "
+            "dead, and no other process has the segment open: nobody can ever release "
+            "it (damaged bytes, or a holder whose robust list was lost)")
+
+
+def _held_forever(words: memoryview, tid: int) -> bool:
+    """Whether the mutex in ``words``, whose futex word names ``tid``, can never be freed.
+
+    The slow path of :func:`check_mutex`, taken only when the holder thread does not exist
+    here. A holder that exits is marked dead by the kernel (its robust list) before its
+    thread id disappears; so a held mutex naming a vanished thread is stuck -- unless the
+    holder is in another pid namespace, where its id means nothing here. Any holder has
+    the segment open (its flock shows in /proc/locks; as pid 0 from another namespace), so
+    the mutex is declared stuck only if no process but this one has the segment open.
+    """
+    if os.path.exists(f"/proc/{tid}"):
+        return False  # alive (or its id reused: then we cannot tell, and assume alive)
+    ints = words.cast("B").cast("i")
+    if ints[0] & _FUTEX_TID_MASK != tid:
+        return False  # released meanwhile
+    where = _mapped_file(ctypes.addressof(ctypes.c_char.from_buffer(words)))
+    if where is None:
+        return False
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if (len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where
+                        and fields[4] != str(_compat.pid)):
+                    return False
+    except OSError:  # pragma: no cover - no /proc: cannot tell
+        return False
+    return True
+
+
+def _mapped_file(address: int) -> str | None:
+    """``MAJ:MIN:INODE`` (as /proc/locks writes it) of the file mapped at ``address``."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                low, _, high = fields[0].partition("-")
+                if int(low, 16) <= address < int(high, 16) and len(fields) >= 5:
+                    major, _, minor = fields[3].partition(":")
+                    return f"{int(major, 16):02x}:{int(minor, 16):02x}:{fields[4]}"
+    except (OSError, ValueError):  # pragma: no cover - no /proc
+        return None
+    return None  # pragma: no cover - we map it
 
 
 class RobustMutex:
