@@ -16,8 +16,9 @@ What is never damaged, and why:
 * the futex word of the internal mutexes (the first 4 bytes of each mutex, except a
   SafeLock's own): a word naming a thread that exists looks exactly like a held lock,
   and the operations that wait on it without a timeout (an array element, a sharded
-  counter's first add) would wait. A SafeLock's word is damaged: its operations here use
-  timeouts.
+  counter's first add) would wait. (A word naming a thread that does not exist, in a
+  segment nobody else has open, is refused at attach: test_validation.py.) A SafeLock's
+  word is damaged: its operations here use timeouts.
 """
 
 from __future__ import annotations
