@@ -42,6 +42,7 @@ def test_all_is_the_documented_surface() -> None:
         "SafeShmError",
         "SafeShmWarning",
         "SegmentClosedError",
+        "SegmentCorruptedError",
         "SegmentExistsError",
         "SegmentNotFoundError",
         "SegmentPermissionError",

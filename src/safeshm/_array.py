@@ -21,7 +21,7 @@ from ._errors import (
     LockedViewLeakedError,
 )
 from ._lock import MUTEX_BLOCK, RECOVERED, RobustMutex, init_mutex
-from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
+from ._segment import CACHE_LINE, HEADER_SIZE, MAX_SEGMENT_SIZE, Kind, Segment, SharedStructure
 
 T = TypeVar("T", int, float)
 
@@ -171,6 +171,10 @@ class SafeArray(SharedStructure, Generic[T]):
             raise ValueError(f"stripes must be between 1 and {MAX_STRIPES}, got {nstripes}")
         itemsize = array.array(typecode).itemsize
         data_offset = _data_offset(nstripes)
+        if length > (MAX_SEGMENT_SIZE - data_offset) // itemsize:
+            raise OverflowError(
+                f"an array of {length} elements of {itemsize} bytes is beyond safeshm's "
+                f"segment size limit ({MAX_SEGMENT_SIZE} bytes); nothing was created")
 
         def init(mm: mmap.mmap) -> None:
             for k in range(nstripes):

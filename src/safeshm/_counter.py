@@ -17,7 +17,12 @@ import weakref
 from typing import Any, Final, Literal, Self, overload
 
 from . import _compat
-from ._errors import IncompatibleSegmentError, SafeShmWarning, SegmentClosedError
+from ._errors import (
+    IncompatibleSegmentError,
+    SafeShmWarning,
+    SegmentClosedError,
+    SegmentCorruptedError,
+)
 from ._lock import MUTEX_BLOCK, RobustMutex, init_mutex
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 
@@ -594,8 +599,9 @@ class ShardedCounter(SharedStructure):
 
     def _bind(self, mm: mmap.mmap) -> None:
         (nslots,) = _PARAMS.unpack_from(self._seg.header.params)
-        if _SLOTS_OFFSET + nslots * _SLOT_SIZE != self._seg.header.total_size:
-            raise IncompatibleSegmentError(
+        if not 1 <= nslots <= MAX_SLOTS or (
+                _SLOTS_OFFSET + nslots * _SLOT_SIZE != self._seg.header.total_size):
+            raise SegmentCorruptedError(
                 f"ShardedCounter {self._seg.name!r} is damaged: {nslots} slots do not fit "
                 f"its {self._seg.header.total_size} bytes")
         self._mv = memoryview(mm).cast("q")
@@ -661,7 +667,7 @@ class ShardedCounter(SharedStructure):
         ns = _compat.pid_namespace()
         chosen: int | None = None
         with _Held(self._mutex):
-            high = mv[_HIGH]
+            high = self._check_high(mv[_HIGH])
             for k in range(self._nslots):  # an int: survives close, unlike the views
                 w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8
                 if mv[w + _S_PID] == 0:
@@ -713,7 +719,16 @@ class ShardedCounter(SharedStructure):
             lease.release()
         self.__dict__["_retired_tls"] = tls
 
+    def _check_high(self, high: int) -> int:
+        """``high`` (the high-water mark of used slots, read from the segment) if possible."""
+        if not 0 <= high <= self._nslots:
+            raise SegmentCorruptedError(
+                f"ShardedCounter {self._seg.name!r} is damaged: its high-water mark of used "
+                f"slots is {high}, with {self._nslots} slots")
+        return high
+
     def _slot_sum(self, high: int) -> int:
+        self._check_high(high)
         first = _SLOTS_OFFSET // 8 + _S_VALUE
         return sum(self._mv[first : first + high * _SLOT_WORDS : _SLOT_WORDS])
 
@@ -758,7 +773,7 @@ class ShardedCounter(SharedStructure):
     def statistics(self) -> ShardedCounterStatistics:
         """A snapshot for monitoring. Reads ownership without taking the lock."""
         mv = self._mv
-        high = mv[_HIGH]
+        high = self._check_high(mv[_HIGH])
         in_use = 0
         for k in range(high):
             w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8

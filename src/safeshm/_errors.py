@@ -30,6 +30,7 @@ __all__ = [
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
+    "SegmentCorruptedError",
     "SegmentExistsError",
     "SegmentNotFoundError",
     "SegmentPermissionError",
@@ -80,6 +81,18 @@ class IncompatibleSegmentError(SafeShmError, ValueError):
     It holds another kind of structure, another layout version, different parameters
     (for ``open()``), or it is not a safeshm segment at all. The message names the
     segment, what was expected and what was found.
+    """
+
+
+class SegmentCorruptedError(IncompatibleSegmentError):
+    """The segment is a safeshm segment of the expected kind, but what it holds is damaged:
+    a value read from it breaks the structure's invariants (a size, a count, a position
+    or a record that cannot be right, a mutex that is not a valid mutex any more).
+
+    Raised instead of returning garbage or crashing; the message names the segment and
+    what is wrong. Nothing is changed by the call that detects it. Shared memory is
+    damaged only by a program writing into it (or by hand): remove the segment
+    (``safeshm rm NAME``) and create it again.
     """
 
 
@@ -185,7 +198,11 @@ class IncompatibleStoreError(SafeShmError, ValueError):
 
 class InsecureDirectoryError(SafeShmError, PermissionError):
     """A store's directory or file belongs to another user or can be written by others,
-    or one of the store's files is a symbolic link: other users could change the data."""
+    or one of the store's files is a symbolic link: other users could change the data.
+
+    Also raised for the shared-memory segment directory (``SAFESHM_DIR``, ``/dev/shm``)
+    when it belongs to another user (not root) or others can write into it without the
+    sticky bit: they could then replace or remove our segments."""
 
 
 class StoreTimeoutError(LockTimeoutError):

@@ -15,7 +15,13 @@ from collections.abc import Iterable
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
-from ._errors import IncompatibleSegmentError, ItemDecodeError, QueueShutDown, SafeShmError
+from ._errors import (
+    IncompatibleSegmentError,
+    ItemDecodeError,
+    QueueShutDown,
+    SafeShmError,
+    SegmentCorruptedError,
+)
 from ._lock import MUTEX_BLOCK, RECOVERED, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 
@@ -29,8 +35,9 @@ T = TypeVar("T")
 #   192  futex line, uint32 words: not-empty sequence and "sleepers" token, then not-full
 #   256  robust mutex block
 #   384  the ring: capacity bytes of records, each an 8-byte header (payload length in
-#        the low 32 bits, a marker in the high 32) and the payload, padded to 8 bytes;
-#        a payload may wrap around the end of the ring (a header never does).
+#        the low 32 bits, the length XOR _MARK_KEY in the high 32: layout 2) and the
+#        payload, padded to 8 bytes; a payload may wrap around the end of the ring (a
+#        header never does).
 _STATE_OFFSET: Final = HEADER_SIZE
 _HEAD, _TAIL, _PUTS, _GETS, _SHUT = range(5)
 _FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
@@ -38,7 +45,12 @@ _NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP = range(4)  # _futex_ptrs[seq >> 1] is a 
 _MUTEX_OFFSET: Final = HEADER_SIZE + 2 * CACHE_LINE
 _RING_OFFSET: Final = _MUTEX_OFFSET + MUTEX_BLOCK
 _RECORD_HEADER: Final = 8
-_MARK: Final = 0x51ED0000 << 32
+# A record header's high half is its length XOR this key: a length changed by damage no
+# longer matches its check half, so it is never used to cut an item out of the ring (a
+# constant marker let a damaged length swallow the records after it, returned as one item).
+_MARK_KEY: Final = 0x51ED51ED
+_INT64_MAX: Final = (1 << 63) - 1
+_COUNT_LIMIT: Final = 1 << 62  # more puts than a queue can see in centuries: damage
 _LEN_MASK: Final = 0xFFFFFFFF
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
 _SHUTDOWN: Final = 1
@@ -119,7 +131,7 @@ class SafeQueue(SharedStructure, Generic[T]):
     """
 
     _KIND = Kind.QUEUE
-    _LAYOUT = 1
+    _LAYOUT = 2  # 2: record headers carry a check of their length (1: a constant marker)
     _MAPPED = ("_hot", "_state", "_fw", "_mutex", "_futex_ptrs")
 
     _hot: tuple[memoryview, memoryview, memoryview, memoryview, Any, int]
@@ -241,9 +253,15 @@ class SafeQueue(SharedStructure, Generic[T]):
         capacity, maxsize, raw = _PARAMS.unpack_from(self._seg.header.params)
         if capacity < MIN_CAPACITY or capacity % 8 or (
                 _RING_OFFSET + capacity != self._seg.header.total_size):
-            raise IncompatibleSegmentError(
+            raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring does not fit "
                 f"its {self._seg.header.total_size} bytes")
+        if raw not in (0, 1) or maxsize > _INT64_MAX:
+            raise SegmentCorruptedError(
+                f"SafeQueue {self._seg.name!r} is damaged: its parameters say raw={raw}, "
+                f"maxsize={maxsize}")
+        _check_state(memoryview(mm)[_STATE_OFFSET : _STATE_OFFSET + CACHE_LINE].cast("q"),
+                     capacity, self._seg.name)
         whole = memoryview(mm)
         self._capacity = capacity
         self._maxsize = maxsize
@@ -332,11 +350,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             self._finish_acquire(rc)
         try:
             tail = state[_TAIL]
-            if cap - (tail - state[_HEAD]) < need or state[_SHUT] or (
+            free = cap - (tail - state[_HEAD])
+            # free > cap or a misaligned tail: damaged (the slow path says so).
+            if free < need or free > cap or tail & 7 or state[_SHUT] or (
                     self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize):
                 tail = self._wait_for_room(need, 1, block, timeout)
             pos = tail % cap
-            words[pos >> 3] = n | _MARK
+            words[pos >> 3] = n | ((n ^ _MARK_KEY) << 32)
             start = pos + 8
             if start == cap:
                 start = 0
@@ -382,7 +402,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             encoded = (_dumps(item, _PROTOCOL) for item in items)
         for data in encoded:
             n = len(data)
-            parts += (_HEADER_WORD.pack(n | _MARK), data, _PADDING[: -n & 7])
+            parts += (_HEADER_WORD.pack(n | ((n ^ _MARK_KEY) << 32)), data, _PADDING[: -n & 7])
             k += 1
         if not k:
             return
@@ -402,7 +422,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             self._finish_acquire(rc)
         try:
             tail = state[_TAIL]
-            if cap - (tail - state[_HEAD]) < total or state[_SHUT] or (
+            free = cap - (tail - state[_HEAD])
+            if free < total or free > cap or tail & 7 or state[_SHUT] or (
                     self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
                 tail = self._wait_for_room(total, k, block, timeout)
             pos = tail % cap
@@ -422,6 +443,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             _unlock(p)
         if sleepers:
             self._wake(_NE_SEQ, k, sleepers)
+
+    def _damaged(self, at: int) -> SegmentCorruptedError:
+        state = self._state
+        return SegmentCorruptedError(
+            f"SafeQueue {self._seg.name!r} is damaged: no valid record at byte {at} of the "
+            f"ring (read position {state[_HEAD]}, write position {state[_TAIL]}, capacity "
+            f"{self._capacity}); nothing was taken or put")
 
     def _too_big(self, n: int) -> ValueError:
         return ValueError(
@@ -446,10 +474,18 @@ class SafeQueue(SharedStructure, Generic[T]):
             self._finish_acquire(rc)
         try:
             head = state[_HEAD]
-            if head == state[_TAIL]:
+            tail = state[_TAIL]
+            if head == tail:
                 head = self._wait_for_item(block, timeout)
+                tail = state[_TAIL]
             pos = head % cap
-            n = words[pos >> 3] & _LEN_MASK
+            word = words[pos >> 3]
+            n = word & _LEN_MASK
+            # What the ring says must be a record (its length checks out) inside what was
+            # put: otherwise damage, never returned as an item.
+            need = (n + 15) & ~7
+            if (word >> 32) ^ n != _MARK_KEY or head & 7 or need > tail - head:
+                raise self._damaged(head)
             start = pos + 8
             if start == cap:
                 start = 0
@@ -458,7 +494,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 data = ring[start:end].tobytes()
             else:
                 data = ring[start:].tobytes() + ring[: end - cap].tobytes()
-            state[_HEAD] = head + ((n + 15) & ~7)  # the commit: the item is taken
+            state[_HEAD] = head + need  # the commit: the item is taken
             state[_GETS] += 1
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
@@ -510,8 +546,14 @@ class SafeQueue(SharedStructure, Generic[T]):
             # out at once (twice where the ring wraps) and commit; parse it after unlocking.
             end = head
             taken = 0
+            if head & 7 or not 0 <= tail - head <= cap:
+                raise self._damaged(head)
             while end != tail and taken < max_items:
-                end += ((words[(end % cap) >> 3] & _LEN_MASK) + 15) & ~7
+                word = words[(end % cap) >> 3]
+                n = word & _LEN_MASK
+                if (word >> 32) ^ n != _MARK_KEY or end + ((n + 15) & ~7) > tail:
+                    raise self._damaged(end)
+                end += (n + 15) & ~7
                 taken += 1
             start = head % cap
             stop = start + (end - head)
@@ -584,6 +626,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             if state[_SHUT]:
                 raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down")
             tail: int = state[_TAIL]
+            if tail & 7 or not 0 <= tail - state[_HEAD] <= self._capacity:
+                raise self._damaged(state[_HEAD])
             if self._capacity - (tail - state[_HEAD]) >= need and not (
                     self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
                 return tail
@@ -676,7 +720,12 @@ class SafeQueue(SharedStructure, Generic[T]):
         if rc == 0:
             return
         if self._mutex.finish_acquire(rc, None) == RECOVERED:
-            self._repair()
+            try:
+                self._repair()
+            except BaseException:
+                # Found damaged: raise, but never leave the mutex held by this live thread.
+                _unlock(self._mutex.pointer)
+                raise
 
     def _repair(self) -> None:
         """After a holder died: recount the items, and wake every sleeper, since the dead
@@ -690,11 +739,14 @@ class SafeQueue(SharedStructure, Generic[T]):
         head, tail = state[_HEAD], state[_TAIL]
         count = 0
         at = head
+        if head & 7 or not 0 <= tail - head <= cap:
+            raise self._damaged(head)
         while at != tail:
             header = words[(at % cap) >> 3]
-            if header & ~_LEN_MASK != _MARK or at - head > cap:  # pragma: no cover
-                raise SafeShmError(f"SafeQueue {self._seg.name!r} is corrupt")
-            at += ((header & _LEN_MASK) + 15) & ~7
+            n = header & _LEN_MASK
+            if (header >> 32) ^ n != _MARK_KEY or at + ((n + 15) & ~7) > tail:
+                raise self._damaged(at)
+            at += (n + 15) & ~7
             count += 1
         state[_GETS] = state[_PUTS] - count
         fw = self._fw
@@ -782,4 +834,29 @@ def _check_count(what: str, value: Any) -> int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
+    if value > _INT64_MAX:
+        raise OverflowError(f"{what} {value} is beyond the int64 range; nothing was created")
     return value
+
+
+def _check_state(state: memoryview, capacity: int, name: str) -> None:
+    """Refuse a queue whose positions cannot be right (checked when a handle binds).
+
+    head and tail are read without the mutex: a pair is used only if head did not move
+    while tail was read (head only grows, so both held at that instant).
+    """
+    for _ in range(1000):
+        head, tail = state[_HEAD], state[_TAIL]
+        if state[_HEAD] == head:
+            break
+    else:  # pragma: no cover - a queue this busy is checked by every get instead
+        return
+    gets = state[_GETS]  # first: both only grow, and gets never passes puts
+    puts = state[_PUTS]
+    if head < 0 or head & 7 or tail & 7 or not 0 <= tail - head <= capacity or (
+            state[_SHUT] not in (0, _SHUTDOWN, _SHUTDOWN_NOW)) or not (
+            0 <= gets <= puts < _COUNT_LIMIT):
+        raise SegmentCorruptedError(
+            f"SafeQueue {name!r} is damaged: read position {head}, write position {tail}, "
+            f"{puts} items put, {gets} taken, shutdown flag {state[_SHUT]} in a "
+            f"{capacity}-byte ring")
