@@ -282,7 +282,7 @@ def counter_accounting(log: Any, out: Outcome) -> tuple[int, list[int]]:
 
 # -- SafeArray --------------------------------------------------------------------------------
 ACC_LEN = 12   # element adds
-PAT_LEN = 40   # bulk writes of one pattern value to every element
+PAT_LEN = 1024  # bulk writes of one pattern value to every element
 INSIDE = AUX   # the bulk writer is inside locked(), between its first and last store
 V_TORN_SNAPSHOT = 1
 
