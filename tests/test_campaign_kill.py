@@ -222,23 +222,67 @@ def test_safearray_survives_kills(seed: int, unique: Any) -> None:
 
 
 # -- SafeQueue --------------------------------------------------------------------------------
+def _producer_accounting(log: Any, out: cp.Outcome, taken: Multiset[int],
+                         raw: bool) -> tuple[int, int, int, list[int]]:
+    """(acknowledged puts, in-flight put items, bytes of committed items nobody recorded,
+    bytes of each in-flight put of which nothing arrived); fails on a never-put item."""
+    acked = in_flight_puts = 0
+    missing_bytes = 0  # of items known to have been committed, yet recorded by nobody
+    absent_batches: list[int] = []  # bytes of in-flight puts of which nothing arrived
+    for inc, role in out.incarnations.items():
+        if role == 2:
+            continue
+        a, end = log[cp.slot(inc, cp.Q_ACKED)], log[cp.slot(inc, cp.Q_END)]
+        acked += a
+        missing_bytes += sum(cp.q_record_size(cp.q_tag(inc, s), raw)
+                             for s in range(a) if cp.q_tag(inc, s) not in taken)
+        # An in-flight put or put_many commits all of its items or none: if any of
+        # them arrived, the others were committed too.
+        absent = [s for s in range(a, end) if cp.q_tag(inc, s) not in taken]
+        size = sum(cp.q_record_size(cp.q_tag(inc, s), raw) for s in absent)
+        in_flight_puts += end - a
+        if len(absent) < end - a:
+            missing_bytes += size
+        elif absent:
+            absent_batches.append(size)
+        never = [t & 0xFFFFFFFF for t in taken if t >> 32 == inc and t & 0xFFFFFFFF >= end]
+        assert not never, f"items producer {inc} never put: {never[:5]}"
+    return acked, in_flight_puts, missing_bytes, absent_batches
+
+
 @pytest.mark.parametrize("raw", [False, True], ids=["pickled", "raw"])
 def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
-    """Two producers (put, put_many) and two consumers (get, get_many) on a small ring,
-    killed in turn. Every item is tagged (producer, seq): no duplicate, no torn or
-    never-put item, FIFO per producer, and the acknowledged items missing are at most
-    what consumers killed between taking items and recording them could have taken."""
+    """Two producers (put, put_many) and one consumer at a time (get, get_many) on a small
+    ring, killed in turn. Every item is tagged (producer, seq): no duplicate, no torn or
+    never-put item, FIFO per producer, a put_many all or nothing, and no item lost except
+    by a consumer killed between taking it and recording it -- counted exactly: with one
+    consumer alive at a time, the head word read at each consumer's death says how many
+    bytes it took, and what it recorded must account for all of them unless it died in
+    flight; the bytes of the items missing must then be exactly those bytes."""
     name = unique()
     q: Any = safeshm.SafeQueue.create(4096, name=name, raw=raw)
     log = cp.new_log(1200)
     items = cp.new_items_log(1200)
+    heads: dict[int, tuple[int, int]] = {}  # consumer inc -> head word at its start, death
+    head = 0
+
+    def note_head(death: cp.Death) -> None:
+        nonlocal head
+        if death.role == 2:  # no consumer is alive now: the head word is still
+            now = cp.q_head(q)
+            heads[death.inc] = (head, now)
+            head = now
+
     try:
         roles = [cp.Role(cp.queue_producer_worker, (name, raw)),
                  cp.Role(cp.queue_producer_worker, (name, raw)),
-                 cp.Role(cp.queue_consumer_worker, (name, raw, items), may_finish=True),
                  cp.Role(cp.queue_consumer_worker, (name, raw, items), may_finish=True)]
-        out = cp.run_campaign(log, roles, kills=300, seed=seed, max_delay=0.02)
+        out = cp.run_campaign(log, roles, kills=300, seed=seed, max_delay=0.02,
+                              on_death=note_head)
         _no_violations(log, out)
+        for inc, role in out.survivors:
+            if role == 2:
+                note_head(cp.Death(inc, role, 0, 0, killed=False))
         drained: list[int] = []
         while True:
             try:
@@ -248,11 +292,22 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
             tag = cp.q_untag(item, raw)
             assert tag is not None, f"torn item {item!r}"
             drained.append(tag)
+        assert cp.q_head(q) - head == sum(cp.q_record_size(t, raw) for t in drained)
         sequences = [drained]
+        lost_bytes = 0
         for inc, role in out.incarnations.items():
-            if role >= 2:
-                base = inc * cp.REGION
-                sequences.append(list(items[base : base + log[cp.slot(inc, cp.Q_COUNT)]]))
+            if role != 2:
+                continue
+            base = inc * cp.REGION
+            got = list(items[base : base + log[cp.slot(inc, cp.Q_COUNT)]])
+            sequences.append(got)
+            start, end = heads[inc]
+            lost = end - start - sum(cp.q_record_size(t, raw) for t in got if t >= 0)
+            in_flight = log[cp.slot(inc, cp.STARTED)] > log[cp.slot(inc, cp.DONE)]
+            assert lost >= 0 and (lost == 0 or in_flight), (
+                f"consumer {inc} took {end - start} bytes of items but recorded "
+                f"{end - start - lost} (in flight when killed: {in_flight})")
+            lost_bytes += lost
         taken = Multiset(t for s in sequences for t in s)
         dups = [t for t, n in taken.items() if n > 1]
         assert not dups, f"items delivered twice: {[(t >> 32, t & 0xFFFFFFFF) for t in dups]}"
@@ -263,37 +318,19 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
                 p, sq = t >> 32, t & 0xFFFFFFFF
                 assert sq > last.get(p, -1), f"producer {p}: seq {sq} after {last[p]}"
                 last[p] = sq
-        acked = in_flight_puts = absent_in_flight = 0
-        missing = 0  # items known to have been committed, yet taken by nobody
-        for inc, role in out.incarnations.items():
-            if role >= 2:
-                continue
-            a, end = log[cp.slot(inc, cp.Q_ACKED)], log[cp.slot(inc, cp.Q_END)]
-            acked += a
-            missing += sum(cp.q_tag(inc, s) not in taken for s in range(a))
-            # An in-flight put or put_many commits all of its items or none: if any of
-            # them was taken, the others were committed too.
-            absent = sum(cp.q_tag(inc, s) not in taken for s in range(a, end))
-            in_flight_puts += end - a
-            absent_in_flight += absent
-            if absent < end - a:
-                missing += absent
-            by_inc = [t & 0xFFFFFFFF for t in taken if t >> 32 == inc]
-            never = [s for s in by_inc if s >= end]
-            assert not never, f"items producer {inc} never put: {never[:5]}"
-        foreign = [t for t in taken if out.incarnations.get(t >> 32, 2) >= 2]
+        acked, in_flight_puts, missing_bytes, absent_batches = _producer_accounting(
+            log, out, taken, raw)
+        foreign = [t for t in taken if out.incarnations.get(t >> 32, 2) == 2]
         assert not foreign, f"items no producer made: {foreign[:5]}"
-        # The only way to lose an acknowledged item: a consumer killed after get() took
-        # it and before it was recorded -- at most max_items of that one call.
-        budget = sum(log[cp.slot(d.inc, cp.Q_MAX)] for d in out.killed_in_flight()
-                     if d.role >= 2)
         _report(f"SafeQueue ({'raw' if raw else 'pickled'})", out,
                 items_checked=sum(taken.values()), acknowledged_puts=acked,
-                missing_committed=missing, in_flight_gets_budget=budget,
-                in_flight_put_items=in_flight_puts, of_which_absent=absent_in_flight)
-        assert missing <= budget, (
-            f"{missing} committed items lost; consumers killed mid-get could account "
-            f"for {budget}")
+                in_flight_put_items=in_flight_puts, bytes_taken_unrecorded=lost_bytes,
+                bytes_committed_missing=missing_bytes)
+        # The items missing are exactly what killed consumers took and did not record
+        # (plus, perhaps, whole in-flight puts that they took entirely).
+        assert cp.subset_sum_reachable(lost_bytes - missing_bytes, absent_batches), (
+            f"{missing_bytes} bytes of committed items missing, but consumers killed "
+            f"mid-get took {lost_bytes} bytes unrecorded")
         # Still works, and is empty and consistent.
         stats = q.statistics()
         assert stats.items == 0 and stats.bytes_used == 0, stats
