@@ -47,10 +47,12 @@ def _no_violations(log: Any, out: cp.Outcome) -> None:
     assert not bad, f"workers saw broken invariants: {bad}"
 
 
-def _report(what: str, out: cp.Outcome, **figures: Any) -> None:
+def _report(what: str, out: cp.Outcome, roles: list[cp.Role], **figures: Any) -> None:
     extra = ", ".join(f"{k}={v}" for k, v in figures.items())
+    spawned = sum(d.killed and roles[d.role].method == "spawn" for d in out.deaths)
     print(f"{what}: {out.kills} kills ({len(out.killed_in_flight())} with an operation in "
-          f"flight), {len(out.incarnations)} workers, {out.seconds:.1f} s; {extra}")
+          f"flight, {spawned} of spawned workers), {len(out.incarnations)} workers, "
+          f"{out.seconds:.1f} s; {extra}")
 
 
 # -- counters ---------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def test_safecounter_survives_kills(impl: str, seed: int, unique: Any,
         _no_violations(log, out)
         acked, in_flight = cp.counter_accounting(log, out)
         extra = counter.value - 1000 - acked
-        _report(f"SafeCounter ({impl})", out, acknowledged_adds=sum(
+        _report(f"SafeCounter ({impl})", out, roles, acknowledged_adds=sum(
             log[cp.slot(i, cp.DONE)] for i in out.incarnations), extra=extra,
             in_flight_sum=sum(in_flight))
         assert cp.subset_sum_reachable(extra, in_flight), (
@@ -110,7 +112,7 @@ def test_shardedcounter_survives_kills(slots: int, seed: int, unique: Any) -> No
         extra = counter.value - 1000 - acked
         stats = counter.statistics()
         fallbacks = sum(log[cp.slot(i, cp.OTHER_WARNINGS)] for i in out.incarnations)
-        _report(f"ShardedCounter (slots={slots})", out, acknowledged_adds=sum(
+        _report(f"ShardedCounter (slots={slots})", out, roles, acknowledged_adds=sum(
             log[cp.slot(i, cp.DONE)] for i in out.incarnations), extra=extra,
             in_flight_sum=sum(in_flight), slots_ever_used=stats.slots_ever_used,
             workers_warned_slots_full=fallbacks)
@@ -205,7 +207,7 @@ def test_safearray_survives_kills(seed: int, unique: Any) -> None:
             assert cp.subset_sum_reachable(final[i] - acked[i], in_flight[i]), (
                 f"element {i}: {final[i]} = acknowledged {acked[i]} + "
                 f"{final[i] - acked[i]}, no subset of in-flight {in_flight[i]}")
-        _report("SafeArray", out, element_adds=adds, **figures)
+        _report("SafeArray", out, roles, element_adds=adds, **figures)
         assert figures["partial_flagged"] > 0, "no bulk write was ever interrupted: kill more"
         # Still works: a completed bulk write clears the flag.
         with warnings.catch_warnings():
@@ -323,7 +325,7 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
             log, out, taken, raw)
         foreign = [t for t in taken if out.incarnations.get(t >> 32, 2) == 2]
         assert not foreign, f"items no producer made: {foreign[:5]}"
-        _report(f"SafeQueue ({'raw' if raw else 'pickled'})", out,
+        _report(f"SafeQueue ({'raw' if raw else 'pickled'})", out, roles,
                 items_checked=sum(taken.values()), acknowledged_puts=acked,
                 in_flight_put_items=in_flight_puts, bytes_taken_unrecorded=lost_bytes,
                 bytes_committed_missing=missing_bytes)
@@ -372,7 +374,8 @@ def test_safelock_survives_kills(seed: int, unique: Any) -> None:
         states = Multiset(log[cp.slot(d.inc, cp.STATE)] for d in out.deaths if d.killed)
         could_hold = states[cp.ACQUIRING] + states[cp.HELD] + states[cp.RELEASING]
         recoveries = lock.statistics().recoveries
-        _report("SafeLock", out, critical_sections=sum(log[cp.slot(i, cp.DONE)] for i in incs),
+        _report("SafeLock", out, roles,
+                critical_sections=sum(log[cp.slot(i, cp.DONE)] for i in incs),
                 killed_holding=states[cp.HELD], killed_acquiring=states[cp.ACQUIRING],
                 killed_releasing=states[cp.RELEASING], recoveries=recoveries,
                 warnings=warned, found_dead_holder_inside=found_dead)
