@@ -120,6 +120,8 @@ def test_shardedcounter_survives_kills(slots: int, seed: int, unique: Any) -> No
             f"value {counter.value} = initial + acknowledged {acked} + {extra}, which no "
             f"subset of the {len(in_flight)} in-flight adds (sum {sum(in_flight)}) makes")
         assert stats.slots_ever_used <= slots
+        # Killed workers' slots are free for the taking, stopped ones released theirs.
+        assert stats.slots_in_use == 0, stats
         if slots == 1:
             # The fallback was exercised: some workers found the only slot taken.
             assert fallbacks > 0
