@@ -5,14 +5,17 @@ Each worker logs, before and after every operation, what it is doing (see
 ``tests/_campaign.py``), so after the campaign the checker knows which operations were
 acknowledged and which one, at most, each killed worker had in flight. It then demands:
 counters equal the acknowledged adds plus some subset of the in-flight ones; queue items
-are neither duplicated nor lost (beyond the items a consumer killed between get() and
-recording them could have taken), and arrive in FIFO order per producer; a lock is never
-held by two at once and every dead holder is reported with a HolderDiedWarning; an array
-has no torn element and flags every bulk write a death interrupted. And afterwards the
-structure still works (bounded waits) and nothing is left in /dev/shm.
+are neither duplicated nor torn nor lost -- the only items missing are exactly those a
+consumer killed between taking them and recording them took, counted in bytes from the
+queue's head word -- and arrive in FIFO order per producer, a put_many all or nothing; a
+lock is never held by two at once and every dead holder found is reported with a
+HolderDiedWarning; an array has no torn element, a death inside locked() always sets
+``partial_update_suspected``, and a partial bulk write is never seen unreported. And
+afterwards the structure still works (bounded waits) and nothing is left in /dev/shm.
 
-Kill counts are chosen for about 30-60 s per test on a loaded 2-CPU machine; each test
-prints its figures (run with ``-s`` to see them). ``SAFESHM_CAMPAIGN_SEED`` replays a run.
+Kill counts (150-360 per test) keep each test within about 10-30 s on a loaded 2-CPU
+machine; each prints its figures (run with ``-s``). ``SAFESHM_CAMPAIGN_SEED`` replays
+the kill instants (the scheduling, of course, differs).
 """
 
 from __future__ import annotations
