@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import safeshm
 
@@ -134,13 +134,17 @@ def new_items_log(incarnations: int) -> Any:
 
 def run_campaign(log: Any, roles: Sequence[Role], kills: int, seed: int, *,
                  max_delay: float, on_death: Callable[[Death], None] | None = None,
-                 out: Outcome | None = None, time_limit: float = 240.0) -> Outcome:
+                 out: Outcome | None = None, checkpoint_every: int = 0,
+                 on_checkpoint: Callable[[Outcome], None] | None = None,
+                 time_limit: float = 240.0) -> Outcome:
     """Keep one worker per role running; SIGKILL them in turn at random instants after
     each has begun its operations, replacing each one killed, until ``kills`` kills.
     Then set STOP, let the live ones finish their operation and exit (bounded), and
     return what happened. ``on_death`` runs after each death is reaped, before the
     replacement starts (nothing of that role runs then); ``out``, if given, is filled
-    as the campaign goes (its ``incarnations`` tell ``on_death`` who wrote what).
+    as the campaign goes (its ``incarnations`` tell ``on_death`` who wrote what). Every
+    ``checkpoint_every`` kills, every worker is stopped, ``on_checkpoint`` runs with
+    nothing running, and fresh workers start.
     """
     rng = random.Random(seed)
     capacity = len(log) // W - 1
@@ -203,6 +207,14 @@ def run_campaign(log: Any, roles: Sequence[Role], kills: int, seed: int, *,
             if on_death is not None:
                 on_death(death)
             live[r] = start(r)
+            if checkpoint_every and out.kills % checkpoint_every == 0 and out.kills < kills:
+                _stop(log, live)
+                out.deaths += [Death(inc, out.incarnations[inc], log[slot(inc, STARTED)],
+                                     log[slot(inc, DONE)], killed=False) for _, inc in live]
+                if on_checkpoint is not None:
+                    on_checkpoint(out)
+                log[STOP] = 0
+                live[:] = [start(r) for r in range(len(roles))]
         _stop(log, live)
         out.survivors = [(inc, out.incarnations[inc]) for _, inc in live]
     finally:
@@ -252,11 +264,39 @@ def shm_files(names: Sequence[str]) -> list[str]:
             if os.path.exists(os.path.join(_compat.SHM_DIR, _compat.FILE_PREFIX + n))]
 
 
-# -- SafeCounter / ShardedCounter -------------------------------------------------------------
-def counter_delta(inc: int, k: int) -> int:
+# -- SafeCounter / ShardedCounter ----------------------------------------------------------
+_P: Final = 1_048_573  # a prime just under 2**20
+
+
+def add_delta(inc: int, k: int) -> int:
     """The k-th add of incarnation ``inc``: positive, so "at most the in-flight ones" is a
-    subset sum the checker can decide, and varied, so a lost or doubled add shows."""
-    return 1 + (inc * 7919 + k * 104729) % 997
+    subset sum the checker can decide, and spread over 2**20 values, so that the subset
+    sums of a checkpoint's dozen or so in-flight adds are sparse: an in-flight add applied
+    twice, or half, lands on a value no subset makes."""
+    return 1 + (inc * 7919 + k * 104729) % _P
+
+
+def _floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum((a * i + b) // m for i in range(n)), in O(log m) steps."""
+    total = 0
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        y = a * n + b
+        if y < m:
+            return total
+        n, b = divmod(y, m)
+        m, a = a, m
+
+
+def add_deltas_sum(inc: int, n: int) -> int:
+    """sum(add_delta(inc, k) for k in range(n)), in closed form (millions of adds)."""
+    c, b = inc * 7919, 104729
+    return n + n * c + b * n * (n - 1) // 2 - _P * _floor_sum(n, _P, b, c)
 
 
 def counter_worker(log: Any, inc: int, cls_name: str, name: str) -> None:
@@ -266,7 +306,7 @@ def counter_worker(log: Any, inc: int, cls_name: str, name: str) -> None:
     cas = cls_name == "SafeCounter"
     k = 0
     while not log[STOP]:
-        d = counter_delta(inc, k)
+        d = add_delta(inc, k)
         log[slot(inc, STARTED)] = k + 1
         if cas and k % 3 == 2:
             while True:  # the classic lock-free read-modify-write
@@ -280,21 +320,38 @@ def counter_worker(log: Any, inc: int, cls_name: str, name: str) -> None:
     counter.close()
 
 
-def counter_deltas_sum(inc: int, n: int) -> int:
-    """sum(counter_delta(inc, k) for k in range(n)), in closed form: k * 104729 runs
-    through every residue mod the prime 997 once per 997 steps."""
-    full = n // 997
-    return (n + full * (996 * 997 // 2)
-            + sum(counter_delta(inc, k) - 1 for k in range(full * 997, n)))
+class CounterChecker:
+    """At each checkpoint (every worker stopped) and at the end: the value is the initial
+    one plus every acknowledged add plus, since the last checkpoint, a subset of the adds
+    the workers killed meanwhile had in flight (earlier ones were settled then)."""
+
+    def __init__(self, counter: Any, initial: int, log: Any) -> None:
+        self.counter, self.initial, self.log = counter, initial, log
+        self.settled = 0  # in-flight adds found applied at earlier checkpoints
+        self.seen = 0  # deaths already settled
+        self.in_flight = 0
+        self.checkpoints = 0
+
+    def __call__(self, out: Outcome) -> None:
+        log = self.log
+        acked = sum(add_deltas_sum(inc, log[slot(inc, DONE)]) for inc in out.incarnations)
+        extra = self.counter.value - self.initial - acked - self.settled
+        parts = [add_delta(d.inc, d.done) for d in out.deaths[self.seen:]
+                 if d.killed and d.in_flight]
+        if not subset_sum_reachable(extra, parts):
+            raise AssertionError(
+                f"checkpoint {self.checkpoints}: the value is the acknowledged adds "
+                f"+ {extra}, which no subset of the {len(parts)} adds in flight when their "
+                f"workers were killed makes: {parts}")
+        self.settled += extra
+        self.seen = len(out.deaths)
+        self.in_flight += len(parts)
+        self.checkpoints += 1
 
 
-def counter_accounting(log: Any, out: Outcome) -> tuple[int, list[int]]:
-    """(sum of acknowledged adds, the in-flight adds of the killed)."""
-    acked = 0
-    for inc in out.incarnations:
-        acked += counter_deltas_sum(inc, log[slot(inc, DONE)])
-    in_flight = [counter_delta(d.inc, d.done) for d in out.killed_in_flight()]
-    return acked, in_flight
+def element_delta(inc: int, k: int) -> int:
+    """An element add: small (elements see a few in-flight adds each)."""
+    return 1 + (inc * 7919 + k * 104729) % 997
 
 
 # -- SafeArray --------------------------------------------------------------------------------
@@ -324,7 +381,7 @@ def array_adder_worker(log: Any, inc: int, name: str) -> None:
         if k % 8 == 7:
             acc.to_list()
         else:
-            acc.add((inc * 5 + k) % ACC_LEN, counter_delta(inc, k))
+            acc.add((inc * 5 + k) % ACC_LEN, element_delta(inc, k))
         log[slot(inc, DONE)] = k + 1
         k += 1
     acc.close()
