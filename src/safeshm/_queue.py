@@ -690,6 +690,10 @@ class SafeQueue(SharedStructure, Generic[T]):
                 pts = ctypes.byref(_compat.Timespec(int(whole), int(frac * 1e9)))
         fw = self._fw
         seen = fw[which]
+        if seen > _SEQ_MASK:  # only ever stored masked: the word was damaged
+            raise SegmentCorruptedError(
+                f"SafeQueue {self._seg.name!r} is damaged: a wake-up sequence word holds "
+                f"{seen:#x}, above {_SEQ_MASK:#x}")
         fw[which + 1] = seen + 1  # the sleepers token: never 0
         p = self._hot[4]
         _unlock(p)
