@@ -2,18 +2,16 @@
 
 Usage::
 
-    python benchmarks/bench_array.py [--processes 1 2] [--seconds 1] [--repeats 5]
-                                     [--bulk-elements 10000000] [--json]
-                                     [--plot FILE.png] [--quiet]
+    python benchmarks/bench_array.py [safeshm bench options] [--check-goals]
 
-The same as ``python -m safeshm bench --structures array``; see :mod:`safeshm._bench` and
-``docs/benchmarks.md``. numpy is optional: without it the numpy contenders are skipped.
+``safeshm bench --structures array`` (the same options: see ``safeshm bench --help``), then
+how its ratios compare with the project's goals: see ``goals.py`` here and
+``docs/benchmarks.md``. numpy is optional: without it the numpy contenders are skipped,
+with a note.
 """
 
-import sys
-
-from safeshm._bench import main
+from goals import main
 
 # Guarded: spawn-started workers re-import this script as ``__mp_main__``.
 if __name__ == "__main__":
-    raise SystemExit(main(["--structures", "array", *sys.argv[1:]]))
+    raise SystemExit(main(["array"]))

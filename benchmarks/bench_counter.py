@@ -2,18 +2,15 @@
 
 Usage::
 
-    python benchmarks/bench_counter.py [--processes 1 2 4] [--seconds 1] [--repeats 5] [--json]
-                                       [--plot FILE.png] [--quiet]
+    python benchmarks/bench_counter.py [safeshm bench options] [--check-goals]
 
-The same as ``python -m safeshm bench --structures counter``; see :mod:`safeshm._bench`
-and ``docs/benchmarks.md``.
+``safeshm bench --structures counter`` (the same options: see ``safeshm bench --help``), then
+how its ratios compare with the project's goals: see ``goals.py`` here and
+``docs/benchmarks.md``.
 """
 
-import sys
-
-from safeshm._bench import main
+from goals import main
 
 # Guarded: spawn-started workers re-import this script as ``__mp_main__``.
 if __name__ == "__main__":
-    # Only the counter part, as before ``safeshm bench`` also measured arrays.
-    raise SystemExit(main(["--structures", "counter", *sys.argv[1:]]))
+    raise SystemExit(main(["counter"]))

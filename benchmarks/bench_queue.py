@@ -2,19 +2,17 @@
 
 Usage::
 
-    python benchmarks/bench_queue.py [--processes 1 2] [--seconds 1] [--repeats 5] [--json]
-                                     [--plot FILE.png] [--quiet]
+    python benchmarks/bench_queue.py [safeshm bench options] [--check-goals]
 
-The same as ``python -m safeshm bench --structures queue``; see :mod:`safeshm._bench` and
-``docs/benchmarks.md``. ``--processes N`` means N producers and N consumers. faster_fifo is
-optional (``pip install faster-fifo``, or the ``bench`` extra): without it its rows are
+``safeshm bench --structures queue`` (the same options: see ``safeshm bench --help``), then
+how its ratios compare with the project's goals: see ``goals.py`` here and
+``docs/benchmarks.md``. ``--processes N`` means N producers and N consumers. faster_fifo
+is optional (``pip install faster-fifo``, or the ``bench`` extra): without it its rows are
 skipped with a note.
 """
 
-import sys
-
-from safeshm._bench import main
+from goals import main
 
 # Guarded: spawn-started workers re-import this script as ``__mp_main__``.
 if __name__ == "__main__":
-    raise SystemExit(main(["--structures", "queue", *sys.argv[1:]]))
+    raise SystemExit(main(["queue"]))

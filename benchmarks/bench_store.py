@@ -2,32 +2,16 @@
 
 Usage::
 
-    python benchmarks/bench_store.py [--repeats 5] [--store-dir DIR] [--json]
+    python benchmarks/bench_store.py [safeshm bench options] [--check-goals]
 
-See :mod:`safeshm._bench_store` for what is measured and ``docs/benchmarks.md`` for
-results. diskcache is optional (``pip install diskcache``, or the ``bench`` extra).
+``safeshm bench --structures store`` (the same options: see ``safeshm bench --help``), then
+how its ratios compare with the project's goals: see ``goals.py`` here and
+``docs/benchmarks.md``. diskcache is optional (``pip install diskcache``, or the ``bench``
+extra); ``--store-dir`` chooses the file system to measure on.
 """
 
-import argparse
-import dataclasses
-import json
-import sys
-
-from safeshm import _bench_store
+from goals import main
 
 # Guarded: spawn-started workers re-import this script as ``__mp_main__``.
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--store-dir", default=None,
-                        help="directory (file system) to measure in; default: a temp dir")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    cells = _bench_store.measure(args.repeats, args.store_dir,
-                                 lambda line: print(line, file=sys.stderr, flush=True))
-    if args.json:
-        print(json.dumps({"cells": [dataclasses.asdict(c) for c in cells],
-                          "ratios": _bench_store.ratios(cells),
-                          "scaling": _bench_store.scaling(cells)}, indent=2))
-    else:
-        print(_bench_store.report(cells))
+    raise SystemExit(main(["store"]))

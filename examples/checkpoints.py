@@ -1,13 +1,14 @@
-"""Durable checkpoints in a ``SafeFileStore``: a batch job that resumes where it stopped.
+"""Durable checkpoints in a ``SafeFileStore``: a batch job that resumes where it
+stopped.
 
-After each item the job records the item's result and its position in one transaction,
-so the store always holds a consistent pair: a run killed at any moment -- even by
-``SIGKILL`` -- is resumed by the next run from the last committed position. The only
-work done twice is the item that was in progress when the run died; no result is lost or
-recorded twice.
+After each item the job records the item's result and its position in one
+transaction, so the store always holds a consistent pair: a run killed at any moment
+-- even by ``SIGKILL`` -- is resumed by the next run from the last committed
+position. The only work done twice is the item that was in progress when the run
+died; no result is lost or recorded twice.
 
-``main()`` shows it: it starts the job in a child process, kills the child with SIGKILL
-part-way through, runs the job again, and checks every result.
+``main()`` shows it: it starts the job in a child process, kills the child with
+SIGKILL part-way through, runs the job again, and checks every result.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from safeshm import SafeFileStore
 
 
 def open_store(directory: str) -> SafeFileStore[int]:
-    # Creates the directory (mode 0700) on first use; durable=True (the default) fsyncs
-    # every commit, so what was committed survives a power cut too, not just a crash.
+    # Creates the directory (mode 0700) on first use; durable=True (the default)
+    # fsyncs every commit, so what was committed survives a power cut too, not just
+    # a crash.
     return SafeFileStore(directory, durable=True)
 
 
@@ -38,13 +40,15 @@ def run_job(directory: str, n_items: int) -> int:
     """
     with open_store(directory) as store:
         # --8<-- [start:modify]
-        store.modify("runs", lambda n: n + 1, default=0)  # an atomic read-modify-write
+        # An atomic read-modify-write.
+        store.modify("runs", lambda n: n + 1, default=0)
         # --8<-- [end:modify]
-        start = store.get("next", 0)                     # where the last run stopped
+        start = store.get("next", 0)  # where the last run stopped
         for item in range(start, n_items):
             result = square(item)
             # --8<-- [start:transaction]
-            with store.transaction() as tx:  # both keys or neither, even if killed here
+            # Both keys or neither, even if the process is killed here.
+            with store.transaction() as tx:
                 tx[f"result:{item}"] = result
                 tx["next"] = item + 1
             # --8<-- [end:transaction]
@@ -70,7 +74,8 @@ def main(n_items: int = 100) -> None:
                 child.kill()
                 raise SystemExit("the first run made no progress")
             time.sleep(0.05)
-        child.kill()  # SIGKILL: no clean-up, no atexit, possibly in the middle of a commit
+        # SIGKILL: no clean-up, no atexit, possibly in the middle of a commit.
+        child.kill()
         child.join(timeout=10)
         stopped_at = checkpoint(directory)
         print(f"first run killed after {stopped_at} of {n_items} items")
@@ -80,13 +85,15 @@ def main(n_items: int = 100) -> None:
         print(f"second run processed the remaining {resumed}")
 
         with open_store(directory) as store:
-            results = {key: value for key, value in store.items() if key.startswith("result:")}
+            results = {key: value for key, value in store.items()
+                       if key.startswith("result:")}
             runs = store["runs"]
         if results != {f"result:{i}": i * i for i in range(n_items)} or runs != 2:
             raise SystemExit("a result is missing or wrong")
-        # A commit the child had written whole but not yet synced when it was killed is
-        # not acknowledged (checkpoint() did not see it), yet it is on record: it takes
-        # effect when the next run syncs, and that run then starts one item later.
+        # A commit the child had written whole but not yet synced when it was
+        # killed is not acknowledged (checkpoint() did not see it), yet it is on
+        # record: it takes effect when the next run syncs, and that run then starts
+        # one item later.
         if n_items - resumed not in (stopped_at, stopped_at + 1):
             raise SystemExit("the second run did not resume from the checkpoint")
 

@@ -1,7 +1,7 @@
 """A WSGI app whose gunicorn workers count requests in one shared counter.
 
-The gunicorn master creates the counter (see ``gunicorn_conf.py``) and passes its name
-to the workers in the environment; each worker attaches on its first request.
+The gunicorn master creates the counter (see ``gunicorn_conf.py``) and passes its
+name to the workers in the environment; each worker attaches on its first request.
 
 Run it (from this directory)::
 
@@ -21,7 +21,7 @@ from wsgiref.util import setup_testing_defaults
 from safeshm import SafeCounter
 
 COUNTER_ENV = "MYAPP_REQUESTS_COUNTER"
-"""The environment variable through which the master tells workers the counter's name."""
+"""The environment variable by which the master tells workers the counter's name."""
 
 _requests: SafeCounter | None = None
 
@@ -35,7 +35,8 @@ def requests_counter() -> SafeCounter:
 
 
 def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-    number = requests_counter().add()  # atomic across every worker: no two get one number
+    # Atomic across every worker: no two requests get the same number.
+    number = requests_counter().add()
     body = f"request #{number}, served by worker {os.getpid()}\n".encode()
     start_response("200 OK", [("Content-Type", "text/plain"),
                               ("Content-Length", str(len(body)))])
@@ -44,7 +45,7 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
 
 def main() -> None:
     global _requests  # noqa: PLW0603 - reset the cached handle after the check
-    with SafeCounter.create() as counter:          # what gunicorn_conf.on_starting does
+    with SafeCounter.create() as counter:  # what gunicorn_conf.on_starting does
         os.environ[COUNTER_ENV] = counter.name
         statuses: list[str] = []
 

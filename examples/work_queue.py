@@ -1,9 +1,9 @@
 """A work queue for a process pool started with ``spawn``.
 
-The parent puts jobs into a ``SafeQueue`` and workers in a ``ProcessPoolExecutor`` take
-them until the queue is shut down, putting their results into a second queue. The
-queues are passed to the workers as ordinary arguments: a safeshm handle pickles as a
-reference, and the worker attaches by name.
+The parent puts jobs into a ``SafeQueue`` and workers in a ``ProcessPoolExecutor``
+take them until the queue is shut down, putting their results into a second queue.
+The queues are passed to the workers as ordinary arguments: a safeshm handle pickles
+as a reference, and the worker attaches by name.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ def work(job: Job) -> int:
 
 
 def worker(jobs: SafeQueue[Job], results: SafeQueue[Result]) -> int:
-    """Take jobs until the queue is shut down and drained; return how many this did."""
+    """Take jobs until the queue is shut down and drained; return how many."""
     done = 0
     while True:
         try:
-            job = jobs.get()                      # sleeps in the kernel while empty
-        except QueueShutDown:                     # the producer is done, nothing is left
+            job = jobs.get()  # sleeps in the kernel while empty
+        except QueueShutDown:  # the producer is done, and nothing is left
             return done
         results.put((job, work(job), os.getpid()))
         done += 1
@@ -44,9 +44,11 @@ def main(n_jobs: int = 400, n_workers: int = 4) -> None:
         workers = [pool.submit(worker, jobs, results) for _ in range(n_workers)]
         try:
             for start in range(0, n_jobs, 100):
-                jobs.put_many(range(start, min(start + 100, n_jobs)))  # 100 jobs at once
+                # 100 jobs at once.
+                jobs.put_many(range(start, min(start + 100, n_jobs)))
         finally:
-            jobs.shutdown()      # no more jobs: workers return once the queue is drained
+            # No more jobs: the workers return once the queue is drained.
+            jobs.shutdown()
 
         collected: dict[Job, int] = {}
         while len(collected) < n_jobs:
@@ -54,7 +56,8 @@ def main(n_jobs: int = 400, n_workers: int = 4) -> None:
                 collected[job] = result
         counts = [w.result(timeout=30) for w in workers]
 
-    if collected != {job: work(job) for job in range(n_jobs)} or sum(counts) != n_jobs:
+    expected = {job: work(job) for job in range(n_jobs)}
+    if collected != expected or sum(counts) != n_jobs:
         raise SystemExit("a job was lost or done twice")
     print(f"{n_jobs} jobs done by {n_workers} workers: {counts}")
 

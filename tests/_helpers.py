@@ -35,9 +35,9 @@ STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock, saf
 def create(cls: Any, name: str | None = None) -> Any:
     """``cls.create`` with whatever arguments the structure requires."""
     if cls is safeshm.SafeArray:
-        return cls.create("q", 4, name)
+        return cls.create("q", 4, name=name)
     if cls is safeshm.SafeQueue:
-        return cls.create(4096, name)
+        return cls.create(4096, name=name)
     return cls.create(name=name)
 
 
@@ -218,8 +218,10 @@ def threaded_adds_worker(counter: Any, barrier: Any, threads: int, adds: int,
 
 
 def adds_then_report_worker(counter: Any, progress: Any, ready: Any) -> None:
-    """Add 1 forever, publishing after each add how many adds have returned."""
-    done = 0
+    """Add 1 forever, publishing after each add how many adds have returned. ``ready`` is
+    set after the first add: a loaded machine may run the killer before any more."""
+    counter.add(1)
+    done = progress.value = 1
     ready.set()
     while True:
         counter.add(1)

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from safeshm import SafeFileStore, _store
+from safeshm import SafeFileStore
 
 from ._helpers import JOIN_TIMEOUT, Remote
 
@@ -241,6 +241,19 @@ def compacting_writer(path: str, acked: Any) -> None:
 
 
 # --- fault injection: kill the process at its k-th file-system call -----------------------
+def store_modules() -> list[Any]:
+    """The modules of the store that call ``os`` (a fault injector stands in for it in
+    each of them)."""
+    return [module for name, module in sorted(sys.modules.items())
+            if (name == "safeshm._store" or name.startswith("safeshm._store."))
+            and getattr(module, "os", None) is not None]
+
+
+def set_store_os(replacement: Any) -> None:
+    for module in store_modules():
+        module.os = replacement
+
+
 TRACED = ("write", "fsync", "fdatasync", "replace", "unlink", "ftruncate")
 
 
@@ -292,14 +305,14 @@ def scripted_child(path: str, script: list[tuple[str, Any]], kill_at: int, how: 
         with SafeFileStore(path, durable=True) as store:
             if group:
                 group_commit(store)
-            _store.os = tracer  # type: ignore[assignment]  # the stand-in passes calls through
+            set_store_os(tracer)  # the stand-in passes calls through
             for step, (op, arg) in enumerate(script):
                 run_step(store, op, arg)
                 conn.send(("acked", step))
-            _store.os = os
+            set_store_os(os)
         conn.send(("calls", tracer.calls))
     except BaseException:  # noqa: BLE001 - report, do not hang the parent
-        _store.os = os
+        set_store_os(os)
         conn.send(("error", traceback.format_exc()))
     finally:
         sys.stdout.flush()

@@ -18,12 +18,14 @@ def test_all_is_the_documented_surface() -> None:
     assert set(safeshm.__all__) == {
         "ArrayStatistics",
         "CounterStatistics",
+        "DamagedRecord",
         "HandleClosedError",
         "HolderDiedWarning",
         "IncompatibleSegmentError",
         "IncompatibleStoreError",
         "InsecureDirectoryError",
         "InvalidNameError",
+        "ItemDecodeError",
         "LockNotHeldError",
         "LockReentryError",
         "LockStatistics",
@@ -31,6 +33,7 @@ def test_all_is_the_documented_surface() -> None:
         "LockedViewLeakedError",
         "QueueShutDown",
         "QueueStatistics",
+        "RecoveryReport",
         "SafeArray",
         "SafeCounter",
         "SafeFileStore",
@@ -39,6 +42,8 @@ def test_all_is_the_documented_surface() -> None:
         "SafeShmError",
         "SafeShmWarning",
         "SegmentClosedError",
+        "SegmentCorruptedError",
+        "SegmentExistsError",
         "SegmentNotFoundError",
         "SegmentPermissionError",
         "Serializer",
@@ -86,6 +91,7 @@ def test_error_hierarchy() -> None:
     assert issubclass(safeshm.SegmentClosedError, safeshm.HandleClosedError)
     assert issubclass(safeshm.StoreClosedError, safeshm.HandleClosedError)
     assert issubclass(safeshm.SegmentNotFoundError, FileNotFoundError)
+    assert issubclass(safeshm.SegmentExistsError, FileExistsError)
     assert issubclass(safeshm.StoreTimeoutError, safeshm.LockTimeoutError)
     assert issubclass(safeshm.LockedViewLeakedError, BufferError)
     for name in safeshm.__all__:

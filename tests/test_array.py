@@ -131,7 +131,7 @@ def test_float_specifics(make: Any) -> None:
 
 
 def test_attach_and_open_check_typecode_and_length(make: Any, name: str) -> None:
-    a = make("q", 4, name)
+    a = make("q", 4, name=name, stripes=2)
     b = safeshm.SafeArray.attach(name)
     c = safeshm.SafeArray.attach(name, "q")
     d = safeshm.SafeArray.open(name, "q", 4)
@@ -146,6 +146,9 @@ def test_attach_and_open_check_typecode_and_length(make: Any, name: str) -> None
         safeshm.SafeArray.attach(name, "d")
     with pytest.raises(safeshm.IncompatibleSegmentError, match="length 5"):
         safeshm.SafeArray.open(name, "q", 5)
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="3 stripes"):
+        safeshm.SafeArray.open(name, "q", 4, stripes=3)
+    safeshm.SafeArray.open(name, "q", 4, stripes=2).close()
     with pytest.raises(safeshm.IncompatibleSegmentError):
         safeshm.SafeArray.open(name, "i", 4)
     with pytest.raises(safeshm.IncompatibleSegmentError, match="SafeArray"):

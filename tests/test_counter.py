@@ -398,7 +398,7 @@ def test_sigkill_while_holding_the_internal_lock(monkeypatch: pytest.MonkeyPatch
         time.sleep(0.2)
         assert not done  # blocked behind a live holder: never robbed
         kill_and_reap(p)
-        t.join(timeout=2.0)
+        t.join(timeout=PROMPT)
         assert done == [42]
     assert c.value == 42
     assert c._mutex.recoveries == 1

@@ -8,7 +8,8 @@
   (``--8<-- "file.py"``, how the how-to pages show ``examples/``) is checked to include
   an example that ``test_example`` runs.
 * Each ``examples/*.py`` is run as a script (its ``main()``), the same way; the gunicorn
-  example is also served by a real gunicorn when gunicorn is installed.
+  example is also served by a real gunicorn when gunicorn is installed, reloaded with
+  ``SIGHUP`` and stopped with ``SIGTERM``.
 
 The autouse leak check of ``conftest.py`` fails a test whose example leaves a segment
 behind. ``test_blocks_found`` guards against a parser mistake that would skip everything.
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from pathlib import Path
 import pytest
 
 import safeshm
+from safeshm import _compat
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -38,7 +41,7 @@ TIMEOUT = 60.0
 
 # Fewer runnable blocks than this means the parser (or a careless no-test marker) is
 # skipping examples; raise it as the docs grow.
-MIN_RUNNABLE_BLOCKS = 17
+MIN_RUNNABLE_BLOCKS = 19
 
 # Examples without a main(), and why.
 NOT_SCRIPTS = {"gunicorn_conf.py": "a gunicorn config file, served by test_gunicorn"}
@@ -172,8 +175,14 @@ def test_example(script: Path, tmp_path: Path) -> None:
     run_script(script, tmp_path)
 
 
+def _segments() -> set[str]:
+    return {f for f in os.listdir(_compat.SHM_DIR) if f.startswith(_compat.FILE_PREFIX)}
+
+
 def test_gunicorn(tmp_path: Path) -> None:
-    """The how-to's command line, with two workers, serves every request a number once."""
+    """The how-to's command line, with two workers: every request gets a number once,
+    also across a reload (SIGHUP), which re-executes ``gunicorn_conf.py`` and replaces
+    every worker; on SIGTERM the master logs the total and removes the counter."""
     pytest.importorskip("gunicorn")
     from gunicorn.config import Config
 
@@ -183,29 +192,65 @@ def test_gunicorn(tmp_path: Path) -> None:
     log = tmp_path / "gunicorn.log"
     env = {**os.environ, "MYAPP_BIND": "127.0.0.1:0", "MYAPP_WORKERS": "2",
            "PYTHONDONTWRITEBYTECODE": "1"}  # leave no __pycache__ in examples/
+    before = _segments()
     with log.open("w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", *options,
              "gunicorn_app:app"], cwd=EXAMPLES, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while (m := re.search(r"Listening at: (http://\S+)", log.read_text())) is None:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        url = m[1] + "/"
 
-        def get(_: int) -> str:
+    def wait_for(what: str, found: Callable[[str], re.Match[str] | bool | None]
+                 ) -> re.Match[str] | bool:
+        deadline = time.monotonic() + TIMEOUT
+        while not (result := found(text := log.read_text())):
+            assert server.poll() is None, f"gunicorn exited before {what}:\n{text}"
+            assert time.monotonic() < deadline, f"no {what} within {TIMEOUT} s:\n{text}"
+            time.sleep(0.05)
+        return result
+
+    def booted(text: str) -> list[int]:
+        return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", text)]
+
+    try:
+        listening = wait_for("listening", lambda t: re.search(r"Listening at: (http://\S+)", t))
+        assert isinstance(listening, re.Match)
+        url = listening[1] + "/"
+        counter = re.findall(r"request counter: (\S+)", log.read_text())
+        assert len(counter) == 1
+        path = os.path.join(_compat.SHM_DIR, _compat.FILE_PREFIX + counter[0])
+        assert os.path.exists(path)
+
+        def get(_: int) -> tuple[int, int]:
             with urllib.request.urlopen(url, timeout=TIMEOUT) as response:  # noqa: S310 - http to ourselves
-                return str(response.read().decode())
+                body = response.read().decode()
+            m = re.fullmatch(r"request #(\d+), served by worker (\d+)\n", body)
+            assert m is not None, body
+            return int(m[1]), int(m[2])
 
         with ThreadPoolExecutor(4) as pool:
-            bodies = list(pool.map(get, range(40)))
-        numbers = sorted(int(b.split("#", 1)[1].split(",", 1)[0]) for b in bodies)
-        assert numbers == list(range(1, 41)), bodies
+            replies = list(pool.map(get, range(40)))
+        wait_for("two workers", lambda t: len(booted(t)) == 2)
+        first = set(booted(log.read_text()))
+        assert {pid for _, pid in replies} <= first
+
+        # A reload: gunicorn re-executes gunicorn_conf.py (its module-level state starts
+        # again from scratch), boots two new workers and stops the old ones.
+        server.send_signal(signal.SIGHUP)
+        wait_for("reload", lambda t: "Hang up: Master" in t and len(booted(t)) == 4 and all(
+            f"Worker exiting (pid: {pid})" in t for pid in first))
+        with ThreadPoolExecutor(4) as pool:
+            after = list(pool.map(get, range(40)))
+        assert not {pid for _, pid in after} & first  # the new workers served them
+        replies += after
+        assert sorted(number for number, _ in replies) == list(range(1, 81)), replies
+        assert os.path.exists(path)
+
         server.send_signal(signal.SIGTERM)  # on_exit reports the count and unlinks it
         assert server.wait(timeout=TIMEOUT) == 0, log.read_text()
-        assert "requests served: 40" in log.read_text()
+        text = log.read_text()
+        assert "requests served: 80" in text, text
+        assert "Traceback" not in text, text
+        assert not os.path.exists(path)
+        assert _segments() == before
     finally:
         if server.poll() is None:
             server.kill()

@@ -46,9 +46,9 @@ class Shared:
         self.sharded = safeshm.SafeCounter.create(name=n.get("sharded"), sharded=True)
         # Slot 0: a read-modify-write total that only the lock makes exact; slot 1 + t:
         # written by task t.
-        self.array = safeshm.SafeArray.create("q", TASKS + 1, n.get("array"))
-        self.queue = safeshm.SafeQueue.create(1 << 20, n.get("queue"))
-        self.lock = safeshm.SafeLock.create(n.get("lock"))
+        self.array = safeshm.SafeArray.create("q", TASKS + 1, name=n.get("array"))
+        self.queue = safeshm.SafeQueue.create(1 << 20, name=n.get("queue"))
+        self.lock = safeshm.SafeLock.create(name=n.get("lock"))
 
     @property
     def handles(self) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import multiprocessing
 import pickle
 import queue
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import safeshm
-from safeshm import _queue
+from safeshm import _compat, _queue
 
 from ._helpers import (
     JOIN_TIMEOUT,
@@ -284,31 +285,51 @@ def test_bad_capacity_type(bad: Any) -> None:
         safeshm.SafeQueue.create(bad)
 
 
-def test_open_checks_mode(name: str, cleanup: Any) -> None:
-    cleanup(safeshm.SafeQueue.open(name, 1024))
-    q2 = safeshm.SafeQueue.open(name, 4096)  # capacity of the existing one is kept
-    try:
-        assert q2.capacity == 1024
-    finally:
-        q2.close()
+def test_open_checks_what_it_would_create(name: str, cleanup: Any) -> None:
+    """One rule for every open(): an existing segment must match the parameters given."""
+    cleanup(safeshm.SafeQueue.open(name, 1024, maxsize=5))
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="capacity 1024, expected 4096"):
+        safeshm.SafeQueue.open(name, 4096)
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="maxsize 5, expected 6"):
+        safeshm.SafeQueue.open(name, 1024, maxsize=6)
     with pytest.raises(safeshm.IncompatibleSegmentError, match="pickling"):
         safeshm.SafeQueue.open(name, 1024, raw=True)
+    for same in (safeshm.SafeQueue.open(name, 1020),  # rounded up to 1024
+                 safeshm.SafeQueue.open(name, 1024, maxsize=5)):
+        assert (same.capacity, same.maxsize) == (1024, 5)
+        same.close()
 
 
 # -- across processes -------------------------------------------------------------------------
 # The waits below run in forked children whose sleeps are 30 s long (patched before the
 # fork): a waiter that wakes within seconds was woken by the other side, not by the end of
 # a sleep -- a bound that also holds on a loaded machine.
-def test_blocked_get_wakes_promptly_on_put_in_another_process(
-        make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def long_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiters sleep 30 s at a time. Both the slice and the timespec built from it at
+    import are patched: patching the float alone left 100 ms sleeps, and the wake-up tests
+    passed with the futex wake deleted."""
     monkeypatch.setattr(_queue, "_WAIT_SLICE", 30.0)
+    monkeypatch.setattr(_queue, "_SLICE_TIMESPEC", ctypes.byref(_compat.Timespec(30, 0)))
+
+
+def _until_a_waiter_sleeps(q: Any, word: int) -> None:
+    """Wait (bounded) until a waiter has registered as a sleeper on ``q``'s futex word."""
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while not q._fw[word]:
+        assert time.monotonic() < deadline, "the waiter never went to sleep"
+        time.sleep(0.01)
+
+
+@pytest.mark.usefixtures("long_sleeps")
+def test_blocked_get_wakes_promptly_on_put_in_another_process(make: Any) -> None:
     q = make(4096)
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
     woke = ctx.RawValue("d", 0.0)
     with processes("fork", timed_get_worker, [(q.name, ready, woke)]) as (p,):
         assert ready.wait(JOIN_TIMEOUT)
-        time.sleep(0.3)  # asleep in the kernel by now
+        _until_a_waiter_sleeps(q, _queue._NE_SLEEP)
         put_at = time.monotonic()
         q.put("wake up")
         p.join(timeout=JOIN_TIMEOUT)
@@ -316,9 +337,8 @@ def test_blocked_get_wakes_promptly_on_put_in_another_process(
     assert woke.value - put_at < PROMPT
 
 
-def test_blocked_put_wakes_promptly_on_get_in_another_process(
-        make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_queue, "_WAIT_SLICE", 30.0)
+@pytest.mark.usefixtures("long_sleeps")
+def test_blocked_put_wakes_promptly_on_get_in_another_process(make: Any) -> None:
     q = make(4096, maxsize=1)
     q.put("first")
     ctx = multiprocessing.get_context("fork")
@@ -326,7 +346,7 @@ def test_blocked_put_wakes_promptly_on_get_in_another_process(
     woke = ctx.RawValue("d", 0.0)
     with processes("fork", timed_put_worker, [(q.name, ready, woke)]) as (p,):
         assert ready.wait(JOIN_TIMEOUT)
-        time.sleep(0.3)
+        _until_a_waiter_sleeps(q, _queue._NF_SLEEP)
         got_at = time.monotonic()
         assert q.get() == "first"
         p.join(timeout=JOIN_TIMEOUT)
@@ -449,7 +469,7 @@ def test_lock_holder_killed_others_carry_on(make: Any) -> None:
         time.sleep(0.2)
         assert got == []  # a live holder is never robbed
         kill_and_reap(p)
-        t.join(timeout=2.0)
+        t.join(timeout=PROMPT)
         assert got == ["before"]
     q.put("after")
     assert q.get(timeout=1) == "after"
@@ -497,8 +517,7 @@ def test_sleeper_killed_does_not_tax_later_puts(make: Any) -> None:
     ready = ctx.Event()
     with processes("fork", blocked_getter_worker, [(q.name, ready)]) as (p,):
         assert ready.wait(JOIN_TIMEOUT)
-        time.sleep(0.3)
-        assert q._fw[_queue._NE_SLEEP] != 0  # the sleeper's token
+        _until_a_waiter_sleeps(q, _queue._NE_SLEEP)  # the sleeper's token is up
         kill_and_reap(p)
     q.put(1)
     assert q._fw[_queue._NE_SLEEP] == 0
@@ -619,3 +638,45 @@ def test_state_machine(remote: Remote) -> None:
         QueueMachine.TestCase().runTest()
     finally:
         QueueMachine.remote = None
+
+
+def _refuse_to_load(tag: int) -> Any:
+    raise LookupError(f"item {tag} cannot be loaded here")
+
+
+class _Undecodable:
+    """Pickles fine; unpickling raises (as a class missing in the consumer would)."""
+
+    def __init__(self, tag: int) -> None:
+        self.tag = tag
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, (self.tag,))
+
+
+def test_get_many_loses_nothing_when_items_fail_to_unpickle(make: Any) -> None:
+    q = make(1 << 16)
+    q.put_many([0, 1, _Undecodable(2), 3, _Undecodable(4), 5])
+    with pytest.raises(safeshm.ItemDecodeError, match="2 of 6 item") as info:
+        q.get_many(10)
+    e = info.value
+    assert e.items == [0, 1, 3, 5]
+    assert len(e.undecodable) == 2
+    with pytest.raises(LookupError, match="item 2"):
+        pickle.loads(e.undecodable[0])
+    assert isinstance(e.__cause__, LookupError)
+    assert isinstance(e, pickle.UnpicklingError)
+    assert q.qsize() == 0
+    again = pickle.loads(pickle.dumps(e))  # crosses a pool's process boundary intact
+    assert (type(again), again.items, again.undecodable) == (type(e), e.items, e.undecodable)
+
+
+def test_get_hands_over_an_item_that_fails_to_unpickle(make: Any) -> None:
+    q = make(1 << 16)
+    q.put(_Undecodable(7))
+    q.put("next")
+    with pytest.raises(safeshm.ItemDecodeError) as info:
+        q.get()
+    assert info.value.items == []
+    assert len(info.value.undecodable) == 1
+    assert q.get(timeout=5) == "next"

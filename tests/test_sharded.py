@@ -53,7 +53,7 @@ def test_operations(counter: safeshm.ShardedCounter) -> None:
 
 
 def test_created_through_safecounter(cleanup: Any, name: str) -> None:
-    c = cleanup(safeshm.SafeCounter.create(7, name, sharded=True, slots=8))
+    c = cleanup(safeshm.SafeCounter.create(7, name=name, sharded=True, slots=8))
     assert type(c) is safeshm.ShardedCounter
     assert c.value == 7
     assert c.statistics().slots == 8
@@ -410,3 +410,14 @@ def test_threads_hypothesis(deltas: list[int], threads: int, slots: int) -> None
     finally:
         c.close()
         c.unlink()
+
+
+def test_open_checks_slots_when_given(name: str, cleanup: Any) -> None:
+    """One rule for every open(): a parameter given explicitly must match the segment."""
+    c = cleanup(safeshm.ShardedCounter.open(name, 3, slots=8))
+    with pytest.raises(safeshm.IncompatibleSegmentError, match="8 slots; expected 4"):
+        safeshm.ShardedCounter.open(name, slots=4)
+    for same in (safeshm.ShardedCounter.open(name), safeshm.ShardedCounter.open(name, slots=8)):
+        assert same.statistics().slots == 8
+        same.close()
+    assert c.value == 3

@@ -420,6 +420,16 @@ def test_repr_statistics_and_pickle(store: SafeFileStore[Any]) -> None:
     finally:
         clone.close()
     assert type(store).__module__ == "safeshm"
+    # The pickle names the reopening function where it always lived (not the package's
+    # private module layout), and carries the store's default timeout.
+    assert b"safeshm._store\x94\x8c\x07_reopen" in pickle.dumps(store)
+    with SafeFileStore(store.path, durable=False, timeout=2.5) as patient:
+        assert repr(patient).endswith("serializer='json', timeout=2.5)")
+        again = pickle.loads(pickle.dumps(patient))
+        try:
+            assert again.timeout == 2.5
+        finally:
+            again.close()
 
 
 def test_errors_pickle() -> None:

@@ -19,6 +19,7 @@ from ._errors import (
     IncompatibleStoreError,
     InsecureDirectoryError,
     InvalidNameError,
+    ItemDecodeError,
     LockedViewLeakedError,
     LockNotHeldError,
     LockReentryError,
@@ -27,6 +28,8 @@ from ._errors import (
     SafeShmError,
     SafeShmWarning,
     SegmentClosedError,
+    SegmentCorruptedError,
+    SegmentExistsError,
     SegmentNotFoundError,
     SegmentPermissionError,
     StoreClosedError,
@@ -35,19 +38,28 @@ from ._errors import (
 )
 from ._lock import LockStatistics, SafeLock
 from ._queue import QueueStatistics, SafeQueue
-from ._store import SafeFileStore, Serializer, StoreStatistics, Transaction
+from ._store import (
+    DamagedRecord,
+    RecoveryReport,
+    SafeFileStore,
+    Serializer,
+    StoreStatistics,
+    Transaction,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ArrayStatistics",
     "CounterStatistics",
+    "DamagedRecord",
     "HandleClosedError",
     "HolderDiedWarning",
     "IncompatibleSegmentError",
     "IncompatibleStoreError",
     "InsecureDirectoryError",
     "InvalidNameError",
+    "ItemDecodeError",
     "LockNotHeldError",
     "LockReentryError",
     "LockStatistics",
@@ -55,6 +67,7 @@ __all__ = [
     "LockedViewLeakedError",
     "QueueShutDown",
     "QueueStatistics",
+    "RecoveryReport",
     "SafeArray",
     "SafeCounter",
     "SafeFileStore",
@@ -63,6 +76,8 @@ __all__ = [
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
+    "SegmentCorruptedError",
+    "SegmentExistsError",
     "SegmentNotFoundError",
     "SegmentPermissionError",
     "Serializer",

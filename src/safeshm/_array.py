@@ -29,7 +29,7 @@ from ._lock import (
     init_mutex,
     unlock_each,
 )
-from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
+from ._segment import CACHE_LINE, HEADER_SIZE, MAX_SEGMENT_SIZE, Kind, Segment, SharedStructure
 
 T = TypeVar("T", int, float)
 
@@ -131,17 +131,21 @@ class SafeArray(SharedStructure, Generic[T]):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, typecode: IntTypecode, length_or_initializer: int | Iterable[int],
-               name: str | None = None, *, stripes: int | None = None) -> SafeArray[int]: ...
+    def create(cls, typecode: IntTypecode, length_or_initializer: int | Iterable[int], *,
+               name: str | None = None, stripes: int | None = None) -> SafeArray[int]: ...
     @overload
     @classmethod
     def create(cls, typecode: FloatTypecode, length_or_initializer: int | Iterable[float],
-               name: str | None = None, *,
+               *, name: str | None = None,
                stripes: int | None = None) -> SafeArray[float]: ...
+    @overload
+    @classmethod
+    def create(cls, typecode: str, length_or_initializer: int | Iterable[Any], *,
+               name: str | None = None, stripes: int | None = None) -> SafeArray[Any]: ...
 
     @classmethod
-    def create(cls, typecode: str, length_or_initializer: int | Iterable[Any],
-               name: str | None = None, *,
+    def create(cls, typecode: str, length_or_initializer: int | Iterable[Any], *,
+               name: str | None = None,
                stripes: int | None = None) -> SafeArray[int] | SafeArray[float]:
         """Create a new array.
 
@@ -180,6 +184,10 @@ class SafeArray(SharedStructure, Generic[T]):
             raise ValueError(f"stripes must be between 1 and {MAX_STRIPES}, got {nstripes}")
         itemsize = array.array(typecode).itemsize
         data_offset = _data_offset(nstripes)
+        if length > (MAX_SEGMENT_SIZE - data_offset) // itemsize:
+            raise OverflowError(
+                f"an array of {length} elements of {itemsize} bytes is beyond safeshm's "
+                f"segment size limit ({MAX_SEGMENT_SIZE} bytes); nothing was created")
 
         def init(mm: mmap.mmap) -> None:
             for k in range(nstripes):
@@ -202,6 +210,9 @@ class SafeArray(SharedStructure, Generic[T]):
     @overload
     @classmethod
     def attach(cls, name: str, typecode: FloatTypecode) -> SafeArray[float]: ...
+    @overload
+    @classmethod
+    def attach(cls, name: str, typecode: str) -> SafeArray[Any]: ...
 
     @classmethod
     def attach(cls, name: str, typecode: str | None = None) -> SafeArray[Any]:
@@ -237,14 +248,19 @@ class SafeArray(SharedStructure, Generic[T]):
     def open(cls, name: str, typecode: FloatTypecode,
              length_or_initializer: int | Iterable[float], *,
              stripes: int | None = None) -> SafeArray[float]: ...
+    @overload
+    @classmethod
+    def open(cls, name: str, typecode: str, length_or_initializer: int | Iterable[Any], *,
+             stripes: int | None = None) -> SafeArray[Any]: ...
 
     @classmethod
     def open(cls, name: str, typecode: str, length_or_initializer: int | Iterable[Any], *,
              stripes: int | None = None) -> SafeArray[Any]:
         """Attach to ``name``, creating it first if needed (race-free).
 
-        If the array exists, it must have this typecode and length (its contents are
-        left as they are); otherwise :class:`~safeshm.IncompatibleSegmentError`.
+        If the array exists, it must have this typecode and length, and ``stripes`` if
+        given (its contents are left as they are); otherwise
+        :class:`~safeshm.IncompatibleSegmentError`.
         """
         _check_typecode(typecode)
         if isinstance(length_or_initializer, bool):
@@ -258,12 +274,10 @@ class SafeArray(SharedStructure, Generic[T]):
             length = len(values)
 
         def create() -> SafeArray[Any]:
-            made: SafeArray[Any] = cls.create(
-                typecode, values, name, stripes=stripes)  # type: ignore[call-overload]
-            return made
+            return cls.create(typecode, values, name=name, stripes=stripes)
 
         return cls._open_segment(name, create,
-                                 lambda seg: _check_params(seg, typecode, length))
+                                 lambda seg: _check_params(seg, typecode, length, stripes))
 
     def _bind(self, mm: mmap.mmap) -> None:
         tc, nstripes, length = _PARAMS.unpack_from(self._seg.header.params)
@@ -706,11 +720,14 @@ def _format_class(fmt: str) -> str:
     return "s" if code in "bhilq" else "u" if code in "BHILQ" else "f" if code in "fd" else ""
 
 
-def _check_params(seg: Segment, typecode: str, length: int | None) -> None:
-    tc, _, have_length = _PARAMS.unpack_from(seg.header.params)
+def _check_params(seg: Segment, typecode: str, length: int | None,
+                  stripes: int | None = None) -> None:
+    tc, have_stripes, have_length = _PARAMS.unpack_from(seg.header.params)
     have = tc.decode("ascii", "replace")
-    if have != typecode or (length is not None and have_length != length):
-        want = f"typecode {typecode!r}" + ("" if length is None else f", length {length}")
+    if (have != typecode or (length is not None and have_length != length)
+            or (stripes is not None and have_stripes != stripes)):
+        want = (f"typecode {typecode!r}" + ("" if length is None else f", length {length}")
+                + ("" if stripes is None else f", {stripes} stripes"))
         raise IncompatibleSegmentError(
-            f"SafeArray {seg.name!r} has typecode {have!r}, length {have_length}; "
-            f"expected {want}")
+            f"SafeArray {seg.name!r} has typecode {have!r}, length {have_length}, "
+            f"{have_stripes} stripes; expected {want}")

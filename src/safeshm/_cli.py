@@ -20,13 +20,15 @@ from typing import Any, Final, NamedTuple
 from . import _compat
 from ._array import SafeArray
 from ._counter import SafeCounter, ShardedCounter
-from ._errors import SafeShmError
+from ._errors import SafeShmError, SegmentCorruptedError
 from ._lock import SafeLock
 from ._queue import SafeQueue
 from ._segment import (
+    HEADER_SIZE,
     Header,
     Kind,
     SharedStructure,
+    check_directory,
     describe_kind,
     read_header,
     segment_path,
@@ -54,6 +56,7 @@ class _Entry:
     in_use: bool | None
     summary: str
     stats: dict[str, Any] | None
+    damaged: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,10 +79,50 @@ def _in_use(path: str) -> bool | None:
     return False
 
 
+def _users(st: os.stat_result) -> tuple[int, list[int]]:
+    """How many handles have the file open, and the pids that opened them (sorted).
+
+    Every open handle holds a shared flock on its own descriptor, and ``/proc/locks``
+    lists each flock with the pid that took it (as seen from our pid namespace; 0 for a
+    process outside it). A forked child that inherited a handle shares its lock and is
+    not listed separately. Waiters for a lock (``->`` lines) hold nothing and are skipped.
+    """
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    count = 0
+    pids: set[int] = set()
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 6 or fields[1] != "FLOCK" or fields[5] != dev:
+                    continue
+                count += 1
+                with contextlib.suppress(ValueError):
+                    if int(fields[4]) > 0:
+                        pids.add(int(fields[4]))
+    except OSError:  # pragma: no cover - no /proc
+        return 0, []
+    return count, sorted(pids)
+
+
+def _describe_users(st: os.stat_result) -> str:
+    count, pids = _users(st)
+    if not count:
+        return "in use by another process"
+    who = f" (pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))})" if pids else ""
+    return f"in use by {count} open handle{'s' if count > 1 else ''}{who}"
+
+
 def _summary(stats: Any) -> str:
     fields = dataclasses.asdict(stats)
     fields.pop("name", None)
     fields.pop("creator_pid", None)
+    if fields.pop("holder_died", False):
+        # A lock whose holder died: say so, rather than a lock held by nobody.
+        fields.pop("holder_pid", None)
+        state = "holder died (the next acquire recovers it)" if not fields.pop(
+            "locked", False) else "holder died (its thread is gone; never marked dead)"
+        return " ".join([state, *(f"{k}={v}" for k, v in fields.items())])
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -106,29 +149,42 @@ def _entry(filename: str) -> _Entry | None:
 
 
 def _describe(name: str, header: Header, size: int, path: str) -> _Entry:
+    if not header.intact:  # nothing it says can be trusted, not even its kind
+        return _Entry(name, "damaged", size, None, None, _in_use(path),
+                      "DAMAGED: its header's checksum does not match", None, True)
     alive = _compat.process_alive(header.creator_pid, header.creator_start,
                                   _compat.pid_namespace())
     cls = _CLASSES.get(header.kind)
     kind = describe_kind(header.kind, header.layout)[2:]
     summary = ""
     stats = None
+    damaged = False
     if cls is not None:
         try:
             handle = cls.attach(name)
+        except SegmentCorruptedError as e:
+            summary, damaged = f"DAMAGED: {e}", True
         except (OSError, SafeShmError) as e:
             summary = f"cannot attach: {e}"
         else:
             try:
-                st = handle.statistics()  # type: ignore[attr-defined]
+                st = handle.statistics()
                 stats = dataclasses.asdict(st)
                 summary = _summary(st)
+            except SegmentCorruptedError as e:
+                # One damaged segment must not hide the others: say so, and go on.
+                summary, damaged = f"DAMAGED: {e}", True
             finally:
                 handle.close()
-    return _Entry(name, kind, size, header.creator_pid, alive, _in_use(path), summary, stats)
+    return _Entry(name, kind, size, header.creator_pid, alive, _in_use(path), summary, stats,
+                  damaged)
 
 
 def _entries() -> list[_Entry]:
     try:
+        # Refuse to list (and `rm --stale` to remove from) a directory in which other
+        # users could have swapped the files.
+        check_directory(os.stat(_compat.SHM_DIR), _compat.SHM_DIR)
         names = sorted(os.listdir(_compat.SHM_DIR))
     except FileNotFoundError:
         return []
@@ -161,18 +217,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _created(ns: int) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ns / 1e9))
+    except (OverflowError, ValueError, OSError):  # a damaged header's time
+        return f"? ({ns} ns since the epoch)"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     name = validate_name(args.name)
     path = segment_path(name)
+    check_directory(os.stat(_compat.SHM_DIR), _compat.SHM_DIR)
     try:
         header, st = read_header(path)
     except FileNotFoundError:
         print(f"safeshm: no segment named {name!r}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"safeshm: cannot read segment {name!r}: {e.strerror}", file=sys.stderr)
+        return 1
     if header is None:
         print(f"safeshm: {name!r} is not a safeshm segment", file=sys.stderr)
         return 1
     entry = _describe(name, header, st.st_size, path)
+    stats = entry.stats
+    if stats is not None:  # the name and the creator are shown once, above them
+        stats = {k: v for k, v in stats.items() if k not in ("name", "creator_pid")}
     info: dict[str, Any] = {
         "name": name,
         "kind": entry.kind,
@@ -181,9 +251,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "creator_pid": header.creator_pid,
         "creator_alive": entry.creator_alive,
         "in_use": entry.in_use,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(header.created_ns / 1e9)),
-        "statistics": entry.stats,
+        "created": _created(header.created_ns),
+        "damaged": entry.damaged,
+        "statistics": stats,
     }
+    if entry.summary and stats is None:  # why there are no statistics
+        info["problem"] = entry.summary
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -207,39 +280,111 @@ def cmd_rm(args: argparse.Namespace) -> int:
     if not targets:
         print("nothing to remove")
         return 0
+    if not args.stale:
+        check_directory(os.stat(_compat.SHM_DIR), _compat.SHM_DIR)
     status = 0
     for name in targets:
         filename = name if name.startswith(_compat.TMP_PREFIX) else _compat.FILE_PREFIX + name
         path = os.path.join(_compat.SHM_DIR, filename)
-        if not name.startswith(_compat.TMP_PREFIX):
-            try:
-                header, _ = read_header(path)
-            except FileNotFoundError:
-                print(f"safeshm: no segment named {name!r}", file=sys.stderr)
-                status = 1
-                continue
-            if header is None:
-                print(f"safeshm: {name!r} is not a safeshm segment; left alone", file=sys.stderr)
-                status = 1
-                continue
-        if not args.yes:
-            try:
-                answer = input(f"remove {name!r}? [y/N] ")
-            except EOFError:  # stdin closed or not a terminal: nobody can answer
-                print(f"\nsafeshm: no answer on stdin; {name!r} left alone "
-                      "(--yes removes without asking)", file=sys.stderr)
-                status = 1
-                continue
-            if answer.strip().lower() not in ("y", "yes"):
-                continue
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            print(f"safeshm: {name!r} is already gone", file=sys.stderr)
+        if not _remove(name, path, args):
             status = 1
-        else:
-            print(f"removed {name}")
     return status
+
+
+def _remove(name: str, path: str, args: argparse.Namespace) -> bool:
+    """Remove one segment, asking first (unless ``--yes``). False if it was not removed
+    (missing, not ours, in use and left alone); True if removed or if the user said no."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        print(f"safeshm: no segment named {name!r}", file=sys.stderr)
+        return False
+    except OSError as e:
+        print(f"safeshm: cannot open {name!r}: {e.strerror}; left alone", file=sys.stderr)
+        return False
+    try:
+        problem = None if name.startswith(_compat.TMP_PREFIX) else _not_ours(fd)
+        if problem:
+            print(f"safeshm: {name!r} {problem}; left alone", file=sys.stderr)
+            return False
+        st = os.fstat(fd)
+        busy = _in_use(path) is True
+        answer = _confirm(name, st, busy, args)
+        if answer is not True:
+            return answer is None
+        # The user was told it was in use and wants it gone (or said --force).
+        return _unlink_if_unused(fd, name, path, st, force=busy)
+    finally:
+        os.close(fd)  # and with it the exclusive flock, if taken
+
+
+def _not_ours(fd: int) -> str | None:
+    """Why the open file ``fd`` is not a safeshm segment; ``None`` if it is one."""
+    try:
+        ours = Header.parse(os.pread(fd, HEADER_SIZE, 0)) is not None
+    except OSError as e:  # EISDIR: a directory at a segment's name
+        return f"cannot be read: {e.strerror}"
+    return None if ours else "is not a safeshm segment"
+
+
+def _confirm(name: str, st: os.stat_result, busy: bool, args: argparse.Namespace) -> bool | None:
+    """Whether to go on: True yes, None the user said no, False refused (said why)."""
+    if busy and not args.force:
+        if args.yes:
+            print(f"safeshm: {name!r} is {_describe_users(st)}; left alone (--force "
+                  "removes a segment in use)", file=sys.stderr)
+            return False
+        question = (f"{name!r} is {_describe_users(st)}: removing it splits them from every "
+                    "later open(), which creates a new segment under this name. Remove it "
+                    "anyway? [y/N] ")
+    else:
+        question = f"remove {name!r}? [y/N] "
+    if args.yes or args.force:
+        return True
+    try:
+        answer = input(question)
+    except EOFError:  # stdin closed or not a terminal: nobody can answer
+        print(f"\nsafeshm: no answer on stdin; {name!r} left alone (--yes removes without "
+              "asking)", file=sys.stderr)
+        return False
+    return True if answer.strip().lower() in ("y", "yes") else None
+
+
+def _unlink_if_unused(fd: int, name: str, path: str, st: os.stat_result, *,
+                      force: bool) -> bool:
+    """Unlink ``path`` (open as ``fd``, ``st``) if nobody uses it, or ``force``.
+
+    Decides again at the moment of unlinking, under the same exclusion as attach: attach
+    takes a shared flock and then checks that the name still is its file, so while we
+    hold the exclusive flock nobody can start using the segment, and whoever attaches
+    after the unlink finds the name gone (``open()`` then creates a new one). Without
+    this, a service that attached between the decision (or the question) and the unlink
+    would keep using the removed file while later ``open()`` calls create another: two
+    segments under one name.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not force:
+            print(f"safeshm: {name!r} is now {_describe_users(st)}; left alone",
+                  file=sys.stderr)
+            return False
+    _before_unlink_hook(name)
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        print(f"safeshm: {name!r} is already gone", file=sys.stderr)
+        return False
+    os.unlink(path)
+    print(f"removed {name}")
+    return True
+
+
+def _before_unlink_hook(name: str) -> None:
+    """Called by ``rm`` holding the exclusive flock, just before the unlink: tests use it to
+    race an attach against the removal deterministically."""
 
 
 # -- demo ----------------------------------------------------------------------------------
@@ -378,70 +523,23 @@ def _demo(workers: int, shared: _DemoShared) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ._bench import run  # noqa: PLC0415 - only `bench` needs it (and it is slow to import)
+    # Only `bench` needs the measuring code (and it is slow to import).
+    from ._bench.command import run  # noqa: PLC0415
 
     return run(args)
 
 
-# `safeshm bench`'s choices and defaults, here with its options (safeshm._bench, which
-# uses them too, is imported only when `bench` runs).
-BENCH_STRUCTURES: Final = ("counter", "array", "queue", "store")
-DEFAULT_BENCH_PROCESSES: Final = (1, 2)
-DEFAULT_BENCH_SECONDS: Final = 1.0
-DEFAULT_BENCH_REPEATS: Final = 5
-DEFAULT_BULK_ELEMENTS: Final = 10_000_000
-# Sanity limits on the benchmark's and the demo's arguments: beyond them a value is a typo
-# (`--processes 10000` would start 10,000 interpreters) rather than a wish.
+# A sanity limit on the demo's workers: beyond it a value is a typo (`--workers 10000`
+# would start 10,000 interpreters) rather than a wish.
 _MAX_PROCESSES: Final = 256
-_MAX_REPEATS: Final = 1000
-_MAX_SECONDS: Final = 3600.0
-_MAX_BULK_ELEMENTS: Final = 1 << 36
-
-
-def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
-    """The options of ``safeshm bench`` (also ``benchmarks/bench_*.py``).
-
-    Measuring options default to ``None`` so that ``--from-json``, which measures
-    nothing, can tell that one was given; :func:`safeshm._bench.run` fills in the defaults.
-    """
-    measuring = bench.add_argument_group("what to measure")
-    measuring.add_argument(
-        "--processes", type=_int_in(1, _MAX_PROCESSES), nargs="+", metavar="N",
-        help="process counts to measure (default: "
-             f"{' '.join(map(str, DEFAULT_BENCH_PROCESSES))}); for the queue, N processes "
-             "means N producers and N consumers")
-    measuring.add_argument(
-        "--seconds", type=_seconds, metavar="S",
-        help=f"approximate duration of each measurement (default: {DEFAULT_BENCH_SECONDS})")
-    measuring.add_argument(
-        "--repeats", type=_int_in(1, _MAX_REPEATS), metavar="R",
-        help="measurements per implementation and process count; the tables report their "
-             f"median (default: {DEFAULT_BENCH_REPEATS})")
-    measuring.add_argument(
-        "--structures", nargs="+", choices=BENCH_STRUCTURES,
-        metavar="{" + ",".join(BENCH_STRUCTURES) + "}",
-        help=f"what to benchmark (default: {' '.join(BENCH_STRUCTURES)})")
-    measuring.add_argument(
-        "--bulk-elements", type=_int_in(1, _MAX_BULK_ELEMENTS), metavar="N",
-        help="float64 elements summed by the array benchmark's bulk part "
-             f"(default: {DEFAULT_BULK_ELEMENTS})")
-    output = bench.add_argument_group("output")
-    output.add_argument("--json", action="store_true",
-                        help="print the results as JSON on stdout instead of tables")
-    output.add_argument("--plot", metavar="FILE.png",
-                        help="also draw a bar chart of safeshm's speed ratios against the "
-                             "alternatives into FILE.png (needs matplotlib: "
-                             "pip install 'safeshm[plot]')")
-    output.add_argument("--from-json", metavar="FILE",
-                        help="measure nothing: read the results a previous `safeshm bench "
-                             "--json` saved in FILE, and print (or --plot) them")
-    output.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress display on stderr (problems are still reported)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__  # noqa: PLC0415 - the package's one version source
+
     p = argparse.ArgumentParser(prog="safeshm", description=(
         "Inspect and manage safeshm shared-memory segments, run the demo or the benchmark."))
+    p.add_argument("--version", action="version", version=f"safeshm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", help="list every safeshm segment on this machine")
@@ -457,35 +555,33 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("names", nargs="*", metavar="NAME")
     rm.add_argument("--stale", action="store_true",
                     help="also remove every segment that no process has open")
-    rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    rm.add_argument("-y", "--yes", action="store_true",
+                    help="do not ask for confirmation (a segment in use is left alone)")
+    rm.add_argument("--force", action="store_true",
+                    help="remove even segments that processes are using, without asking "
+                         "(they keep their copy; a later open() creates a new segment)")
     rm.set_defaults(func=cmd_rm)
 
     add_store_parser(sub)
 
-    demo = sub.add_parser("demo", help="worker processes sharing counters, an array and a lock, "
-                                       "checked")
+    demo = sub.add_parser(
+        "demo", help="worker processes sharing every structure, checked at the end",
+        description="Start worker processes (with spawn, then fork) that share a SafeCounter, "
+                    "a ShardedCounter, a SafeLock guarding a read-modify-write, a SafeArray, "
+                    "a SafeQueue and a SafeFileStore, then check every total exactly. "
+                    "Everything it creates is removed at the end.")
     demo.add_argument("--workers", type=_int_in(1, _MAX_PROCESSES), default=4,
                       help="worker processes per start method (default: 4)")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser(
-        "bench", help="benchmark safeshm against the alternatives",
-        description="Measure safeshm's structures against what users use today "
-                    "(multiprocessing idioms, numpy, faster_fifo), print the figures and "
-                    "ratios, and optionally chart them.")
-    _add_bench_arguments(bench)
+    # The options only (a light module): the measuring code is imported when `bench` runs.
+    from ._bench import options as bench_options  # noqa: PLC0415
+
+    bench = sub.add_parser("bench", help="benchmark safeshm against the alternatives",
+                           description=bench_options.DESCRIPTION)
+    bench_options.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -505,29 +601,34 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(text: str) -> float:
-    """An argparse ``type``: a duration in seconds, positive and finite."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    # `not value > 0` also refuses nan; inf would overflow every timeout derived from it.
-    if not value > 0 or value > _MAX_SECONDS:
-        raise argparse.ArgumentTypeError(
-            f"must be more than 0 and at most {_MAX_SECONDS:g}, got {text}")
-    return value
+# What the machine or the user's input can cause, as opposed to a bug in safeshm: these
+# are reported in one line. Any other OSError (EBADF, EINVAL, EFAULT, ...) means our code
+# is wrong, and shows its traceback like any other bug.
+_ENVIRONMENT_ERRNOS: Final = frozenset({
+    errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST, errno.EISDIR, errno.ENOTDIR,
+    errno.ELOOP, errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE,
+    errno.ENFILE, errno.ENOMEM, errno.EBUSY, errno.ENOTEMPTY, errno.EIO, errno.EXDEV,
+})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``safeshm`` command line; return its exit status.
+
+    Problems a user can act on -- a bad argument (exit 2), an error safeshm raises on
+    purpose (exit 2), a file or system-resource problem (exit 1) -- are printed in one line.
+    Anything else is a bug in safeshm and propagates with its traceback.
+    """
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (SafeShmError, ValueError, TypeError) as e:
+    except SafeShmError as e:
         print(f"safeshm: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # pragma: no cover - output piped into `head`
+        return 0
     except OSError as e:
-        if e.errno == errno.EPIPE:  # pragma: no cover - output piped into `head`
-            return 0
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
         print(f"safeshm: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # pragma: no cover

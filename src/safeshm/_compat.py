@@ -71,6 +71,10 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+PID_MAX_LIMIT: Final = 1 << 22
+"""No Linux process or thread id reaches this (``PID_MAX_LIMIT`` on 64-bit kernels)."""
+
+
 def process_start_time(target_pid: int) -> int | None:
     """Start time of ``target_pid`` in clock ticks since boot, or ``None`` if it is gone.
 
@@ -102,7 +106,7 @@ def process_alive(target_pid: int, start_time: int, namespace: int) -> bool:
     Errs on the side of "alive": a process in another pid namespace, or one we cannot
     inspect, is reported alive, so nothing it owns is ever reused under it.
     """
-    if target_pid <= 0:
+    if not 0 < target_pid < PID_MAX_LIMIT:  # also a pid read from a damaged segment
         return False
     if namespace != pid_namespace():
         return True

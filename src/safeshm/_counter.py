@@ -17,7 +17,12 @@ import weakref
 from typing import Any, Final, Literal, Self, overload
 
 from . import _compat
-from ._errors import IncompatibleSegmentError, SafeShmWarning, SegmentClosedError
+from ._errors import (
+    IncompatibleSegmentError,
+    SafeShmWarning,
+    SegmentClosedError,
+    SegmentCorruptedError,
+)
 from ._lock import MUTEX_BLOCK, Held, RobustMutex, init_mutex
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 
@@ -124,15 +129,19 @@ class SafeCounter(SharedStructure):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *,
+    def create(cls, initial: int = 0, *, name: str | None = None,
                sharded: Literal[False] = False) -> Self: ...
     @overload
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *,
+    def create(cls, initial: int = 0, *, name: str | None = None,
                sharded: Literal[True], slots: int | None = None) -> ShardedCounter: ...
+    @overload
+    @classmethod
+    def create(cls, initial: int = 0, *, name: str | None = None, sharded: bool,
+               slots: int | None = None) -> SafeCounter | ShardedCounter: ...
 
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *, sharded: bool = False,
+    def create(cls, initial: int = 0, *, name: str | None = None, sharded: bool = False,
                slots: int | None = None) -> Self | ShardedCounter:
         """Create a new counter holding ``initial``.
 
@@ -149,7 +158,7 @@ class SafeCounter(SharedStructure):
             TypeError: ``initial`` is not an int.
         """
         if sharded:
-            return ShardedCounter.create(initial, name, slots=slots)
+            return ShardedCounter.create(initial, name=name, slots=slots)
         if slots is not None:
             raise TypeError("slots= applies to sharded counters only")
         initial = _check_int64("initial value", initial)
@@ -182,6 +191,10 @@ class SafeCounter(SharedStructure):
     @classmethod
     def open(cls, name: str, initial: int = 0, *, sharded: Literal[True],
              slots: int | None = None) -> ShardedCounter: ...
+    @overload
+    @classmethod
+    def open(cls, name: str, initial: int = 0, *, sharded: bool,
+             slots: int | None = None) -> SafeCounter | ShardedCounter: ...
 
     @classmethod
     def open(cls, name: str, initial: int = 0, *, sharded: bool = False,
@@ -195,7 +208,7 @@ class SafeCounter(SharedStructure):
         if slots is not None:
             raise TypeError("slots= applies to sharded counters only")
         initial = _check_int64("initial value", initial)
-        return cls._open_segment(name, lambda: cls.create(initial, name))
+        return cls._open_segment(name, lambda: cls.create(initial, name=name))
 
     def _bind(self, mm: mmap.mmap) -> None:
         impl = self._seg.header.flags
@@ -502,7 +515,7 @@ class ShardedCounter(SharedStructure):
     _warned_full: bool
 
     @classmethod
-    def create(cls, initial: int = 0, name: str | None = None, *,
+    def create(cls, initial: int = 0, *, name: str | None = None,
                slots: int | None = None) -> Self:
         """Create a new sharded counter holding ``initial``.
 
@@ -547,15 +560,29 @@ class ShardedCounter(SharedStructure):
     def open(cls, name: str, initial: int = 0, *, slots: int | None = None) -> Self:
         """Attach to ``name``, creating it with ``initial`` first if needed (race-free).
 
-        ``slots`` applies only if this call creates the counter.
+        ``initial`` applies only if this call creates the counter.
+
+        Raises:
+            IncompatibleSegmentError: ``slots`` is given and the existing counter has
+                another number of slots (one rule for every ``open()``: a parameter
+                given explicitly must match the existing segment).
         """
         initial = _check_int64("initial value", initial)
-        return cls._open_segment(name, lambda: cls.create(initial, name, slots=slots))
+
+        def check(seg: Segment) -> None:
+            (have,) = _PARAMS.unpack_from(seg.header.params)
+            if slots is not None and have != slots:
+                raise IncompatibleSegmentError(
+                    f"ShardedCounter {seg.name!r} has {have} slots; expected {slots}")
+
+        return cls._open_segment(name, lambda: cls.create(initial, name=name, slots=slots),
+                                 check)
 
     def _bind(self, mm: mmap.mmap) -> None:
         (nslots,) = _PARAMS.unpack_from(self._seg.header.params)
-        if _SLOTS_OFFSET + nslots * _SLOT_SIZE != self._seg.header.total_size:
-            raise IncompatibleSegmentError(
+        if not 1 <= nslots <= MAX_SLOTS or (
+                _SLOTS_OFFSET + nslots * _SLOT_SIZE != self._seg.header.total_size):
+            raise SegmentCorruptedError(
                 f"ShardedCounter {self._seg.name!r} is damaged: {nslots} slots do not fit "
                 f"its {self._seg.header.total_size} bytes")
         self._mv = memoryview(mm).cast("q")
@@ -621,7 +648,7 @@ class ShardedCounter(SharedStructure):
         ns = _compat.pid_namespace()
         chosen: int | None = None
         with Held(self._mutex):
-            high = mv[_HIGH]
+            high = self._check_high(mv[_HIGH])
             chosen = _free_slot(mv, self._nslots, high, me)
             if chosen is not None:
                 w = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8
@@ -661,7 +688,16 @@ class ShardedCounter(SharedStructure):
             lease.release()
         self.__dict__["_retired_tls"] = tls
 
+    def _check_high(self, high: int) -> int:
+        """``high`` (the high-water mark of used slots, read from the segment) if possible."""
+        if not 0 <= high <= self._nslots:
+            raise SegmentCorruptedError(
+                f"ShardedCounter {self._seg.name!r} is damaged: its high-water mark of used "
+                f"slots is {high}, with {self._nslots} slots")
+        return high
+
     def _slot_sum(self, high: int) -> int:
+        self._check_high(high)
         first = _SLOTS_OFFSET // 8 + _S_VALUE
         return sum(self._mv[first : first + high * _SLOT_WORDS : _SLOT_WORDS])
 
@@ -706,7 +742,7 @@ class ShardedCounter(SharedStructure):
     def statistics(self) -> ShardedCounterStatistics:
         """A snapshot for monitoring. Reads ownership without taking the lock."""
         mv = self._mv
-        high = mv[_HIGH]
+        high = self._check_high(mv[_HIGH])
         in_use = 0
         for k in range(high):
             w = (_SLOTS_OFFSET + k * _SLOT_SIZE) // 8

@@ -8,8 +8,11 @@ in pools unchanged.
 
 from __future__ import annotations
 
+import pickle
 import queue
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "HandleClosedError",
@@ -18,6 +21,7 @@ __all__ = [
     "IncompatibleStoreError",
     "InsecureDirectoryError",
     "InvalidNameError",
+    "ItemDecodeError",
     "LockNotHeldError",
     "LockReentryError",
     "LockTimeoutError",
@@ -26,6 +30,8 @@ __all__ = [
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
+    "SegmentCorruptedError",
+    "SegmentExistsError",
     "SegmentNotFoundError",
     "SegmentPermissionError",
     "StoreClosedError",
@@ -62,12 +68,31 @@ class SegmentNotFoundError(SafeShmError, FileNotFoundError):
     """
 
 
+class SegmentExistsError(SafeShmError, FileExistsError):
+    """``create()`` was given a name that another segment already has.
+
+    A :class:`FileExistsError` (``errno.EEXIST``) and a :class:`SafeShmError`.
+    """
+
+
 class IncompatibleSegmentError(SafeShmError, ValueError):
     """The segment exists but is not what the caller asked for.
 
     It holds another kind of structure, another layout version, different parameters
     (for ``open()``), or it is not a safeshm segment at all. The message names the
     segment, what was expected and what was found.
+    """
+
+
+class SegmentCorruptedError(IncompatibleSegmentError):
+    """The segment is a safeshm segment of the expected kind, but what it holds is damaged:
+    a value read from it breaks the structure's invariants (a size, a count, a position
+    or a record that cannot be right, a mutex that is not a valid mutex any more).
+
+    Raised instead of returning garbage or crashing; the message names the segment and
+    what is wrong. Nothing is changed by the call that detects it. Shared memory is
+    damaged only by a program writing into it (or by hand): remove the segment
+    (``safeshm rm NAME``) and create it again.
     """
 
 
@@ -136,6 +161,26 @@ else:
         """
 
 
+class ItemDecodeError(SafeShmError, pickle.UnpicklingError):
+    """Items taken from a ``SafeQueue`` could not be unpickled in this process (their class
+    cannot be imported here, their ``__setstate__`` raised, ...).
+
+    They are off the queue, but nothing is lost: :attr:`items` holds every item of the
+    same ``get_many()`` batch that did unpickle, in queue order, and :attr:`undecodable`
+    the pickled bytes of each item that did not (for ``get()``: no items, one blob).
+    ``__cause__`` is the first failure. Also a :class:`pickle.UnpicklingError`.
+    """
+
+    def __init__(self, message: str, items: Sequence[Any] = (),
+                 undecodable: Sequence[bytes] = ()) -> None:
+        super().__init__(message)
+        self.items: list[Any] = list(items)
+        self.undecodable: list[bytes] = list(undecodable)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.items, self.undecodable))
+
+
 class StoreCorruptedError(SafeShmError, ValueError):
     """A ``SafeFileStore``'s files do not check out: a checksum does not match, or the
     structure is damaged (a flipped byte, a file truncated in its middle or its header,
@@ -153,7 +198,11 @@ class IncompatibleStoreError(SafeShmError, ValueError):
 
 class InsecureDirectoryError(SafeShmError, PermissionError):
     """A store's directory or file belongs to another user or can be written by others,
-    or one of the store's files is a symbolic link: other users could change the data."""
+    or one of the store's files is a symbolic link: other users could change the data.
+
+    Also raised for the shared-memory segment directory (``SAFESHM_DIR``, ``/dev/shm``)
+    when it belongs to another user (not root) or others can write into it without the
+    sticky bit: they could then replace or remove our segments."""
 
 
 class StoreTimeoutError(LockTimeoutError):

@@ -21,6 +21,7 @@ import math
 import mmap
 import operator
 import os
+import struct
 import threading
 import time
 import warnings
@@ -37,6 +38,7 @@ from ._errors import (
     LockTimeoutError,
     SafeShmError,
     SegmentClosedError,
+    SegmentCorruptedError,
 )
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 from ._timeout import check_timeout
@@ -57,6 +59,13 @@ does not delay the hand-over, which the unlocking thread's futex wake-up drives.
 
 _FUTEX_TID_MASK: Final = 0x3FFFFFFF
 _FUTEX_OWNER_DIED: Final = 0x40000000
+# glibc's pthread_mutex_t, the same on x86_64 and aarch64: int __lock (the robust futex
+# word: owner tid | FUTEX_WAITERS | FUTEX_OWNER_DIED), unsigned __count, int __owner,
+# unsigned __nusers, int __kind.
+_GLIBC_OWNER_WORD: Final = 2
+_GLIBC_KIND_WORD: Final = 4
+_GLIBC_OWNER_SPECIAL: Final = (0x7FFFFFFF, 0x7FFFFFFE)  # INCONSISTENT, NOTRECOVERABLE
+_reference_kind: int | None = None
 _SPINS: Final = 60
 """trylock attempts (~150 ns each) before a contended acquire sleeps in the kernel."""
 _NEVER: Final = math.inf
@@ -223,6 +232,96 @@ def _c_release(mutex: RobustMutex, seg: Segment) -> Any:
 # restype and argtypes. PyDLL: the unlock never blocks, so it keeps the GIL.
 _LIBC_GIL: Final = ctypes.PyDLL(None)
 
+def _glibc_kind() -> int:
+    """The ``__kind`` word glibc writes for our mutexes (learnt once, from a scratch one)."""
+    global _reference_kind  # noqa: PLW0603 - a per-process constant, computed on first use
+    if _reference_kind is None:
+        scratch = mmap.mmap(-1, MUTEX_BLOCK)
+        init_mutex(scratch, 0)
+        _reference_kind = struct.unpack_from("=i", scratch, 4 * _GLIBC_KIND_WORD)[0]
+        scratch.close()
+    return _reference_kind
+
+
+def check_mutex(words: memoryview, what: str) -> None:
+    """Refuse a mutex whose bytes cannot be a robust mutex of ours (glibc only).
+
+    Read from shared memory when a handle binds to it, so that damage is a typed error
+    at ``attach()`` instead of ``EINVAL`` on first use, a lock that silently stopped
+    being robust (a damaged ``__kind`` can turn it into a plain mutex), or a lock held
+    forever by a thread that cannot exist.
+
+    Raises:
+        SegmentCorruptedError: the mutex's type, futex word or owner is not possible.
+    """
+    if not _compat.GLIBC:  # pragma: no cover - musl lays the mutex out differently
+        return
+    ints = words.cast("B").cast("i")
+    kind = ints[_GLIBC_KIND_WORD]
+    if kind != _glibc_kind():
+        raise SegmentCorruptedError(
+            f"{what} is damaged: its mutex has type {kind}, not a robust process-shared "
+            f"mutex ({_glibc_kind()})")
+    word = ints[0]
+    tid = word & _FUTEX_TID_MASK
+    owner = ints[_GLIBC_OWNER_WORD]
+    if tid >= _compat.PID_MAX_LIMIT or not (0 <= owner < _compat.PID_MAX_LIMIT
+                                     or owner in _GLIBC_OWNER_SPECIAL):
+        raise SegmentCorruptedError(
+            f"{what} is damaged: its mutex names owner thread {tid} / {owner}, which no "
+            "Linux thread id can be")
+    if tid and not word & _FUTEX_OWNER_DIED and _held_forever(words, tid):
+        raise SegmentCorruptedError(
+            f"{what} is held by thread {tid}, which no longer exists and was never marked "
+            "dead, and no other process has the segment open: nobody can ever release "
+            "it (damaged bytes, or a holder whose robust list was lost)")
+
+
+def _held_forever(words: memoryview, tid: int) -> bool:
+    """Whether the mutex in ``words``, whose futex word names ``tid``, can never be freed.
+
+    The slow path of :func:`check_mutex`, taken only when the holder thread does not exist
+    here. A holder that exits is marked dead by the kernel (its robust list) before its
+    thread id disappears; so a held mutex naming a vanished thread is stuck -- unless the
+    holder is in another pid namespace, where its id means nothing here. Any holder has
+    the segment open (its flock shows in /proc/locks; as pid 0 from another namespace), so
+    the mutex is declared stuck only if no process but this one has the segment open.
+    """
+    if os.path.exists(f"/proc/{tid}"):
+        return False  # alive (or its id reused: then we cannot tell, and assume alive)
+    ints = words.cast("B").cast("i")
+    if ints[0] & _FUTEX_TID_MASK != tid:
+        return False  # released meanwhile
+    where = _mapped_file(ctypes.addressof(ctypes.c_char.from_buffer(words)))
+    if where is None:
+        return False
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if (len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where
+                        and fields[4] != str(_compat.pid)):
+                    return False
+    except OSError:  # pragma: no cover - no /proc: cannot tell
+        return False
+    return True
+
+
+def _mapped_file(address: int) -> str | None:
+    """``MAJ:MIN:INODE`` (as /proc/locks writes it) of the file mapped at ``address``."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                low, _, high = fields[0].partition("-")
+                if int(low, 16) <= address < int(high, 16) and len(fields) >= 5:
+                    major, _, minor = fields[3].partition(":")
+                    return f"{int(major, 16):02x}:{int(minor, 16):02x}:{fields[4]}"
+    except (OSError, ValueError):  # pragma: no cover - no /proc
+        return None
+    return None  # pragma: no cover - we map it
+
+
 class RobustMutex:
     """A view of a robust mutex inside a mapping (see :func:`init_mutex`).
 
@@ -244,6 +343,9 @@ class RobustMutex:
                                     ].cast("i")
         """A one-word view of the robust futex word: nonzero while some thread holds it."""
         self._what = what
+        # Before exit_c: its ctypes function sits in a reference cycle that would keep the
+        # mapping exported (and un-closable) after a refused, damaged mutex.
+        check_mutex(self._words, what)
         self.exit_c = _c_exit(self) if held else None
         """``exit_c(t, v, tb)``: unlock as one C-level call, for ``__exit__`` methods (only
         with ``held``: a mutex that :class:`Held` or ``SafeLock`` uses)."""
@@ -315,6 +417,9 @@ class RobustMutex:
             raise self._reentry()
         if rc == _compat.ENOTRECOVERABLE:  # pragma: no cover - we always call consistent()
             raise SafeShmError(f"{self._what} is unrecoverable (ENOTRECOVERABLE)")
+        if rc == errno.EINVAL:  # the bytes were damaged after we attached
+            raise SegmentCorruptedError(
+                f"{self._what} is damaged: locking its mutex failed with EINVAL")
         raise OSError(rc, f"locking {self._what} failed: {os.strerror(rc)}")
 
     def _recover(self) -> int:
@@ -384,6 +489,13 @@ class RobustMutex:
         futex word holds the owner's tid (see :data:`OWNER_WORD`).
         """
         return int(self.owner[0]) & _FUTEX_TID_MASK
+
+    def owner_died(self) -> bool:
+        """Whether the kernel marked the mutex's holder dead and nobody has recovered it
+        yet (the next acquirer will). A snapshot; ``False`` where the libc hides it."""
+        if not _compat.GLIBC:  # pragma: no cover - musl keeps the state elsewhere
+            return False
+        return bool(int(self._words.cast("B").cast("i")[0]) & _FUTEX_OWNER_DIED)
 
     def locked(self) -> bool:
         """Whether any thread holds the mutex right now. A snapshot; never blocks."""
@@ -474,6 +586,12 @@ class LockStatistics:
     """Whether some thread held the lock when the snapshot was taken."""
     holder_pid: int | None
     """The process holding it (``None`` when free, dead, or unknown on this libc)."""
+    holder_died: bool
+    """The last holder died holding it: either the kernel marked it so (``locked`` is
+    then false and the next ``acquire()`` recovers it, with a :class:`HolderDiedWarning`),
+    or its thread no longer exists although the lock still names it (``locked`` true:
+    unrecoverable; seen only when a process exits in a way that skips the kernel's robust
+    list, or when the holder runs in another pid namespace and cannot be seen)."""
     recoveries: int
     """How many times a holder died and a later acquirer recovered the lock."""
     creator_pid: int
@@ -514,7 +632,7 @@ class SafeLock(SharedStructure):
     _exit_c: Any
 
     @classmethod
-    def create(cls, name: str | None = None) -> Self:
+    def create(cls, *, name: str | None = None) -> Self:
         """Create a new lock, initially free.
 
         Args:
@@ -542,7 +660,7 @@ class SafeLock(SharedStructure):
     @classmethod
     def open(cls, name: str) -> Self:
         """Attach to the lock ``name``, creating it first if needed (race-free)."""
-        return cls._open_segment(name, lambda: cls.create(name))
+        return cls._open_segment(name, lambda: cls.create(name=name))
 
     def _bind(self, mm: mmap.mmap) -> None:
         mutex = RobustMutex(mm, HEADER_SIZE, f"SafeLock {self._seg.name!r}")
@@ -694,10 +812,14 @@ Raises:
         mutex = self._mutex
         tid = mutex.holder_tid()
         holder = tid_to_pid(tid) if tid else None
+        # A holder thread that is gone while the lock still names it (read again: it may
+        # just have released the lock and exited).
+        gone = bool(tid) and holder is None and mutex.holder_tid() == tid
         return LockStatistics(
             name=self._seg.name,
             locked=mutex.locked(),
             holder_pid=holder,
+            holder_died=gone or mutex.owner_died(),
             recoveries=mutex.recoveries,
             creator_pid=self._seg.header.creator_pid,
         )

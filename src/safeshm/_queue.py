@@ -15,7 +15,13 @@ from collections.abc import Iterable
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
-from ._errors import IncompatibleSegmentError, QueueShutDown, SafeShmError
+from ._errors import (
+    IncompatibleSegmentError,
+    ItemDecodeError,
+    QueueShutDown,
+    SafeShmError,
+    SegmentCorruptedError,
+)
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 from ._timeout import check_timeout
@@ -30,8 +36,9 @@ T = TypeVar("T")
 #   192  futex line, uint32 words: not-empty sequence and "sleepers" token, then not-full
 #   256  robust mutex block
 #   384  the ring: capacity bytes of records, each an 8-byte header (payload length in
-#        the low 32 bits, a marker in the high 32) and the payload, padded to 8 bytes;
-#        a payload may wrap around the end of the ring (a header never does).
+#        the low 32 bits, the length XOR _MARK_KEY in the high 32: layout 2) and the
+#        payload, padded to 8 bytes; a payload may wrap around the end of the ring (a
+#        header never does).
 _STATE_OFFSET: Final = HEADER_SIZE
 _HEAD, _TAIL, _PUTS, _GETS, _SHUT = range(5)
 _FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
@@ -39,7 +46,12 @@ _NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP = range(4)  # _futex_ptrs[seq >> 1] is a 
 _MUTEX_OFFSET: Final = HEADER_SIZE + 2 * CACHE_LINE
 _RING_OFFSET: Final = _MUTEX_OFFSET + MUTEX_BLOCK
 _RECORD_HEADER: Final = 8
-_MARK: Final = 0x51ED0000 << 32
+# A record header's high half is its length XOR this key: a length changed by damage no
+# longer matches its check half, so it is never used to cut an item out of the ring (a
+# constant marker let a damaged length swallow the records after it, returned as one item).
+_MARK_KEY: Final = 0x51ED51ED
+_INT64_MAX: Final = (1 << 63) - 1
+_COUNT_LIMIT: Final = 1 << 62  # more puts than a queue can see in centuries: damage
 _LEN_MASK: Final = 0xFFFFFFFF
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
 _SHUTDOWN: Final = 1
@@ -122,7 +134,7 @@ class SafeQueue(SharedStructure, Generic[T]):
     """
 
     _KIND = Kind.QUEUE
-    _LAYOUT = 1
+    _LAYOUT = 2  # 2: record headers carry a check of their length (1: a constant marker)
     _MAPPED = ("_hot", "_state", "_fw", "_mutex", "_futex_ptrs")
 
     _hot: tuple[memoryview, memoryview, memoryview, memoryview, Any, int, memoryview]
@@ -139,15 +151,19 @@ class SafeQueue(SharedStructure, Generic[T]):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
                raw: Literal[False] = False) -> SafeQueue[Any]: ...
     @overload
     @classmethod
-    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
                raw: Literal[True]) -> SafeQueue[bytes]: ...
+    @overload
+    @classmethod
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
+               raw: bool) -> SafeQueue[Any]: ...
 
     @classmethod
-    def create(cls, capacity: int, name: str | None = None, *, maxsize: int = 0,
+    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
                raw: bool = False) -> SafeQueue[Any]:
         """Create a new, empty queue.
 
@@ -190,28 +206,47 @@ class SafeQueue(SharedStructure, Generic[T]):
 
     @overload
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
              raw: Literal[False] = False) -> SafeQueue[Any]: ...
     @overload
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
              raw: Literal[True]) -> SafeQueue[bytes]: ...
+    @overload
+    @classmethod
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
+             raw: bool) -> SafeQueue[Any]: ...
 
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int = 0,
+    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
              raw: bool = False) -> SafeQueue[Any]:
-        """Attach to ``name``, creating it first if needed (race-free). An existing queue
-        must be in the same mode (``raw``); its capacity and maxsize are kept."""
+        """Attach to ``name``, creating it first if needed (race-free).
+
+        An existing queue must be what this call would create: the same ``capacity``
+        (after rounding up to a multiple of 8) and mode (``raw``), and the same
+        ``maxsize`` if one is given (``None``: 0 when creating, any when attaching) --
+        the rule of every ``open()``. Otherwise :class:`~safeshm.IncompatibleSegmentError`
+        names what differs.
+        """
+        want_capacity = (_check_count("capacity", capacity) + 7) & ~7
+        if maxsize is not None:
+            maxsize = _check_count("maxsize", maxsize)
 
         def check(seg: Segment) -> None:
-            have_raw = bool(_PARAMS.unpack_from(seg.header.params)[2])
-            if have_raw != bool(raw):
-                raise IncompatibleSegmentError(
-                    f"SafeQueue {name!r} is {'raw (bytes)' if have_raw else 'pickling'}, "
-                    f"expected {'raw (bytes)' if raw else 'pickling'}")
+            have_capacity, have_maxsize, have_raw = _PARAMS.unpack_from(seg.header.params)
+            diffs = []
+            if have_capacity != want_capacity:
+                diffs.append(f"capacity {have_capacity}, expected {want_capacity}")
+            if maxsize is not None and have_maxsize != maxsize:
+                diffs.append(f"maxsize {have_maxsize}, expected {maxsize}")
+            if bool(have_raw) != bool(raw):
+                diffs.append(f"{'raw (bytes)' if have_raw else 'pickling'}, expected "
+                             f"{'raw (bytes)' if raw else 'pickling'}")
+            if diffs:
+                raise IncompatibleSegmentError(f"SafeQueue {name!r} has " + "; ".join(diffs))
 
         return cls._open_segment(
-            name, lambda: cls.create(capacity, name, maxsize=maxsize, raw=raw),  # type: ignore[call-overload]
+            name, lambda: cls.create(capacity, name=name, maxsize=maxsize or 0, raw=raw),
             check)
 
     def _bind(self, mm: mmap.mmap) -> None:
@@ -222,9 +257,15 @@ class SafeQueue(SharedStructure, Generic[T]):
         capacity, maxsize, raw = _PARAMS.unpack_from(self._seg.header.params)
         if capacity < MIN_CAPACITY or capacity % 8 or (
                 _RING_OFFSET + capacity != self._seg.header.total_size):
-            raise IncompatibleSegmentError(
+            raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring does not fit "
                 f"its {self._seg.header.total_size} bytes")
+        if raw not in (0, 1) or maxsize > _INT64_MAX:
+            raise SegmentCorruptedError(
+                f"SafeQueue {self._seg.name!r} is damaged: its parameters say raw={raw}, "
+                f"maxsize={maxsize}")
+        _check_state(memoryview(mm)[_STATE_OFFSET : _STATE_OFFSET + CACHE_LINE].cast("q"),
+                     capacity, self._seg.name)
         whole = memoryview(mm)
         self._capacity = capacity
         self._maxsize = maxsize
@@ -318,11 +359,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             if rc:
                 self._finish_acquire(rc, deadline, queue.Full)
             tail = state[_TAIL]
-            if cap - (tail - state[_HEAD]) < need or state[_SHUT] or (
+            free = cap - (tail - state[_HEAD])
+            # free > cap or a misaligned tail: damaged (the slow path says so).
+            if free < need or free > cap or tail & 7 or state[_SHUT] or (
                     self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize):
                 tail = self._wait_for_room(need, 1, deadline)
             pos = tail % cap
-            words[pos >> 3] = n | _MARK
+            words[pos >> 3] = n | ((n ^ _MARK_KEY) << 32)
             start = pos + 8
             if start == cap:
                 start = 0
@@ -374,7 +417,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             encoded = (_dumps(item, _PROTOCOL) for item in items)
         for data in encoded:
             n = len(data)
-            parts += (_HEADER_WORD.pack(n | _MARK), data, _PADDING[: -n & 7])
+            parts += (_HEADER_WORD.pack(n | ((n ^ _MARK_KEY) << 32)), data, _PADDING[: -n & 7])
             k += 1
         if not k:
             return
@@ -398,7 +441,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             if rc:
                 self._finish_acquire(rc, deadline, queue.Full)
             tail = state[_TAIL]
-            if cap - (tail - state[_HEAD]) < total or state[_SHUT] or (
+            free = cap - (tail - state[_HEAD])
+            if free < total or free > cap or tail & 7 or state[_SHUT] or (
                     self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
                 tail = self._wait_for_room(total, k, deadline)
             pos = tail % cap
@@ -425,6 +469,13 @@ class SafeQueue(SharedStructure, Generic[T]):
         if sleepers:
             self._wake(_NE_SEQ, k, sleepers)
 
+    def _damaged(self, at: int) -> SegmentCorruptedError:
+        state = self._state
+        return SegmentCorruptedError(
+            f"SafeQueue {self._seg.name!r} is damaged: no valid record at byte {at} of the "
+            f"ring (read position {state[_HEAD]}, write position {state[_TAIL]}, capacity "
+            f"{self._capacity}); nothing was taken or put")
+
     def _too_big(self, n: int) -> ValueError:
         return ValueError(
             f"SafeQueue {self._seg.name!r}: an item of {n} bytes"
@@ -432,13 +483,15 @@ class SafeQueue(SharedStructure, Generic[T]):
             f"(the largest is {self._capacity - _RECORD_HEADER} bytes); nothing was put")
 
     # -- get -----------------------------------------------------------------------------------
-    def get(self, block: bool = True, timeout: float | None = None) -> T:
+    def get(self, block: bool = True, timeout: float | None = None) -> T:  # noqa: PLR0912 - inlined lock pattern
         """Remove and return the item at the front of the queue, waiting for one if needed.
 
         Raises:
             queue.Empty: no item within the timeout (or at once, without ``block``).
             QueueShutDown: the queue was shut down and is empty.
             ValueError: a negative timeout.
+            ItemDecodeError: the item was taken but could not be unpickled here; its
+                pickled bytes are on the exception (``undecodable``).
         """
         deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
         state, fw, ring, words, p, cap, owner = self._hot
@@ -450,10 +503,19 @@ class SafeQueue(SharedStructure, Generic[T]):
             if rc:
                 self._finish_acquire(rc, deadline, queue.Empty)
             head = state[_HEAD]
-            if head == state[_TAIL]:
+            tail = state[_TAIL]
+            if head == tail:
                 head = self._wait_for_item(deadline)
+                tail = state[_TAIL]
             pos = head % cap
-            n = words[pos >> 3] & _LEN_MASK
+            word = words[pos >> 3]
+            n = word & _LEN_MASK
+            # What the ring says must be a record (its length checks out) inside what was
+            # put: otherwise damage, never returned as an item.
+            need = (n + 15) & ~7
+            if ((word >> 32) ^ n != _MARK_KEY or head & 7 or need > tail - head
+                    or tail - head > cap):
+                raise self._damaged(head)
             start = pos + 8
             if start == cap:
                 start = 0
@@ -462,7 +524,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 data = ring[start:end].tobytes()
             else:
                 data = ring[start:].tobytes() + ring[: end - cap].tobytes()
-            state[_HEAD] = head + ((n + 15) & ~7)  # the commit: the item is taken
+            state[_HEAD] = head + need  # the commit: the item is taken
             state[_GETS] += 1
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
@@ -476,7 +538,12 @@ class SafeQueue(SharedStructure, Generic[T]):
                     _unlock(p)
         if sleepers:
             self._wake(_NF_SEQ, 1, sleepers)
-        return data if self._raw else _loads(data)  # type: ignore[return-value]
+        if self._raw:
+            return data  # type: ignore[return-value]
+        try:
+            return _loads(data)  # type: ignore[no-any-return]
+        except Exception as e:
+            raise self._undecodable([], [data], e) from e
 
     def get_nowait(self) -> T:
         """``get(block=False)``."""
@@ -487,10 +554,15 @@ class SafeQueue(SharedStructure, Generic[T]):
         """Remove and return up to ``max_items`` items from the front of the queue, waiting
         (as :meth:`get` does) only until there is at least one.
 
+        Items are unpickled after they are taken. If some cannot be, nothing of the batch
+        is lost: :class:`~safeshm.ItemDecodeError` carries the ones that could (``items``,
+        in order) and the pickled bytes of the others (``undecodable``).
+
         Raises:
             queue.Empty: no item within the timeout (or at once, without ``block``).
             QueueShutDown: the queue was shut down and is empty.
             ValueError: ``max_items`` below 1, or a negative timeout.
+            ItemDecodeError: some of the items taken could not be unpickled (see above).
         """
         if isinstance(max_items, bool) or not isinstance(max_items, int):
             raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
@@ -513,6 +585,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             # Walk the headers to see how far max_items reach, then copy that whole span
             # out at once (twice where the ring wraps) and commit; parse it after unlocking.
             end, taken = _span_end(words, head, tail, cap, max_items)
+            if taken < 0:
+                raise self._damaged(end)
             start = head % cap
             stop = start + (end - head)
             if stop <= cap:
@@ -533,16 +607,43 @@ class SafeQueue(SharedStructure, Generic[T]):
                     _unlock(p)
         if sleepers:
             self._wake(_NF_SEQ, taken, sleepers)
+        return self._decode(span, taken)
+
+    def _decode(self, span: bytes, taken: int) -> list[Any]:
+        """The ``taken`` items of a span that ``get_many`` copied out of the ring."""
+        # Unpickled after the commit and outside the lock (unpickling runs arbitrary code,
+        # which must never run holding the queue). An item that fails does not cost the
+        # batch: the others, and its bytes, go to the caller on the exception.
         view = memoryview(span)
         out: list[Any] = []
+        failed: list[bytes] = []
+        first: Exception | None = None
         at = 0
         raw = self._raw
         for _ in range(taken):
             n = _HEADER_WORD.unpack_from(span, at)[0] & _LEN_MASK
             payload = view[at + 8 : at + 8 + n]
-            out.append(payload.tobytes() if raw else _loads(payload))
             at += (n + 15) & ~7
+            if raw:
+                out.append(payload.tobytes())
+                continue
+            try:
+                out.append(_loads(payload))
+            except Exception as e:  # noqa: BLE001 - re-raised below, with the batch
+                failed.append(payload.tobytes())
+                first = first or e
+        if first is not None:
+            raise self._undecodable(out, failed, first) from first
         return out
+
+    def _undecodable(self, items: list[Any], failed: list[bytes],
+                     first: Exception) -> ItemDecodeError:
+        return ItemDecodeError(
+            f"{len(failed)} of {len(items) + len(failed)} item(s) taken from SafeQueue "
+            f"{self._seg.name!r} could not be unpickled (first: {type(first).__name__}: "
+            f"{first}); they are off the queue: the pickled bytes are in .undecodable"
+            + (f", the {len(items)} other item(s) in .items" if items else ""),
+            items, failed)
 
     # -- waiting ---------------------------------------------------------------------------------
     # The wait functions are called with the mutex held and return with it held (or raise,
@@ -562,6 +663,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             if state[_SHUT]:
                 raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down")
             tail: int = state[_TAIL]
+            if tail & 7 or not 0 <= tail - state[_HEAD] <= self._capacity:
+                raise self._damaged(state[_HEAD])
             if self._capacity - (tail - state[_HEAD]) >= need and not (
                     self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
                 return tail
@@ -625,6 +728,10 @@ class SafeQueue(SharedStructure, Generic[T]):
                 pts = ctypes.byref(_compat.Timespec(int(whole), int(frac * 1e9)))
         fw = self._fw
         seen = fw[which]
+        if seen > _SEQ_MASK:  # only ever stored masked: the word was damaged
+            raise SegmentCorruptedError(
+                f"SafeQueue {self._seg.name!r} is damaged: a wake-up sequence word holds "
+                f"{seen:#x}, above {_SEQ_MASK:#x}")
         fw[which + 1] = seen + 1  # the sleepers token: never 0
         p = self._hot[4]
         _unlock(p)
@@ -688,11 +795,14 @@ class SafeQueue(SharedStructure, Generic[T]):
         head, tail = state[_HEAD], state[_TAIL]
         count = 0
         at = head
+        if head & 7 or not 0 <= tail - head <= cap:
+            raise self._damaged(head)
         while at != tail:
             header = words[(at % cap) >> 3]
-            if header & ~_LEN_MASK != _MARK or at - head > cap:  # pragma: no cover
-                raise SafeShmError(f"SafeQueue {self._seg.name!r} is corrupt")
-            at += ((header & _LEN_MASK) + 15) & ~7
+            n = header & _LEN_MASK
+            if (header >> 32) ^ n != _MARK_KEY or at + ((n + 15) & ~7) > tail:
+                raise self._damaged(at)
+            at += (n + 15) & ~7
             count += 1
         state[_GETS] = state[_PUTS] - count
         fw = self._fw
@@ -750,7 +860,8 @@ class SafeQueue(SharedStructure, Generic[T]):
 
 def _span_end(words: memoryview, head: int, tail: int, cap: int,
               max_items: int) -> tuple[int, int]:
-    """Where the first ``max_items`` records from ``head`` end, and how many there are.
+    """Where the first ``max_items`` records from ``head`` end, and how many there are;
+    ``(position, -1)`` if the ring holds no valid record at ``position`` (damage).
 
     A function of its own, called while the mutex is held, because of its loop: CPython
     (gh-108214, gh-130279) may leave a loop's backward jump out of the enclosing ``try``'s
@@ -760,8 +871,15 @@ def _span_end(words: memoryview, head: int, tail: int, cap: int,
     """
     end = head
     taken = 0
+    if head & 7 or not 0 <= tail - head <= cap:
+        return head, -1
     while end != tail and taken < max_items:
-        end += ((words[(end % cap) >> 3] & _LEN_MASK) + 15) & ~7
+        word = words[(end % cap) >> 3]
+        n = word & _LEN_MASK
+        # What the ring says must be a record (its length checks out) inside what was put.
+        if (word >> 32) ^ n != _MARK_KEY or end + ((n + 15) & ~7) > tail:
+            return end, -1
+        end += (n + 15) & ~7
         taken += 1
     return end, taken
 
@@ -779,4 +897,29 @@ def _check_count(what: str, value: Any) -> int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
+    if value > _INT64_MAX:
+        raise OverflowError(f"{what} {value} is beyond the int64 range; nothing was created")
     return value
+
+
+def _check_state(state: memoryview, capacity: int, name: str) -> None:
+    """Refuse a queue whose positions cannot be right (checked when a handle binds).
+
+    head and tail are read without the mutex: a pair is used only if head did not move
+    while tail was read (head only grows, so both held at that instant).
+    """
+    for _ in range(1000):
+        head, tail = state[_HEAD], state[_TAIL]
+        if state[_HEAD] == head:
+            break
+    else:  # pragma: no cover - a queue this busy is checked by every get instead
+        return
+    gets = state[_GETS]  # first: both only grow, and gets never passes puts
+    puts = state[_PUTS]
+    if head < 0 or head & 7 or tail & 7 or not 0 <= tail - head <= capacity or (
+            state[_SHUT] not in (0, _SHUTDOWN, _SHUTDOWN_NOW)) or not (
+            0 <= gets <= puts < _COUNT_LIMIT):
+        raise SegmentCorruptedError(
+            f"SafeQueue {name!r} is damaged: read position {head}, write position {tail}, "
+            f"{puts} items put, {gets} taken, shutdown flag {state[_SHUT]} in a "
+            f"{capacity}-byte ring")

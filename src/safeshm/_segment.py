@@ -14,7 +14,9 @@ a 128-byte header::
     32      8     creator start time (clock ticks since boot; with the pid, it names the
                   creating process even after its pid is reused)
     40      8     creation time (ns since the epoch)
-    48      16    reserved (zero)
+    48      4     CRC-32 of bytes 8-48 and 64-128 (header layout 2): damage to what the
+                  header says (a kind, a size, a parameter, a flag) is found at attach
+    52      12    reserved (zero)
     64      64    kind parameters (e.g. the shard count of a ShardedCounter)
 
 Creation is race-free and never exposes a half-built segment: the file is built as an
@@ -44,20 +46,24 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, NamedTuple, Self
 
 from . import _compat
 from ._errors import (
     IncompatibleSegmentError,
+    InsecureDirectoryError,
     InvalidNameError,
     SegmentClosedError,
+    SegmentCorruptedError,
+    SegmentExistsError,
     SegmentNotFoundError,
     SegmentPermissionError,
 )
 
 MAGIC: Final = b"SAFESHM\x00"
-HEADER_LAYOUT: Final = 1
+HEADER_LAYOUT: Final = 2  # 2: the header carries a CRC-32 (1: none)
 HEADER_SIZE: Final = 128
 PARAMS_OFFSET: Final = 64
 PARAMS_SIZE: Final = 64
@@ -65,6 +71,18 @@ CACHE_LINE: Final = 64
 
 # magic, header layout, kind, kind layout, flags, total size, creator pid, creator start, ns
 _HEADER: Final = struct.Struct("=8sHHHHQQQQ")
+_CRC_OFFSET: Final = 48
+_CRC: Final = struct.Struct("=I")
+
+
+def _header_crc(raw: bytes | bytearray | mmap.mmap) -> int:
+    """CRC-32 of what a header says: all of it but the magic (the ready flag, written
+    last), the CRC itself and the reserved bytes."""
+    return zlib.crc32(raw[PARAMS_OFFSET:HEADER_SIZE], zlib.crc32(raw[8:_CRC_OFFSET]))
+
+MAX_SEGMENT_SIZE: Final = 1 << 62
+"""The largest segment safeshm makes: far beyond any memory, yet every offset and byte
+counter into it (int64 words in the segments) stays exact."""
 
 NAME_MAX: Final = 64
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
@@ -143,6 +161,8 @@ class Header:
     creator_start: int
     created_ns: int
     params: bytes
+    intact: bool = True
+    """Whether the header's CRC matches: if not, none of the above can be trusted."""
 
     @classmethod
     def parse(cls, raw: bytes) -> Header | None:
@@ -152,8 +172,9 @@ class Header:
         magic, hlayout, kind, layout, flags, size, cpid, cstart, cns = _HEADER.unpack_from(raw)
         if magic != MAGIC or hlayout != HEADER_LAYOUT:
             return None
+        intact = _CRC.unpack_from(raw, _CRC_OFFSET)[0] == _header_crc(raw)
         return cls(kind, layout, flags, size, cpid, cstart, cns,
-                   bytes(raw[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE]))
+                   bytes(raw[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE]), intact)
 
 
 def read_header(path: str) -> tuple[Header | None, os.stat_result]:
@@ -241,6 +262,10 @@ class Segment:
         name = random_name() if name is None else validate_name(name)
         if len(params) > PARAMS_SIZE:  # pragma: no cover - programming error in a structure
             raise ValueError("kind parameters too large")
+        if payload_size > MAX_SEGMENT_SIZE - HEADER_SIZE:
+            raise OverflowError(
+                f"a {payload_size}-byte segment is beyond safeshm's limit of "
+                f"{MAX_SEGMENT_SIZE} bytes; nothing was created")
         spec = _Spec(name, kind, layout, HEADER_SIZE + payload_size, init,
                      params.ljust(PARAMS_SIZE, b"\0"), flags)
         dir_fd = _open_shm_dir()
@@ -328,6 +353,7 @@ class Segment:
                               header.flags, header.total_size, header.creator_pid,
                               header.creator_start, header.created_ns)
             mm[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE] = header.params
+            _CRC.pack_into(mm, _CRC_OFFSET, _header_crc(mm))
             spec.init(mm)
             mm[0:8] = MAGIC  # published last: the ready flag
         except BaseException:
@@ -341,17 +367,17 @@ class Segment:
         """Map an existing segment after checking that it is a ``kind`` of ``layout``."""
         validate_name(name)
         path = segment_path(name)
+        dir_fd = _open_shm_dir()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(_compat.FILE_PREFIX + name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         dir_fd=dir_fd)
         except FileNotFoundError:
             raise SegmentNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
                                     path) from None
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise IncompatibleSegmentError(
-                    f"segment {name!r} is a symbolic link, not a safeshm segment; refusing "
-                    "to follow it") from None
-            raise
+            raise _open_error(name, e, dir_fd) from None
+        finally:
+            os.close(dir_fd)
         try:
             header = _validate(name, fd, kind, layout)
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -440,8 +466,8 @@ class _Spec(NamedTuple):
     flags: int
 
 
-def _exists(name: str) -> FileExistsError:
-    return FileExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
+def _exists(name: str) -> SegmentExistsError:
+    return SegmentExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
                            segment_path(name))
 
 
@@ -450,13 +476,73 @@ class _TmpfileUnsupported(Exception):
 
 
 def _open_shm_dir() -> int:
+    """Open the segment directory and check that no other user can swap our files in it."""
     try:
-        return os.open(_compat.SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(_compat.SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SegmentNotFoundError(
             errno.ENOENT,
             f"shared-memory directory {_compat.SHM_DIR} does not exist (set SAFESHM_DIR to a "
             "tmpfs directory)", _compat.SHM_DIR) from None
+    except PermissionError:
+        raise SegmentPermissionError(
+            f"segment directory {_compat.SHM_DIR} cannot be opened by you (uid "
+            f"{os.geteuid()}); set SAFESHM_DIR to a directory of your own") from None
+    try:
+        check_directory(os.fstat(fd), _compat.SHM_DIR)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_directory(st: os.stat_result, path: str) -> None:
+    """Refuse a segment directory in which another user could replace or remove our files.
+
+    Like ``/dev/shm`` (root's, mode 1777) it may be shared, but then only with the sticky
+    bit, which stops users from renaming or unlinking each other's files. Without it,
+    another user could swap two of our segments (their names, not their contents: each
+    file still passes the per-file owner check) and we would use the wrong one.
+
+    Raises:
+        InsecureDirectoryError: the directory belongs to another user (not root), or
+            users other than its owner can write into it and it is not sticky.
+    """
+    uid = os.geteuid()
+    if st.st_uid not in (0, uid):
+        raise InsecureDirectoryError(
+            f"segment directory {path} belongs to uid {st.st_uid}, not to you (uid {uid}) "
+            "or root: its owner could replace our segments. Point SAFESHM_DIR at a "
+            "directory of your own (mkdir -m 700 DIR on a tmpfs such as /dev/shm)")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        mode = f"{stat.S_IMODE(st.st_mode):04o}"
+        raise InsecureDirectoryError(
+            f"segment directory {path} can be written by other users and is not sticky "
+            f"(mode {mode}): they could rename or remove our segments. Make it private "
+            f"(chmod go-w {path}) if it is yours alone, or point SAFESHM_DIR at a private "
+            "subdirectory (mkdir -m 700 /dev/shm/NAME)")
+
+
+def _open_error(name: str, e: OSError, dir_fd: int) -> Exception:
+    """The typed error for an ``open()`` of segment ``name`` that failed with ``e``."""
+    path = segment_path(name)
+    if e.errno == errno.ELOOP:
+        return IncompatibleSegmentError(
+            f"segment {name!r} is a symbolic link, not a safeshm segment; refusing to follow it")
+    if e.errno == errno.EISDIR:
+        return IncompatibleSegmentError(
+            f"segment {name!r} is a directory ({path}), not a safeshm segment")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        try:
+            st = os.stat(_compat.FILE_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            owner = ""
+        else:
+            owner = f" (it belongs to uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        return SegmentPermissionError(
+            f"segment {name!r} cannot be opened by you (uid {os.geteuid()}){owner}; safeshm "
+            "segments are private to the user who created them")
+    return e
 
 
 def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
@@ -474,7 +560,7 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
     raw = os.pread(fd, HEADER_SIZE, 0)
     header = Header.parse(raw)
     if header is None:
-        if len(raw) >= 8 and raw[:8] == MAGIC:
+        if len(raw) >= 10 and raw[:8] == MAGIC:
             raise IncompatibleSegmentError(
                 f"segment {name!r} has a safeshm header of layout "
                 f"{struct.unpack_from('=H', raw, 8)[0]}, but this safeshm reads layout "
@@ -482,6 +568,10 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
         raise IncompatibleSegmentError(
             f"segment {name!r} is not a safeshm segment (no safeshm header in its "
             f"{st.st_size} bytes), expected {describe_kind(kind, layout)}")
+    if not header.intact:
+        raise SegmentCorruptedError(
+            f"segment {name!r} is damaged: its header's checksum does not match, so what it "
+            "says (kind, size, parameters) cannot be trusted")
     if header.kind != kind or header.layout != layout:
         raise IncompatibleSegmentError(
             f"segment {name!r} is {describe_kind(header.kind, header.layout)}, "
@@ -509,6 +599,7 @@ class SharedStructure:
     _LAYOUT: ClassVar[int]
     _MAPPED: ClassVar[tuple[str, ...]] = ()
     _seg: Segment
+    _unlink_on_exit: bool
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         raise TypeError(
@@ -519,6 +610,8 @@ class SharedStructure:
     def _from_segment(cls, seg: Segment) -> Self:
         self = cls.__new__(cls)
         self._seg = seg
+        # True only for a handle that create() made; open() clears it (see __exit__).
+        self._unlink_on_exit = seg.created_here
         try:
             self._bind(seg.mm)
         except BaseException:
@@ -527,6 +620,11 @@ class SharedStructure:
         return self
 
     def _bind(self, mm: mmap.mmap) -> None:
+        raise NotImplementedError
+
+    def statistics(self) -> Any:
+        """A snapshot of the structure's state: a frozen dataclass of each structure's own
+        (``CounterStatistics``, ``QueueStatistics``...), also shown by ``safeshm inspect``."""
         raise NotImplementedError
 
     @classmethod
@@ -542,9 +640,12 @@ class SharedStructure:
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                return create()
+                made = create()
             except FileExistsError:
                 pass
+            else:
+                made._unlink_on_exit = False
+                return made
             try:
                 seg = cls._attach_segment(name)
             except FileNotFoundError:
@@ -602,20 +703,22 @@ class SharedStructure:
         """
         self._seg.unlink()
 
-    def _owns_segment(self) -> bool:
-        seg = self._seg
-        return seg.created_here and seg.creator_pid == _compat.pid
-
     def __enter__(self) -> Self:
         if self._seg.closed:
             self._raise_closed()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        """Close; and unlink too, if this handle created the segment (in this process)."""
-        owns = self._owns_segment()
+        """Close; and unlink too if this handle came from ``create()`` (in this process).
+
+        A handle from ``open()`` or ``attach()`` only closes, even when that ``open()``
+        happened to create the segment: whether it did depends on a race between the
+        processes opening it, and ``with X.open(name):`` in many workers must never
+        remove what the others still use.
+        """
+        unlink = self._unlink_on_exit and self._seg.creator_pid == _compat.pid
         self.close()
-        if owns:
+        if unlink:
             with contextlib.suppress(FileNotFoundError):
                 self._seg.unlink()
 

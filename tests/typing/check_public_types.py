@@ -16,6 +16,7 @@ from safeshm import (
     SafeCounter,
     SafeFileStore,
     SafeLock,
+    SafeQueue,
     ShardedCounter,
     ShardedCounterStatistics,
     StoreStatistics,
@@ -26,7 +27,7 @@ from safeshm import (
 def counters() -> None:
     c = SafeCounter.create()
     assert_type(c, SafeCounter)
-    assert_type(SafeCounter.create(5, "hits"), SafeCounter)
+    assert_type(SafeCounter.create(5, name="hits"), SafeCounter)
     assert_type(SafeCounter.create(sharded=False), SafeCounter)
     assert_type(SafeCounter.attach("hits"), SafeCounter)
     assert_type(SafeCounter.open("hits", 0), SafeCounter)
@@ -49,7 +50,7 @@ def counters() -> None:
 def sharded() -> None:
     s = SafeCounter.create(sharded=True)
     assert_type(s, ShardedCounter)
-    assert_type(SafeCounter.create(0, "m", sharded=True, slots=8), ShardedCounter)
+    assert_type(SafeCounter.create(0, name="m", sharded=True, slots=8), ShardedCounter)
     assert_type(SafeCounter.open("m", sharded=True), ShardedCounter)
     assert_type(ShardedCounter.create(), ShardedCounter)
     assert_type(ShardedCounter.attach("m"), ShardedCounter)
@@ -82,7 +83,7 @@ def locks() -> None:
 def arrays() -> None:
     a = SafeArray.create("q", 10)
     assert_type(a, SafeArray[int])
-    assert_type(SafeArray.create("B", [1, 2, 3], "bytes"), SafeArray[int])
+    assert_type(SafeArray.create("B", [1, 2, 3], name="bytes"), SafeArray[int])
     assert_type(SafeArray.create("d", 10), SafeArray[float])
     assert_type(SafeArray.create("f", [1.5]), SafeArray[float])
     assert_type(SafeArray.open("x", "i", 4), SafeArray[int])
@@ -112,6 +113,32 @@ def arrays() -> None:
         assert_type(inside, SafeArray[int])
 
 
+def non_literal_arguments(typecode: str, flag: bool, raw: bool) -> None:
+    # Arguments only known at run time get the widest honest type, not "no overload".
+    assert_type(SafeArray.create(typecode, 10), SafeArray[Any])
+    assert_type(SafeArray.open("x", typecode, 10), SafeArray[Any])
+    assert_type(SafeArray.attach("x", typecode), SafeArray[Any])
+    assert_type(SafeCounter.create(sharded=flag), SafeCounter | ShardedCounter)
+    assert_type(SafeCounter.open("c", sharded=flag), SafeCounter | ShardedCounter)
+    assert_type(SafeQueue.create(1024, raw=raw), SafeQueue[Any])
+    assert_type(SafeQueue.open("q", 1024, raw=raw), SafeQueue[Any])
+
+
+def queues() -> None:
+    q = SafeQueue.create(1 << 16)
+    assert_type(q, SafeQueue[Any])
+    r = SafeQueue.create(1 << 16, name="frames", raw=True)
+    assert_type(r, SafeQueue[bytes])
+    assert_type(SafeQueue.open("frames", 1 << 16, raw=True), SafeQueue[bytes])
+    assert_type(SafeQueue.attach("frames"), SafeQueue[Any])
+    assert_type(r.get(), bytes)
+    assert_type(r.get_many(10, timeout=1.0), list[bytes])
+    assert_type(r.put(b"x", timeout=0.5), None)
+    assert_type(q.qsize(), int)
+    with SafeQueue.create(1024) as inside:
+        assert_type(inside, SafeQueue[Any])
+
+
 def errors() -> None:
     try:
         SafeCounter.attach("x")
@@ -122,6 +149,11 @@ def errors() -> None:
     except safeshm.LockTimeoutError as e:
         t: TimeoutError = e
         del t
+    except safeshm.SegmentNotFoundError as e:
+        f: FileNotFoundError = e
+        del f
+    except safeshm.HandleClosedError as e:
+        assert_type(e, safeshm.HandleClosedError)
 
 
 def misuse() -> None:
@@ -131,7 +163,10 @@ def misuse() -> None:
     s = ShardedCounter.create()
     s.compare_and_set(1, 2)  # type: ignore[attr-defined]
     SafeCounter.create(slots=3)  # type: ignore[call-overload]
-    SafeArray.create("x", 3)  # type: ignore[call-overload]
+    SafeCounter.create(5, "hits")  # type: ignore[call-overload]  # name is keyword-only
+    SafeArray.create("q", 3, "a")  # type: ignore[call-overload]
+    SafeQueue.create(1024, "q")  # type: ignore[call-overload]
+    SafeLock.create("l")  # type: ignore[call-arg]
     a = SafeArray.create("q", 3)
     a[0] = 1.5  # type: ignore[call-overload]
     a.add(0, "1")  # type: ignore[arg-type]

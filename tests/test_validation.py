@@ -1,0 +1,250 @@
+"""What safeshm reads from shared memory is checked before it is trusted (issue 10.13).
+
+Damage -- a byte changed by a stray writer, or by hand -- is a typed
+:class:`safeshm.SegmentCorruptedError` naming the segment, never garbage returned as data, a
+builtin error from deep inside, or a crash; and bad sizes are refused before anything is
+created.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import struct
+from typing import Any
+
+import pytest
+
+import safeshm
+from safeshm import _compat, _segment
+
+from ._helpers import JOIN_TIMEOUT, STRUCTURES, create
+
+# Offsets into the segments (docs/design.md): the header is 128 bytes, parameters at 64.
+QUEUE_PARAMS_RAW = 64 + 16
+QUEUE_HEAD, QUEUE_TAIL, QUEUE_SHUT = 128, 136, 160
+QUEUE_RING = 384
+SHARDED_HIGH = 136
+MUTEX_KIND = 16  # glibc's __kind, inside every mutex
+MUTEX_AT = {"SafeCounter": 192, "ShardedCounter": 192, "SafeLock": 128, "SafeArray": 192,
+            "SafeQueue": 256}
+
+
+def path_of(name: str) -> str:
+    return os.path.join(_compat.SHM_DIR, _compat.FILE_PREFIX + name)
+
+
+def poke(name: str, offset: int, fmt: str, value: Any) -> None:
+    """Write ``value`` at ``offset``. In the header, also fix its checksum: these tests are
+    about the checks behind it (test_segment.py checks the checksum itself)."""
+    with open(path_of(name), "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+        if offset < _segment.HEADER_SIZE:
+            f.seek(0)
+            header = f.read(_segment.HEADER_SIZE)
+            f.seek(48)
+            f.write(struct.pack("=I", _segment._header_crc(header)))
+
+
+def peek(name: str, offset: int, fmt: str) -> Any:
+    with open(path_of(name), "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+# -- sizes beyond what a segment can hold ----------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: safeshm.SafeQueue.create(2**64),
+    lambda: safeshm.SafeQueue.create(4096, maxsize=2**64),
+    lambda: safeshm.SafeQueue.create(2**63 - 1),
+    lambda: safeshm.SafeArray.create("q", 2**64),
+    lambda: safeshm.SafeArray.create("d", 2**60),
+], ids=["queue-capacity", "queue-maxsize", "queue-capacity-int64", "array-2**64",
+        "array-2**60"])
+def test_sizes_beyond_a_segment_are_overflow_errors_before_anything_is_created(
+        make: Any) -> None:
+    before = set(os.listdir(_compat.SHM_DIR))
+    with pytest.raises(OverflowError, match="nothing was created"):
+        make()
+    assert set(os.listdir(_compat.SHM_DIR)) == before
+
+
+# -- queues ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("offset", "fmt", "value", "message"), [
+    (QUEUE_PARAMS_RAW, "=I", 7, "raw=7"),
+    (QUEUE_HEAD, "=q", 3, "read position 3"),
+    (QUEUE_TAIL, "=q", 1 << 40, "write position"),
+    (QUEUE_HEAD, "=q", -8, "read position -8"),
+    (QUEUE_SHUT, "=q", 99, "shutdown flag 99"),
+])
+def test_damaged_queue_state_is_refused_at_attach(name: str, offset: int, fmt: str,
+                                                  value: Any, message: str) -> None:
+    q = safeshm.SafeQueue.create(4096, name=name)
+    try:
+        q.put("x")
+        poke(name, offset, fmt, value)
+        with pytest.raises(safeshm.SegmentCorruptedError, match=f"{name!r}.*{message}"):
+            safeshm.SafeQueue.attach(name)
+        with pytest.raises(safeshm.IncompatibleSegmentError):  # the base users may catch
+            safeshm.SafeQueue.open(name, 4096)
+    finally:
+        q.close()
+        q.unlink()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize(("offset", "value"), [
+    (QUEUE_RING + 4, 0x12345678),  # the record header's marker (its high half)
+    (QUEUE_RING, 3000),  # a length beyond what was put
+    (QUEUE_RING, 0xFFFFFFF0),  # a length beyond the ring
+], ids=["marker", "beyond-what-was-put", "beyond-the-ring"])
+def test_a_damaged_record_is_never_returned(name: str, raw: bool, offset: int,
+                                            value: int) -> None:
+    q: Any = safeshm.SafeQueue.create(4096, name=name, raw=raw)
+    try:
+        items = [b"first", b"second"] if raw else ["first", "second"]
+        q.put_many(items)
+        poke(name, offset, "=I", value)  # after attaching: found when it is read
+        for take in (q.get_nowait, lambda: q.get_many(10, block=False)):
+            with pytest.raises(safeshm.SegmentCorruptedError, match=f"{name!r} is damaged"):
+                take()
+            assert q.qsize() == 2  # nothing was taken
+        q.put(items[0])  # and a put is not lost either
+    finally:
+        q.close()
+        q.unlink()
+
+
+@pytest.mark.parametrize("length", [8, 48, 56], ids=["shortened", "grown", "grown-more"])
+@pytest.mark.parametrize("many", [False, True], ids=["get", "get_many"])
+def test_a_record_resized_within_what_was_put_is_caught_by_its_successor(
+        name: str, length: int, many: bool) -> None:
+    q = safeshm.SafeQueue.create(4096, name=name, raw=True)
+    try:
+        q.put_many([b"a" * 40, b"b" * 8, b"c" * 8])
+        # The first record (40 bytes) now claims another length: where its successor
+        # should start there is data, or the middle of a record.
+        poke(name, QUEUE_RING, "=I", length)
+        with pytest.raises(safeshm.SegmentCorruptedError):
+            q.get_many(10, block=False) if many else q.get_nowait()
+        assert q.qsize() == 3
+        poke(name, QUEUE_RING, "=I", 40)
+        assert q.get_many(10, block=False) == [b"a" * 40, b"b" * 8, b"c" * 8]
+    finally:
+        q.close()
+        q.unlink()
+
+
+# -- sharded counters -----------------------------------------------------------------------
+@pytest.mark.parametrize("high", [10**9, -1, 257])
+def test_damaged_sharded_high_water_mark(name: str, high: int) -> None:
+    c = safeshm.ShardedCounter.create(5, name=name)
+    try:
+        c.add(1)
+        poke(name, SHARDED_HIGH, "=q", high)
+        for use in (lambda: c.value, c.statistics, lambda: c.exchange(0),
+                    lambda: safeshm.ShardedCounter.attach(name).value):
+            with pytest.raises(safeshm.SegmentCorruptedError, match="high-water mark"):
+                use()
+        poke(name, SHARDED_HIGH, "=q", 1)
+        assert c.value == 6
+    finally:
+        c.close()
+        c.unlink()
+
+
+def test_a_slot_owner_pid_beyond_any_pid_is_dead_not_a_crash(name: str) -> None:
+    assert not _compat.process_alive(2**40, 0, _compat.pid_namespace())
+    assert not _compat.process_alive(2**63 - 1, 0, _compat.pid_namespace())
+
+
+# -- mutexes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", STRUCTURES)
+@pytest.mark.parametrize(("word", "value", "message"), [
+    (MUTEX_KIND, 0, "mutex has type 0"),  # would make it a plain, non-robust mutex
+    (MUTEX_KIND, 999, "mutex has type 999"),  # EINVAL on every lock
+    (0, 0x3FFFFFFF, "owner thread"),  # a holder tid no Linux thread can have
+])
+def test_damaged_mutex_is_refused_at_attach(cls: Any, word: int, value: int, message: str,
+                                            name: str) -> None:
+    if not _compat.GLIBC:  # pragma: no cover
+        pytest.skip("the mutex layout is glibc's")
+    h = create(cls, name)
+    try:
+        poke(name, MUTEX_AT[cls.__name__] + word, "=i", value)
+        with pytest.raises(safeshm.SegmentCorruptedError, match=f"{name!r}.*{message}"):
+            cls.attach(name)
+    finally:
+        h.close()
+        h.unlink()
+
+
+def test_mutex_damaged_after_attach_is_a_typed_error_on_use(name: str) -> None:
+    if not _compat.GLIBC:  # pragma: no cover
+        pytest.skip("the mutex layout is glibc's")
+    lock = safeshm.SafeLock.create(name=name)
+    try:
+        kind = peek(name, 128 + MUTEX_KIND, "=i")
+        poke(name, 128 + MUTEX_KIND, "=i", 999)
+        with pytest.raises(safeshm.SegmentCorruptedError, match="EINVAL"):
+            lock.acquire(timeout=1)
+        poke(name, 128 + MUTEX_KIND, "=i", kind)
+        assert lock.acquire(timeout=1)
+        lock.release()
+    finally:
+        lock.close()
+        lock.unlink()
+
+
+def _dead_tid() -> int:
+    p = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    p.start()
+    p.join(JOIN_TIMEOUT)
+    assert p.pid is not None and not os.path.exists(f"/proc/{p.pid}")
+    return p.pid
+
+
+def _hold_open(name: str, ready: Any, done: Any) -> None:
+    h = safeshm.SafeLock.attach(name)
+    ready.set()
+    done.wait(JOIN_TIMEOUT)
+    h.close()
+
+
+def test_a_mutex_held_by_a_vanished_thread_that_nobody_can_release(name: str) -> None:
+    if not _compat.GLIBC:  # pragma: no cover
+        pytest.skip("the mutex layout is glibc's")
+    lock = safeshm.SafeLock.create(name=name)
+    try:
+        lock.close()
+        # Held by a thread that is gone, never marked dead (no robust-list entry): every
+        # acquire would wait forever. Nobody else has the segment open: stuck for good.
+        poke(name, 128, "=i", _dead_tid())
+        with pytest.raises(safeshm.SegmentCorruptedError, match="never marked dead"):
+            safeshm.SafeLock.attach(name)
+        # While another process has it open, that process may be the holder, in another
+        # pid namespace where its thread id means nothing here: not declared stuck.
+        ctx = multiprocessing.get_context("fork")
+        ready, done = ctx.Event(), ctx.Event()
+        poke(name, 128, "=i", 0)
+        p = ctx.Process(target=_hold_open, args=(name, ready, done))
+        p.start()
+        try:
+            assert ready.wait(JOIN_TIMEOUT)
+            poke(name, 128, "=i", _dead_tid())
+            other = safeshm.SafeLock.attach(name)
+            assert other.acquire(timeout=0.05) is False
+            other.close()
+        finally:
+            done.set()
+            p.join(JOIN_TIMEOUT)
+        # A holder marked dead by the kernel is the normal, recoverable case.
+        poke(name, 128, "=i", 0x40000000)
+        again = safeshm.SafeLock.attach(name)
+        with pytest.warns(safeshm.HolderDiedWarning):
+            assert again.acquire(timeout=JOIN_TIMEOUT)
+        again.release()
+        again.close()
+    finally:
+        os.unlink(path_of(name))
