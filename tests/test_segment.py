@@ -719,3 +719,16 @@ def test_another_users_segment_is_a_segment_permission_error(
         c.close()
         c.unlink()
         os.rmdir(shared)
+
+
+@pytest.mark.parametrize("size", [10, 100, 127])
+def test_a_segment_cut_inside_its_header_is_damaged_not_another_layout(
+        size: int, name: str) -> None:
+    c = safeshm.SafeCounter.create(name=name)
+    try:
+        os.truncate(path_of(name), size)
+        with pytest.raises(safeshm.SegmentCorruptedError, match="less than the 128-byte"):
+            safeshm.SafeCounter.attach(name)
+    finally:
+        c.close()
+        c.unlink()

@@ -19,6 +19,7 @@ from ._errors import (
     HolderDiedWarning,
     IncompatibleSegmentError,
     LockedViewLeakedError,
+    SegmentCorruptedError,
 )
 from ._lock import (
     EDEADLK,
@@ -283,13 +284,13 @@ class SafeArray(SharedStructure, Generic[T]):
         tc, nstripes, length = _PARAMS.unpack_from(self._seg.header.params)
         typecode = tc.decode("ascii", "replace")
         if typecode not in TYPECODES or not 1 <= nstripes <= MAX_STRIPES:
-            raise IncompatibleSegmentError(
+            raise SegmentCorruptedError(
                 f"SafeArray {self._seg.name!r} is damaged: typecode {typecode!r}, "
                 f"{nstripes} stripes")
         itemsize = array.array(typecode).itemsize
         start = _data_offset(nstripes)
         if start + length * itemsize != self._seg.header.total_size:
-            raise IncompatibleSegmentError(
+            raise SegmentCorruptedError(
                 f"SafeArray {self._seg.name!r} is damaged: {length} elements of "
                 f"{itemsize} bytes do not fit its {self._seg.header.total_size} bytes")
         self._typecode = typecode

@@ -561,10 +561,14 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
     header = Header.parse(raw)
     if header is None:
         if len(raw) >= 10 and raw[:8] == MAGIC:
+            found = struct.unpack_from("=H", raw, 8)[0]
+            if found == HEADER_LAYOUT:  # ours, but cut short: not another version
+                raise SegmentCorruptedError(
+                    f"segment {name!r} is damaged: its file has {st.st_size} bytes, less "
+                    f"than the {HEADER_SIZE}-byte header")
             raise IncompatibleSegmentError(
-                f"segment {name!r} has a safeshm header of layout "
-                f"{struct.unpack_from('=H', raw, 8)[0]}, but this safeshm reads layout "
-                f"{HEADER_LAYOUT}")
+                f"segment {name!r} has a safeshm header of layout {found}, but this "
+                f"safeshm reads layout {HEADER_LAYOUT}")
         raise IncompatibleSegmentError(
             f"segment {name!r} is not a safeshm segment (no safeshm header in its "
             f"{st.st_size} bytes), expected {describe_kind(kind, layout)}")
@@ -577,7 +581,7 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
             f"segment {name!r} is {describe_kind(header.kind, header.layout)}, "
             f"expected {describe_kind(kind, layout)}")
     if header.total_size != st.st_size:
-        raise IncompatibleSegmentError(
+        raise SegmentCorruptedError(
             f"segment {name!r} is damaged: its header says {header.total_size} bytes, the "
             f"file has {st.st_size}")
     return header
