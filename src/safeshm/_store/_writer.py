@@ -41,13 +41,15 @@ class _ProcessWriter:
     the registry is emptied and the inherited descriptors closed in every child.
 
     The lock file is mapped shared and holds these words (see ``docs/design.md``), all
-    written with the flock held:
+    written with the flock held except ``contended``:
 
     * ``busy``: set by the holder of the flock, cleared before it unlocks; only a hint for
       waiters (see :func:`_lock_exclusive`). A holder that dies with it set costs the next
       writer one short spin, nothing more.
     * ``contended``: set to :data:`_CONTENDED_WRITES` by a writer that found the flock
-      taken, counted down by each durable write. While it is not zero, durable writers
+      taken -- before it has the flock, so a plain store that can race the holder's
+      countdown (a lost update only moves the moment a durable writer switches modes) --
+      and counted down by each durable write. While it is not zero, durable writers
       sync after releasing the lock (group commit, below); at zero -- a lone writer -- a
       durable writer syncs with the lock held and publishes both ends at once, saving a
       second round trip through the lock. Only a hint: either way is correct.
