@@ -141,9 +141,10 @@ def test_shardedcounter_survives_kills(slots: int, seed: int, unique: Any) -> No
 def test_safearray_survives_kills(seed: int, unique: Any) -> None:
     """Two element adders (with snapshots) on one array and a bulk writer (fill, slice
     assignment, element stores inside locked()) on another, killed in turn. After each
-    death of the bulk writer: no element is torn; a non-uniform snapshot comes with a
-    HolderDiedWarning and ``partial_update_suspected``; a death inside locked() sets it;
-    it is never set without a death that could have left a partial write. At the end
+    death of the bulk writer: no element is torn; a non-uniform snapshot comes with
+    ``partial_update_suspected``; a death inside locked() sets it and the next snapshot
+    is told (HolderDiedWarning, once per death); it is never set without a death that
+    could have left a partial write. At the end
     every element add is accounted for."""
     acc_name, pat_name = unique(), unique()
     acc = safeshm.SafeArray.create("q", cp.ACC_LEN, name=acc_name)
@@ -172,13 +173,15 @@ def test_safearray_survives_kills(seed: int, unique: Any) -> None:
                     f"element {v:#x} was never written")
         if len(set(snap)) > 1:
             figures["non_uniform"] += 1
-            assert flag and warned, "a partial bulk write went unreported"
+            assert flag, "a partial bulk write went unreported"
         if log[cp.slot(death.inc, cp.INSIDE)]:
+            # It died holding every stripe: this snapshot is the first to lock after it,
+            # so it recovers them and is told (once per death, not at every snapshot).
             figures["inside_locked"] += 1
             assert flag, "killed inside locked(), yet partial_update_suspected is not set"
+            assert warned, "killed inside locked(), yet the next to_list() did not warn"
         if flag:
             figures["partial_flagged"] += 1
-            assert warned, "partial_update_suspected, yet to_list() did not warn"
             assert pending, "partial_update_suspected with no interrupted bulk write"
 
     out = cp.Outcome()  # filled as the campaign goes: the checker needs each writer's role
