@@ -131,7 +131,7 @@ class SafeCounter(SharedStructure):
             slots: ``ShardedCounter`` only: how many per-thread slots to reserve.
 
         Raises:
-            FileExistsError: a segment with this name exists.
+            SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             InvalidNameError: ``name`` is not a valid segment name.
             OverflowError: ``initial`` is outside the int64 range.
             TypeError: ``initial`` is not an int.
@@ -156,7 +156,7 @@ class SafeCounter(SharedStructure):
         """Attach to an existing counter by name, from any process of the same user.
 
         Raises:
-            FileNotFoundError: no segment has this name.
+            SegmentNotFoundError: no segment has this name (a ``FileNotFoundError``).
             IncompatibleSegmentError: the segment is not a ``SafeCounter`` (the message
                 says what it is).
         """

@@ -177,7 +177,7 @@ class SafeQueue(SharedStructure, Generic[T]):
 
         Raises:
             ValueError: ``capacity`` below 16, or negative ``maxsize``.
-            FileExistsError: a segment with this name exists.
+            SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             OSError: not enough room in /dev/shm (ENOSPC).
         """
         capacity = _check_count("capacity", capacity)
@@ -199,7 +199,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         """Attach to an existing queue by name.
 
         Raises:
-            FileNotFoundError: no segment has this name.
+            SegmentNotFoundError: no segment has this name (a ``FileNotFoundError``).
             IncompatibleSegmentError: the segment is not a ``SafeQueue``.
         """
         return cls._from_segment(cls._attach_segment(name))

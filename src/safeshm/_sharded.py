@@ -176,7 +176,7 @@ class ShardedCounter(SharedStructure):
                 fallback.
 
         Raises:
-            FileExistsError: a segment with this name exists.
+            SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             ValueError: ``slots`` is not between 1 and 65536.
         """
         initial = check_int64("initial value", initial)
@@ -200,7 +200,7 @@ class ShardedCounter(SharedStructure):
         """Attach to an existing sharded counter by name.
 
         Raises:
-            FileNotFoundError: no segment has this name.
+            SegmentNotFoundError: no segment has this name (a ``FileNotFoundError``).
             IncompatibleSegmentError: the segment is not a ``ShardedCounter``.
         """
         return cls._from_segment(cls._attach_segment(name))
