@@ -11,7 +11,7 @@ from __future__ import annotations
 # First: on an unsupported platform this raises a clear ImportError before anything else.
 from . import _compat  # noqa: F401
 from ._array import ArrayStatistics, SafeArray
-from ._counter import CounterStatistics, SafeCounter, ShardedCounter, ShardedCounterStatistics
+from ._counter import CounterStatistics, SafeCounter
 from ._errors import (
     HandleClosedError,
     HolderDiedWarning,
@@ -38,6 +38,7 @@ from ._errors import (
 )
 from ._lock import LockStatistics, SafeLock
 from ._queue import QueueStatistics, SafeQueue
+from ._sharded import ShardedCounter, ShardedCounterStatistics
 from ._store import (
     DamagedRecord,
     RecoveryReport,

@@ -163,7 +163,7 @@ class SafeArray(SharedStructure, Generic[T]):
             ValueError: bad typecode, negative length, or bad stripe count.
             TypeError, OverflowError: an initial value the typecode cannot hold (as
                 :class:`array.array` raises them).
-            FileExistsError: a segment with this name exists.
+            SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
         """
         _check_typecode(typecode)
         initial: array.array[Any] | None
@@ -225,7 +225,7 @@ class SafeArray(SharedStructure, Generic[T]):
                 know the element type).
 
         Raises:
-            FileNotFoundError: no segment has this name.
+            SegmentNotFoundError: no segment has this name (a ``FileNotFoundError``).
             IncompatibleSegmentError: the segment is not a ``SafeArray``, or not of
                 ``typecode``.
         """

@@ -19,7 +19,7 @@ from typing import Any, Final, NamedTuple
 
 from . import _compat
 from ._array import SafeArray
-from ._counter import SafeCounter, ShardedCounter
+from ._counter import SafeCounter
 from ._errors import SafeShmError, SegmentCorruptedError
 from ._lock import SafeLock
 from ._queue import SafeQueue
@@ -34,6 +34,7 @@ from ._segment import (
     segment_path,
     validate_name,
 )
+from ._sharded import ShardedCounter
 from ._store import SafeFileStore
 from ._store_cli import add_store_parser
 

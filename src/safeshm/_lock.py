@@ -639,7 +639,7 @@ class SafeLock(SharedStructure):
             name: the name to attach by; a random one when ``None``.
 
         Raises:
-            FileExistsError: a segment with this name exists.
+            SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             InvalidNameError: ``name`` is not a valid segment name.
         """
         seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
@@ -652,7 +652,7 @@ class SafeLock(SharedStructure):
         """Attach to an existing lock by name, from any process of the same user.
 
         Raises:
-            FileNotFoundError: no segment has this name.
+            SegmentNotFoundError: no segment has this name (a ``FileNotFoundError``).
             IncompatibleSegmentError: the segment is not a ``SafeLock``.
         """
         return cls._from_segment(cls._attach_segment(name))

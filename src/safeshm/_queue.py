@@ -22,6 +22,7 @@ from ._errors import (
     SafeShmError,
     SegmentCorruptedError,
 )
+from ._int64 import INT64_MAX
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 from ._timeout import check_timeout
@@ -50,7 +51,6 @@ _RECORD_HEADER: Final = 8
 # longer matches its check half, so it is never used to cut an item out of the ring (a
 # constant marker let a damaged length swallow the records after it, returned as one item).
 _MARK_KEY: Final = 0x51ED51ED
-_INT64_MAX: Final = (1 << 63) - 1
 _COUNT_LIMIT: Final = 1 << 62  # more puts than a queue can see in centuries: damage
 _LEN_MASK: Final = 0xFFFFFFFF
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
@@ -177,7 +177,7 @@ class SafeQueue(SharedStructure, Generic[T]):
 
         Raises:
             ValueError: ``capacity`` below 16, or negative ``maxsize``.
-            FileExistsError: a segment with this name exists.
+            SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             OSError: not enough room in /dev/shm (ENOSPC).
         """
         capacity = _check_count("capacity", capacity)
@@ -199,7 +199,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         """Attach to an existing queue by name.
 
         Raises:
-            FileNotFoundError: no segment has this name.
+            SegmentNotFoundError: no segment has this name (a ``FileNotFoundError``).
             IncompatibleSegmentError: the segment is not a ``SafeQueue``.
         """
         return cls._from_segment(cls._attach_segment(name))
@@ -260,7 +260,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring does not fit "
                 f"its {self._seg.header.total_size} bytes")
-        if raw not in (0, 1) or maxsize > _INT64_MAX:
+        if raw not in (0, 1) or maxsize > INT64_MAX:
             raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: its parameters say raw={raw}, "
                 f"maxsize={maxsize}")
@@ -897,7 +897,7 @@ def _check_count(what: str, value: Any) -> int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
-    if value > _INT64_MAX:
+    if value > INT64_MAX:
         raise OverflowError(f"{what} {value} is beyond the int64 range; nothing was created")
     return value
 

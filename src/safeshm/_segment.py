@@ -252,7 +252,7 @@ class Segment:
         params: bytes = b"",
         flags: int = 0,
     ) -> Segment:
-        """Create and publish a new segment; ``FileExistsError`` if ``name`` is taken.
+        """Create and publish a new segment; ``SegmentExistsError`` if ``name`` is taken.
 
         ``init`` fills the payload (offsets from the start of the mapping, payload at
         ``HEADER_SIZE``). The segment becomes visible under its name only after ``init``
@@ -703,7 +703,7 @@ class SharedStructure:
         is freed when the last process closes its handle.
 
         Raises:
-            FileNotFoundError: the segment was already unlinked.
+            SegmentNotFoundError: the segment was already unlinked (a ``FileNotFoundError``).
         """
         self._seg.unlink()
 

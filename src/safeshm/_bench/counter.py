@@ -17,7 +17,8 @@ import ctypes
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from safeshm._counter import SafeCounter, ShardedCounter
+from safeshm._counter import SafeCounter
+from safeshm._sharded import ShardedCounter
 
 from .chart import Ratio
 from .harness import (
