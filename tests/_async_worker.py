@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import queue
 import shutil
 import signal
@@ -68,15 +69,16 @@ def _mutexes(handle: Any) -> list[Any]:
     return [handle._mutex]
 
 
-# The other process of a store check: on each line from stdin, a write that must get the
-# write lock within CHECK_WAIT (StoreTimeoutError: a leaked flock) and a read of the whole
-# store, which must be one of the states the worker's writes move between.
+# The other process of a store check: on each line from stdin, a write and a compaction
+# that must get their locks within CHECK_WAIT (StoreTimeoutError: a leaked flock) and a
+# read of the whole store, which must be one of the states the worker's writes move between.
 STORE_PEER = """
 import sys, safeshm
 store = safeshm.SafeFileStore(sys.argv[1])
 for line in sys.stdin:
     try:
         store.modify("probe", lambda v: v + 1, default=0, timeout=float(sys.argv[2]))
+        store.compact(timeout=float(sys.argv[2]))  # the maintenance lock, too
     except safeshm.StoreTimeoutError as e:
         print("LEAK", e, flush=True)
         continue
@@ -94,7 +96,8 @@ for line in sys.stdin:
         problems.append(f"d={d.get('d')!r}")
     if not isinstance(d.get("n", 0), int):
         problems.append(f"n={d.get('n')!r}")
-    print("BAD " + "; ".join(problems) if problems else "OK", d.get("n", 0), flush=True)
+    print("BAD " + "; ".join(problems) if problems else "OK", d.get("n", 0), sorted(d),
+          "generation", store._generation, flush=True)
 """
 
 
@@ -133,7 +136,10 @@ class _StoreChecker:
             return "another process: " + " ".join(answer)
         n = int(answer[1])
         if not self.n + done <= n <= self.n + done + 1:
-            return f"modify's count is {n}, expected {self.n + done} or one more"
+            return (f"modify's count is {n}, expected {self.n + done} or one more "
+                    f"(another process sees keys {answer[2:]}; this one sees "
+                    f"{sorted(self.store.to_dict())} in log generation "
+                    f"{self.store._generation}; files: {sorted(os.listdir(self.store.path))})")
         self.n = n
         return None
 
@@ -285,7 +291,7 @@ def _handle(kind: str, pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[
         h.unlink()
 
 
-def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:
+def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:  # noqa: PLR0912
     warnings.simplefilter("ignore", safeshm.SafeShmWarning)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     with _handle(kind, pool) as h:

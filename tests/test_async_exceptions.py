@@ -36,7 +36,8 @@ def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> No
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_interrupts_leave_no_mutex_held(kind: str) -> None:
-    _run(kind, interrupts=150, budget_s=8.0)
+    # The store: before the fix, a lock leaked within 47-185 interrupts (4 runs here).
+    _run(kind, interrupts=600 if kind == "store" else 150, budget_s=15.0)
 
 
 @pytest.mark.parametrize("kind", REENTRANT_KINDS)
