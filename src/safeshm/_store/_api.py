@@ -7,10 +7,8 @@ import ctypes
 import dataclasses
 import errno
 import functools
-import math
 import operator
 import threading
-import time
 from collections.abc import (
     Callable,
     Generator,
@@ -29,8 +27,6 @@ from typing import (
     Literal,
     overload,
 )
-
-import filelock
 
 from safeshm import _compat
 from safeshm._errors import (
@@ -498,16 +494,13 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         until = self._until(timeout)
         if self._writer is not None and self._writer.mutex._is_owned():  # type: ignore[attr-defined]
             raise LockReentryError("compact() inside modify() or transaction()")
-        lock = self._maintenance_lock()
+        maintenance = self._maintenance(until)
         try:
-            lock.acquire(timeout=-1 if until == math.inf
-                         else max(0.0, until - time.monotonic()))
-        except filelock.Timeout:
-            raise self._timed_out(until, "nothing was compacted") from None
-        try:
+            if not next(maintenance):
+                raise self._timed_out(until, "nothing was compacted")
             self._compact_locked(force=True, until=until)
         finally:
-            lock.release()
+            maintenance.close()
 
     # --- lifecycle --------------------------------------------------------------------------
     @property

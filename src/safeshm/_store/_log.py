@@ -19,8 +19,6 @@ from typing import (
     cast,
 )
 
-import filelock
-
 from safeshm import _compat
 from safeshm._errors import (
     IncompatibleStoreError,
@@ -79,6 +77,7 @@ from ._serializers import (
 from ._writer import (
     _acquire_mutex,
     _lock_exclusive,
+    _poll_exclusive,
     _process_writer,
     _ProcessWriter,
 )
@@ -182,11 +181,28 @@ class _Log(Generic[V]):
             os.close(fd)
         return _parse_current(data, repr(self._path))
 
-    def _maintenance_lock(self) -> filelock.BaseFileLock:
-        return filelock.FileLock(os.path.join(self._path, MAINTENANCE_LOCK_FILE), mode=0o600)
+    def _maintenance(self, until: float = math.inf) -> Generator[bool, None, None]:
+        """Hold the maintenance lock (creating the store, compacting it) from the first
+        ``next()`` -- which says whether it was taken before ``until`` -- until the
+        generator is closed. Used like :meth:`_hold`, for the same reason: a flock on a
+        descriptor of its own, which closing drops, all in C."""
+        if self._dir_fd < 0:
+            raise self._closed_error()
+        fd = _open_file(self._dir_fd, MAINTENANCE_LOCK_FILE, os.O_RDWR, self._path,
+                        create=True)
+        try:
+            if until == math.inf:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield True
+            else:
+                yield _poll_exclusive(fd, until)
+        finally:
+            os.close(fd)
 
     def _initialise(self) -> None:
-        with self._maintenance_lock():
+        maintenance = self._maintenance()
+        try:
+            next(maintenance)
             if self._read_current() is not None:
                 return  # another process initialised it first
             foreign = [n for n in os.listdir(self._dir_fd) if not _is_our_file(n)]
@@ -209,6 +225,8 @@ class _Log(Generic[V]):
                     _unlink_quietly(self._dir_fd, name)
             self._write_generation(1, [])
             _replace_file(self._dir_fd, CURRENT_FILE, _current_text(1), self._path)
+        finally:
+            maintenance.close()
 
     def _only_header(self, name: str) -> bool:
         fd = _open_file(self._dir_fd, name, os.O_RDONLY, self._path)
@@ -953,17 +971,15 @@ class _Log(Generic[V]):
         end = self._end
         if end < self._compact_min or end <= 2 * self._live:
             return
-        lock = self._maintenance_lock()
+        maintenance = self._maintenance(-math.inf)  # try once
         try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return  # another process is compacting
-        try:
+            if not next(maintenance):
+                return  # another process is compacting
             self._compact_locked(force=False, until=until)
         except StoreTimeoutError:
             pass  # the write that got us here is done; a later one compacts
         finally:
-            lock.release()
+            maintenance.close()
 
     def _compact_locked(self, *, force: bool, until: float = math.inf) -> None:
         hold = self._hold(until)
