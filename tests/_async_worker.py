@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import queue
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -60,7 +64,89 @@ class Reentrant:
 def _mutexes(handle: Any) -> list[Any]:
     if isinstance(handle, safeshm.SafeArray):
         return list(handle._stripes)
+    if isinstance(handle, safeshm.SafeFileStore):
+        return []  # checked by _StoreChecker: its locks are a threading lock and a flock
     return [handle._mutex]
+
+
+# The other process of a store check: on each line from stdin, a write and a compaction
+# that must get their locks within CHECK_WAIT (StoreTimeoutError: a leaked flock) and a
+# read of the whole store, which must be one of the states the worker's writes move between.
+STORE_PEER = """
+import sys, safeshm
+store = safeshm.SafeFileStore(sys.argv[1])
+for line in sys.stdin:
+    try:
+        store.modify("probe", lambda v: v + 1, default=0, timeout=float(sys.argv[2]))
+        store.compact(timeout=float(sys.argv[2]))  # the maintenance lock, too
+    except safeshm.StoreTimeoutError as e:
+        print("LEAK", e, flush=True)
+        continue
+    d = store.to_dict()
+    problems = []
+    if d.get("x", 0) + d.get("y", 0) != 0:
+        problems.append(f"a transaction was torn: x={d.get('x')} y={d.get('y')}")
+    s = d.get("s")
+    if s is not None and (set(s) != {"v", "pad"} or s["pad"] != "x" * 100):
+        problems.append(f"s={s!r}")
+    big = d.get("big")
+    if big is not None and (len(big) != 5000 or len(set(big)) != 1):
+        problems.append(f"big is torn: {big[:20]!r}...")
+    if d.get("d", 1) != 1:
+        problems.append(f"d={d.get('d')!r}")
+    if not isinstance(d.get("n", 0), int):
+        problems.append(f"n={d.get('n')!r}")
+    print("BAD " + "; ".join(problems) if problems else "OK", d.get("n", 0), sorted(d),
+          "generation", store._generation, flush=True)
+"""
+
+
+class _StoreChecker:
+    """After an interrupt: another thread of this process, then another process, must
+    each be able to write (within CHECK_WAIT) and see a consistent store; modify's count
+    may have moved by one (an interrupted write took effect whole, or not at all)."""
+
+    def __init__(self, store: Any, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.store = store
+        self.pool = pool
+        self.peer = subprocess.Popen(
+            [sys.executable, "-c", STORE_PEER, store.path, str(CHECK_WAIT)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.n = 0
+
+    def _thread_write(self) -> str | None:
+        try:
+            self.store.modify("probe_t", lambda v: v + 1, default=0, timeout=CHECK_WAIT)
+        except safeshm.StoreTimeoutError:
+            return f"the write lock is still held in this process {CHECK_WAIT} s after"
+        return None
+
+    def __call__(self, done: int) -> str | None:
+        """``done``: modify() calls that returned since the last check."""
+        problem = self.pool.submit(self._thread_write).result(timeout=CHECK_WAIT + 5)
+        if problem:
+            return problem
+        assert self.peer.stdin is not None and self.peer.stdout is not None
+        self.peer.stdin.write("check\n")
+        self.peer.stdin.flush()
+        answer = self.peer.stdout.readline().split()
+        if not answer:
+            return "the checking process died"
+        if answer[0] != "OK":
+            return "another process: " + " ".join(answer)
+        n = int(answer[1])
+        if not self.n + done <= n <= self.n + done + 1:
+            return (f"modify's count is {n}, expected {self.n + done} or one more "
+                    f"(another process sees keys {answer[2:]}; this one sees "
+                    f"{sorted(self.store.to_dict())} in log generation "
+                    f"{self.store._generation}; files: {sorted(os.listdir(self.store.path))})")
+        self.n = n
+        return None
+
+    def close(self) -> None:
+        assert self.peer.stdin is not None
+        self.peer.stdin.close()
+        self.peer.wait(timeout=CHECK_WAIT + 5)
 
 
 def _free_everywhere(mutexes: list[Any]) -> str | None:
@@ -140,7 +226,41 @@ def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
 
         return [("with", with_lock), ("acquire", acquire_release),
                 ("acquire(timeout)", acquire_timeout), ("acquired", acquired)]
+    if kind == "store":
+        st = handle
+        counter = iter(range(1 << 62))
+
+        def set_() -> None:
+            i = next(counter)
+            st["s"] = {"v": i, "pad": "x" * 100}
+            st["big"] = "abcdef"[i % 6] * 5000  # over the cache limit: read from the log
+
+        def modify() -> None:
+            st.modify("n", lambda v: v + 1, default=0)
+            st.modified += 1
+
+        def transaction() -> None:
+            with st.transaction() as tx:
+                tx["x"] = tx.get("x", 0) + 1
+                tx["y"] = tx.get("y", 0) - 1
+
+        def delete() -> None:
+            st["d"] = 1
+            del st["d"]
+
+        def grouped() -> None:
+            # As if another writer had just found the lock taken: durable writes sync
+            # after releasing it, then take it again to publish (group commit, _finish).
+            st._writer.contended.value = 64
+            st["g"] = next(counter)
+
+        return [("set", set_), ("modify", modify), ("transaction", transaction),
+                ("delete", delete), ("grouped", grouped), ("compact", st.compact)]
     raise SystemExit(f"unknown kind {kind!r}")
+
+
+class _Store(safeshm.SafeFileStore[Any]):
+    modified = 0
 
 
 @contextlib.contextmanager
@@ -153,6 +273,15 @@ def _handle(kind: str, pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[
         h = safeshm.ShardedCounter.create(slots=1)
         # Another, live thread owns the only slot: this thread's adds take the lock.
         pool.submit(h.add, 1).result(timeout=CHECK_WAIT)
+    elif kind == "store":
+        where = tempfile.mkdtemp(prefix="safeshm-async-")
+        h = _Store(where + "/store")
+        try:
+            yield h
+        finally:
+            h.close()
+            shutil.rmtree(where, ignore_errors=True)
+        return
     else:
         h = safeshm.SafeLock.create()
     try:
@@ -162,12 +291,13 @@ def _handle(kind: str, pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[
         h.unlink()
 
 
-def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:
+def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:  # noqa: PLR0912
     warnings.simplefilter("ignore", safeshm.SafeShmWarning)
     pool = concurrent.futures.ThreadPoolExecutor(1)
     with _handle(kind, pool) as h:
         mutexes = _mutexes(h)
         ops = _ops(kind, h)
+        checker = _StoreChecker(h, pool) if kind == "store" else None
         handler = Reentrant(mutexes)
         signal.signal(signal.SIGALRM, handler if reentrant else _raise)
         counts = dict.fromkeys([name for name, _ in ops], 0)
@@ -199,8 +329,12 @@ def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:
                     continue
                 interrupts += 1
                 counts[name] += 1
-                problem = pool.submit(_free_everywhere, mutexes).result(
-                    timeout=CHECK_WAIT * len(mutexes) + 5)
+                if checker is not None:
+                    problem = checker(h.modified)
+                    h.modified = 0
+                else:
+                    problem = pool.submit(_free_everywhere, mutexes).result(
+                        timeout=CHECK_WAIT * len(mutexes) + 5)
                 if problem:
                     print(f"LEAK after {interrupts} interrupts, in {kind} {name}: {problem}",
                           flush=True)
@@ -210,6 +344,8 @@ def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:
                         with contextlib.suppress(Exception):
                             m.release()
                     return 3
+        if checker is not None:
+            checker.close()
     pool.shutdown()
     print(f"OK {kind}: {interrupts} interrupts {counts}; re-entries refused: "
           f"{handler.refused}", flush=True)

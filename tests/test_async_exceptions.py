@@ -17,7 +17,10 @@ import pytest
 import safeshm
 
 WORKER = Path(__file__).with_name("_async_worker.py")
-KINDS = ["queue", "array", "sharded", "lock"]
+KINDS = ["queue", "array", "sharded", "lock", "store"]
+# A store write from a signal handler that interrupted a read holding the handle's index
+# mutex would deadlock (that mutex is a plain threading.Lock): not covered yet.
+REENTRANT_KINDS = ["queue", "array", "sharded", "lock"]
 
 
 def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> None:
@@ -33,10 +36,11 @@ def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> No
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_interrupts_leave_no_mutex_held(kind: str) -> None:
-    _run(kind, interrupts=150, budget_s=8.0)
+    # The store: before the fix, a lock leaked within 47-185 interrupts (4 runs here).
+    _run(kind, interrupts=600 if kind == "store" else 150, budget_s=15.0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", REENTRANT_KINDS)
 def test_reentrant_handlers_never_release_the_outer_hold(kind: str) -> None:
     """The handler uses the structure first: where it interrupted a hold, the re-entry
     fails with LockReentryError and the interrupted code still holds the mutex."""
@@ -44,7 +48,7 @@ def test_reentrant_handlers_never_release_the_outer_hold(kind: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["raise", "reentrant"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("kind", "mode"), [(kind, "raise") for kind in KINDS]
+                         + [(kind, "reentrant") for kind in REENTRANT_KINDS])
 def test_many_interrupts_leave_no_mutex_held(kind: str, mode: str) -> None:
     _run(kind, interrupts=3000, budget_s=60.0, mode=mode)

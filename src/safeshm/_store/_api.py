@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
-import math
+import functools
+import operator
 import threading
-import time
-from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
+from collections.abc import (
+    Callable,
+    Generator,
+    ItemsView,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    ValuesView,
+)
 from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
+    Final,
     Generic,
     Literal,
     overload,
 )
-
-import filelock
 
 from safeshm import _compat
 from safeshm._errors import (
     LockReentryError,
     StoreClosedError,
 )
-from safeshm._timeout import check_timeout
+from safeshm._lock import _CLevel
+from safeshm._timeout import check_timeout, deadline
 
 if TYPE_CHECKING:
     from _typeshed import SupportsKeysAndGetItem
@@ -303,13 +312,14 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     def __delitem__(self, key: str) -> None:
         kb = _key_bytes(key)
         until = self._until(_DEFAULT)
-        writer = self._acquire_writer(until=until)
+        hold = self._hold(until)
         try:
+            next(hold)
             if key not in self._index:
                 raise KeyError(key)
             pending = self._commit([(DEL, kb, b"")])
         finally:
-            self._release_writer(writer)
+            hold.close()
         self._finish(pending, until)
         self._maybe_compact(until)
 
@@ -424,8 +434,9 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         """
         kb = _key_bytes(key)
         until = self._until(timeout)
-        writer = self._acquire_writer(until=until)
+        hold = self._hold(until)
         try:
+            next(hold)
             with self._mutex:
                 data = self._value(key)
             if data is not None:
@@ -439,7 +450,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
             _check_size(kb, encoded)
             pending = self._commit([(SET, kb, encoded)])
         finally:
-            self._release_writer(writer)
+            hold.close()
         self._finish(pending, until)
         self._maybe_compact(until)
         return new
@@ -481,18 +492,15 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
                 compaction never copies damage under a fresh checksum).
         """
         until = self._until(timeout)
-        if self._writer is not None and self._writer.owner == threading.get_ident():
+        if self._writer is not None and self._writer.mutex._is_owned():  # type: ignore[attr-defined]
             raise LockReentryError("compact() inside modify() or transaction()")
-        lock = self._maintenance_lock()
+        maintenance = self._maintenance(until)
         try:
-            lock.acquire(timeout=-1 if until == math.inf
-                         else max(0.0, until - time.monotonic()))
-        except filelock.Timeout:
-            raise self._timed_out(until, "nothing was compacted") from None
-        try:
+            if not next(maintenance):
+                raise self._timed_out(until, "nothing was compacted")
             self._compact_locked(force=True, until=until)
         finally:
-            lock.release()
+            maintenance.close()
 
     # --- lifecycle --------------------------------------------------------------------------
     @property
@@ -599,6 +607,14 @@ def _reopen(path: str, durable: bool, serializer: Any, timeout: float | None = N
                          timeout=timeout)
 
 
+# PyObject_CallOneArg(f, arg), called with two extra arguments that it ignores (every
+# supported ABI passes them in registers, and the caller cleans up): __exit__(t, v, tb) as
+# f(t), in C. PyDLL keeps the GIL and raises what f raised.
+_CALL_ONE: Final = ctypes.PyDLL(None)["PyObject_CallOneArg"]
+_CALL_ONE.restype = ctypes.py_object
+_CALL_ONE.argtypes = (ctypes.py_object,) * 4
+
+
 class Transaction(MutableMapping[str, V], Generic[V]):
     """The view of a store inside ``with store.transaction() as tx:`` (see
     :meth:`SafeFileStore.transaction`). Values written to it are encoded at once (an
@@ -607,27 +623,55 @@ class Transaction(MutableMapping[str, V], Generic[V]):
     def __init__(self, store: SafeFileStore[V], timeout: float | None) -> None:
         self._store = store
         self._timeout = timeout
-        self._writer: _ProcessWriter | None = None
         self._ops: dict[str, tuple[bytes, bytes | None]] = {}  # key -> (key bytes, value)
         self._state = "new"
+        # The with statement looks __exit__ up before it calls __enter__: built here.
+        self._run = self._hold_and_commit()
+        self._exit_c = functools.partial(_CALL_ONE, self._run.send)
 
     def __enter__(self) -> Transaction[V]:
         if self._state != "new":
             raise RuntimeError("a transaction can be entered only once")
-        self._writer = self._store._begin_write(self._timeout)
-        self._state = "open"
-        return self
+        run = self._run
+        try:
+            next(run)  # takes the write lock (or raises, holding nothing)
+        except BaseException:
+            run.close()  # an exception right after next() returned: let go of the lock
+            raise
+        return self  # nothing that checks for a signal until the with block's cleanup
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        writer, self._writer = self._writer, None
-        if writer is None:
-            return
-        ops = None if exc_type is not None else [
-            (SET, kb, value) if value is not None else (DEL, kb, b"")
-            for kb, value in self._ops.values()]
-        self._state = "done"
-        self._store._end_write(writer, ops, self._timeout)
+    if TYPE_CHECKING:
+        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                     tb: TracebackType | None) -> None: ...
+    else:
+        # One C-level call that resumes _hold_and_commit with the exception type: a Python
+        # __exit__ would give a signal handler's exception a place to land -- its first
+        # instruction -- before anything released the write lock.
+        __exit__ = _CLevel(operator.attrgetter("_exit_c"))
+
+    def _hold_and_commit(self) -> Generator[bool, type[BaseException] | None, None]:
+        """The transaction's life: hold the write lock from ``__enter__`` until the with
+        block ends (sent its exception type, ``None`` on a normal exit), commit on a
+        normal exit, release, then sync and maybe compact."""
+        store = self._store
+        until = deadline(self._timeout)
+        hold = store._hold(until)
+        try:
+            next(hold)
+            self._state = "open"
+            exc_type = yield False
+            self._state = "done"
+            ops = None if exc_type is not None else [
+                (SET, kb, value) if value is not None else (DEL, kb, b"")
+                for kb, value in self._ops.values()]
+            pending = store._commit(ops) if ops else None
+        finally:
+            self._state = "done"
+            hold.close()
+        if ops:
+            store._finish(pending, until)
+            store._maybe_compact(until)
+        yield False  # __exit__'s result: an exception from the block propagates
 
     def _check(self) -> None:
         if self._state != "open":

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import (
     Any,
     Final,
@@ -18,8 +18,6 @@ from typing import (
     NoReturn,
     cast,
 )
-
-import filelock
 
 from safeshm import _compat
 from safeshm._errors import (
@@ -79,9 +77,9 @@ from ._serializers import (
 from ._writer import (
     _acquire_mutex,
     _lock_exclusive,
+    _poll_exclusive,
     _process_writer,
     _ProcessWriter,
-    _unlock_exclusive,
 )
 
 _MISSING: Final[Any] = object()
@@ -183,11 +181,28 @@ class _Log(Generic[V]):
             os.close(fd)
         return _parse_current(data, repr(self._path))
 
-    def _maintenance_lock(self) -> filelock.BaseFileLock:
-        return filelock.FileLock(os.path.join(self._path, MAINTENANCE_LOCK_FILE), mode=0o600)
+    def _maintenance(self, until: float = math.inf) -> Generator[bool, None, None]:
+        """Hold the maintenance lock (creating the store, compacting it) from the first
+        ``next()`` -- which says whether it was taken before ``until`` -- until the
+        generator is closed. Used like :meth:`_hold`, for the same reason: a flock on a
+        descriptor of its own, which closing drops, all in C."""
+        if self._dir_fd < 0:
+            raise self._closed_error()
+        fd = _open_file(self._dir_fd, MAINTENANCE_LOCK_FILE, os.O_RDWR, self._path,
+                        create=True)
+        try:
+            if until == math.inf:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield True
+            else:
+                yield _poll_exclusive(fd, until)
+        finally:
+            os.close(fd)
 
     def _initialise(self) -> None:
-        with self._maintenance_lock():
+        maintenance = self._maintenance()
+        try:
+            next(maintenance)
             if self._read_current() is not None:
                 return  # another process initialised it first
             foreign = [n for n in os.listdir(self._dir_fd) if not _is_our_file(n)]
@@ -210,6 +225,8 @@ class _Log(Generic[V]):
                     _unlink_quietly(self._dir_fd, name)
             self._write_generation(1, [])
             _replace_file(self._dir_fd, CURRENT_FILE, _current_text(1), self._path)
+        finally:
+            maintenance.close()
 
     def _only_header(self, name: str) -> bool:
         fd = _open_file(self._dir_fd, name, os.O_RDONLY, self._path)
@@ -257,13 +274,25 @@ class _Log(Generic[V]):
         """Make ``generation``'s log the one this handle reads (from its start)."""
         fd = _open_file(self._dir_fd, log_name(generation), os.O_RDWR | os.O_APPEND,
                         self._path)
-        old, self._log_fd = self._log_fd, fd
+        try:
+            stamp = _stamp_of(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        # Stores only, no call, until the handle is on the new log as a whole (and reads it
+        # from its start): a signal handler's exception half-way would leave a handle with
+        # one log's descriptor and another's stamp or index.
+        old = self._log_fd
+        self._log_fd = fd
+        self._seen = -1
+        self._torn_tail = None
+        self._generation = generation
+        self._end = 0
+        self._index = {}
+        self._live = 0
+        self._stamp = stamp
         if old >= 0:
             os.close(old)
-        self._reset_log()
-        self._generation = generation
-        st = os.fstat(fd)
-        self._stamp = _stamp_of(st)
         # What was acknowledged, read before the size: a writer that appends and publishes
         # in between would otherwise look like a cut in the log.
         acknowledged = self._acknowledged_end()
@@ -468,7 +497,11 @@ class _Log(Generic[V]):
             elif rtype == MOVED:
                 if vlen != _GEN.size:
                     self._corrupt(base + pos, "a MOVED record of the wrong size")
-                self._end = base + end
+                # _end stays before the MOVED record: the caller switches logs next, and
+                # a signal handler's exception before it did must leave the record to be
+                # read again (past it, this handle would stay on the old log for good,
+                # writing where nobody reads).
+                self._end = base + pos
                 self._live += live
                 (generation,) = _GEN.unpack_from(view, body + klen)
                 return int(generation)
@@ -564,20 +597,29 @@ class _Log(Generic[V]):
         """Decide what a suspect record is, with writers excluded (``LOCK_SH``). Lock order
         as for writers: process mutex, file lock, then ``_mutex``."""
         writer = self._get_writer()
-        with writer.mutex:
-            fcntl.flock(writer.fd, fcntl.LOCK_SH)
-            try:
-                with self._mutex:
-                    if self._closed:
-                        raise self._closed_error()
-                    self._suspect = False
-                    self._exclusive = True
-                    try:
-                        self._refresh()
-                    finally:
-                        self._exclusive = False
+        if writer.mutex._is_owned():  # type: ignore[attr-defined]
+            # A read inside modify()'s fn or a transaction: this thread holds the write
+            # lock, so writers are excluded already (and taking the RLock again, then
+            # unlocking the flock, would end that hold).
+            self._settle_excluded()
+            return
+        with writer.mutex:  # a C-level __enter__ and __exit__
+            try:  # the flock inside the try: an exception right after it lands here
+                fcntl.flock(writer.fd, fcntl.LOCK_SH)
+                self._settle_excluded()
             finally:
                 fcntl.flock(writer.fd, fcntl.LOCK_UN)
+
+    def _settle_excluded(self) -> None:
+        with self._mutex:
+            if self._closed:
+                raise self._closed_error()
+            self._suspect = False
+            self._exclusive = True
+            try:
+                self._refresh()
+            finally:
+                self._exclusive = False
 
     def _classify_tail(self, offset: int, *, truncate: bool) -> None:
         """With no writer active: is the data from ``offset`` on a torn tail (truncated
@@ -618,45 +660,67 @@ class _Log(Generic[V]):
             f"SafeFileStore {self._path!r}: could not take the write lock in time (another "
             f"writer holds it: busy, stopped or stuck); {what}")
 
-    def _acquire_writer(self, *, catch_up: bool = True, until: float = math.inf
-                        ) -> _ProcessWriter:
-        """Take this process's lock for the store, then the file lock, before ``until``
-        (else :class:`StoreTimeoutError`, nothing taken); with ``catch_up``, read the log
-        to its end (what modify, transactions and deletes decide on)."""
+    # Async-exception safety (issue 10.3; the reasoning is at the top of safeshm._lock): a
+    # signal handler's exception (KeyboardInterrupt, a SIGALRM timeout) lands only at a
+    # function's first instruction, a loop's backward jump or right after a call returns.
+    # Every hold of the write lock is the generator below, used as
+    #
+    #     hold = self._hold(until)
+    #     try:
+    #         writer = next(hold)     # an exception after it returned: in the try
+    #         ... the write ...
+    #     finally:
+    #         hold.close()            # one C call: GeneratorExit runs _hold's finally
+    #
+    # A suspended generator is the one Python frame whose try/finally spans the caller's
+    # code: closing it (or its being garbage-collected) runs the release, which is C calls
+    # only, with nothing that checks for a signal before them.
+    def _hold(self, until: float = math.inf, *, catch_up: bool | None = True,
+              what: str = "nothing was written") -> Generator[_ProcessWriter, None, None]:
+        """Hold this process's lock for the store, then the file lock, from the first
+        ``next()`` until the generator is closed; taken before ``until`` (else
+        :class:`StoreTimeoutError`, ``what`` says what it means, nothing taken). With
+        ``catch_up``, read the log to its end first (what modify, transactions and deletes
+        decide on); ``None``: not even the closed check (finishing a committed write)."""
         writer = self._get_writer()
-        me = threading.get_ident()
-        if writer.owner == me:
+        mutex = writer.mutex
+        if mutex._is_owned():  # type: ignore[attr-defined] # before the try: see _lock
             raise LockReentryError(
                 f"this thread already holds {self._path!r}'s write lock (inside modify() or "
                 f"transaction()); write through the transaction object instead")
-        if not _acquire_mutex(writer.mutex, until):
-            raise self._timed_out(until)
+        # 1: the mutex's acquire may have returned, its result lost; 2: the mutex is ours;
+        # 3: and the flock may be taken (unlocking one that is not taken is harmless, and
+        # no other thread of this process can hold it while we hold the mutex).
+        state = 0
         try:
-            taken = _lock_exclusive(writer, until)
-        except BaseException:
-            writer.mutex.release()
-            raise
-        if not taken:
-            writer.mutex.release()
-            raise self._timed_out(until)
-        writer.owner = me
-        try:
-            with self._mutex:
-                if self._closed:
-                    raise self._closed_error()
-                if catch_up:
-                    self._sync_as_writer(writer)
-        except BaseException:
-            self._release_writer(writer)
-            raise
-        return writer
-
-    def _release_writer(self, writer: _ProcessWriter) -> None:
-        writer.owner = 0
-        try:
-            _unlock_exclusive(writer)
+            state = 1
+            if not _acquire_mutex(mutex, until):
+                state = 0
+                raise self._timed_out(until, what)
+            state = 3
+            if not _lock_exclusive(writer, until):
+                raise self._timed_out(until, what)
+            writer.owner = threading.get_ident()
+            if catch_up is not None:
+                with self._mutex:
+                    if self._closed:
+                        raise self._closed_error()
+                    if catch_up:
+                        self._sync_as_writer(writer)
+            yield writer
         finally:
-            writer.mutex.release()
+            if state == 3:
+                writer.owner = 0
+                writer.busy.value = 0
+                try:
+                    fcntl.flock(writer.fd, fcntl.LOCK_UN)
+                finally:
+                    mutex.release()
+            elif state:
+                try:  # noqa: SIM105 - contextlib.suppress is Python code: a place to land
+                    mutex.release()
+                except RuntimeError:
+                    pass  # the acquire had not completed: not ours
 
     def _append(self, record: bytes, ops: list[tuple[int, bytes, bytes]]) -> _Pending | None:
         """Append one record (writer lock held), publish the new end, and apply the
@@ -715,8 +779,13 @@ class _Log(Generic[V]):
             else:
                 writer.publish(self._stamp, position, position)  # alone: publish once
             if self._end == start:  # else others' records come first: the next refresh
-                self._end = end     # applies them, then ours
+                # applies them, then ours. _end moves only once the index has all of the
+                # record: a signal handler's exception half-way leaves _end before it, so
+                # the next refresh applies the record again (each operation is a
+                # replacement: applying it twice is applying it once), and nothing -- a
+                # compaction above all -- ever uses an index that has only part of it.
                 self._apply_own(start, record, ops)
+                self._end = end
             return pending
 
     def _finish(self, pending: _Pending | None, until: float = math.inf) -> None:
@@ -737,21 +806,16 @@ class _Log(Generic[V]):
             os.close(fd)
         committed = ("the write WAS committed and is on disk (do not repeat it); other "
                      "processes see it after the next write")
-        if not _acquire_mutex(writer.mutex, until):
-            raise self._timed_out(until, committed)
+        if writer is not self._writer:  # pragma: no cover - only a forked child swaps it
+            return
+        hold = self._hold(until, catch_up=None, what=committed)
         try:
-            if writer.fd < 0:  # pragma: no cover - only a forked child closes it
-                return
-            if not _lock_exclusive(writer, until):
-                raise self._timed_out(until, committed)
-            try:
-                hints = writer.hints(stamp, generation)
-                if hints is not None and hints[1] & _POS_MASK < end <= hints[0] & _POS_MASK:
-                    writer.publish(stamp, hints[0], _pack(generation, end))
-            finally:
-                _unlock_exclusive(writer)
+            next(hold)
+            hints = writer.hints(stamp, generation)
+            if hints is not None and hints[1] & _POS_MASK < end <= hints[0] & _POS_MASK:
+                writer.publish(stamp, hints[0], _pack(generation, end))
         finally:
-            writer.mutex.release()
+            hold.close()
 
     def _apply_own(self, start: int, record: bytes, ops: list[tuple[int, bytes, bytes]]
                    ) -> None:
@@ -788,11 +852,12 @@ class _Log(Generic[V]):
         # A blind write needs no catch-up under the lock: the records it does not know
         # are parsed after the lock is released, in parallel with the next writer.
         until = self._until(_DEFAULT)
-        writer = self._acquire_writer(catch_up=False, until=until)
+        hold = self._hold(until, catch_up=False)
         try:
+            next(hold)
             pending = self._commit(ops)
         finally:
-            self._release_writer(writer)
+            hold.close()
         self._finish(pending, until)
         with self._mutex, contextlib.suppress(StoreCorruptedError):
             # The write is committed: damage in records before it is reported by the next
@@ -801,26 +866,7 @@ class _Log(Generic[V]):
                 self._refresh()
         self._maybe_compact(until)
 
-    # --- what Transaction and dump_store use ------------------------------------------------
-    def _begin_write(self, timeout: float | None) -> _ProcessWriter:
-        """Take the write lock (within ``timeout``) and catch up: a transaction begins."""
-        return self._acquire_writer(until=deadline(timeout))
-
-    def _end_write(self, writer: _ProcessWriter, ops: list[tuple[int, bytes, bytes]] | None,
-                   timeout: float | None) -> None:
-        """Commit ``ops`` as one record (``None``: nothing, the transaction was abandoned),
-        release the lock, then sync (a durable write) and maybe compact."""
-        pending = None
-        try:
-            if ops is not None:
-                pending = self._commit(ops)
-        finally:
-            self._release_writer(writer)
-        if ops is not None:
-            until = deadline(timeout)
-            self._finish(pending, until)
-            self._maybe_compact(until)
-
+    # --- what Transaction uses ----------------------------------------------------------
     def _committed_value(self, key: str) -> bytes | None:
         """The committed bytes of ``key`` (the write lock held: caught up)."""
         with self._mutex:
@@ -925,21 +971,20 @@ class _Log(Generic[V]):
         end = self._end
         if end < self._compact_min or end <= 2 * self._live:
             return
-        lock = self._maintenance_lock()
+        maintenance = self._maintenance(-math.inf)  # try once
         try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return  # another process is compacting
-        try:
+            if not next(maintenance):
+                return  # another process is compacting
             self._compact_locked(force=False, until=until)
         except StoreTimeoutError:
             pass  # the write that got us here is done; a later one compacts
         finally:
-            lock.release()
+            maintenance.close()
 
     def _compact_locked(self, *, force: bool, until: float = math.inf) -> None:
-        writer = self._acquire_writer(until=until)
+        hold = self._hold(until)
         try:
+            writer = next(hold)
             with self._mutex:
                 if not force and (self._end < self._compact_min or self._end <= 2 * self._live):
                     return
@@ -984,7 +1029,7 @@ class _Log(Generic[V]):
                         _unlink_quietly(self._dir_fd, name)
                 self._compactions += 1
         finally:
-            self._release_writer(writer)
+            hold.close()
 
     def _close_fds(self) -> None:
         self._writer = None

@@ -81,7 +81,12 @@ class _ProcessWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.mutex = threading.Lock()
+        # An RLock, used as a plain lock (a re-entry is refused before acquiring): unlike
+        # threading.Lock it records its owner in C as it is acquired, so an acquire whose
+        # result a signal handler's exception threw away can still be undone (release()
+        # raises RuntimeError, touching nothing, if this thread does not hold it) and a
+        # re-entry is recognised however far the interrupted acquire got (_is_owned()).
+        self.mutex = threading.RLock()
         self.owner = 0
         # Reserve the page's block before mapping it: a page of a sparse file gets its
         # block on the first store to it, and on a full file system that store kills the
@@ -104,10 +109,13 @@ class _ProcessWriter:
         ``check`` is written last: a reader between the stores sees a mismatch and looks
         again, or does not trust the words -- it reads the file instead, which is never
         wrong."""
+        check = _check_word(stamp, position, synced)
+        # Stores only from here on (no call, so no signal handler between them): an
+        # exception cannot leave the words half-published.
         self.position.value = position
         self.synced.value = synced
         self.stamp.value = stamp
-        self.check.value = _check_word(stamp, position, synced)
+        self.check.value = check
 
     def hints(self, stamp: int, generation: int) -> tuple[int, int] | None:
         """``(position, synced)`` as words, if they are trusted for ``generation``'s log
@@ -213,7 +221,7 @@ def _poll_exclusive(fd: int, until: float) -> bool:
             return True
 
 
-def _acquire_mutex(mutex: threading.Lock, until: float) -> bool:
+def _acquire_mutex(mutex: threading.RLock, until: float) -> bool:
     if until == math.inf:
         return mutex.acquire()
     return mutex.acquire(timeout=max(0.0, until - time.monotonic()))
