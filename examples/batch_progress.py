@@ -18,7 +18,7 @@ from safeshm import SafeArray
 
 def worker(progress: SafeArray[int], index: int, items: int) -> None:
     for done in range(1, items + 1):
-        time.sleep(0.005)        # stands for one item of real work
+        time.sleep(0.005)  # stands for one item of real work
         progress[index] = done  # an atomic store; only this worker writes here
 
 
@@ -43,11 +43,12 @@ def monitor(name: str, total: int, timeout: float = 30.0) -> None:
 def main(n_workers: int = 3, items: int = 40) -> None:
     spawn = multiprocessing.get_context("spawn")
     with SafeArray.create("q", n_workers) as progress:  # removed at the end
-        watcher = subprocess.Popen(                          # an unrelated process
-            [sys.executable, __file__, "monitor", progress.name,
-             str(n_workers * items)])
-        workers = [spawn.Process(target=worker, args=(progress, i, items))
-                   for i in range(n_workers)]
+        watcher = subprocess.Popen(  # an unrelated process
+            [sys.executable, __file__, "monitor", progress.name, str(n_workers * items)]
+        )
+        workers = [
+            spawn.Process(target=worker, args=(progress, i, items)) for i in range(n_workers)
+        ]
         for w in workers:
             w.start()
         for w in workers:

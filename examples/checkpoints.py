@@ -66,7 +66,8 @@ def main(n_items: int = 100) -> None:
 
         # The first run, in a child process that is killed part-way through.
         child = multiprocessing.get_context("spawn").Process(
-            target=run_job, args=(directory, n_items))
+            target=run_job, args=(directory, n_items)
+        )
         child.start()
         deadline = time.monotonic() + 30
         while checkpoint(directory) < 20:
@@ -85,8 +86,7 @@ def main(n_items: int = 100) -> None:
         print(f"second run processed the remaining {resumed}")
 
         with open_store(directory) as store:
-            results = {key: value for key, value in store.items()
-                       if key.startswith("result:")}
+            results = {key: value for key, value in store.items() if key.startswith("result:")}
             runs = store["runs"]
         if results != {f"result:{i}": i * i for i in range(n_items)} or runs != 2:
             raise SystemExit("a result is missing or wrong")

@@ -38,8 +38,7 @@ def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[byt
     # Atomic across every worker: no two requests get the same number.
     number = requests_counter().add()
     body = f"request #{number}, served by worker {os.getpid()}\n".encode()
-    start_response("200 OK", [("Content-Type", "text/plain"),
-                              ("Content-Length", str(len(body)))])
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
 
@@ -49,8 +48,9 @@ def main() -> None:
         os.environ[COUNTER_ENV] = counter.name
         statuses: list[str] = []
 
-        def start_response(status: str, headers: list[tuple[str, str]],
-                           exc_info: object = None) -> Callable[[bytes], object]:
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: object = None
+        ) -> Callable[[bytes], object]:
             statuses.append(status)
             return lambda data: None
 

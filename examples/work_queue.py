@@ -38,7 +38,7 @@ def worker(jobs: SafeQueue[Job], results: SafeQueue[Result]) -> int:
 
 def main(n_jobs: int = 400, n_workers: int = 4) -> None:
     spawn = multiprocessing.get_context("spawn")
-    jobs: SafeQueue[Job] = SafeQueue.create(1 << 20)      # a 1 MiB ring
+    jobs: SafeQueue[Job] = SafeQueue.create(1 << 20)  # a 1 MiB ring
     results: SafeQueue[Result] = SafeQueue.create(1 << 20)
     with jobs, results, ProcessPoolExecutor(n_workers, mp_context=spawn) as pool:
         workers = [pool.submit(worker, jobs, results) for _ in range(n_workers)]

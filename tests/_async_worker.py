@@ -111,7 +111,10 @@ class _StoreChecker:
         self.pool = pool
         self.peer = subprocess.Popen(
             [sys.executable, "-c", STORE_PEER, store.path, str(CHECK_WAIT)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.n = 0
 
     def _thread_write(self) -> str | None:
@@ -136,10 +139,12 @@ class _StoreChecker:
             return "another process: " + " ".join(answer)
         n = int(answer[1])
         if not self.n + done <= n <= self.n + done + 1:
-            return (f"modify's count is {n}, expected {self.n + done} or one more "
-                    f"(another process sees keys {answer[2:]}; this one sees "
-                    f"{sorted(self.store.to_dict())} in log generation "
-                    f"{self.store._generation}; files: {sorted(os.listdir(self.store.path))})")
+            return (
+                f"modify's count is {n}, expected {self.n + done} or one more "
+                f"(another process sees keys {answer[2:]}; this one sees "
+                f"{sorted(self.store.to_dict())} in log generation "
+                f"{self.store._generation}; files: {sorted(os.listdir(self.store.path))})"
+            )
         self.n = n
         return None
 
@@ -192,10 +197,16 @@ def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
         def setslice() -> None:
             a[0:2] = [3, 4]
 
-        return [("add", lambda: a.add(2, 1)), ("set", setitem),
-                ("compare_and_set", lambda: a.compare_and_set(3, 0, 0)),
-                ("to_list", a.to_list), ("fill", lambda: a.fill(0)), ("locked", locked),
-                ("slice", setslice), ("getslice", lambda: a[0:3])]
+        return [
+            ("add", lambda: a.add(2, 1)),
+            ("set", setitem),
+            ("compare_and_set", lambda: a.compare_and_set(3, 0, 0)),
+            ("to_list", a.to_list),
+            ("fill", lambda: a.fill(0)),
+            ("locked", locked),
+            ("slice", setslice),
+            ("getslice", lambda: a[0:3]),
+        ]
     if kind == "sharded":
         c = handle
         return [("add", c.add), ("exchange", lambda: c.exchange(0))]
@@ -224,8 +235,12 @@ def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
             with lock.acquired(timeout=1.0):
                 pass
 
-        return [("with", with_lock), ("acquire", acquire_release),
-                ("acquire(timeout)", acquire_timeout), ("acquired", acquired)]
+        return [
+            ("with", with_lock),
+            ("acquire", acquire_release),
+            ("acquire(timeout)", acquire_timeout),
+            ("acquired", acquired),
+        ]
     if kind == "store":
         st = handle
         counter = iter(range(1 << 62))
@@ -254,8 +269,14 @@ def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
             st._writer.contended.value = 64
             st["g"] = next(counter)
 
-        return [("set", set_), ("modify", modify), ("transaction", transaction),
-                ("delete", delete), ("grouped", grouped), ("compact", st.compact)]
+        return [
+            ("set", set_),
+            ("modify", modify),
+            ("transaction", transaction),
+            ("delete", delete),
+            ("grouped", grouped),
+            ("compact", st.compact),
+        ]
     raise SystemExit(f"unknown kind {kind!r}")
 
 
@@ -334,10 +355,13 @@ def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:  # no
                     h.modified = 0
                 else:
                     problem = pool.submit(_free_everywhere, mutexes).result(
-                        timeout=CHECK_WAIT * len(mutexes) + 5)
+                        timeout=CHECK_WAIT * len(mutexes) + 5
+                    )
                 if problem:
-                    print(f"LEAK after {interrupts} interrupts, in {kind} {name}: {problem}",
-                          flush=True)
+                    print(
+                        f"LEAK after {interrupts} interrupts, in {kind} {name}: {problem}",
+                        flush=True,
+                    )
                     # Let the other thread's check see nothing more; exit without cleanup
                     # (the parent test removes the segment).
                     for m in mutexes:
@@ -347,11 +371,19 @@ def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:  # no
         if checker is not None:
             checker.close()
     pool.shutdown()
-    print(f"OK {kind}: {interrupts} interrupts {counts}; re-entries refused: "
-          f"{handler.refused}", flush=True)
+    print(
+        f"OK {kind}: {interrupts} interrupts {counts}; re-entries refused: {handler.refused}",
+        flush=True,
+    )
     return 0 if interrupts >= min(wanted, 20) else 4
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]),
-                  len(sys.argv) > 4 and sys.argv[4] == "reentrant"))
+    sys.exit(
+        main(
+            sys.argv[1],
+            int(sys.argv[2]),
+            float(sys.argv[3]),
+            len(sys.argv) > 4 and sys.argv[4] == "reentrant",
+        )
+    )

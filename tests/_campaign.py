@@ -117,8 +117,9 @@ class Outcome:
         return sum(d.killed for d in self.deaths)
 
     def killed_in_flight(self, role: int | None = None) -> list[Death]:
-        return [d for d in self.deaths
-                if d.killed and d.in_flight and (role is None or d.role == role)]
+        return [
+            d for d in self.deaths if d.killed and d.in_flight and (role is None or d.role == role)
+        ]
 
 
 def new_log(incarnations: int) -> Any:
@@ -132,11 +133,19 @@ def new_items_log(incarnations: int) -> Any:
     return multiprocessing.get_context("fork").RawArray("q", (incarnations + 1) * REGION)
 
 
-def run_campaign(log: Any, roles: Sequence[Role], kills: int, seed: int, *,
-                 max_delay: float, on_death: Callable[[Death], None] | None = None,
-                 out: Outcome | None = None, checkpoint_every: int = 0,
-                 on_checkpoint: Callable[[Outcome], None] | None = None,
-                 time_limit: float = 240.0) -> Outcome:
+def run_campaign(
+    log: Any,
+    roles: Sequence[Role],
+    kills: int,
+    seed: int,
+    *,
+    max_delay: float,
+    on_death: Callable[[Death], None] | None = None,
+    out: Outcome | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[Outcome], None] | None = None,
+    time_limit: float = 240.0,
+) -> Outcome:
     """Keep one worker per role running; SIGKILL them in turn at random instants after
     each has begun its operations, replacing each one killed, until ``kills`` kills.
     Then set STOP, let the live ones finish their operation and exit (bounded), and
@@ -189,7 +198,8 @@ def run_campaign(log: Any, roles: Sequence[Role], kills: int, seed: int, *,
                 if time.monotonic() > limit:
                     raise AssertionError(
                         f"worker {inc} (role {r}) made no progress: deadlock? "
-                        f"{out.kills} kills so far")
+                        f"{out.kills} kills so far"
+                    )
                 time.sleep(0.0005)
             time.sleep(rng.uniform(0.0, max_delay))
             if p.is_alive():
@@ -201,7 +211,8 @@ def run_campaign(log: Any, roles: Sequence[Role], kills: int, seed: int, *,
             if not killed and not (p.exitcode == 0 and roles[r].may_finish):
                 raise AssertionError(
                     f"worker {inc} (role {r}: {roles[r].target.__name__}) failed by itself "
-                    f"with exit code {p.exitcode}")
+                    f"with exit code {p.exitcode}"
+                )
             death = Death(inc, r, log[slot(inc, STARTED)], log[slot(inc, DONE)], killed)
             out.deaths.append(death)
             if on_death is not None:
@@ -209,8 +220,16 @@ def run_campaign(log: Any, roles: Sequence[Role], kills: int, seed: int, *,
             live[r] = start(r)
             if checkpoint_every and out.kills % checkpoint_every == 0 and out.kills < kills:
                 _stop(log, live)
-                out.deaths += [Death(inc, out.incarnations[inc], log[slot(inc, STARTED)],
-                                     log[slot(inc, DONE)], killed=False) for _, inc in live]
+                out.deaths += [
+                    Death(
+                        inc,
+                        out.incarnations[inc],
+                        log[slot(inc, STARTED)],
+                        log[slot(inc, DONE)],
+                        killed=False,
+                    )
+                    for _, inc in live
+                ]
                 if on_checkpoint is not None:
                     on_checkpoint(out)
                 log[STOP] = 0
@@ -232,8 +251,9 @@ def _stop(log: Any, live: list[tuple[Any, int]]) -> None:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     stuck = [inc for p, inc in live if p.is_alive()]
     if stuck:
-        raise AssertionError(f"workers {stuck} did not stop within {JOIN_TIMEOUT} s "
-                             "after the campaign (deadlock?)")
+        raise AssertionError(
+            f"workers {stuck} did not stop within {JOIN_TIMEOUT} s after the campaign (deadlock?)"
+        )
     bad = [(inc, p.exitcode) for p, inc in live if p.exitcode != 0]
     if bad:
         raise AssertionError(f"workers failed when stopped: {bad}")
@@ -241,8 +261,11 @@ def _stop(log: Any, live: list[tuple[Any, int]]) -> None:
 
 def violations(log: Any, out: Outcome) -> dict[int, str]:
     """{inc: what} of every incarnation that logged a broken invariant."""
-    return {inc: VIOLATIONS.get(log[slot(inc, VIOLATION)], str(log[slot(inc, VIOLATION)]))
-            for inc in out.incarnations if log[slot(inc, VIOLATION)]}
+    return {
+        inc: VIOLATIONS.get(log[slot(inc, VIOLATION)], str(log[slot(inc, VIOLATION)]))
+        for inc in out.incarnations
+        if log[slot(inc, VIOLATION)]
+    }
 
 
 def subset_sum_reachable(target: int, parts: Sequence[int]) -> bool:
@@ -260,8 +283,9 @@ def subset_sum_reachable(target: int, parts: Sequence[int]) -> bool:
 def shm_files(names: Sequence[str]) -> list[str]:
     from safeshm import _compat
 
-    return [n for n in names
-            if os.path.exists(os.path.join(_compat.SHM_DIR, _compat.FILE_PREFIX + n))]
+    return [
+        n for n in names if os.path.exists(os.path.join(_compat.SHM_DIR, _compat.FILE_PREFIX + n))
+    ]
 
 
 # -- SafeCounter / ShardedCounter ----------------------------------------------------------
@@ -336,13 +360,15 @@ class CounterChecker:
         log = self.log
         acked = sum(add_deltas_sum(inc, log[slot(inc, DONE)]) for inc in out.incarnations)
         extra = self.counter.value - self.initial - acked - self.settled
-        parts = [add_delta(d.inc, d.done) for d in out.deaths[self.seen:]
-                 if d.killed and d.in_flight]
+        parts = [
+            add_delta(d.inc, d.done) for d in out.deaths[self.seen :] if d.killed and d.in_flight
+        ]
         if not subset_sum_reachable(extra, parts):
             raise AssertionError(
                 f"checkpoint {self.checkpoints}: the value is the acknowledged adds "
                 f"+ {extra}, which no subset of the {len(parts)} adds in flight when their "
-                f"workers were killed makes: {parts}")
+                f"workers were killed makes: {parts}"
+            )
         self.settled += extra
         self.seen = len(out.deaths)
         self.in_flight += len(parts)
@@ -355,9 +381,9 @@ def element_delta(inc: int, k: int) -> int:
 
 
 # -- SafeArray --------------------------------------------------------------------------------
-ACC_LEN = 12   # element adds
+ACC_LEN = 12  # element adds
 PAT_LEN = 1024  # bulk writes of one pattern value to every element
-INSIDE = AUX   # the bulk writer is inside locked(), between its first and last store
+INSIDE = AUX  # the bulk writer is inside locked(), between its first and last store
 V_TORN_SNAPSHOT = 1
 
 
@@ -421,12 +447,12 @@ def array_bulk_worker(log: Any, inc: int, name: str) -> None:
 
 
 # -- SafeQueue --------------------------------------------------------------------------------
-Q_END = AUX        # producer: items with seq < this were handed to put (in flight or done)
+Q_END = AUX  # producer: items with seq < this were handed to put (in flight or done)
 Q_ACKED = AUX + 1  # producer: items with seq < this were acknowledged (put returned)
-Q_MAX = AUX        # consumer: max_items of the current get
+Q_MAX = AUX  # consumer: max_items of the current get
 Q_COUNT = AUX + 1  # consumer: items recorded in its region of the item log
 V_BAD_ITEM = 2
-REGION = 2048      # items a consumer incarnation records before it retires
+REGION = 2048  # items a consumer incarnation records before it retires
 
 
 def q_tag(inc: int, seq: int) -> int:
@@ -547,11 +573,11 @@ IDLE, ACQUIRING, HELD, RELEASING = range(4)
 V_NOT_EXCLUSIVE, V_UNREPORTED_DEATH, V_TIMEOUT, V_BAD_WORD = 3, 4, 5, 6
 VIOLATIONS = {
     V_TORN_SNAPSHOT: "a non-uniform snapshot of a bulk-written array without a "
-                     "HolderDiedWarning or partial_update_suspected",
+    "HolderDiedWarning or partial_update_suspected",
     V_BAD_ITEM: "a torn or malformed queue item",
     V_NOT_EXCLUSIVE: "two holders inside the lock's critical section at once",
     V_UNREPORTED_DEATH: "a dead holder's half-done critical section found without a "
-                        "HolderDiedWarning",
+    "HolderDiedWarning",
     V_TIMEOUT: f"SafeLock.acquire timed out after {JOIN_TIMEOUT} s",
     V_BAD_WORD: "the exclusion word was neither 0 nor 1 after a recovery",
 }

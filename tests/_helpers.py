@@ -28,8 +28,13 @@ PROMPT = 5.0
 START_METHODS = ("fork", "spawn")
 
 # Every structure, for conformance tests of the lifecycle they all share.
-STRUCTURES = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeLock, safeshm.SafeArray,
-              safeshm.SafeQueue]
+STRUCTURES = [
+    safeshm.SafeCounter,
+    safeshm.ShardedCounter,
+    safeshm.SafeLock,
+    safeshm.SafeArray,
+    safeshm.SafeQueue,
+]
 
 
 def create(cls: Any, name: str | None = None) -> Any:
@@ -51,8 +56,9 @@ def open_(cls: Any, name: str) -> Any:
 
 
 @contextlib.contextmanager
-def processes(method: str, target: Callable[..., Any],
-              args_list: Sequence[tuple[Any, ...]]) -> Iterator[list[Any]]:
+def processes(
+    method: str, target: Callable[..., Any], args_list: Sequence[tuple[Any, ...]]
+) -> Iterator[list[Any]]:
     """Start one process per args tuple; on exit reap them all, killing stragglers."""
     ctx = multiprocessing.get_context(method)
     procs = [ctx.Process(target=target, args=args, daemon=True) for args in args_list]
@@ -70,8 +76,12 @@ def processes(method: str, target: Callable[..., Any],
                 p.join(timeout=10)
 
 
-def run_all(method: str, target: Callable[..., Any],
-            args_list: Sequence[tuple[Any, ...]], timeout: float = JOIN_TIMEOUT) -> None:
+def run_all(
+    method: str,
+    target: Callable[..., Any],
+    args_list: Sequence[tuple[Any, ...]],
+    timeout: float = JOIN_TIMEOUT,
+) -> None:
     """Run processes to completion; fail if any fails or does not finish in time."""
     with processes(method, target, args_list) as procs:
         deadline = time.monotonic() + timeout
@@ -79,8 +89,7 @@ def run_all(method: str, target: Callable[..., Any],
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         stuck = [p.pid for p in procs if p.is_alive()]
         if stuck:
-            raise AssertionError(f"processes {stuck} did not finish within {timeout} s "
-                                 "(deadlock?)")
+            raise AssertionError(f"processes {stuck} did not finish within {timeout} s (deadlock?)")
         bad = [p.exitcode for p in procs if p.exitcode != 0]
         if bad:
             raise AssertionError(f"worker processes failed with exit codes {bad}")
@@ -129,9 +138,11 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
 class Remote:
     """A server process holding safeshm handles; calls are made synchronously."""
 
-    def __init__(self, method: str = "fork",
-                 serve: Callable[[multiprocessing.connection.Connection], None] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        method: str = "fork",
+        serve: Callable[[multiprocessing.connection.Connection], None] | None = None,
+    ) -> None:
         ctx = multiprocessing.get_context(method)
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve or _serve, args=(child,), daemon=True)
@@ -167,8 +178,9 @@ class Remote:
 
 
 # -- workers ----------------------------------------------------------------------------------
-def counter_ops_worker(counter: Any, barrier: Any, ops: Sequence[tuple[str, int]],
-                       out: Any, slot: int) -> None:
+def counter_ops_worker(
+    counter: Any, barrier: Any, ops: Sequence[tuple[str, int]], out: Any, slot: int
+) -> None:
     """Apply ``ops`` to an exact SafeCounter; record the net effect this worker made."""
     barrier.wait(timeout=JOIN_TIMEOUT)
     net = 0
@@ -194,8 +206,7 @@ def counter_ops_worker(counter: Any, barrier: Any, ops: Sequence[tuple[str, int]
     out[slot] = net
 
 
-def threaded_adds_worker(counter: Any, barrier: Any, threads: int, adds: int,
-                         delta: int) -> None:
+def threaded_adds_worker(counter: Any, barrier: Any, threads: int, adds: int, delta: int) -> None:
     """``threads`` threads in this process each add ``delta`` ``adds`` times."""
     barrier.wait(timeout=JOIN_TIMEOUT)
     errors: list[BaseException] = []
@@ -248,8 +259,7 @@ def locked_rmw_worker(lock: Any, counter: Any, barrier: Any, rounds: int) -> Non
             counter.set(v + 1)
 
 
-def open_and_add_worker(cls_name: str, seg_name: str, barrier: Any, out: Any,
-                        slot: int) -> None:
+def open_and_add_worker(cls_name: str, seg_name: str, barrier: Any, out: Any, slot: int) -> None:
     """Race to open() one name; add 1; report the segment's inode."""
     barrier.wait(timeout=JOIN_TIMEOUT)
     handle = getattr(safeshm, cls_name).open(seg_name)
@@ -282,8 +292,9 @@ def array_adds_worker(arr: Any, barrier: Any, ops: Sequence[tuple[int, int]]) ->
         arr.add(index, delta)
 
 
-def uniform_writer_worker(arr: Any, use_locked: bool, reads: Any, min_rounds: int,
-                          min_reads: int) -> None:
+def uniform_writer_worker(
+    arr: Any, use_locked: bool, reads: Any, min_rounds: int, min_reads: int
+) -> None:
     """Set the whole array to one value per round: via locked() + element stores (slow,
     so a torn read would have a wide window) or via fill(). Go on until ``min_rounds``
     rounds are done and the reader has taken ``min_reads`` more snapshots meanwhile (the lock is

@@ -41,10 +41,19 @@ from safeshm import _cli, _compat
 # Errors that are the right answer to damage (or to what damage did to a value: adding
 # to a counter damaged to INT64_MAX overflows).
 TYPED: tuple[type[BaseException], ...] = (
-    safeshm.SafeShmError, queue.Empty, queue.Full, OverflowError)
+    safeshm.SafeShmError,
+    queue.Empty,
+    queue.Full,
+    OverflowError,
+)
 
-MUTEX_AT = {"counter": [192], "sharded": [192], "array": [192, 320], "queue": [256],
-            "rawqueue": [256]}
+MUTEX_AT = {
+    "counter": [192],
+    "sharded": [192],
+    "array": [192, 320],
+    "queue": [256],
+    "rawqueue": [256],
+}
 RING = 384
 INT64 = (-(2**63), 2**63 - 1)
 BOUNDARY_WORDS = [0, 1, -1, 7, 8, 2**31, 2**32, 2**40, 2**62, 2**63 - 1, -(2**63), 4096]
@@ -87,8 +96,7 @@ def build(kind: str, name: str, rng: random.Random) -> tuple[set[Any], list[rang
                 h.get_nowait()
         while True:
             try:
-                item = (os.urandom(rng.randrange(0, 60)) if raw
-                        else ("late", rng.random()))
+                item = os.urandom(rng.randrange(0, 60)) if raw else ("late", rng.random())
                 h.put(item, block=False)
             except queue.Full:
                 break
@@ -135,9 +143,18 @@ def damage(name: str, keep: list[range], rng: random.Random) -> str:
             done.append(i)
         what = f"bytes changed at {sorted(done)}"
     elif how == "word":
-        i = rng.choice([i for i in allowed if i % 8 == 0 and all(
-            j in allowed for j in range(i, min(i + 8, len(data))))] or [0]) & ~7
-        value = rng.choice(BOUNDARY_WORDS) if rng.random() < 0.7 else rng.randrange(-2**63, 2**63)
+        i = (
+            rng.choice(
+                [
+                    i
+                    for i in allowed
+                    if i % 8 == 0 and all(j in allowed for j in range(i, min(i + 8, len(data))))
+                ]
+                or [0]
+            )
+            & ~7
+        )
+        value = rng.choice(BOUNDARY_WORDS) if rng.random() < 0.7 else rng.randrange(-(2**63), 2**63)
         struct.pack_into("=q", data, i, value)
         what = f"word at {i} set to {value}"
     elif how == "truncate":
@@ -178,8 +195,12 @@ def check_int64(v: Any, what: str) -> None:
 
 
 def use(kind: str, name: str, items: set[Any]) -> None:
-    cls: Any = {"counter": safeshm.SafeCounter, "sharded": safeshm.ShardedCounter,
-                "lock": safeshm.SafeLock, "array": safeshm.SafeArray}.get(kind, safeshm.SafeQueue)
+    cls: Any = {
+        "counter": safeshm.SafeCounter,
+        "sharded": safeshm.ShardedCounter,
+        "lock": safeshm.SafeLock,
+        "array": safeshm.SafeArray,
+    }.get(kind, safeshm.SafeQueue)
     h = attempt(lambda: cls.attach(name))
     if h is None:
         return
@@ -216,6 +237,7 @@ def use(kind: str, name: str, items: set[Any]) -> None:
             def bulk() -> None:
                 with h.locked() as view:
                     view[0] = 9
+
             attempt(bulk)
             attempt(h.statistics)
         else:

@@ -31,8 +31,11 @@ def tagged(writer: int, seq: int, size: int = 0) -> dict[str, Any]:
 
 
 def is_whole(value: Any) -> bool:
-    return (isinstance(value, dict) and set(value) == {"w", "s", "pad", "crc"}
-            and zlib.crc32(value["pad"].encode()) == value["crc"])
+    return (
+        isinstance(value, dict)
+        and set(value) == {"w", "s", "pad", "crc"}
+        and zlib.crc32(value["pad"].encode()) == value["crc"]
+    )
 
 
 # --- a process that holds a store handle ---------------------------------------------------
@@ -100,8 +103,9 @@ def _report_failure(out: Any) -> None:
 
 
 # --- multi-process workers -----------------------------------------------------------------
-def history_writer(path: str, writer: int, ops: Sequence[tuple[str, str]], barrier: Any,
-                   out: Any) -> None:
+def history_writer(
+    path: str, writer: int, ops: Sequence[tuple[str, str]], barrier: Any, out: Any
+) -> None:
     """Apply ``ops`` (``("set", key)`` / ``("del", key)``) with tagged values; report the
     last operation this writer made on each key, for the serializability check."""
     try:
@@ -147,8 +151,15 @@ def modify_worker(path: str, n: int, barrier: Any, out: Any, durable: bool = Fal
         _report_failure(out)
 
 
-def transfer_worker(path: str, accounts: int, n: int, seed: int, barrier: Any,  # noqa: PLR0917
-                    out: Any, durable: bool = False) -> None:
+def transfer_worker(  # noqa: PLR0917
+    path: str,
+    accounts: int,
+    n: int,
+    seed: int,
+    barrier: Any,
+    out: Any,
+    durable: bool = False,
+) -> None:
     """Move random amounts between accounts in transactions; the total never changes."""
     rng = random.Random(seed)
     try:
@@ -244,9 +255,12 @@ def compacting_writer(path: str, acked: Any) -> None:
 def store_modules() -> list[Any]:
     """The modules of the store that call ``os`` (a fault injector stands in for it in
     each of them)."""
-    return [module for name, module in sorted(sys.modules.items())
-            if (name == "safeshm._store" or name.startswith("safeshm._store."))
-            and getattr(module, "os", None) is not None]
+    return [
+        module
+        for name, module in sorted(sys.modules.items())
+        if (name == "safeshm._store" or name.startswith("safeshm._store."))
+        and getattr(module, "os", None) is not None
+    ]
 
 
 def set_store_os(replacement: Any) -> None:
@@ -277,7 +291,7 @@ class KillingOS:
             if self.calls != self.kill_at:
                 return real(*args, **kwargs)
             if self.how == "half" and name == "write" and len(args[1]) > 1:
-                os.write(args[0], bytes(args[1][:len(args[1]) // 2]))
+                os.write(args[0], bytes(args[1][: len(args[1]) // 2]))
             elif self.how == "after":
                 with contextlib.suppress(OSError):  # e.g. unlinking a file that is not there
                     real(*args, **kwargs)
@@ -295,8 +309,14 @@ def group_commit(store: SafeFileStore[Any]) -> None:
     writer.contended.value = 1 << 30
 
 
-def scripted_child(path: str, script: list[tuple[str, Any]], kill_at: int, how: str,  # noqa: PLR0917
-                   group: bool, conn: Any) -> None:
+def scripted_child(  # noqa: PLR0917
+    path: str,
+    script: list[tuple[str, Any]],
+    kill_at: int,
+    how: str,
+    group: bool,
+    conn: Any,
+) -> None:
     """Open ``path`` and run ``script`` with the fault injector armed (durable writes
     synced outside the lock when ``group``); report over ``conn`` each step as it is
     acknowledged, and finally the number of traced calls."""

@@ -67,8 +67,7 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 # -- the app ---------------------------------------------------------------------------------
-def application(environ: dict[str, Any],
-                start_response: Callable[..., Any]) -> Iterable[bytes]:
+def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ.get("PATH_INFO", "")
     if path == "/count":
         total = _handles["requests"].add(1)
@@ -76,11 +75,9 @@ def application(environ: dict[str, Any],
         mine = _handles["per_worker"].add(_slot, 1)
         body = f"{os.getpid()} {_slot} {total} {mine}".encode()
     elif path == "/info":
-        body = json.dumps({"pid": os.getpid(), "slot": _slot,
-                           "shm_dir": _compat.SHM_DIR}).encode()
+        body = json.dumps({"pid": os.getpid(), "slot": _slot, "shm_dir": _compat.SHM_DIR}).encode()
     else:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found"]
-    start_response("200 OK", [("Content-Type", "text/plain"),
-                              ("Content-Length", str(len(body)))])
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

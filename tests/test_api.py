@@ -96,8 +96,7 @@ def test_error_hierarchy() -> None:
     assert issubclass(safeshm.LockedViewLeakedError, BufferError)
     for name in safeshm.__all__:
         obj = getattr(safeshm, name)
-        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(
-                obj, Warning):
+        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning):
             assert issubclass(obj, safeshm.SafeShmError), name
 
 
@@ -105,9 +104,12 @@ def _every_error_class() -> list[type[BaseException]]:
     from safeshm import _errors
 
     classes = {getattr(safeshm, n) for n in safeshm.__all__} | {
-        getattr(_errors, n) for n in _errors.__all__}
-    return sorted((c for c in classes if isinstance(c, type) and issubclass(c, BaseException)),
-                  key=lambda c: c.__name__)
+        getattr(_errors, n) for n in _errors.__all__
+    }
+    return sorted(
+        (c for c in classes if isinstance(c, type) and issubclass(c, BaseException)),
+        key=lambda c: c.__name__,
+    )
 
 
 def _instance(cls: type[BaseException]) -> BaseException:
@@ -184,8 +186,9 @@ def test_unsupported_platform_fails_clearly_at_import(platform: str) -> None:
     import sys
 
     code = f"import sys; sys.platform = {platform!r}; import safeshm"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode != 0
     assert "ImportError: safeshm supports Linux only" in proc.stderr
     assert platform in proc.stderr

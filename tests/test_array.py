@@ -232,8 +232,12 @@ def test_index_errors(index: int, make: Any) -> None:
 @pytest.mark.parametrize("index", [1.0, "0", None, [0]])
 def test_index_type_errors(index: Any, make: Any) -> None:
     a = make("q", 5)
-    for op in (lambda: a[index], lambda: a.__setitem__(index, 1), lambda: a.add(index, 1),
-               lambda: a.compare_and_set(index, 0, 1)):
+    for op in (
+        lambda: a[index],
+        lambda: a.__setitem__(index, 1),
+        lambda: a.add(index, 1),
+        lambda: a.compare_and_set(index, 0, 1),
+    ):
         with pytest.raises(TypeError, match="array indices must be integers"):
             op()
     assert a.to_list() == [0] * 5
@@ -250,8 +254,12 @@ def test_numpy_and_bool_indices(make: Any) -> None:
 
 def test_slice_assignment_length_must_match(make: Any) -> None:
     a = make("q", [1, 2, 3, 4])
-    for sl, vals in [(slice(0, 2), [1, 2, 3]), (slice(None), [1]), (slice(0, 4, 2), [1, 2, 3]),
-                     (slice(0, 0), [1])]:
+    for sl, vals in [
+        (slice(0, 2), [1, 2, 3]),
+        (slice(None), [1]),
+        (slice(0, 4, 2), [1, 2, 3]),
+        (slice(0, 0), [1]),
+    ]:
         with pytest.raises(ValueError, match="length is fixed"):
             a[sl] = vals
     with pytest.raises(OverflowError):
@@ -286,8 +294,10 @@ def test_bad_typecodes(bad: Any) -> None:
         safeshm.SafeArray.create(bad, 3)
 
 
-@pytest.mark.parametrize(("arg", "exc"), [(-1, ValueError), (True, TypeError), (1.5, TypeError),
-                                          ("abc", TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    ("arg", "exc"),
+    [(-1, ValueError), (True, TypeError), (1.5, TypeError), ("abc", TypeError), (None, TypeError)],
+)
 def test_bad_lengths(arg: Any, exc: type[Exception]) -> None:
     with pytest.raises(exc):
         safeshm.SafeArray.create("q", arg)
@@ -302,8 +312,13 @@ def test_bad_stripe_counts(bad: int) -> None:
 # -- locked() --------------------------------------------------------------------------------------
 def test_locked_view_is_the_whole_array_zero_copy(make: Any) -> None:
     np = pytest.importorskip("numpy")
-    for tc, dtype in [("q", np.int64), ("d", np.float64), ("f", np.float32), ("B", np.uint8),
-                      ("h", np.int16)]:
+    for tc, dtype in [
+        ("q", np.int64),
+        ("d", np.float64),
+        ("f", np.float32),
+        ("B", np.uint8),
+        ("h", np.int16),
+    ]:
         a = make(tc, 1000)
         with a.locked() as view:
             assert view.format == tc
@@ -314,8 +329,9 @@ def test_locked_view_is_the_whole_array_zero_copy(make: Any) -> None:
             assert not x.flags.owndata  # a view of the segment, not a copy
             x[:] = np.arange(1000) % 100
             del x
-        assert a.to_list() == [float(v) if tc in "fd" else v for v in
-                               [k % 100 for k in range(1000)]]
+        assert a.to_list() == [
+            float(v) if tc in "fd" else v for v in [k % 100 for k in range(1000)]
+        ]
 
 
 def test_locked_view_is_unusable_after_the_block(make: Any) -> None:
@@ -332,8 +348,7 @@ def test_locked_view_is_unusable_after_the_block(make: Any) -> None:
 def test_leaked_numpy_reference_is_reported_and_lock_released(make: Any) -> None:
     np = pytest.importorskip("numpy")
     a = make("q", 4)
-    with pytest.raises(safeshm.LockedViewLeakedError, match="still referenced"),\
-            a.locked() as view:
+    with pytest.raises(safeshm.LockedViewLeakedError, match="still referenced"), a.locked() as view:
         kept = np.asarray(view)
     kept[0] = 1  # still valid memory (no crash), just no longer protected
     assert isinstance(safeshm.LockedViewLeakedError("x"), BufferError)
@@ -395,9 +410,15 @@ def test_stress_adds_at_random_indices(method: str, data: st.DataObject) -> None
     n = data.draw(st.integers(1, 200), label="length")
     tc = data.draw(st.sampled_from("iqd"), label="typecode")
     workers = data.draw(st.integers(2, 4), label="workers")
-    ops = [data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(-50, 50)),
-                              min_size=100, max_size=1500), label=f"ops{w}")
-           for w in range(workers)]
+    ops = [
+        data.draw(
+            st.lists(
+                st.tuples(st.integers(0, n - 1), st.integers(-50, 50)), min_size=100, max_size=1500
+            ),
+            label=f"ops{w}",
+        )
+        for w in range(workers)
+    ]
     a = safeshm.SafeArray.create(tc, n)
     try:
         barrier = multiprocessing.get_context(method).Barrier(workers)

@@ -27,10 +27,14 @@ def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> No
     env = dict(os.environ)
     src = str(Path(safeshm.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(WORKER), kind, str(interrupts), str(budget_s),
-                           mode],
-                          check=False, capture_output=True, text=True, env=env,
-                          timeout=budget_s + 60)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), kind, str(interrupts), str(budget_s), mode],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=budget_s + 60,
+    )
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
 
 
@@ -48,7 +52,9 @@ def test_reentrant_handlers_never_release_the_outer_hold(kind: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "mode"), [(kind, "raise") for kind in KINDS]
-                         + [(kind, "reentrant") for kind in REENTRANT_KINDS])
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [(kind, "raise") for kind in KINDS] + [(kind, "reentrant") for kind in REENTRANT_KINDS],
+)
 def test_many_interrupts_leave_no_mutex_held(kind: str, mode: str) -> None:
     _run(kind, interrupts=3000, budget_s=60.0, mode=mode)

@@ -34,14 +34,22 @@ from ._helpers import JOIN_TIMEOUT
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--structures", "counter", "--processes", "1", "--seconds", "0.01", "--repeats", "1"]
-STEP = re.compile(r"^\[ ?\d+/\d+\] \d+:\d\d( \(~\d+:\d\d left\))? counter: .+, 1P, "
-                  r"(warm-up|calibrating|repeat 1/1) \.\.\.$")
+STEP = re.compile(
+    r"^\[ ?\d+/\d+\] \d+:\d\d( \(~\d+:\d\d left\))? counter: .+, 1P, "
+    r"(warm-up|calibrating|repeat 1/1) \.\.\.$"
+)
 SCRIPTS = ROOT / "benchmarks"
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "safeshm", *args], capture_output=True,
-                          text=True, timeout=JOIN_TIMEOUT * 2, check=False, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "safeshm", *args],
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT * 2,
+        check=False,
+        cwd=cwd,
+    )
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -85,8 +93,10 @@ def test_json_lists_the_ratios_the_chart_draws(measured: tuple[str, str, Path]) 
     results = json.loads(measured[0])
     ratios = results["ratios"]
     assert {(r["label"], r["versus"]) for r in ratios} == {
-        (f"{impl}.add, 1 process", alt) for impl in ("SafeCounter", "ShardedCounter")
-        for alt in ("mp.Value idiom", "mp.Lock + RawValue")}
+        (f"{impl}.add, 1 process", alt)
+        for impl in ("SafeCounter", "ShardedCounter")
+        for alt in ("mp.Value idiom", "mp.Lock + RawValue")
+    }
     for r in ratios:
         assert set(r) == {"structure", "label", "versus", "ratio", "goal"}
         assert r["structure"] == "SafeCounter & ShardedCounter"
@@ -96,7 +106,8 @@ def test_json_lists_the_ratios_the_chart_draws(measured: tuple[str, str, Path]) 
     ratio = {(r["label"], r["versus"]): r["ratio"] for r in ratios}
     row = {(r["implementation"], r["processes"]): r for r in results["results"]}
     assert ratio["SafeCounter.add, 1 process", "mp.Value idiom"] == pytest.approx(
-        row["SafeCounter", 1]["vs_idiom_same_processes"])
+        row["SafeCounter", 1]["vs_idiom_same_processes"]
+    )
 
 
 def test_progress_line_is_rewritten_on_a_terminal() -> None:
@@ -145,12 +156,14 @@ def test_plot_from_a_tiny_measurement_quietly(tmp_path: Path) -> None:
     assert_png(chart)
 
 
-def test_replot_and_reprint_from_saved_json(measured: tuple[str, str, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_replot_and_reprint_from_saved_json(
+    measured: tuple[str, str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("matplotlib")
     chart = tmp_path / "again.png"
-    status, out, err = run_main(["bench", "--from-json", str(measured[2]), "--plot",
-                                 str(chart)], capsys)
+    status, out, err = run_main(
+        ["bench", "--from-json", str(measured[2]), "--plot", str(chart)], capsys
+    )
     assert status == 0, err
     assert "SafeCounter and ShardedCounter" in out and "vs mp.Value" in out  # the tables
     assert err == f"chart written to {chart}\n"
@@ -175,13 +188,12 @@ def test_plot_ratios_takes_any_structure(tmp_path: Path, spread: str) -> None:
     chart.plot_ratios(ratios, str(png), title="t", subtitle="s", footnote="f")
     assert_png(png)
     with pytest.raises(ValueError, match="nothing to plot"):
-        chart.plot_ratios([], str(tmp_path / "empty.png"), title="t", subtitle="s",
-                          footnote="f")
+        chart.plot_ratios([], str(tmp_path / "empty.png"), title="t", subtitle="s", footnote="f")
 
 
 def test_missing_matplotlib_is_reported_before_measuring(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     # `import matplotlib` (and of any of its modules an earlier test imported) fails.
     for module in ["matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))]:
         monkeypatch.setitem(sys.modules, module, None)
@@ -222,18 +234,37 @@ def assert_clean_failure(status: int, err: str, *, usage: bool) -> None:
         assert len(lines) == 1 and lines[0].startswith("safeshm"), err
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["nope"], ["ls", "--bogus"], ["inspect"], ["rm", "--bogus"],
-    ["demo", "--workers", "0"], ["demo", "--workers", "x"], ["demo", "--workers", "-3"],
-    ["demo", "--workers", "100000000000000000000"],
-    ["bench", "--seconds", "-1"], ["bench", "--seconds", "0"], ["bench", "--seconds", "x"],
-    ["bench", "--seconds", "inf"], ["bench", "--seconds", "nan"], ["bench", "--seconds", "1e9"],
-    ["bench", "--processes", "0"], ["bench", "--processes", "x"],
-    ["bench", "--processes", "100000"], ["bench", "--processes"],
-    ["bench", "--repeats", "0"], ["bench", "--repeats", "2.5"],
-    ["bench", "--structures", "foo"], ["bench", "--bulk-elements", "-5"],
-    ["bench", "--bulk-elements", "1e6"], ["bench", "extra"], ["bench", "--plot"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nope"],
+        ["ls", "--bogus"],
+        ["inspect"],
+        ["rm", "--bogus"],
+        ["demo", "--workers", "0"],
+        ["demo", "--workers", "x"],
+        ["demo", "--workers", "-3"],
+        ["demo", "--workers", "100000000000000000000"],
+        ["bench", "--seconds", "-1"],
+        ["bench", "--seconds", "0"],
+        ["bench", "--seconds", "x"],
+        ["bench", "--seconds", "inf"],
+        ["bench", "--seconds", "nan"],
+        ["bench", "--seconds", "1e9"],
+        ["bench", "--processes", "0"],
+        ["bench", "--processes", "x"],
+        ["bench", "--processes", "100000"],
+        ["bench", "--processes"],
+        ["bench", "--repeats", "0"],
+        ["bench", "--repeats", "2.5"],
+        ["bench", "--structures", "foo"],
+        ["bench", "--bulk-elements", "-5"],
+        ["bench", "--bulk-elements", "1e6"],
+        ["bench", "extra"],
+        ["bench", "--plot"],
+    ],
+)
 def test_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run_main(argv, capsys)
     assert status == 2
@@ -241,16 +272,20 @@ def test_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> No
     assert out == ""
 
 
-@pytest.mark.parametrize(("argv", "status", "message"), [
-    (["inspect", "bad/name"], 2, "is not valid"),
-    (["inspect", ""], 2, "must not be empty"),
-    (["inspect", "x" * 300], 2, "the limit is"),
-    (["inspect", "no-such-segment"], 1, "no segment named"),
-    (["rm", "--yes", "../etc"], 2, "is not valid"),
-    (["rm", "--yes", "no-such-segment"], 1, "no segment named"),
-])
-def test_bad_names(argv: list[str], status: int, message: str,
-                   capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["inspect", "bad/name"], 2, "is not valid"),
+        (["inspect", ""], 2, "must not be empty"),
+        (["inspect", "x" * 300], 2, "the limit is"),
+        (["inspect", "no-such-segment"], 1, "no segment named"),
+        (["rm", "--yes", "../etc"], 2, "is not valid"),
+        (["rm", "--yes", "no-such-segment"], 1, "no segment named"),
+    ],
+)
+def test_bad_names(
+    argv: list[str], status: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     got, _, err = run_main(argv, capsys)
     assert got == status
     assert_clean_failure(got, err, usage=False)
@@ -258,8 +293,9 @@ def test_bad_names(argv: list[str], status: int, message: str,
 
 
 @pytest.mark.parametrize("command", ["inspect", "rm"])
-def test_a_directory_where_a_segment_should_be(command: str, a_directory_segment: str,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_directory_where_a_segment_should_be(
+    command: str, a_directory_segment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [command, a_directory_segment] + (["--yes"] if command == "rm" else [])
     status, _, err = run_main(argv, capsys)
     assert status == 1
@@ -267,9 +303,9 @@ def test_a_directory_where_a_segment_should_be(command: str, a_directory_segment
     assert "Is a directory" in err
 
 
-def test_rm_without_an_answer_leaves_the_segment(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str],
-                                                cleanup: Any, name: str) -> None:
+def test_rm_without_an_answer_leaves_the_segment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cleanup: Any, name: str
+) -> None:
     cleanup(safeshm.SafeCounter.create(name=name))
 
     def closed_stdin(prompt: str) -> str:
@@ -287,8 +323,9 @@ def write(path: Path, text: str) -> str:
     return str(path)
 
 
-def test_from_json_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                          measured: tuple[str, str, Path]) -> None:
+def test_from_json_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], measured: tuple[str, str, Path]
+) -> None:
     saved = str(measured[2])
     no_ratios = json.loads(measured[0])
     del no_ratios["ratios"]
@@ -299,18 +336,26 @@ def test_from_json_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         (["--from-json", str(tmp_path)], "cannot read"),
         (["--from-json", write(tmp_path / "a.json", "{not json")], "is not JSON"),
         (["--from-json", write(tmp_path / "b.json", "[1, 2]")], "not the output of"),
-        (["--from-json", write(tmp_path / "c.json", '{"environment": {}}')],
-         "lacks what the tables need"),
-        (["--from-json", saved, "--seconds", "1", "--processes", "2"],
-         "cannot be combined with --processes, --seconds"),
+        (
+            ["--from-json", write(tmp_path / "c.json", '{"environment": {}}')],
+            "lacks what the tables need",
+        ),
+        (
+            ["--from-json", saved, "--seconds", "1", "--processes", "2"],
+            "cannot be combined with --processes, --seconds",
+        ),
     ]
     if chart.plot_problem(str(tmp_path / "x.png")) is None:  # matplotlib is importable
         png = str(tmp_path / "x.png")
         cases += [
-            (["--from-json", write(tmp_path / "d.json", json.dumps(no_ratios)), "--plot", png],
-             "no 'ratios' list"),
-            (["--from-json", write(tmp_path / "e.json", json.dumps(bad_ratio)), "--plot", png],
-             "not a ratio"),
+            (
+                ["--from-json", write(tmp_path / "d.json", json.dumps(no_ratios)), "--plot", png],
+                "no 'ratios' list",
+            ),
+            (
+                ["--from-json", write(tmp_path / "e.json", json.dumps(bad_ratio)), "--plot", png],
+                "not a ratio",
+            ),
         ]
     for args, message in cases:
         status, out, err = run_main(["bench", *args], capsys)
@@ -336,21 +381,26 @@ def test_plot_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_bulk_part_that_cannot_fit_is_refused_before_measuring(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("numpy")
     monkeypatch.setattr(command, "_measure_all", None)  # measuring would fail the test
-    status, _, err = run_main(["bench", "--structures", "array", "--bulk-elements",
-                               str(1 << 35)], capsys)
+    status, _, err = run_main(
+        ["bench", "--structures", "array", "--bulk-elements", str(1 << 35)], capsys
+    )
     assert status == 2
     assert_clean_failure(status, err, usage=False)
     assert "MB free in /dev/shm" in err
 
 
-@pytest.mark.parametrize("argv", [
-    ["bench", "--seconds", "inf"],
-    ["bench", "--plot", "/no/such/dir/chart.png"],
-    ["bench", "--from-json", "/no/such/results.json"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--seconds", "inf"],
+        ["bench", "--plot", "/no/such/dir/chart.png"],
+        ["bench", "--from-json", "/no/such/results.json"],
+    ],
+)
 def test_bad_bench_arguments_in_a_fresh_process(argv: list[str]) -> None:
     proc = run_cli(*argv)
     assert proc.returncode == 2
@@ -360,32 +410,64 @@ def test_bad_bench_arguments_in_a_fresh_process(argv: list[str]) -> None:
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``python benchmarks/<name> args`` with this checkout's safeshm first on the path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True,
-                          text=True, timeout=JOIN_TIMEOUT * 2, check=False, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT * 2,
+        check=False,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("script", ["bench_counter.py", "bench_array.py", "bench_queue.py",
-                                    "bench_store.py", "goals.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_counter.py", "bench_array.py", "bench_queue.py", "bench_store.py", "goals.py"]
+)
 def test_benchmark_scripts_take_the_same_arguments(script: str) -> None:
     proc = run_script(script, "--repeats", "0")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"{script}: error: argument --repeats: must be at least 1" in proc.stderr
     help_text = run_script(script, "--help").stdout
-    for option in ("--quick", "--processes", "--seconds", "--repeats", "--structures",
-                   "--bulk-elements", "--store-dir", "--json", "--plot", "--from-json",
-                   "--quiet", "--check-goals"):
+    for option in (
+        "--quick",
+        "--processes",
+        "--seconds",
+        "--repeats",
+        "--structures",
+        "--bulk-elements",
+        "--store-dir",
+        "--json",
+        "--plot",
+        "--from-json",
+        "--quiet",
+        "--check-goals",
+    ):
         assert option in help_text, (script, option)
 
 
 def test_bench_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run_main(["bench", "--help"], capsys)
     assert status == 0
-    for option in ("--quick", "--processes", "--seconds", "--repeats", "--structures",
-                   "--bulk-elements", "--store-dir", "--json", "--plot", "--from-json",
-                   "--quiet"):
+    for option in (
+        "--quick",
+        "--processes",
+        "--seconds",
+        "--repeats",
+        "--structures",
+        "--bulk-elements",
+        "--store-dir",
+        "--json",
+        "--plot",
+        "--from-json",
+        "--quiet",
+    ):
         assert option in out
     assert "--check-goals" not in out  # the project's goals live in benchmarks/
 
@@ -414,22 +496,29 @@ def test_quick_defaults_and_what_overrides_them() -> None:
     options.add_arguments(parser)
     quick = options.settings(parser.parse_args(["--quick"]))
     assert (quick.quick, quick.repeats, quick.bulk_elements, quick.processes) == (
-        True, options.QUICK_REPEATS, options.QUICK_BULK_ELEMENTS, list(options.DEFAULT_PROCESSES))
+        True,
+        options.QUICK_REPEATS,
+        options.QUICK_BULK_ELEMENTS,
+        list(options.DEFAULT_PROCESSES),
+    )
     assert quick.structures == list(options.STRUCTURES)
-    given = options.settings(parser.parse_args(["--quick", "--repeats", "3",
-                                                "--bulk-elements", "1000"]))
+    given = options.settings(
+        parser.parse_args(["--quick", "--repeats", "3", "--bulk-elements", "1000"])
+    )
     assert (given.repeats, given.bulk_elements) == (3, 1000)
     full = options.settings(parser.parse_args([]))
     assert (full.quick, full.repeats) == (False, options.DEFAULT_REPEATS)
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--quick", "--seconds", "1"], "cannot be combined with --seconds"),
-    (["--from-json", "x.json", "--quick"], "cannot be combined with --quick"),
-    (["--from-json", "x.json", "--store-dir", "/tmp"], "cannot be combined with --store-dir"),
-])
-def test_quick_conflicts(argv: list[str], message: str,
-                         capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quick", "--seconds", "1"], "cannot be combined with --seconds"),
+        (["--from-json", "x.json", "--quick"], "cannot be combined with --quick"),
+        (["--from-json", "x.json", "--store-dir", "/tmp"], "cannot be combined with --store-dir"),
+    ],
+)
+def test_quick_conflicts(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run_main(["bench", *argv], capsys)
     assert status == 2
     assert_clean_failure(status, err, usage=False)
@@ -473,8 +562,9 @@ def test_every_part_announces_exactly_the_steps_it_weighs() -> None:
 
 
 # -- the project's goals live in benchmarks/, not in the package ------------------------------
-def test_safeshm_bench_reports_no_goals(measured: tuple[str, str, Path],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_safeshm_bench_reports_no_goals(
+    measured: tuple[str, str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     results = json.loads(measured[0])
     assert "bars" not in results and "goals" not in results
     status, out, _ = run_main(["bench", "--from-json", str(measured[2])], capsys)
@@ -493,14 +583,17 @@ def saved_with(measured: tuple[str, str, Path], tmp_path: Path, ratio: float) ->
     return path
 
 
-def test_goals_script_reports_goals_as_goals(measured: tuple[str, str, Path],
-                                             tmp_path: Path) -> None:
+def test_goals_script_reports_goals_as_goals(
+    measured: tuple[str, str, Path], tmp_path: Path
+) -> None:
     missed = saved_with(measured, tmp_path, 0.5)
     proc = run_script("bench_counter.py", "--from-json", str(missed))
     assert proc.returncode == 0, proc.stderr  # a missed goal is not a failed run...
     assert "Goals: the safeshm project's own targets" in proc.stdout
-    assert ("[MISSED] SafeCounter add, 1 process, vs the mp.Value idiom (1 process): 0.500x "
-            "(goal >= 1.2x)") in proc.stdout
+    assert (
+        "[MISSED] SafeCounter add, 1 process, vs the mp.Value idiom (1 process): 0.500x "
+        "(goal >= 1.2x)"
+    ) in proc.stdout
     # Only 1 process was measured: the 2-process goals are not missed, just not measured.
     assert "[not measured] SafeCounter add, 2 processes" in proc.stdout
     assert "SafeQueue" not in proc.stdout  # goals of structures not run are not listed
@@ -513,8 +606,9 @@ def test_goals_script_reports_goals_as_goals(measured: tuple[str, str, Path],
     assert "MISSED" not in proc.stdout
 
 
-def test_goals_script_json_lists_goals_and_marks_the_chart(measured: tuple[str, str, Path],
-                                                           tmp_path: Path) -> None:
+def test_goals_script_json_lists_goals_and_marks_the_chart(
+    measured: tuple[str, str, Path], tmp_path: Path
+) -> None:
     proc = run_script("goals.py", "--from-json", str(measured[2]), "--json")
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
@@ -529,8 +623,9 @@ def test_goals_script_json_lists_goals_and_marks_the_chart(measured: tuple[str, 
 
 
 # -- a wrong result is a failure, not a figure ---------------------------------------------------
-def test_a_lost_update_fails_the_run(monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_lost_update_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     real = counter.prepare
 
     def one_short(ctx: Any, implementation: str, n: int) -> harness.Contender:
@@ -546,24 +641,49 @@ def test_a_lost_update_fails_the_run(monkeypatch: pytest.MonkeyPatch,
 
 # -- the package's rooms --------------------------------------------------------------------------
 def test_the_benchmark_package_never_imports_the_cli() -> None:
-    modules = ", ".join(f"safeshm._bench.{m}" for m in (
-        "options", "harness", "counter", "array", "queue", "store", "report", "chart",
-        "command"))
-    code = (f"import sys, {modules}\n"
-            "assert 'safeshm._cli' not in sys.modules, 'safeshm._bench imported the CLI'\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=JOIN_TIMEOUT, check=False)
+    modules = ", ".join(
+        f"safeshm._bench.{m}"
+        for m in (
+            "options",
+            "harness",
+            "counter",
+            "array",
+            "queue",
+            "store",
+            "report",
+            "chart",
+            "command",
+        )
+    )
+    code = (
+        f"import sys, {modules}\n"
+        "assert 'safeshm._cli' not in sys.modules, 'safeshm._bench imported the CLI'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_the_cli_imports_the_measuring_code_only_for_bench() -> None:
-    code = ("import sys\n"
-            "from safeshm import _cli\n"
-            "_cli._parser()\n"
-            "loaded = sorted(m for m in sys.modules if m.startswith('safeshm._bench'))\n"
-            "assert loaded == ['safeshm._bench', 'safeshm._bench.options'], loaded\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=JOIN_TIMEOUT, check=False)
+    code = (
+        "import sys\n"
+        "from safeshm import _cli\n"
+        "_cli._parser()\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('safeshm._bench'))\n"
+        "assert loaded == ['safeshm._bench', 'safeshm._bench.options'], loaded\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -576,9 +696,11 @@ def test_axis_ticks_never_crowd() -> None:
 
 @pytest.mark.parametrize("log", [True, False])
 def test_every_figure_ends_inside_the_axes_not_in_the_legend(log: bool) -> None:
-    ratios = [chart.Ratio("S", "get", "shelve + flock", 2583.5),
-              chart.Ratio("S", "get", "diskcache", 10.0),
-              chart.Ratio("S", "set", "diskcache", 3.95, 4.0)]  # "3.95x  (goal 4x)"
+    ratios = [
+        chart.Ratio("S", "get", "shelve + flock", 2583.5),
+        chart.Ratio("S", "get", "diskcache", 10.0),
+        chart.Ratio("S", "set", "diskcache", 3.95, 4.0),
+    ]  # "3.95x  (goal 4x)"
     plot_pt = 72 * (chart._FIG_WIDTH - chart._LEFT - chart._RIGHT)
     values = [r.ratio for r in ratios]
     lo, hi = min([*values, 1.0]), max(values)

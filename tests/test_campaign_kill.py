@@ -53,15 +53,18 @@ def _no_violations(log: Any, out: cp.Outcome) -> None:
 def _report(what: str, out: cp.Outcome, roles: list[cp.Role], **figures: Any) -> None:
     extra = ", ".join(f"{k}={v}" for k, v in figures.items())
     spawned = sum(d.killed and roles[d.role].method == "spawn" for d in out.deaths)
-    print(f"{what}: {out.kills} kills ({len(out.killed_in_flight())} with an operation in "
-          f"flight, {spawned} of spawned workers), {len(out.incarnations)} workers, "
-          f"{out.seconds:.1f} s; {extra}")
+    print(
+        f"{what}: {out.kills} kills ({len(out.killed_in_flight())} with an operation in "
+        f"flight, {spawned} of spawned workers), {len(out.incarnations)} workers, "
+        f"{out.seconds:.1f} s; {extra}"
+    )
 
 
 # -- counters ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["atomic", "locked"])
-def test_safecounter_survives_kills(impl: str, seed: int, unique: Any,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_safecounter_survives_kills(
+    impl: str, seed: int, unique: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Four adders (three forked, one spawned: the start methods meet on one counter) are
     killed in turn; every 20 kills all stop, and the value must be exactly the
     acknowledged adds plus a subset of the adds in flight in the workers killed since the
@@ -79,13 +82,25 @@ def test_safecounter_survives_kills(impl: str, seed: int, unique: Any,
         roles = [cp.Role(cp.counter_worker, role) for _ in range(3)]
         roles.append(cp.Role(cp.counter_worker, role, method="spawn", every=3))
         check = cp.CounterChecker(counter, 1000, log)
-        out = cp.run_campaign(log, roles, kills=200, seed=seed, max_delay=0.02,
-                              checkpoint_every=20, on_checkpoint=check)
+        out = cp.run_campaign(
+            log,
+            roles,
+            kills=200,
+            seed=seed,
+            max_delay=0.02,
+            checkpoint_every=20,
+            on_checkpoint=check,
+        )
         _no_violations(log, out)
         check(out)
-        _report(f"SafeCounter ({impl})", out, roles, acknowledged_adds=sum(
-            log[cp.slot(i, cp.DONE)] for i in out.incarnations),
-            checkpoints=check.checkpoints, in_flight_adds=check.in_flight)
+        _report(
+            f"SafeCounter ({impl})",
+            out,
+            roles,
+            acknowledged_adds=sum(log[cp.slot(i, cp.DONE)] for i in out.incarnations),
+            checkpoints=check.checkpoints,
+            in_flight_adds=check.in_flight,
+        )
         # Still works, in both directions, with nobody else around.
         before = counter.value
         assert counter.add(-5) == before - 5
@@ -109,16 +124,29 @@ def test_shardedcounter_survives_kills(slots: int, seed: int, unique: Any) -> No
         log = cp.new_log(500)
         roles = [cp.Role(cp.counter_worker, ("ShardedCounter", name)) for _ in range(3)]
         check = cp.CounterChecker(counter, 1000, log)
-        out = cp.run_campaign(log, roles, kills=300, seed=seed, max_delay=0.02,
-                              checkpoint_every=20, on_checkpoint=check)
+        out = cp.run_campaign(
+            log,
+            roles,
+            kills=300,
+            seed=seed,
+            max_delay=0.02,
+            checkpoint_every=20,
+            on_checkpoint=check,
+        )
         _no_violations(log, out)
         check(out)
         stats = counter.statistics()
         fallbacks = sum(log[cp.slot(i, cp.OTHER_WARNINGS)] for i in out.incarnations)
-        _report(f"ShardedCounter (slots={slots})", out, roles, acknowledged_adds=sum(
-            log[cp.slot(i, cp.DONE)] for i in out.incarnations),
-            checkpoints=check.checkpoints, in_flight_adds=check.in_flight,
-            slots_ever_used=stats.slots_ever_used, workers_warned_slots_full=fallbacks)
+        _report(
+            f"ShardedCounter (slots={slots})",
+            out,
+            roles,
+            acknowledged_adds=sum(log[cp.slot(i, cp.DONE)] for i in out.incarnations),
+            checkpoints=check.checkpoints,
+            in_flight_adds=check.in_flight,
+            slots_ever_used=stats.slots_ever_used,
+            workers_warned_slots_full=fallbacks,
+        )
         assert stats.slots_ever_used <= slots
         # Killed workers' slots are free for the taking, stopped ones released theirs.
         assert stats.slots_in_use == 0, stats
@@ -170,7 +198,8 @@ def test_safearray_survives_kills(seed: int, unique: Any) -> None:
             if decoded is not None:
                 inc, k = decoded
                 assert out.incarnations.get(inc) == 2 and k < log[cp.slot(inc, cp.STARTED)], (
-                    f"element {v:#x} was never written")
+                    f"element {v:#x} was never written"
+                )
         if len(set(snap)) > 1:
             figures["non_uniform"] += 1
             assert flag, "a partial bulk write went unreported"
@@ -186,11 +215,14 @@ def test_safearray_survives_kills(seed: int, unique: Any) -> None:
 
     out = cp.Outcome()  # filled as the campaign goes: the checker needs each writer's role
     try:
-        roles = [cp.Role(cp.array_adder_worker, (acc_name,)),
-                 cp.Role(cp.array_adder_worker, (acc_name,)),
-                 cp.Role(cp.array_bulk_worker, (pat_name,))]
-        out = cp.run_campaign(log, roles, kills=360, seed=seed, max_delay=0.02,
-                              on_death=check_pattern, out=out)
+        roles = [
+            cp.Role(cp.array_adder_worker, (acc_name,)),
+            cp.Role(cp.array_adder_worker, (acc_name,)),
+            cp.Role(cp.array_bulk_worker, (pat_name,)),
+        ]
+        out = cp.run_campaign(
+            log, roles, kills=360, seed=seed, max_delay=0.02, on_death=check_pattern, out=out
+        )
         _no_violations(log, out)
         # Element adds: each element is its acknowledged adds plus some in-flight ones.
         acked = [0] * cp.ACC_LEN
@@ -205,13 +237,13 @@ def test_safearray_survives_kills(seed: int, unique: Any) -> None:
                     adds += 1
         for d in out.killed_in_flight():
             if d.role != 2 and d.done % 8 != 7:
-                in_flight[(d.inc * 5 + d.done) % cp.ACC_LEN].append(
-                    cp.element_delta(d.inc, d.done))
+                in_flight[(d.inc * 5 + d.done) % cp.ACC_LEN].append(cp.element_delta(d.inc, d.done))
         final = acc.to_list()
         for i in range(cp.ACC_LEN):
             assert cp.subset_sum_reachable(final[i] - acked[i], in_flight[i]), (
                 f"element {i}: {final[i]} = acknowledged {acked[i]} + "
-                f"{final[i] - acked[i]}, no subset of in-flight {in_flight[i]}")
+                f"{final[i] - acked[i]}, no subset of in-flight {in_flight[i]}"
+            )
         _report("SafeArray", out, roles, element_adds=adds, **figures)
         assert figures["partial_flagged"] > 0, "no bulk write was ever interrupted: kill more"
         # Still works: a completed bulk write clears the flag.
@@ -229,8 +261,9 @@ def test_safearray_survives_kills(seed: int, unique: Any) -> None:
 
 
 # -- SafeQueue --------------------------------------------------------------------------------
-def _producer_accounting(log: Any, out: cp.Outcome, taken: Multiset[int],
-                         raw: bool) -> tuple[int, int, int, list[int]]:
+def _producer_accounting(
+    log: Any, out: cp.Outcome, taken: Multiset[int], raw: bool
+) -> tuple[int, int, int, list[int]]:
     """(acknowledged puts, in-flight put items, bytes of committed items nobody recorded,
     bytes of each in-flight put of which nothing arrived); fails on a never-put item."""
     acked = in_flight_puts = 0
@@ -241,8 +274,11 @@ def _producer_accounting(log: Any, out: cp.Outcome, taken: Multiset[int],
             continue
         a, end = log[cp.slot(inc, cp.Q_ACKED)], log[cp.slot(inc, cp.Q_END)]
         acked += a
-        missing_bytes += sum(cp.q_record_size(cp.q_tag(inc, s), raw)
-                             for s in range(a) if cp.q_tag(inc, s) not in taken)
+        missing_bytes += sum(
+            cp.q_record_size(cp.q_tag(inc, s), raw)
+            for s in range(a)
+            if cp.q_tag(inc, s) not in taken
+        )
         # An in-flight put or put_many commits all of its items or none: if any of
         # them arrived, the others were committed too.
         absent = [s for s in range(a, end) if cp.q_tag(inc, s) not in taken]
@@ -281,11 +317,12 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
             head = now
 
     try:
-        roles = [cp.Role(cp.queue_producer_worker, (name, raw)),
-                 cp.Role(cp.queue_producer_worker, (name, raw)),
-                 cp.Role(cp.queue_consumer_worker, (name, raw, items), may_finish=True)]
-        out = cp.run_campaign(log, roles, kills=300, seed=seed, max_delay=0.02,
-                              on_death=note_head)
+        roles = [
+            cp.Role(cp.queue_producer_worker, (name, raw)),
+            cp.Role(cp.queue_producer_worker, (name, raw)),
+            cp.Role(cp.queue_consumer_worker, (name, raw, items), may_finish=True),
+        ]
+        out = cp.run_campaign(log, roles, kills=300, seed=seed, max_delay=0.02, on_death=note_head)
         _no_violations(log, out)
         for inc, role in out.survivors:
             if role == 2:
@@ -313,7 +350,8 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
             in_flight = log[cp.slot(inc, cp.STARTED)] > log[cp.slot(inc, cp.DONE)]
             assert lost >= 0 and (lost == 0 or in_flight), (
                 f"consumer {inc} took {end - start} bytes of items but recorded "
-                f"{end - start - lost} (in flight when killed: {in_flight})")
+                f"{end - start - lost} (in flight when killed: {in_flight})"
+            )
             lost_bytes += lost
         sequences.append(drained)
         taken = Multiset(t for s in sequences for t in s)
@@ -327,18 +365,26 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
             assert sq > last.get(p, -1), f"producer {p}: seq {sq} after {last[p]}"
             last[p] = sq
         acked, in_flight_puts, missing_bytes, absent_batches = _producer_accounting(
-            log, out, taken, raw)
+            log, out, taken, raw
+        )
         foreign = [t for t in taken if out.incarnations.get(t >> 32, 2) == 2]
         assert not foreign, f"items no producer made: {foreign[:5]}"
-        _report(f"SafeQueue ({'raw' if raw else 'pickled'})", out, roles,
-                items_checked=sum(taken.values()), acknowledged_puts=acked,
-                in_flight_put_items=in_flight_puts, bytes_taken_unrecorded=lost_bytes,
-                bytes_committed_missing=missing_bytes)
+        _report(
+            f"SafeQueue ({'raw' if raw else 'pickled'})",
+            out,
+            roles,
+            items_checked=sum(taken.values()),
+            acknowledged_puts=acked,
+            in_flight_put_items=in_flight_puts,
+            bytes_taken_unrecorded=lost_bytes,
+            bytes_committed_missing=missing_bytes,
+        )
         # The items missing are exactly what killed consumers took and did not record
         # (plus, perhaps, whole in-flight puts that they took entirely).
         assert cp.subset_sum_reachable(lost_bytes - missing_bytes, absent_batches), (
             f"{missing_bytes} bytes of committed items missing, but consumers killed "
-            f"mid-get took {lost_bytes} bytes unrecorded")
+            f"mid-get took {lost_bytes} bytes unrecorded"
+        )
         # Still works, and is empty and consistent.
         stats = q.statistics()
         assert stats.items == 0 and stats.bytes_used == 0, stats
@@ -368,8 +414,7 @@ def test_safelock_survives_kills(seed: int, unique: Any) -> None:
             warnings.simplefilter("always")
             assert lock.acquire(timeout=PROMPT), "the lock is stuck after the campaign"
         try:
-            final_warned = sum(issubclass(w.category, safeshm.HolderDiedWarning)
-                               for w in caught)
+            final_warned = sum(issubclass(w.category, safeshm.HolderDiedWarning) for w in caught)
             assert log[cp.EXCL] == 0 or final_warned, "a dead holder went unreported"
         finally:
             lock.release()
@@ -379,11 +424,18 @@ def test_safelock_survives_kills(seed: int, unique: Any) -> None:
         states = Multiset(log[cp.slot(d.inc, cp.STATE)] for d in out.deaths if d.killed)
         could_hold = states[cp.ACQUIRING] + states[cp.HELD] + states[cp.RELEASING]
         recoveries = lock.statistics().recoveries
-        _report("SafeLock", out, roles,
-                critical_sections=sum(log[cp.slot(i, cp.DONE)] for i in incs),
-                killed_holding=states[cp.HELD], killed_acquiring=states[cp.ACQUIRING],
-                killed_releasing=states[cp.RELEASING], recoveries=recoveries,
-                warnings=warned, found_dead_holder_inside=found_dead)
+        _report(
+            "SafeLock",
+            out,
+            roles,
+            critical_sections=sum(log[cp.slot(i, cp.DONE)] for i in incs),
+            killed_holding=states[cp.HELD],
+            killed_acquiring=states[cp.ACQUIRING],
+            killed_releasing=states[cp.RELEASING],
+            recoveries=recoveries,
+            warnings=warned,
+            found_dead_holder_inside=found_dead,
+        )
         assert found_dead <= warned <= recoveries <= could_hold
         assert states[cp.HELD] > 0, "no worker was killed holding the lock: kill more"
         # Each death holding the lock is recovered by the next acquirer -- unless that one

@@ -25,14 +25,24 @@ from ._helpers import JOIN_TIMEOUT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "safeshm", *args], capture_output=True,
-                          text=True, timeout=JOIN_TIMEOUT * 2, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "safeshm", *args],
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT * 2,
+        check=False,
+    )
 
 
 def test_demo_runs_and_checks(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "safeshm", "demo", "--workers", "2"],
-                          capture_output=True, text=True, timeout=JOIN_TIMEOUT * 2,
-                          check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "safeshm", "demo", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT * 2,
+        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
     # 4 totals, 3 store checks, and the queue after each start method.
@@ -48,8 +58,7 @@ def test_console_script_entry_point() -> None:
     assert ep.value == "safeshm._cli:main"
 
 
-def test_ls_lists_our_segments(capsys: pytest.CaptureFixture[str], cleanup: Any,
-                               name: str) -> None:
+def test_ls_lists_our_segments(capsys: pytest.CaptureFixture[str], cleanup: Any, name: str) -> None:
     c = cleanup(safeshm.SafeCounter.create(42, name=name))
     s = cleanup(safeshm.ShardedCounter.create(7))
     lock = cleanup(safeshm.SafeLock.create())
@@ -113,8 +122,7 @@ def test_rm(capsys: pytest.CaptureFixture[str], name: str) -> None:
     assert main(["rm", "--yes", name]) == 1
 
 
-def test_rm_asks_for_confirmation(monkeypatch: pytest.MonkeyPatch, cleanup: Any,
-                                  name: str) -> None:
+def test_rm_asks_for_confirmation(monkeypatch: pytest.MonkeyPatch, cleanup: Any, name: str) -> None:
     cleanup(safeshm.SafeCounter.create(name=name))
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert main(["rm", name]) == 0
@@ -143,9 +151,18 @@ def test_rm_stale_removes_only_unused(cleanup: Any, unique: Any) -> None:
     assert used.add(1) == 1
 
 
-@pytest.mark.parametrize("argv", [[], ["nope"], ["inspect"], ["demo", "--workers", "0"],
-                                  ["demo", "--workers", "x"], ["inspect", "bad/name"],
-                                  ["rm", "--yes", "../etc"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nope"],
+        ["inspect"],
+        ["demo", "--workers", "0"],
+        ["demo", "--workers", "x"],
+        ["inspect", "bad/name"],
+        ["rm", "--yes", "../etc"],
+    ],
+)
 def test_bad_arguments_exit_nonzero_without_traceback(argv: list[str]) -> None:
     proc = run_cli(*argv)
     assert proc.returncode != 0
@@ -160,8 +177,8 @@ def _path(name: str) -> str:
 
 @pytest.mark.parametrize("argv", [["rm", "--stale"], ["rm", "{name}"]])
 def test_rm_does_not_remove_a_segment_attached_during_the_question(
-        argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        name: str) -> None:
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
     c = safeshm.SafeCounter.create(5, name=name)
     c.close()  # unused: rm decides to remove it, and asks
     attached: list[Any] = []
@@ -196,7 +213,8 @@ def _waiting_flocks(path: str) -> int:
 
 
 def test_rm_and_a_concurrent_attach_never_split_a_segment(
-        monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     c = safeshm.SafeCounter.create(5, name=name)
     c.close()
     outcome: list[BaseException | Any] = []
@@ -228,8 +246,8 @@ def test_rm_and_a_concurrent_attach_never_split_a_segment(
 
 
 def test_rm_of_a_segment_in_use_says_so_and_by_whom(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        cleanup: Any, name: str) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cleanup: Any, name: str
+) -> None:
     c = cleanup(safeshm.SafeCounter.create(name=name))
     # --yes does not remove a segment in use.
     assert main(["rm", "--yes", name]) == 1
@@ -286,7 +304,8 @@ def _die_holding(name: str) -> None:
 
 
 def test_ls_says_a_locks_holder_died_and_leaves_the_news_to_the_next_acquirer(
-        capsys: pytest.CaptureFixture[str], cleanup: Any, name: str) -> None:
+    capsys: pytest.CaptureFixture[str], cleanup: Any, name: str
+) -> None:
     lock = cleanup(safeshm.SafeLock.create(name=name))
     p = multiprocessing.get_context("fork").Process(target=_die_holding, args=(name,))
     p.start()
@@ -304,8 +323,9 @@ def test_ls_says_a_locks_holder_died_and_leaves_the_news_to_the_next_acquirer(
     assert lock.statistics().holder_died is False
 
 
-def test_inspect_shows_name_and_creator_once(capsys: pytest.CaptureFixture[str],
-                                              cleanup: Any, name: str) -> None:
+def test_inspect_shows_name_and_creator_once(
+    capsys: pytest.CaptureFixture[str], cleanup: Any, name: str
+) -> None:
     cleanup(safeshm.SafeQueue.create(4096, name=name))
     assert main(["inspect", name]) == 0
     keys = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines()]
@@ -315,8 +335,9 @@ def test_inspect_shows_name_and_creator_once(capsys: pytest.CaptureFixture[str],
     assert "name" not in info["statistics"] and "creator_pid" not in info["statistics"]
 
 
-def test_ls_reports_a_damaged_segment_and_goes_on(capsys: pytest.CaptureFixture[str],
-                                                  cleanup: Any, unique: Any) -> None:
+def test_ls_reports_a_damaged_segment_and_goes_on(
+    capsys: pytest.CaptureFixture[str], cleanup: Any, unique: Any
+) -> None:
     bad = cleanup(safeshm.ShardedCounter.create(name=unique()))
     good = cleanup(safeshm.SafeCounter.create(3, name=unique()))
     with open(_path(bad.name), "r+b") as f:  # the high-water mark of used slots
@@ -352,8 +373,14 @@ def test_demo_help_lists_every_structure_it_uses() -> None:
     proc = run_cli("demo", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for cls in ("SafeCounter", "ShardedCounter", "SafeLock", "SafeArray", "SafeQueue",
-                "SafeFileStore"):
+    for cls in (
+        "SafeCounter",
+        "ShardedCounter",
+        "SafeLock",
+        "SafeArray",
+        "SafeQueue",
+        "SafeFileStore",
+    ):
         assert cls in text
 
 
@@ -369,19 +396,22 @@ def test_a_bug_shows_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
         main(["ls"])
 
 
-def test_problems_of_the_environment_are_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_problems_of_the_environment_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def denied(args: Any) -> int:
         raise PermissionError(errno.EACCES, "Permission denied", "/some/file")
 
     monkeypatch.setattr(_cli, "cmd_ls", denied)
     assert main(["ls"]) == 1
     assert capsys.readouterr().err.strip() == (
-        "safeshm: [Errno 13] Permission denied: '/some/file'")
+        "safeshm: [Errno 13] Permission denied: '/some/file'"
+    )
 
 
-def test_ls_reports_a_damaged_header(capsys: pytest.CaptureFixture[str], cleanup: Any,
-                                     name: str) -> None:
+def test_ls_reports_a_damaged_header(
+    capsys: pytest.CaptureFixture[str], cleanup: Any, name: str
+) -> None:
     cleanup(safeshm.SafeCounter.create(3, name=name))
     with open(_path(name), "r+b") as f:  # the kind, without fixing the header's checksum
         f.seek(10)

@@ -40,8 +40,9 @@ int64s = st.integers(INT64_MIN, INT64_MAX)
 
 
 @pytest.fixture(params=["atomic", "locked"])
-def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
-         cleanup: Any) -> Callable[..., safeshm.SafeCounter]:
+def make(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, cleanup: Any
+) -> Callable[..., safeshm.SafeCounter]:
     """Create counters with either implementation (children attach and follow the
     segment's recorded implementation)."""
     if request.param == "locked":
@@ -51,8 +52,9 @@ def make(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
 
     def factory(*args: Any, **kwargs: Any) -> safeshm.SafeCounter:
         c = cleanup(safeshm.SafeCounter.create(*args, **kwargs))
-        expected = ("lock-free (atomic compare-and-swap)" if request.param == "atomic"
-                    else "robust lock")
+        expected = (
+            "lock-free (atomic compare-and-swap)" if request.param == "atomic" else "robust lock"
+        )
         assert c.implementation == expected
         return c  # type: ignore[no-any-return]
 
@@ -118,11 +120,15 @@ def test_overflow_changes_nothing(make: Callable[..., safeshm.SafeCounter]) -> N
 
 
 @pytest.mark.parametrize("bad", [1.5, 1.0, "1", None, b"1", [1], float("nan")])
-def test_wrong_types_change_nothing(make: Callable[..., safeshm.SafeCounter],
-                                    bad: Any) -> None:
+def test_wrong_types_change_nothing(make: Callable[..., safeshm.SafeCounter], bad: Any) -> None:
     c = make(5)
-    for op in (c.add, c.set, c.exchange, lambda v: c.compare_and_set(5, v),
-               lambda v: c.compare_and_set(v, 6)):
+    for op in (
+        c.add,
+        c.set,
+        c.exchange,
+        lambda v: c.compare_and_set(5, v),
+        lambda v: c.compare_and_set(v, 6),
+    ):
         with pytest.raises(TypeError, match="must be an int"):
             op(bad)
     assert c.value == 5
@@ -148,8 +154,9 @@ def test_open_initial_applies_only_on_create(name: str, cleanup: Any) -> None:
     assert a.value == 10
 
 
-def test_attaching_atomic_segment_without_atomics(monkeypatch: pytest.MonkeyPatch,
-                                                  cleanup: Any) -> None:
+def test_attaching_atomic_segment_without_atomics(
+    monkeypatch: pytest.MonkeyPatch, cleanup: Any
+) -> None:
     if _compat.compare_exchange is None:  # pragma: no cover
         pytest.skip("libatomic not available")
     c = cleanup(safeshm.SafeCounter.create())
@@ -265,18 +272,21 @@ def test_state_machine(remote: Remote, impl: str, monkeypatch: pytest.MonkeyPatc
 
 # -- multi-process stress --------------------------------------------------------------------
 ops_strategy = st.lists(
-    st.tuples(st.sampled_from(["add", "add", "add", "cas_add", "exchange_add"]),
-              st.integers(-3, 3)),
-    min_size=50, max_size=400)
+    st.tuples(
+        st.sampled_from(["add", "add", "add", "cas_add", "exchange_add"]), st.integers(-3, 3)
+    ),
+    min_size=50,
+    max_size=400,
+)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", START_METHODS)
 @settings(max_examples=6)
-@given(per_worker=st.lists(ops_strategy, min_size=2, max_size=4),
-       repeat=st.integers(1, 5))
-def test_stress_exact_totals(method: str, per_worker: list[list[tuple[str, int]]],
-                             repeat: int) -> None:
+@given(per_worker=st.lists(ops_strategy, min_size=2, max_size=4), repeat=st.integers(1, 5))
+def test_stress_exact_totals(
+    method: str, per_worker: list[list[tuple[str, int]]], repeat: int
+) -> None:
     """N processes released together by a barrier apply drawn op mixes: the final value
     is exactly the sum of every worker's net effect."""
     for impl in ("atomic", "locked"):
@@ -292,8 +302,11 @@ def test_stress_exact_totals(method: str, per_worker: list[list[tuple[str, int]]
             n = len(per_worker)
             barrier = ctx.Barrier(n)
             nets = ctx.Array("q", n)
-            run_all(method, counter_ops_worker,
-                    [(c, barrier, ops * repeat, nets, i) for i, ops in enumerate(per_worker)])
+            run_all(
+                method,
+                counter_ops_worker,
+                [(c, barrier, ops * repeat, nets, i) for i, ops in enumerate(per_worker)],
+            )
             expected = sum(arg for ops in per_worker for _, arg in ops) * repeat
             assert sum(nets[:]) == expected
             assert c.value == expected
@@ -304,15 +317,13 @@ def test_stress_exact_totals(method: str, per_worker: list[list[tuple[str, int]]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", START_METHODS)
-def test_threads_and_processes_mixed(method: str,
-                                     make: Callable[..., safeshm.SafeCounter]) -> None:
+def test_threads_and_processes_mixed(method: str, make: Callable[..., safeshm.SafeCounter]) -> None:
     c = make()
     procs, threads, adds = 3, 4, 3000
     barrier = multiprocessing.get_context(method).Barrier(procs)
     run_all(method, threaded_adds_worker, [(c, barrier, threads, adds, 1)] * procs)
     # ... and the parent's own threads, concurrently with nothing but each other.
-    ts = [threading.Thread(target=lambda: [c.add(-1) for _ in range(adds)])
-          for _ in range(threads)]
+    ts = [threading.Thread(target=lambda: [c.add(-1) for _ in range(adds)]) for _ in range(threads)]
     for t in ts:
         t.start()
     for t in ts:
@@ -354,8 +365,9 @@ def test_signal_handler_counting_mid_add(cleanup: Any) -> None:
 
 # -- crashes --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", START_METHODS)
-def test_sigkill_mid_update_loses_nothing(method: str,
-                                          make: Callable[..., safeshm.SafeCounter]) -> None:
+def test_sigkill_mid_update_loses_nothing(
+    method: str, make: Callable[..., safeshm.SafeCounter]
+) -> None:
     """A process killed while adding in a loop: every add it completed is counted, the
     one in flight is counted at most once, and the others carry on at once."""
     c = make()
@@ -376,8 +388,9 @@ def test_sigkill_mid_update_loses_nothing(method: str,
         assert time.monotonic() - t0 < PROMPT
 
 
-def test_sigkill_while_holding_the_internal_lock(monkeypatch: pytest.MonkeyPatch,
-                                                 cleanup: Any) -> None:
+def test_sigkill_while_holding_the_internal_lock(
+    monkeypatch: pytest.MonkeyPatch, cleanup: Any
+) -> None:
     """Lock-based counters: a process killed holding the counter's lock does not stop the
     others, and the value stays what it was."""
     monkeypatch.setattr(_compat, "compare_exchange", None)

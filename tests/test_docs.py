@@ -94,7 +94,7 @@ def python_blocks(path: Path) -> list[Block]:
         i += 1
         while i < len(lines) and not _closes(lines[i], fence):
             line = lines[i]
-            body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
             i += 1
         i += 1  # the closing fence
         language = info.split()[0].lstrip(".").lower() if info else ""
@@ -102,8 +102,9 @@ def python_blocks(path: Path) -> list[Block]:
             continue
         previous = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         marker = _NO_TEST.match(previous)
-        blocks.append(Block(path, start + 1, "\n".join(body) + "\n",
-                            marker["reason"] if marker else None))
+        blocks.append(
+            Block(path, start + 1, "\n".join(body) + "\n", marker["reason"] if marker else None)
+        )
     return blocks
 
 
@@ -115,13 +116,21 @@ def run_script(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run a script the way a user would, in ``cwd``; fail the test if it fails."""
     try:
         result = subprocess.run(
-            [sys.executable, "-W", "error", str(script)], cwd=cwd, env=os.environ.copy(),
-            capture_output=True, text=True, timeout=TIMEOUT, check=False)
+            [sys.executable, "-W", "error", str(script)],
+            cwd=cwd,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:  # run() has killed it
         pytest.fail(f"{script.name} did not finish within {TIMEOUT} s\n{e.stdout}\n{e.stderr}")
     if result.returncode != 0:
-        pytest.fail(f"{script.name} exited {result.returncode}\n--- stdout\n{result.stdout}"
-                    f"\n--- stderr\n{result.stderr}")
+        pytest.fail(
+            f"{script.name} exited {result.returncode}\n--- stdout\n{result.stdout}"
+            f"\n--- stderr\n{result.stderr}"
+        )
     return result
 
 
@@ -137,8 +146,8 @@ def test_blocks_found() -> None:
 
 
 @pytest.mark.parametrize(
-    "block",
-    [pytest.param(b, id=b.id) for b in BLOCKS if b.no_test is None and not b.includes])
+    "block", [pytest.param(b, id=b.id) for b in BLOCKS if b.no_test is None and not b.includes]
+)
 def test_block(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(block.code, encoding="utf-8")
@@ -190,16 +199,33 @@ def test_gunicorn(tmp_path: Path) -> None:
     if "control_socket_disable" in Config().settings:  # gunicorn 24+: no ~/.gunicorn socket
         options.append("--no-control-socket")
     log = tmp_path / "gunicorn.log"
-    env = {**os.environ, "MYAPP_BIND": "127.0.0.1:0", "MYAPP_WORKERS": "2",
-           "PYTHONDONTWRITEBYTECODE": "1"}  # leave no __pycache__ in examples/
+    env = {
+        **os.environ,
+        "MYAPP_BIND": "127.0.0.1:0",
+        "MYAPP_WORKERS": "2",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }  # leave no __pycache__ in examples/
     before = _segments()
     with log.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn_conf.py", *options,
-             "gunicorn_app:app"], cwd=EXAMPLES, env=env, stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "gunicorn_conf.py",
+                *options,
+                "gunicorn_app:app",
+            ],
+            cwd=EXAMPLES,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
-    def wait_for(what: str, found: Callable[[str], re.Match[str] | bool | None]
-                 ) -> re.Match[str] | bool:
+    def wait_for(
+        what: str, found: Callable[[str], re.Match[str] | bool | None]
+    ) -> re.Match[str] | bool:
         deadline = time.monotonic() + TIMEOUT
         while not (result := found(text := log.read_text())):
             assert server.poll() is None, f"gunicorn exited before {what}:\n{text}"
@@ -235,8 +261,14 @@ def test_gunicorn(tmp_path: Path) -> None:
         # A reload: gunicorn re-executes gunicorn_conf.py (its module-level state starts
         # again from scratch), boots two new workers and stops the old ones.
         server.send_signal(signal.SIGHUP)
-        wait_for("reload", lambda t: "Hang up: Master" in t and len(booted(t)) == 4 and all(
-            f"Worker exiting (pid: {pid})" in t for pid in first))
+        wait_for(
+            "reload",
+            lambda t: (
+                "Hang up: Master" in t
+                and len(booted(t)) == 4
+                and all(f"Worker exiting (pid: {pid})" in t for pid in first)
+            ),
+        )
         with ThreadPoolExecutor(4) as pool:
             after = list(pool.map(get, range(40)))
         assert not {pid for _, pid in after} & first  # the new workers served them

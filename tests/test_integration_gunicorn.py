@@ -59,14 +59,27 @@ class Server:
     def __init__(self, log_path: Path, env: dict[str, str]) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
-        cmd = [sys.executable, "-m", "gunicorn",
-               "-c", "python:tests._wsgi_app",
-               "--workers", str(WORKERS),
-               "--bind", "127.0.0.1:0",
-               "tests._wsgi_app:application"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:tests._wsgi_app",
+            "--workers",
+            str(WORKERS),
+            "--bind",
+            "127.0.0.1:0",
+            "tests._wsgi_app:application",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.port = 0
         self._stopped = False
 
@@ -108,7 +121,7 @@ class Server:
             except OSError:  # gone meanwhile
                 continue
             # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
             if int(ppid) == self.proc.pid and state != "Z":
                 children.add(int(entry))
         return children
@@ -132,8 +145,10 @@ class Server:
                 if seen == pids:  # no worker was replaced meanwhile
                     return pids
             time.sleep(0.1)
-        pytest.fail(f"gunicorn did not run {WORKERS} fresh workers within {STARTUP_TIMEOUT} s "
-                    f"(children: {sorted(self.workers())}, old: {sorted(exclude)})")
+        pytest.fail(
+            f"gunicorn did not run {WORKERS} fresh workers within {STARTUP_TIMEOUT} s "
+            f"(children: {sorted(self.workers())}, old: {sorted(exclude)})"
+        )
 
     def stop(self) -> int | None:
         """SIGTERM (graceful), then SIGKILL to the whole process group; always reaps.
@@ -175,8 +190,9 @@ def gunicorn(log_path: Path, env: dict[str, str]) -> Iterator[Server]:
         server.stop()
 
 
-def send_requests(server: Server, total: int,
-                  midway: Callable[[], None] | None = None) -> list[Reply]:
+def send_requests(
+    server: Server, total: int, midway: Callable[[], None] | None = None
+) -> list[Reply]:
     """``total`` GET /count from CLIENT_THREADS threads; every reply.
 
     ``midway`` is called from this thread once a third of the requests have been sent,
@@ -236,8 +252,7 @@ def in_use(name: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("attach_in", ["worker", "master"])
-def test_gunicorn_workers_count_exactly_across_a_reload(attach_in: str,
-                                                        tmp_path: Path) -> None:
+def test_gunicorn_workers_count_exactly_across_a_reload(attach_in: str, tmp_path: Path) -> None:
     # conftest gave this session its own SAFESHM_DIR through os.environ, so gunicorn and
     # its workers inherit it (checked below through the app): nothing here touches
     # /dev/shm itself.
@@ -249,10 +264,14 @@ def test_gunicorn_workers_count_exactly_across_a_reload(attach_in: str,
     per_worker = safeshm.SafeArray.create("q", PER_WORKER_SLOTS)
     handles: list[Any] = [requests, sharded, slots, per_worker]
     names = [h.name for h in handles]
-    env = dict(os.environ,
-               SAFESHM_TEST_REQUESTS=requests.name, SAFESHM_TEST_SHARDED=sharded.name,
-               SAFESHM_TEST_SLOTS=slots.name, SAFESHM_TEST_PER_WORKER=per_worker.name,
-               SAFESHM_TEST_ATTACH_IN=attach_in)
+    env = dict(
+        os.environ,
+        SAFESHM_TEST_REQUESTS=requests.name,
+        SAFESHM_TEST_SHARDED=sharded.name,
+        SAFESHM_TEST_SLOTS=slots.name,
+        SAFESHM_TEST_PER_WORKER=per_worker.name,
+        SAFESHM_TEST_ATTACH_IN=attach_in,
+    )
     env.pop("GUNICORN_CMD_ARGS", None)
     passed = False
     try:
@@ -269,8 +288,9 @@ def test_gunicorn_workers_count_exactly_across_a_reload(attach_in: str,
             # A reload under load: gunicorn starts new workers and gracefully stops the
             # old ones (each finishes the request it is serving) while requests keep
             # coming. Not one may fail, or be counted twice or not at all.
-            replies += send_requests(server, REQUESTS_PER_PHASE,
-                                     midway=lambda: os.kill(server.proc.pid, signal.SIGHUP))
+            replies += send_requests(
+                server, REQUESTS_PER_PHASE, midway=lambda: os.kill(server.proc.pid, signal.SIGHUP)
+            )
             second = server.wait_workers(exclude=first)
             assert {r.pid for r in replies} <= first | second
             assert requests.value == sharded.value == 2 * REQUESTS_PER_PHASE
@@ -279,7 +299,7 @@ def test_gunicorn_workers_count_exactly_across_a_reload(attach_in: str,
             # Only the new workers now; the old ones are gone, their counts all stay, and
             # the sharded counter has folded their slots in.
             replies += send_requests(server, REQUESTS_PER_PHASE)
-            assert {r.pid for r in replies[2 * REQUESTS_PER_PHASE:]} <= second
+            assert {r.pid for r in replies[2 * REQUESTS_PER_PHASE :]} <= second
             total = 3 * REQUESTS_PER_PHASE
             assert requests.value == sharded.value == total
             # Every add returned a value no other add returned: each request got its own
@@ -293,8 +313,7 @@ def test_gunicorn_workers_count_exactly_across_a_reload(attach_in: str,
             answered = Counter(r.slot for r in replies)
             assert per_worker.to_list() == [answered[i] for i in range(PER_WORKER_SLOTS)]
             for slot, n in answered.items():
-                assert sorted(r.mine for r in replies if r.slot == slot) == \
-                    list(range(1, n + 1))
+                assert sorted(r.mine for r in replies if r.slot == slot) == list(range(1, n + 1))
 
             returncode = server.stop()
             log = server.log()

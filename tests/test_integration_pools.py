@@ -58,9 +58,12 @@ class Shared:
         """Run every task in a pool; the pids of the workers that ran them."""
         ctx = multiprocessing.get_context(method)
         with ProcessPoolExecutor(POOL_WORKERS, mp_context=ctx) as pool:
-            futures = [pool.submit(pool_task, self.counter, self.sharded, self.array,
-                                   self.queue, self.lock, task)
-                       for task in range(TASKS)]
+            futures = [
+                pool.submit(
+                    pool_task, self.counter, self.sharded, self.array, self.queue, self.lock, task
+                )
+                for task in range(TASKS)
+            ]
             # Returning leaves the block first, which shuts the pool down (joins workers).
             return {f.result(timeout=JOIN_TIMEOUT) for f in futures}
 
@@ -170,8 +173,7 @@ _SCENARIO = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
-def test_segments_outlive_a_parent_that_exits_without_closing(method: str,
-                                                               unique: Any) -> None:
+def test_segments_outlive_a_parent_that_exits_without_closing(method: str, unique: Any) -> None:
     """With spawn and forkserver, pool workers share the parent's resource tracker, which
     on Python 3.11/3.12 unlinks at the parent's exit every shared-memory segment that any
     of them registered, even by merely attaching (CPython gh-82300). safeshm never
@@ -180,9 +182,14 @@ def test_segments_outlive_a_parent_that_exits_without_closing(method: str,
     names = [unique() for _ in range(5)]
     # Spawned workers import this module by name, so the child runs from the repository
     # root; SAFESHM_DIR reaches it through the inherited environment.
-    proc = subprocess.run([sys.executable, "-c", _SCENARIO, method, *names],
-                          cwd=Path(__file__).resolve().parent.parent, capture_output=True,
-                          text=True, timeout=JOIN_TIMEOUT * 2, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCENARIO, method, *names],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT * 2,
+        check=False,
+    )
     try:
         assert proc.returncode == 0, proc.stderr
         # Not a word from the resource tracker (which would warn of "leaked" segments).

@@ -119,8 +119,9 @@ def test_timeouts_across_processes(lock: safeshm.SafeLock) -> None:
         lock.release()
 
 
-def test_blocking_acquire_wakes_promptly(lock: safeshm.SafeLock,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocking_acquire_wakes_promptly(
+    lock: safeshm.SafeLock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from safeshm import _lock
 
     # With 30-second sleeps, a waiter that wakes within seconds was woken by the unlock,
@@ -190,8 +191,14 @@ def test_threading_lock_semantics(lock: safeshm.SafeLock) -> None:
     t.join(timeout=JOIN_TIMEOUT)
     assert held == [False] * 7
     lock.release()
-    for forever in ({}, {"timeout": -1}, {"timeout": -1.0}, {"timeout": None},
-                    {"blocking": True}, {"blocking": 1}):
+    for forever in (
+        {},
+        {"timeout": -1},
+        {"timeout": -1.0},
+        {"timeout": None},
+        {"blocking": True},
+        {"blocking": 1},
+    ):
         assert lock.acquire(**forever) is True  # type: ignore[arg-type]
         lock.release()
     assert lock.acquire(True) is True  # the first argument is `blocking`, as threading's
@@ -209,8 +216,9 @@ def test_acquired_context(lock: safeshm.SafeLock) -> None:
 
 
 @pytest.mark.parametrize("method", START_METHODS)
-def test_mutual_exclusion_across_processes(method: str, lock: safeshm.SafeLock,
-                                           cleanup: Any) -> None:
+def test_mutual_exclusion_across_processes(
+    method: str, lock: safeshm.SafeLock, cleanup: Any
+) -> None:
     """Read-modify-writes that race without the lock are exact with it."""
     counter = cleanup(safeshm.SafeCounter.create())
     n, rounds = 4, 300
@@ -241,8 +249,9 @@ def test_mutual_exclusion_across_threads(lock: safeshm.SafeLock) -> None:
 
 # -- robustness ------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", START_METHODS)
-def test_holder_killed_next_acquirer_recovers_and_is_told(method: str,
-                                                          lock: safeshm.SafeLock) -> None:
+def test_holder_killed_next_acquirer_recovers_and_is_told(
+    method: str, lock: safeshm.SafeLock
+) -> None:
     ctx = multiprocessing.get_context(method)
     holding, release = ctx.Event(), ctx.Event()
     with processes(method, hold_lock_worker, [(lock.name, holding, release)]) as (p,):
@@ -440,9 +449,15 @@ def _python(code: str, **kwargs: Any) -> Any:
     env = dict(os.environ)
     src = str(Path(safeshm.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def test_dropping_a_held_lock_does_not_crash_the_holder(unique: Any) -> None:
@@ -474,8 +489,9 @@ print("survived", flush=True)
 
 
 @pytest.mark.parametrize("holder", ["thread", "process", "normal exit"])
-def test_holder_of_a_dropped_handle_dies_and_is_seen_dead(holder: str,
-                                                          lock: safeshm.SafeLock) -> None:
+def test_holder_of_a_dropped_handle_dies_and_is_seen_dead(
+    holder: str, lock: safeshm.SafeLock
+) -> None:
     """If the mapping is gone when the holder exits, the kernel cannot mark the mutex
     owner-dead, and every other process waits forever without a HolderDiedWarning. Also
     for a process that simply exits holding it: interpreter teardown frees the handle."""
@@ -493,13 +509,16 @@ def take():
     kept.acquire()  # held until the process exits; the handle lives until teardown
 """
     if holder == "thread":
-        code = acquire_and_drop + """
+        code = (
+            acquire_and_drop
+            + """
 import sys, threading
 t = threading.Thread(target=take)
 t.start(); t.join()
 print("thread exited", flush=True)
 sys.stdin.read()  # this process stays alive until the test is done
 """
+        )
     else:
         code = acquire_and_drop + "take()\nprint('exiting', flush=True)\n"
     proc = _python(code)
@@ -525,6 +544,7 @@ def test_exit_works_through_the_class_as_exit_stack_calls_it(lock: safeshm.SafeL
         stack.enter_context(lock)
         assert lock.locked()
     assert not lock.locked()
+
     def fail_inside() -> None:
         with contextlib.ExitStack() as stack:
             stack.enter_context(lock)

@@ -294,8 +294,10 @@ def test_open_checks_what_it_would_create(name: str, cleanup: Any) -> None:
         safeshm.SafeQueue.open(name, 1024, maxsize=6)
     with pytest.raises(safeshm.IncompatibleSegmentError, match="pickling"):
         safeshm.SafeQueue.open(name, 1024, raw=True)
-    for same in (safeshm.SafeQueue.open(name, 1020),  # rounded up to 1024
-                 safeshm.SafeQueue.open(name, 1024, maxsize=5)):
+    for same in (
+        safeshm.SafeQueue.open(name, 1020),  # rounded up to 1024
+        safeshm.SafeQueue.open(name, 1024, maxsize=5),
+    ):
         assert (same.capacity, same.maxsize) == (1024, 5)
         same.close()
 
@@ -371,8 +373,9 @@ def test_a_spawned_consumer_gets_what_is_put(make: Any) -> None:
 @pytest.mark.parametrize("method", START_METHODS)
 @settings(max_examples=4)
 @given(data=st.data())
-def test_mpmc_nothing_lost_or_duplicated_fifo_per_producer(method: str,
-                                                          data: st.DataObject) -> None:
+def test_mpmc_nothing_lost_or_duplicated_fifo_per_producer(
+    method: str, data: st.DataObject
+) -> None:
     producers = data.draw(st.integers(1, 3), label="producers")
     consumers = data.draw(st.integers(1, 3), label="consumers")
     count = data.draw(st.integers(50, 1500), label="items per producer")
@@ -386,10 +389,14 @@ def test_mpmc_nothing_lost_or_duplicated_fifo_per_producer(method: str,
     try:
         barrier = ctx.Barrier(producers + consumers)
         pipes = [ctx.Pipe(duplex=False) for _ in range(consumers)]
-        with processes(method, queue_consumer_worker,
-                       [(q, barrier, w, cbatch) for _, w in pipes]) as cons:
-            run_all(method, queue_producer_worker,
-                    [(q, barrier, p, count, pbatch) for p in range(producers)])
+        with processes(
+            method, queue_consumer_worker, [(q, barrier, w, cbatch) for _, w in pipes]
+        ) as cons:
+            run_all(
+                method,
+                queue_producer_worker,
+                [(q, barrier, p, count, pbatch) for p in range(producers)],
+            )
             q.shutdown()  # producers are done: consumers drain and stop
             received = []
             for r, _ in pipes:
@@ -399,8 +406,9 @@ def test_mpmc_nothing_lost_or_duplicated_fifo_per_producer(method: str,
                 c.join(timeout=JOIN_TIMEOUT)
                 assert c.exitcode == 0
         everything = [item for got in received for item in got]
-        assert sorted(everything) == sorted((p, s) for p in range(producers)
-                                            for s in range(count))  # none lost, none twice
+        assert sorted(everything) == sorted(
+            (p, s) for p in range(producers) for s in range(count)
+        )  # none lost, none twice
         for got in received:  # each consumer sees each producer's items in order
             for p in range(producers):
                 seqs = [s for (pp, s) in got if pp == p]
@@ -432,8 +440,7 @@ def test_producer_killed_mid_put_leaves_no_partial_item(method: str, make: Any) 
     for round_ in range(6):
         progress = ctx.RawValue("q", 0)
         ready = ctx.Event()
-        with processes(method, patterned_producer_worker,
-                       [(r.name, progress, ready)]) as (p,):
+        with processes(method, patterned_producer_worker, [(r.name, progress, ready)]) as (p,):
             assert ready.wait(JOIN_TIMEOUT)
             deadline = time.monotonic() + 0.05 + 0.03 * round_
             while time.monotonic() < deadline:  # consume while it produces
@@ -446,8 +453,11 @@ def test_producer_killed_mid_put_leaves_no_partial_item(method: str, make: Any) 
         done = progress.value
         # Everything left is complete and in order; the item in flight when the producer
         # died is either whole (its seq is `done`) or absent -- never partial.
-        left = [check_patterned(item) for item in r.get_many(1 << 20, block=False)] \
-            if not r.empty() else []
+        left = (
+            [check_patterned(item) for item in r.get_many(1 << 20, block=False)]
+            if not r.empty()
+            else []
+        )
         assert left == sorted(left)
         assert not left or left[-1] in (done - 1, done)
         assert r.empty()
@@ -600,8 +610,7 @@ class QueueMachine(RuleBasedStateMachine):
             with pytest.raises(queue.Empty):
                 self.q.get_nowait()
             return
-        got = (self.remote.call(self.q.name, "get_nowait") if remote
-               else self.q.get_nowait())
+        got = self.remote.call(self.q.name, "get_nowait") if remote else self.q.get_nowait()
         assert got == self.model.popleft()
 
     @rule(k=st.integers(1, 6))

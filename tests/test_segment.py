@@ -76,8 +76,9 @@ def test_open_race_ends_on_one_segment(method: str, cls_name: str, name: str) ->
     barrier = ctx.Barrier(n)
     inodes = ctx.Array("q", n)
     try:
-        run_all(method, open_and_add_worker,
-                [(cls_name, name, barrier, inodes, i) for i in range(n)])
+        run_all(
+            method, open_and_add_worker, [(cls_name, name, barrier, inodes, i) for i in range(n)]
+        )
         assert len(set(inodes[:])) == 1
         c = getattr(safeshm, cls_name).attach(name)
         try:
@@ -133,11 +134,14 @@ def test_attach_garbage_segment(cls: Any, data: bytes, name: str) -> None:
         os.unlink(path_of(name))
 
 
-@pytest.mark.parametrize(("offset", "value", "message"), [
-    (12, 99, "SafeCounter with layout 99|layout 99"),  # a kind layout from the future
-    (8, 7, "layout 7"),  # a header layout from the future
-    (10, 500, "unknown kind 500"),  # a kind that does not exist
-])
+@pytest.mark.parametrize(
+    ("offset", "value", "message"),
+    [
+        (12, 99, "SafeCounter with layout 99|layout 99"),  # a kind layout from the future
+        (8, 7, "layout 7"),  # a header layout from the future
+        (10, 500, "unknown kind 500"),  # a kind that does not exist
+    ],
+)
 def test_attach_foreign_versions(name: str, offset: int, value: int, message: str) -> None:
     c = safeshm.SafeCounter.create(name=name)
     raw = bytearray(pathlib.Path(path_of(name)).read_bytes())
@@ -154,12 +158,15 @@ def test_attach_foreign_versions(name: str, offset: int, value: int, message: st
         os.unlink(path_of(name))
 
 
-@pytest.mark.parametrize(("offset", "value"), [
-    (10, 5),  # the kind: a SafeQueue now?
-    (14, 2),  # the counter's flags: lock-free atomics <-> the mutex, a silent loss of atomicity
-    (24, 1),  # the creator pid
-    (64, 1),  # a kind parameter
-])
+@pytest.mark.parametrize(
+    ("offset", "value"),
+    [
+        (10, 5),  # the kind: a SafeQueue now?
+        (14, 2),  # the counter's flags: lock-free atomics <-> the mutex, a silent loss of atomicity
+        (24, 1),  # the creator pid
+        (64, 1),  # a kind parameter
+    ],
+)
 def test_a_damaged_header_is_found_by_its_checksum(name: str, offset: int, value: int) -> None:
     c = safeshm.SafeCounter.create(name=name)
     try:
@@ -222,8 +229,9 @@ def test_attach_refuses_other_users_segment(name: str, cleanup: Any) -> None:
 
 
 # -- names ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", ["", "a/b", "/abs", ".hidden", "-dash", "sp ace", "x" * 65,
-                                 "é", "a\x00b", "..", "tab\t"])
+@pytest.mark.parametrize(
+    "bad", ["", "a/b", "/abs", ".hidden", "-dash", "sp ace", "x" * 65, "é", "a\x00b", "..", "tab\t"]
+)
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_bad_names(cls: Any, bad: str) -> None:
     before = set(os.listdir(SHM))
@@ -242,8 +250,7 @@ def test_name_must_be_str(bad: Any) -> None:
         safeshm.SafeCounter.attach(bad)
 
 
-@pytest.mark.parametrize("good", ["a", "A9", "jobs.v2", "x" * 64, "_under", "with-dash",
-                                  "0start"])
+@pytest.mark.parametrize("good", ["a", "A9", "jobs.v2", "x" * 64, "_under", "with-dash", "0start"])
 def test_good_names(good: str, cleanup: Any) -> None:
     c = cleanup(safeshm.SafeCounter.create(name=good))
     assert c.name == good
@@ -257,22 +264,52 @@ def test_close_is_idempotent_and_later_use_raises(cls: Any, cleanup: Any) -> Non
     h.close()
     assert h.closed
     ops: list[Callable[[], Any]] = {
-        safeshm.SafeCounter: [lambda: h.value, lambda: h.add(1), lambda: h.set(1),
-                              lambda: h.exchange(1), lambda: h.compare_and_set(0, 1),
-                              lambda: h.statistics()],
-        safeshm.ShardedCounter: [lambda: h.value, lambda: h.add(1), lambda: h.set(1),
-                                 lambda: h.exchange(1), lambda: h.statistics()],
-        safeshm.SafeLock: [lambda: h.acquire(), lambda: h.release(), lambda: h.locked(),
-                           lambda: h.statistics(), lambda: h.__enter__()],
-        safeshm.SafeArray: [lambda: h[0], lambda: h.__setitem__(0, 1), lambda: h.add(0, 1),
-                            lambda: h.compare_and_set(0, 0, 1), lambda: h.to_list(),
-                            lambda: h[0:2], lambda: h.fill(1), lambda: len(h),
-                            lambda: list(h), lambda: h.locked().__enter__(),
-                            lambda: h.statistics()],
-        safeshm.SafeQueue: [lambda: h.put(1), lambda: h.get(timeout=0), lambda: h.qsize(),
-                            lambda: h.empty(), lambda: h.put_many([1]),
-                            lambda: h.get_many(1, timeout=0), lambda: h.shutdown(),
-                            lambda: h.statistics(), lambda: h.full()],
+        safeshm.SafeCounter: [
+            lambda: h.value,
+            lambda: h.add(1),
+            lambda: h.set(1),
+            lambda: h.exchange(1),
+            lambda: h.compare_and_set(0, 1),
+            lambda: h.statistics(),
+        ],
+        safeshm.ShardedCounter: [
+            lambda: h.value,
+            lambda: h.add(1),
+            lambda: h.set(1),
+            lambda: h.exchange(1),
+            lambda: h.statistics(),
+        ],
+        safeshm.SafeLock: [
+            lambda: h.acquire(),
+            lambda: h.release(),
+            lambda: h.locked(),
+            lambda: h.statistics(),
+            lambda: h.__enter__(),
+        ],
+        safeshm.SafeArray: [
+            lambda: h[0],
+            lambda: h.__setitem__(0, 1),
+            lambda: h.add(0, 1),
+            lambda: h.compare_and_set(0, 0, 1),
+            lambda: h.to_list(),
+            lambda: h[0:2],
+            lambda: h.fill(1),
+            lambda: len(h),
+            lambda: list(h),
+            lambda: h.locked().__enter__(),
+            lambda: h.statistics(),
+        ],
+        safeshm.SafeQueue: [
+            lambda: h.put(1),
+            lambda: h.get(timeout=0),
+            lambda: h.qsize(),
+            lambda: h.empty(),
+            lambda: h.put_many([1]),
+            lambda: h.get_many(1, timeout=0),
+            lambda: h.shutdown(),
+            lambda: h.statistics(),
+            lambda: h.full(),
+        ],
     }[cls]
     for op in ops:
         with pytest.raises(safeshm.SegmentClosedError, match="closed"):
@@ -288,8 +325,7 @@ def pickle_it(h: Any) -> bytes:
 
 
 # Structures whose `with` block is their lifecycle (SafeLock's acquires instead).
-WITH_LIFECYCLE = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeArray,
-                  safeshm.SafeQueue]
+WITH_LIFECYCLE = [safeshm.SafeCounter, safeshm.ShardedCounter, safeshm.SafeArray, safeshm.SafeQueue]
 
 
 def bump(h: Any, n: int = 1) -> None:
@@ -344,9 +380,12 @@ def test_with_on_opened_handle_never_unlinks(cls: Any, name: str, cleanup: Any) 
 
 @pytest.mark.parametrize("cls", STRUCTURES)
 def test_create_takes_name_by_keyword_only(cls: Any, name: str) -> None:
-    args: tuple[Any, ...] = {safeshm.SafeArray: ("q", 4), safeshm.SafeQueue: (4096,),
-                             safeshm.SafeCounter: (0,), safeshm.ShardedCounter: (0,)}.get(
-                                 cls, ())
+    args: tuple[Any, ...] = {
+        safeshm.SafeArray: ("q", 4),
+        safeshm.SafeQueue: (4096,),
+        safeshm.SafeCounter: (0,),
+        safeshm.ShardedCounter: (0,),
+    }.get(cls, ())
     with pytest.raises(TypeError):
         cls.create(*args, name)
     assert not os.path.exists(path_of(name))
@@ -428,8 +467,7 @@ def test_dropped_handle_releases_its_descriptor(cleanup: Any) -> None:
 
 
 # -- creation paths ---------------------------------------------------------------------------
-def test_named_temporary_fallback(monkeypatch: pytest.MonkeyPatch, name: str,
-                                  cleanup: Any) -> None:
+def test_named_temporary_fallback(monkeypatch: pytest.MonkeyPatch, name: str, cleanup: Any) -> None:
     """Without O_TMPFILE, creation goes through a named temporary and leaves nothing else."""
     monkeypatch.setattr(_segment, "_use_tmpfile", False)
     c = cleanup(safeshm.SafeCounter.create(3, name=name))
@@ -450,8 +488,9 @@ def test_failed_init_leaves_nothing(monkeypatch: pytest.MonkeyPatch, name: str) 
         monkeypatch.setattr(_segment, "_use_tmpfile", use_tmpfile)
         before = set(os.listdir(SHM))
         with pytest.raises(RuntimeError, match="init failed"):
-            _segment.Segment.create(name, kind=_segment.Kind.COUNTER, layout=1,
-                                    payload_size=64, init=boom)
+            _segment.Segment.create(
+                name, kind=_segment.Kind.COUNTER, layout=1, payload_size=64, init=boom
+            )
         assert set(os.listdir(SHM)) == before
 
 
@@ -462,8 +501,9 @@ def test_segment_published_only_when_complete(name: str) -> None:
     def init(mm: Any) -> None:
         seen.append(os.path.exists(path_of(name)))
 
-    seg = _segment.Segment.create(name, kind=_segment.Kind.COUNTER, layout=1,
-                                  payload_size=64, init=init)
+    seg = _segment.Segment.create(
+        name, kind=_segment.Kind.COUNTER, layout=1, payload_size=64, init=init
+    )
     try:
         assert seen == [False]
         assert os.path.exists(path_of(name))
@@ -493,8 +533,13 @@ def test_independent_interpreter_attach_does_not_destroy(cleanup: Any) -> None:
     s = cleanup(safeshm.ShardedCounter.create(1))
     lock = cleanup(safeshm.SafeLock.create())
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", _ATTACH_SCRIPT, c.name, s.name, lock.name],
-                              capture_output=True, text=True, timeout=JOIN_TIMEOUT, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", _ATTACH_SCRIPT, c.name, s.name, lock.name],
+            capture_output=True,
+            text=True,
+            timeout=JOIN_TIMEOUT,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr == ""
         assert proc.stdout == ""
@@ -564,8 +609,14 @@ def test_default_directory_is_dev_shm() -> None:
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "SAFESHM_DIR"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=JOIN_TIMEOUT, check=False, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT,
+        check=False,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "ok\n"
 
@@ -600,8 +651,9 @@ def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o722, 0o702], ids=lambda m: f"{m:04o}")
 @pytest.mark.parametrize("cls", STRUCTURES)
-def test_segment_directory_writable_by_others_is_refused(cls: Any, mode: int, shm_dir: str,
-                                                         name: str) -> None:
+def test_segment_directory_writable_by_others_is_refused(
+    cls: Any, mode: int, shm_dir: str, name: str
+) -> None:
     os.chmod(shm_dir, mode)
     with pytest.raises(safeshm.InsecureDirectoryError, match=f"{shm_dir}.*not sticky"):
         create(cls, name)
@@ -622,7 +674,8 @@ def test_segment_directory_writable_by_others_is_refused(cls: Any, mode: int, sh
 
 
 def test_insecure_directory_hint_never_advises_chmod_on_a_shared_directory(
-        shm_dir: str, name: str) -> None:
+    shm_dir: str, name: str
+) -> None:
     os.chmod(shm_dir, 0o777)
     with pytest.raises(safeshm.InsecureDirectoryError) as e:
         safeshm.SafeCounter.create(name=name)
@@ -640,8 +693,7 @@ def test_segment_directory_of_another_user_is_refused(shm_dir: str, name: str) -
         os.chown(shm_dir, 0, 0)
 
 
-def test_ls_refuses_an_insecure_directory(shm_dir: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_ls_refuses_an_insecure_directory(shm_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     from safeshm._cli import main
 
     os.chmod(shm_dir, 0o777)
@@ -697,7 +749,8 @@ def _as_another_user(name: str) -> str:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
 def test_another_users_segment_is_a_segment_permission_error(
-        monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     # A directory as /dev/shm is: shared and sticky (the session's own directory is 0700,
     # which the other user cannot enter: the second case below). The segment is root's,
     # mode 0600: the other user (a forked child that became uid 65534) cannot open it.
@@ -723,7 +776,8 @@ def test_another_users_segment_is_a_segment_permission_error(
 
 @pytest.mark.parametrize("size", [10, 100, 127])
 def test_a_segment_cut_inside_its_header_is_damaged_not_another_layout(
-        size: int, name: str) -> None:
+    size: int, name: str
+) -> None:
     c = safeshm.SafeCounter.create(name=name)
     try:
         os.truncate(path_of(name), size)

@@ -32,14 +32,20 @@ def test_damaged_segments_give_typed_errors_or_consistent_values() -> None:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "tests._segment_fuzz", str(seed), str(SECONDS)],
-            cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 90, check=False)
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=SECONDS + 90,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:  # a hang: show where
         tail = (e.stdout or b"")[-2000:]
         pytest.fail(f"the fuzz victim hung (SAFESHM_FUZZ_SEED={seed}); last output:\n{tail!r}")
     tail = "\n".join(proc.stdout.splitlines()[-5:])
     assert proc.returncode == 0, (
         f"SAFESHM_FUZZ_SEED={seed}: exit status {proc.returncode} (negative: killed by that "
-        f"signal)\n{tail}\n{proc.stderr[-3000:]}")
+        f"signal)\n{tail}\n{proc.stderr[-3000:]}"
+    )
     last = proc.stdout.splitlines()[-1]
     assert last.startswith("OK "), last
     # Enough trials of every structure to mean something, even on a loaded machine.

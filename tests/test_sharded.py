@@ -146,7 +146,8 @@ def test_each_thread_gets_its_own_slot(counter: safeshm.ShardedCounter) -> None:
 
 
 def test_close_frees_the_closing_threads_slot_now_and_others_at_thread_exit(
-        counter: safeshm.ShardedCounter) -> None:
+    counter: safeshm.ShardedCounter,
+) -> None:
     """Another thread may be in the middle of an add when the handle is closed, so its
     slot must stay owned until that thread ends -- never handed to another process while
     a write into it may still land."""
@@ -356,8 +357,7 @@ class ShardedMachine(RuleBasedStateMachine):
     @rule(v=st.integers(-(10**12), 10**12), remote=st.booleans())
     def exchange(self, v: int, remote: bool) -> None:
         assert self.c is not None and self.remote is not None
-        old = (self.remote.call(self.c.name, "exchange", v) if remote
-               else self.c.exchange(v))
+        old = self.remote.call(self.c.name, "exchange", v) if remote else self.c.exchange(v)
         assert old == self.model
         self.model = v
 
@@ -395,13 +395,15 @@ def test_state_machine(remote: Remote) -> None:
 
 @pytest.mark.filterwarnings("ignore::safeshm.SafeShmWarning")  # fewer slots than threads
 @settings(max_examples=10)
-@given(deltas=st.lists(st.integers(-1000, 1000), min_size=1, max_size=50),
-       threads=st.integers(1, 6), slots=st.integers(1, 8))
+@given(
+    deltas=st.lists(st.integers(-1000, 1000), min_size=1, max_size=50),
+    threads=st.integers(1, 6),
+    slots=st.integers(1, 8),
+)
 def test_threads_hypothesis(deltas: list[int], threads: int, slots: int) -> None:
     c = safeshm.ShardedCounter.create(slots=slots)
     try:
-        ts = [threading.Thread(target=lambda: [c.add(d) for d in deltas])
-              for _ in range(threads)]
+        ts = [threading.Thread(target=lambda: [c.add(d) for d in deltas]) for _ in range(threads)]
         for t in ts:
             t.start()
         for t in ts:

@@ -146,6 +146,7 @@ def test_transaction_commits_all(store: SafeFileStore[Any]) -> None:
 
 def test_transaction_rolls_back_on_exception(store: SafeFileStore[Any]) -> None:
     store["a"] = 1
+
     def fail() -> None:
         with store.transaction() as tx:
             tx["a"] = 100
@@ -210,8 +211,11 @@ def test_reentry_is_an_error_not_a_deadlock(store: SafeFileStore[Any]) -> None:
         assert store.get("a") is None  # reads never block
     assert store.to_dict() == {"a": 1}
     # Another handle of the same store in the same thread: also refused, not deadlocked.
-    with SafeFileStore(store.path, durable=False) as other, store.transaction(), \
-            pytest.raises(LockReentryError):
+    with (
+        SafeFileStore(store.path, durable=False) as other,
+        store.transaction(),
+        pytest.raises(LockReentryError),
+    ):
         other["c"] = 3
 
 
@@ -378,8 +382,10 @@ def test_persistence_and_open(tmp_path: Path) -> None:
 
 
 def test_two_handles_see_each_other(tmp_path: Path) -> None:
-    with SafeFileStore(tmp_path / "s", durable=False) as a, \
-            SafeFileStore(tmp_path / "s", durable=False) as b:
+    with (
+        SafeFileStore(tmp_path / "s", durable=False) as a,
+        SafeFileStore(tmp_path / "s", durable=False) as b,
+    ):
         a["k"] = 1
         assert b["k"] == 1
         del b["k"]
@@ -396,10 +402,18 @@ def test_close_is_idempotent_and_loud(tmp_path: Path) -> None:
     s.close()
     assert s.closed
     assert "closed=True" in repr(s)
-    for use in (lambda: s["a"], lambda: s.__setitem__("a", 2), lambda: len(s),
-                lambda: list(s), lambda: "a" in s, lambda: s.statistics(),
-                lambda: s.modify("a", lambda n: n), lambda: s.transaction().__enter__(),
-                lambda: s.compact(), lambda: s.to_dict()):
+    for use in (
+        lambda: s["a"],
+        lambda: s.__setitem__("a", 2),
+        lambda: len(s),
+        lambda: list(s),
+        lambda: "a" in s,
+        lambda: s.statistics(),
+        lambda: s.modify("a", lambda n: n),
+        lambda: s.transaction().__enter__(),
+        lambda: s.compact(),
+        lambda: s.to_dict(),
+    ):
         with pytest.raises(StoreClosedError):
             use()
     with SafeFileStore(tmp_path / "s", durable=False) as again:
@@ -408,8 +422,9 @@ def test_close_is_idempotent_and_loud(tmp_path: Path) -> None:
 
 def test_repr_statistics_and_pickle(store: SafeFileStore[Any]) -> None:
     store["a"] = 1
-    assert repr(store) == (f"safeshm.SafeFileStore({store.path!r}, durable=False, "
-                           f"serializer='json')")
+    assert repr(store) == (
+        f"safeshm.SafeFileStore({store.path!r}, durable=False, serializer='json')"
+    )
     stats = store.statistics()
     assert stats.keys == 1 and stats.generation == 1 and stats.serializer == "json"
     assert stats.log_bytes >= stats.live_bytes > 0
@@ -433,8 +448,12 @@ def test_repr_statistics_and_pickle(store: SafeFileStore[Any]) -> None:
 
 
 def test_errors_pickle() -> None:
-    for cls in (safeshm.StoreCorruptedError, IncompatibleStoreError, InsecureDirectoryError,
-                StoreClosedError):
+    for cls in (
+        safeshm.StoreCorruptedError,
+        IncompatibleStoreError,
+        InsecureDirectoryError,
+        StoreClosedError,
+    ):
         e = pickle.loads(pickle.dumps(cls("msg")))
         assert type(e) is cls and str(e) == "msg"
         assert isinstance(e, safeshm.SafeShmError)
@@ -523,9 +542,11 @@ def test_non_empty_foreign_directory_refused(tmp_path: Path) -> None:
     (path / "notes.txt").write_text("mine")
     with pytest.raises(IncompatibleStoreError, match="not empty"):
         SafeFileStore(path)
-    assert sorted(p.name for p in path.iterdir()) == ["maintenance.lock", "notes.txt",
-                                                      "write.lock"] or \
-        sorted(p.name for p in path.iterdir()) == ["notes.txt", "write.lock"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "maintenance.lock",
+        "notes.txt",
+        "write.lock",
+    ] or sorted(p.name for p in path.iterdir()) == ["notes.txt", "write.lock"]
 
 
 def test_format_version_checked(tmp_path: Path) -> None:

@@ -197,15 +197,19 @@ def test_random_sigkills_lose_no_acknowledged_write(tmp_path: Path) -> None:
     while rounds < 300 and time.monotonic() < deadline:
         rounds += 1
         start = [a.value for a in acked]
-        procs = [ctx.Process(target=_counting_writer, args=(str(path), i, acked[i]),
-                             daemon=True) for i in range(WRITERS)]
+        procs = [
+            ctx.Process(target=_counting_writer, args=(str(path), i, acked[i]), daemon=True)
+            for i in range(WRITERS)
+        ]
         for p in procs:
             p.start()
         try:
             # Kill at a random instant once both are writing (bounded wait).
             wait_until = time.monotonic() + JOIN_TIMEOUT
-            while (any(a.value == s for a, s in zip(acked, start, strict=True))
-                   and time.monotonic() < wait_until):
+            while (
+                any(a.value == s for a, s in zip(acked, start, strict=True))
+                and time.monotonic() < wait_until
+            ):
                 time.sleep(0.0005)
             time.sleep(rng.uniform(0, 0.01))
         finally:
@@ -224,9 +228,12 @@ def test_random_sigkills_lose_no_acknowledged_write(tmp_path: Path) -> None:
             assert done <= count <= done + 1, (rounds, i, done, count)
             assert state[f"log{i}:{count}"] == count, "a transaction was half-applied"
             assert sorted(k for k in state if k.startswith(f"log{i}:")) == sorted(
-                f"log{i}:{c}" for c in range(max(1, count - 7), count + 1))
+                f"log{i}:{c}" for c in range(max(1, count - 7), count + 1)
+            )
             acked[i].value = count  # the next round counts on from what is stored
     assert rounds >= 100, f"only {rounds} rounds in the time allowed"
     assert store_module.check_store(path).keys > 0
-    print(f"{kills} SIGKILLs over {rounds} rounds; "
-          f"{sum(a.value for a in acked)} acknowledged transactions checked")
+    print(
+        f"{kills} SIGKILLs over {rounds} rounds; "
+        f"{sum(a.value for a in acked)} acknowledged transactions checked"
+    )

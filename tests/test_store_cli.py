@@ -28,11 +28,12 @@ def test_dump_json_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     code, out, err = _run(capsys, "store", "dump", str(tmp_path / "j"))
     assert code == 0 and err == ""
     assert [json.loads(line) for line in out.splitlines()] == [
-        {"key": "é", "value": "ü"}, {"key": "b", "value": 2}]
+        {"key": "é", "value": "ü"},
+        {"key": "b", "value": 2},
+    ]
 
 
-def test_dump_bytes_and_pickle_stores(tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_dump_bytes_and_pickle_stores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with SafeFileStore(tmp_path / "b", serializer="bytes", durable=False) as s:
         s["k"] = b"\x00\xff"
     code, out, _ = _run(capsys, "store", "dump", str(tmp_path / "b"))
@@ -73,10 +74,13 @@ def test_check_ok_torn_and_corrupt(tmp_path: Path, capsys: pytest.CaptureFixture
     assert log.stat().st_size > 64
 
 
-@pytest.mark.parametrize("argv", [
-    ["store", "check", "/nonexistent/store"],
-    ["store", "dump", "/nonexistent/store"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["store", "check", "/nonexistent/store"],
+        ["store", "dump", "/nonexistent/store"],
+    ],
+)
 def test_missing_store(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(capsys, *argv)
     assert code == 1 and out == "" and "no SafeFileStore" in err

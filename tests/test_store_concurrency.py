@@ -40,9 +40,11 @@ from ._store_helpers import (
 KEYS = st.sampled_from(["a", "b", "c", "dé", "e/f"])
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                 max_size=3),
-    max_leaves=6)
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 def _drain(out: Any, expected: int) -> list[tuple[Any, ...]]:
@@ -62,8 +64,9 @@ def server() -> Any:
         s.stop()
 
 
-def test_state_machine_with_a_remote_handle(tmp_path_factory: pytest.TempPathFactory,
-                                            server: StoreServer) -> None:
+def test_state_machine_with_a_remote_handle(
+    tmp_path_factory: pytest.TempPathFactory, server: StoreServer
+) -> None:
     counter = iter(range(10**6))
 
     class StoreMachine(RuleBasedStateMachine):
@@ -105,8 +108,7 @@ def test_state_machine_with_a_remote_handle(tmp_path_factory: pytest.TempPathFac
 
         @rule(key=KEYS, remote=st.booleans())
         def count(self, key: str, remote: bool) -> None:
-            if not isinstance(self.model.get(key, 0), int) or isinstance(self.model.get(key),
-                                                                          bool):
+            if not isinstance(self.model.get(key, 0), int) or isinstance(self.model.get(key), bool):
                 return
             new = self.model.get(key, 0) + 1
             if remote:
@@ -115,9 +117,10 @@ def test_state_machine_with_a_remote_handle(tmp_path_factory: pytest.TempPathFac
                 assert self.local.modify(key, lambda n: n + 1, default=0) == new
             self.model[key] = new
 
-        @rule(ops=st.lists(st.tuples(st.sampled_from(["set", "del"]), KEYS, VALUES),
-                           max_size=4),
-              remote=st.booleans())
+        @rule(
+            ops=st.lists(st.tuples(st.sampled_from(["set", "del"]), KEYS, VALUES), max_size=4),
+            remote=st.booleans(),
+        )
         def transaction(self, ops: list[tuple[str, str, Any]], remote: bool) -> None:
             if remote:
                 server.call("txn", ops)
@@ -155,32 +158,51 @@ def test_state_machine_with_a_remote_handle(tmp_path_factory: pytest.TempPathFac
             if hasattr(self, "local"):
                 assert server.call("to_dict") == self.model
 
-    run_state_machine_as_test(StoreMachine, settings=settings(
-        max_examples=25, stateful_step_count=25, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow]))
+    run_state_machine_as_test(
+        StoreMachine,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=25,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
 
 
 # --- multi-process histories -----------------------------------------------------------------
-OPS = st.lists(st.tuples(st.sampled_from(["set", "set", "set", "del"]),
-                         st.sampled_from([f"k{i}" for i in range(6)])),
-               min_size=1, max_size=60)
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "set", "set", "del"]), st.sampled_from([f"k{i}" for i in range(6)])
+    ),
+    min_size=1,
+    max_size=60,
+)
 
 
 @pytest.mark.slow
-@settings(max_examples=4, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(histories=st.lists(OPS, min_size=2, max_size=3))
-def test_concurrent_writers_are_serializable(tmp_path: Path,
-                                             histories: list[list[tuple[str, str]]]) -> None:
+def test_concurrent_writers_are_serializable(
+    tmp_path: Path, histories: list[list[tuple[str, str]]]
+) -> None:
     path = str(tmp_path / f"h{os.getpid()}-{id(histories)}")
     SafeFileStore(path, durable=False).close()
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(len(histories))
     out = ctx.Queue()
     stop = ctx.Event()
-    with processes("spawn", torn_reader, [(path, stop, out)]), processes(
-            "spawn", history_writer,
-            [(path, w, ops, barrier, out) for w, ops in enumerate(histories)]):
+    with (
+        processes("spawn", torn_reader, [(path, stop, out)]),
+        processes(
+            "spawn",
+            history_writer,
+            [(path, w, ops, barrier, out) for w, ops in enumerate(histories)],
+        ),
+    ):
         results = _drain(out, len(histories))
         stop.set()
         reader = _drain(out, 1)[0]
@@ -197,12 +219,11 @@ def test_concurrent_writers_are_serializable(tmp_path: Path,
             assert is_whole(value)
             assert ("set", value["s"]) == last[value["w"]].get(key), (key, value, candidates)
         else:
-            assert ("del", ) in [(op,) for op, _seq in candidates], (key, candidates)
+            assert ("del",) in [(op,) for op, _seq in candidates], (key, candidates)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "durable"),
-                         [("fork", False), ("spawn", False), ("fork", True)])
+@pytest.mark.parametrize(("method", "durable"), [("fork", False), ("spawn", False), ("fork", True)])
 def test_modify_is_exact_across_processes(tmp_path: Path, method: str, durable: bool) -> None:
     path = str(tmp_path / "m")
     ctx = multiprocessing.get_context(method)
@@ -231,9 +252,14 @@ def test_transactions_keep_the_total(tmp_path: Path) -> None:
     barrier = ctx.Barrier(workers + 1)  # the writers and the reader start together
     out = ctx.Queue()
     stop = ctx.Event()
-    with processes("spawn", total_reader, [(path, accounts, barrier, stop, out)]), processes(
-            "spawn", transfer_worker, [(path, accounts, n, seed, barrier, out, seed == 0)
-                              for seed in range(workers)]):
+    with (
+        processes("spawn", total_reader, [(path, accounts, barrier, stop, out)]),
+        processes(
+            "spawn",
+            transfer_worker,
+            [(path, accounts, n, seed, barrier, out, seed == 0) for seed in range(workers)],
+        ),
+    ):
         _drain(out, workers)
         stop.set()
         reader = _drain(out, 1)[0]
@@ -289,11 +315,12 @@ def test_compaction_under_load_loses_nothing(tmp_path: Path) -> None:
     barrier = ctx.Barrier(4)  # the two writers, the reader and the compactor start together
     out = ctx.Queue()
     stop = ctx.Event()
-    with processes("fork", _compactor, [(path, barrier, stop, out)]), \
-            processes("fork", total_reader, [(path, accounts, barrier, stop, out)]), \
-            processes("fork", modify_worker, [(path, 400, barrier, out)]), \
-            processes("fork", transfer_worker,
-                      [(path, accounts, 400, 7, barrier, out, True)]):  # durable: group commit
+    with (
+        processes("fork", _compactor, [(path, barrier, stop, out)]),
+        processes("fork", total_reader, [(path, accounts, barrier, stop, out)]),
+        processes("fork", modify_worker, [(path, 400, barrier, out)]),
+        processes("fork", transfer_worker, [(path, accounts, 400, 7, barrier, out, True)]),
+    ):  # durable: group commit
         _drain(out, 2)
         stop.set()
         results = _drain(out, 2)
@@ -308,8 +335,10 @@ def test_compaction_under_load_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_automatic_compaction_bounds_the_log(tmp_path: Path) -> None:
-    with SafeFileStore(tmp_path / "a", durable=False) as store, \
-            SafeFileStore(tmp_path / "a", durable=False) as reader:
+    with (
+        SafeFileStore(tmp_path / "a", durable=False) as store,
+        SafeFileStore(tmp_path / "a", durable=False) as reader,
+    ):
         store._compact_min = 16 * 1024
         for i in range(3000):
             store[f"k{i % 10}"] = "v" * 50 + str(i)

@@ -155,8 +155,7 @@ def test_garbage_after_records_is_corruption(tmp_path: Path) -> None:
 
 def test_damage_seen_by_an_open_reader(tmp_path: Path) -> None:
     path = tmp_path / "s"
-    with SafeFileStore(path, durable=False) as writer, \
-            SafeFileStore(path, durable=False) as reader:
+    with SafeFileStore(path, durable=False) as writer, SafeFileStore(path, durable=False) as reader:
         writer["a"] = 1
         assert reader["a"] == 1
         writer["b"] = 2
@@ -196,14 +195,16 @@ CRASH_SCRIPT: Steps = [
 BASE = {"base": "before", "n": 41}
 
 
-def _run_scripted(path: Path, kill_at: int, how: str, group: bool
-                  ) -> tuple[int, int | None, str | None]:
+def _run_scripted(
+    path: Path, kill_at: int, how: str, group: bool
+) -> tuple[int, int | None, str | None]:
     """Run CRASH_SCRIPT in a forked child that kills itself at traced call ``kill_at``;
     return (steps acknowledged, traced calls if it finished, error text)."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=scripted_child,
-                       args=(str(path), CRASH_SCRIPT, kill_at, how, group, child))
+    proc = ctx.Process(
+        target=scripted_child, args=(str(path), CRASH_SCRIPT, kill_at, how, group, child)
+    )
     proc.start()
     child.close()
     acked, calls, error = 0, None, None
@@ -384,8 +385,7 @@ def test_sigkill_mid_compaction(tmp_path: Path) -> None:
 # --- the published position (hints in the mapped lock file) -----------------------------
 def test_readers_see_only_acknowledged_writes(tmp_path: Path) -> None:
     path = tmp_path / "s"
-    with SafeFileStore(path, durable=False) as writer, \
-            SafeFileStore(path, durable=False) as reader:
+    with SafeFileStore(path, durable=False) as writer, SafeFileStore(path, durable=False) as reader:
         writer["a"] = 1
         assert reader.to_dict() == {"a": 1}
         # A complete record appended by a writer that died inside write(), before it
@@ -403,8 +403,12 @@ def test_readers_see_only_acknowledged_writes(tmp_path: Path) -> None:
         writer["c"] = 3
         assert reader.to_dict() == {"a": 1, "c": 3}
         assert store_module.check_store(path) == dataclasses.replace(
-            report, keys=2, torn_tail_bytes=0, log_bytes=report.log_bytes + 22,
-            live_bytes=report.live_bytes + 22)
+            report,
+            keys=2,
+            torn_tail_bytes=0,
+            log_bytes=report.log_bytes + 22,
+            live_bytes=report.live_bytes + 22,
+        )
 
 
 class _SyncGate:
@@ -431,7 +435,8 @@ def _durable_set(path: str, key: str, value: int) -> None:
 
 
 def test_group_commit_readers_see_a_durable_write_only_once_it_is_synced(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A durable writer syncs after releasing the write lock: other writers go on (their
     syncs overlap), readers do not see the write until some sync covered it."""
     path = tmp_path / "s"
@@ -466,7 +471,8 @@ def test_group_commit_readers_see_a_durable_write_only_once_it_is_synced(
 
 @pytest.mark.parametrize("group", [False, True], ids=["alone", "group-commit"])
 def test_a_durable_write_is_visible_when_its_own_sync_returns(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool
+) -> None:
     path = tmp_path / "s"
     gate = _SyncGate()
     for module in store_modules():
@@ -487,7 +493,8 @@ def test_a_durable_write_is_visible_when_its_own_sync_returns(
 
 @pytest.mark.parametrize("group", [False, True], ids=["alone", "group-commit"])
 def test_a_failed_sync_raises_and_the_store_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: bool
+) -> None:
     """fdatasync failing (EIO from a dying disk) fails the write that called it: not
     acknowledged, not visible. A lone writer had not published it, so the next writer
     discards it; with group commit it was, and the next durable write's sync covers it."""
@@ -571,8 +578,11 @@ def test_untrusted_published_position_falls_back_to_the_file(tmp_path: Path) -> 
         # if nothing was missing (issue 10); the message says what to do after a restore.
         high = store_module._pack(1, 10**9)
         hints.publish(hints.stamp.value, high, high)
-        with pytest.raises(StoreCorruptedError, match=r"acknowledged 1000000000 bytes.*"
-                                                      r"remove write\.lock"):
+        with pytest.raises(
+            StoreCorruptedError,
+            match=r"acknowledged 1000000000 bytes.*"
+            r"remove write\.lock",
+        ):
             SafeFileStore(path, durable=False)
         with pytest.raises(StoreCorruptedError, match="acknowledged"):
             writer["c"] = 3

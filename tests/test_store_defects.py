@@ -66,15 +66,20 @@ def _small_ext4(tmp_path: Path) -> Iterator[Path]:
     image.write_bytes(b"")
     os.truncate(image, 4 << 20)
     mount.mkdir()
-    made = subprocess.run([mkfs, "-q", "-F", "-m", "0", str(image)], capture_output=True,
-                          text=True, check=False)
+    made = subprocess.run(
+        [mkfs, "-q", "-F", "-m", "0", str(image)], capture_output=True, text=True, check=False
+    )
     if made.returncode:
         pytest.skip(f"mkfs.ext4 failed: {made.stderr.strip()}")
     mount_cmd, umount_cmd = shutil.which("mount"), shutil.which("umount")
     if mount_cmd is None or umount_cmd is None:
         pytest.skip("mount/umount are not installed")
-    mounted = subprocess.run([mount_cmd, "-o", "loop", str(image), str(mount)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        [mount_cmd, "-o", "loop", str(image), str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip()}")
     try:
@@ -122,10 +127,17 @@ def _victim(path: Path) -> str:
     """Open the store in a child process; fail if the child died by a signal."""
     src = os.path.dirname(os.path.dirname(safeshm.__file__))
     env = {**os.environ, "PYTHONPATH": src}
-    done = subprocess.run([sys.executable, "-c", _VICTIM, str(path)], capture_output=True,
-                          text=True, env=env, timeout=JOIN_TIMEOUT, check=False)
-    assert done.returncode >= 0, (f"the store's process died by signal {-done.returncode} "
-                                  f"({done.stderr.strip()[-300:]})")
+    done = subprocess.run(
+        [sys.executable, "-c", _VICTIM, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=JOIN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode >= 0, (
+        f"the store's process died by signal {-done.returncode} ({done.stderr.strip()[-300:]})"
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -149,9 +161,10 @@ def test_a_full_disk_is_an_error_not_a_crash(tmp_path: Path) -> None:
         for path in (fresh, lockless, sparse):
             assert _victim(path).endswith("OSError ENOSPC OSError"), path
         for path in (lockless, sparse):  # the data is untouched (an empty lock file
-            after = _digest(path)            # may have been made: it holds no data)
+            after = _digest(path)  # may have been made: it holds no data)
             assert {n: h for n, h in after.items() if n != "write.lock"} == {
-                n: h for n, h in before[path].items() if n != "write.lock"}
+                n: h for n, h in before[path].items() if n != "write.lock"
+            }
         os.unlink(mount / "filler")
         for path in (lockless, sparse):
             assert _victim(path) == "opened 1"
@@ -299,8 +312,7 @@ def test_the_in_process_lock_times_out_too(tmp_path: Path) -> None:
 
 # --- 7, 8. damage inside what was acknowledged --------------------------------------------------
 @pytest.mark.parametrize("damage", ["flip-body", "flip-header", "zeros"])
-def test_damage_in_the_last_acknowledged_record_is_corruption(tmp_path: Path,
-                                                              damage: str) -> None:
+def test_damage_in_the_last_acknowledged_record_is_corruption(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "s"
     with SafeFileStore(path) as store:
         store["a"] = 1
@@ -323,8 +335,7 @@ def test_damage_in_the_last_acknowledged_record_is_corruption(tmp_path: Path,
     assert log.stat().st_size == size  # nothing truncated it away
 
 
-def test_an_open_writer_does_not_truncate_a_damaged_acknowledged_record(tmp_path: Path
-                                                                        ) -> None:
+def test_an_open_writer_does_not_truncate_a_damaged_acknowledged_record(tmp_path: Path) -> None:
     path = tmp_path / "s"
     with SafeFileStore(path) as writer, SafeFileStore(path, durable=False) as other:
         writer["a"] = 1
@@ -364,8 +375,10 @@ def test_a_log_cut_in_its_middle_is_corruption(tmp_path: Path, cut: str) -> None
 
 def test_a_reader_notices_its_log_cut_under_it(tmp_path: Path) -> None:
     path = tmp_path / "s"
-    with SafeFileStore(path, serializer="bytes") as store, \
-            SafeFileStore(path, serializer="bytes") as reader:
+    with (
+        SafeFileStore(path, serializer="bytes") as store,
+        SafeFileStore(path, serializer="bytes") as reader,
+    ):
         store["big"] = b"v" * 10_000
         store["small"] = b"s"
         assert reader["small"] == b"s"
@@ -380,8 +393,10 @@ def test_a_reader_notices_its_log_cut_under_it(tmp_path: Path) -> None:
 def test_damage_in_a_large_value_is_never_returned(tmp_path: Path, in_txn: bool) -> None:
     path = tmp_path / "s"
     big = bytes(range(256)) * 40  # over the 4 KiB that the index keeps in memory
-    with SafeFileStore(path, serializer="bytes") as store, \
-            SafeFileStore(path, serializer="bytes") as reader:
+    with (
+        SafeFileStore(path, serializer="bytes") as store,
+        SafeFileStore(path, serializer="bytes") as reader,
+    ):
         if in_txn:
             with store.transaction() as tx:
                 tx["big"], tx["other"] = big, b"o"
@@ -450,7 +465,8 @@ def test_the_hint_for_a_shared_sticky_directory_is_a_subdirectory(tmp_path: Path
 
 
 def test_a_write_that_times_out_after_it_committed_says_so(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Group commit: the record is written and synced, then the lock is needed once more
     to show it to other processes. If that times out, the error must say the write was
     committed (repeating it would write it twice), and it does take effect."""
@@ -486,7 +502,7 @@ def test_a_write_that_times_out_after_it_committed_says_so(
         t.start()
         try:
             assert entered.wait(JOIN_TIMEOUT)  # written, lock released, syncing
-            with other.transaction() as tx:    # another writer holds the lock meanwhile
+            with other.transaction() as tx:  # another writer holds the lock meanwhile
                 tx["y"] = 2
                 release.set()
                 t.join(JOIN_TIMEOUT)

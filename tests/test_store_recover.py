@@ -41,16 +41,17 @@ def _damaged_store(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     recovery must give, and where each damaged record starts."""
     starts: dict[str, int] = {}
     with SafeFileStore(path, durable=False) as store:
+
         def mark(label: str) -> None:
             starts[label] = store.statistics().log_bytes
 
         store["keep"] = 1
         store["later"] = "old"
         mark("later")
-        store["later"] = "lost write"   # damaged below; written again after
+        store["later"] = "lost write"  # damaged below; written again after
         store["gone"] = "before"
         mark("gone")
-        store["gone"] = "after"         # damaged below; never written again
+        store["gone"] = "after"  # damaged below; never written again
         mark("txn")
         with store.transaction() as tx:  # damaged below, header and all
             tx["t1"], tx["t2"] = 1, 2
@@ -58,11 +59,10 @@ def _damaged_store(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         store["big"] = "z" * 10_000
         store["tail"] = "last"
     log = path / LOG
-    _flip(log, starts["later"] + 25)           # in the value's bytes
-    _flip(log, starts["gone"] + 24)            # in the value's bytes
-    _flip(log, starts["txn"] + 7)              # in the header
-    expected = {"keep": 1, "later": "newest", "gone": "before", "big": "z" * 10_000,
-                "tail": "last"}
+    _flip(log, starts["later"] + 25)  # in the value's bytes
+    _flip(log, starts["gone"] + 24)  # in the value's bytes
+    _flip(log, starts["txn"] + 7)  # in the header
+    expected = {"keep": 1, "later": "newest", "gone": "before", "big": "z" * 10_000, "tail": "last"}
     return expected, starts
 
 
@@ -90,7 +90,8 @@ def test_recover_keeps_what_checks_out_and_names_every_loss(tmp_path: Path) -> N
 
 
 def test_check_names_the_damage_and_recover_from_the_cli(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     expected, starts = _damaged_store(src)
     code, out, _ = _run(capsys, "store", "check", str(src))
@@ -101,20 +102,21 @@ def test_check_names_the_damage_and_recover_from_the_cli(
     code, out, _ = _run(capsys, "store", "check", "--json", str(src))
     result = json.loads(out)
     assert code == 1 and result["ok"] is False and result["lost_keys"] == ["gone"]
-    assert [d["offset"] for d in result["damaged"]] == [starts[k] for k in
-                                                        ("later", "gone", "txn")]
+    assert [d["offset"] for d in result["damaged"]] == [starts[k] for k in ("later", "gone", "txn")]
     code, out, _ = _run(capsys, "store", "recover", str(src), str(dest))
     assert code == 3 and "keys that lost a write: 'gone'" in out
     code, out, _ = _run(capsys, "store", "dump", str(dest))
     assert code == 0
-    assert {json.loads(line)["key"]: json.loads(line)["value"]
-            for line in out.splitlines()} == expected
+    assert {
+        json.loads(line)["key"]: json.loads(line)["value"] for line in out.splitlines()
+    } == expected
     code, out, err = _run(capsys, "store", "recover", str(src), str(dest))
     assert code == 1 and "new or empty directory" in err  # never overwrites
 
 
-def test_recover_an_intact_compacted_store(tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_recover_an_intact_compacted_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     with SafeFileStore(src, serializer="bytes") as store:
         store["a"] = b"1"

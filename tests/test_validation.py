@@ -26,8 +26,13 @@ QUEUE_HEAD, QUEUE_TAIL, QUEUE_SHUT = 128, 136, 160
 QUEUE_RING = 384
 SHARDED_HIGH = 136
 MUTEX_KIND = 16  # glibc's __kind, inside every mutex
-MUTEX_AT = {"SafeCounter": 192, "ShardedCounter": 192, "SafeLock": 128, "SafeArray": 192,
-            "SafeQueue": 256}
+MUTEX_AT = {
+    "SafeCounter": 192,
+    "ShardedCounter": 192,
+    "SafeLock": 128,
+    "SafeArray": 192,
+    "SafeQueue": 256,
+}
 
 
 def path_of(name: str) -> str:
@@ -54,16 +59,18 @@ def peek(name: str, offset: int, fmt: str) -> Any:
 
 
 # -- sizes beyond what a segment can hold ----------------------------------------------------
-@pytest.mark.parametrize("make", [
-    lambda: safeshm.SafeQueue.create(2**64),
-    lambda: safeshm.SafeQueue.create(4096, maxsize=2**64),
-    lambda: safeshm.SafeQueue.create(2**63 - 1),
-    lambda: safeshm.SafeArray.create("q", 2**64),
-    lambda: safeshm.SafeArray.create("d", 2**60),
-], ids=["queue-capacity", "queue-maxsize", "queue-capacity-int64", "array-2**64",
-        "array-2**60"])
-def test_sizes_beyond_a_segment_are_overflow_errors_before_anything_is_created(
-        make: Any) -> None:
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: safeshm.SafeQueue.create(2**64),
+        lambda: safeshm.SafeQueue.create(4096, maxsize=2**64),
+        lambda: safeshm.SafeQueue.create(2**63 - 1),
+        lambda: safeshm.SafeArray.create("q", 2**64),
+        lambda: safeshm.SafeArray.create("d", 2**60),
+    ],
+    ids=["queue-capacity", "queue-maxsize", "queue-capacity-int64", "array-2**64", "array-2**60"],
+)
+def test_sizes_beyond_a_segment_are_overflow_errors_before_anything_is_created(make: Any) -> None:
     before = set(os.listdir(_compat.SHM_DIR))
     with pytest.raises(OverflowError, match="nothing was created"):
         make()
@@ -71,15 +78,19 @@ def test_sizes_beyond_a_segment_are_overflow_errors_before_anything_is_created(
 
 
 # -- queues ----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("offset", "fmt", "value", "message"), [
-    (QUEUE_PARAMS_RAW, "=I", 7, "raw=7"),
-    (QUEUE_HEAD, "=q", 3, "read position 3"),
-    (QUEUE_TAIL, "=q", 1 << 40, "write position"),
-    (QUEUE_HEAD, "=q", -8, "read position -8"),
-    (QUEUE_SHUT, "=q", 99, "shutdown flag 99"),
-])
-def test_damaged_queue_state_is_refused_at_attach(name: str, offset: int, fmt: str,
-                                                  value: Any, message: str) -> None:
+@pytest.mark.parametrize(
+    ("offset", "fmt", "value", "message"),
+    [
+        (QUEUE_PARAMS_RAW, "=I", 7, "raw=7"),
+        (QUEUE_HEAD, "=q", 3, "read position 3"),
+        (QUEUE_TAIL, "=q", 1 << 40, "write position"),
+        (QUEUE_HEAD, "=q", -8, "read position -8"),
+        (QUEUE_SHUT, "=q", 99, "shutdown flag 99"),
+    ],
+)
+def test_damaged_queue_state_is_refused_at_attach(
+    name: str, offset: int, fmt: str, value: Any, message: str
+) -> None:
     q = safeshm.SafeQueue.create(4096, name=name)
     try:
         q.put("x")
@@ -94,13 +105,16 @@ def test_damaged_queue_state_is_refused_at_attach(name: str, offset: int, fmt: s
 
 
 @pytest.mark.parametrize("raw", [True, False])
-@pytest.mark.parametrize(("offset", "value"), [
-    (QUEUE_RING + 4, 0x12345678),  # the record header's marker (its high half)
-    (QUEUE_RING, 3000),  # a length beyond what was put
-    (QUEUE_RING, 0xFFFFFFF0),  # a length beyond the ring
-], ids=["marker", "beyond-what-was-put", "beyond-the-ring"])
-def test_a_damaged_record_is_never_returned(name: str, raw: bool, offset: int,
-                                            value: int) -> None:
+@pytest.mark.parametrize(
+    ("offset", "value"),
+    [
+        (QUEUE_RING + 4, 0x12345678),  # the record header's marker (its high half)
+        (QUEUE_RING, 3000),  # a length beyond what was put
+        (QUEUE_RING, 0xFFFFFFF0),  # a length beyond the ring
+    ],
+    ids=["marker", "beyond-what-was-put", "beyond-the-ring"],
+)
+def test_a_damaged_record_is_never_returned(name: str, raw: bool, offset: int, value: int) -> None:
     q: Any = safeshm.SafeQueue.create(4096, name=name, raw=raw)
     try:
         items = [b"first", b"second"] if raw else ["first", "second"]
@@ -119,7 +133,8 @@ def test_a_damaged_record_is_never_returned(name: str, raw: bool, offset: int,
 @pytest.mark.parametrize("length", [8, 48, 56], ids=["shortened", "grown", "grown-more"])
 @pytest.mark.parametrize("many", [False, True], ids=["get", "get_many"])
 def test_a_record_resized_within_what_was_put_is_caught_by_its_successor(
-        name: str, length: int, many: bool) -> None:
+    name: str, length: int, many: bool
+) -> None:
     q = safeshm.SafeQueue.create(4096, name=name, raw=True)
     try:
         q.put_many([b"a" * 40, b"b" * 8, b"c" * 8])
@@ -143,8 +158,12 @@ def test_damaged_sharded_high_water_mark(name: str, high: int) -> None:
     try:
         c.add(1)
         poke(name, SHARDED_HIGH, "=q", high)
-        for use in (lambda: c.value, c.statistics, lambda: c.exchange(0),
-                    lambda: safeshm.ShardedCounter.attach(name).value):
+        for use in (
+            lambda: c.value,
+            c.statistics,
+            lambda: c.exchange(0),
+            lambda: safeshm.ShardedCounter.attach(name).value,
+        ):
             with pytest.raises(safeshm.SegmentCorruptedError, match="high-water mark"):
                 use()
         poke(name, SHARDED_HIGH, "=q", 1)
@@ -161,13 +180,17 @@ def test_a_slot_owner_pid_beyond_any_pid_is_dead_not_a_crash(name: str) -> None:
 
 # -- mutexes ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", STRUCTURES)
-@pytest.mark.parametrize(("word", "value", "message"), [
-    (MUTEX_KIND, 0, "mutex has type 0"),  # would make it a plain, non-robust mutex
-    (MUTEX_KIND, 999, "mutex has type 999"),  # EINVAL on every lock
-    (0, 0x3FFFFFFF, "owner thread"),  # a holder tid no Linux thread can have
-])
-def test_damaged_mutex_is_refused_at_attach(cls: Any, word: int, value: int, message: str,
-                                            name: str) -> None:
+@pytest.mark.parametrize(
+    ("word", "value", "message"),
+    [
+        (MUTEX_KIND, 0, "mutex has type 0"),  # would make it a plain, non-robust mutex
+        (MUTEX_KIND, 999, "mutex has type 999"),  # EINVAL on every lock
+        (0, 0x3FFFFFFF, "owner thread"),  # a holder tid no Linux thread can have
+    ],
+)
+def test_damaged_mutex_is_refused_at_attach(
+    cls: Any, word: int, value: int, message: str, name: str
+) -> None:
     if not _compat.GLIBC:  # pragma: no cover
         pytest.skip("the mutex layout is glibc's")
     h = create(cls, name)

@@ -32,8 +32,9 @@ def problems(site: Path) -> list[str]:
             titles[html.unescape(re.sub(r"<[^>]+>", "", m[1])).strip(" \n¶")].append(name)
         # Markdown reads each ">" of ">>>" as a blockquote level; the docs never nest
         # blockquotes on purpose.
-        if re.search(r"<blockquote>\s*<blockquote>", text) or \
-                re.search(r"<p>\s*&gt;&gt;&gt;", text):
+        if re.search(r"<blockquote>\s*<blockquote>", text) or re.search(
+            r"<p>\s*&gt;&gt;&gt;", text
+        ):
             found.append(f"{name}: a doctest rendered as text, not code")
         plain = html.unescape(re.sub(r"<[^>]+>", "", text))
         for word in _PRIVATE:

@@ -67,8 +67,7 @@ def fence_doctests(text: str) -> str:
 class DoctestFences(griffe.Extension):
     """Fence the doctest blocks of every docstring in the package."""
 
-    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader,
-                   **kwargs: Any) -> None:
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         for obj in _objects(pkg):
             if obj.docstring is not None and ">>>" in obj.docstring.value:
                 obj.docstring.value = fence_doctests(obj.docstring.value)

@@ -32,8 +32,7 @@ def _functions(obj: griffe.Object) -> Iterator[griffe.Function]:
 class PrivateDefaults(griffe.Extension):
     """Show a private sentinel default as ``...``."""
 
-    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader,
-                   **kwargs: Any) -> None:
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         for function in _functions(pkg):
             for parameter in function.parameters:
                 if str(parameter.default) in _PRIVATE_SENTINELS:

@@ -35,8 +35,7 @@ def _objects(obj: griffe.Object) -> Iterator[griffe.Object]:
 class SphinxRoles(griffe.Extension):
     """Rewrite ``:role:`target``` in every docstring of the package."""
 
-    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader,
-                   **kwargs: Any) -> None:
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         public = {str(name) for name in pkg.exports or ()}
         for obj in _objects(pkg):
             if obj.docstring is None:
@@ -45,11 +44,13 @@ class SphinxRoles(griffe.Extension):
             cls = context if context is not None and context.is_class else None
             obj.docstring.value = _ROLE.sub(
                 functools.partial(self._replace, package=pkg.name, public=public, cls=cls),
-                obj.docstring.value)
+                obj.docstring.value,
+            )
 
     @staticmethod
-    def _replace(match: re.Match[str], *, package: str, public: set[str],
-                 cls: griffe.Object | None) -> str:
+    def _replace(
+        match: re.Match[str], *, package: str, public: set[str], cls: griffe.Object | None
+    ) -> str:
         role, tilde, target = match.groups()
         label = target.rsplit(".", 1)[-1] if tilde else target
         if role in ("meth", "func"):
@@ -57,10 +58,14 @@ class SphinxRoles(griffe.Extension):
         identifier: str | None = None
         head = target.split(".", 1)[0]
         if target.startswith(package + "."):
-            if target[len(package) + 1:].split(".", 1)[0] in public:
+            if target[len(package) + 1 :].split(".", 1)[0] in public:
                 identifier = target
-        elif "." not in target and cls is not None and cls.name in public \
-                and target in cls.all_members:
+        elif (
+            "." not in target
+            and cls is not None
+            and cls.name in public
+            and target in cls.all_members
+        ):
             identifier = f"{package}.{cls.name}.{target}"
         elif head in public:
             identifier = f"{package}.{target}"

@@ -93,7 +93,6 @@ __all__ = [
 ]
 
 
-
 def _adopt_public_classes() -> None:
     """Public classes say ``safeshm.X`` in reprs, tracebacks and pickles, not
     ``safeshm._counter.X``: the private module layout stays private."""

@@ -132,22 +132,44 @@ class SafeArray(SharedStructure, Generic[T]):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, typecode: IntTypecode, length_or_initializer: int | Iterable[int], *,
-               name: str | None = None, stripes: int | None = None) -> SafeArray[int]: ...
+    def create(
+        cls,
+        typecode: IntTypecode,
+        length_or_initializer: int | Iterable[int],
+        *,
+        name: str | None = None,
+        stripes: int | None = None,
+    ) -> SafeArray[int]: ...
     @overload
     @classmethod
-    def create(cls, typecode: FloatTypecode, length_or_initializer: int | Iterable[float],
-               *, name: str | None = None,
-               stripes: int | None = None) -> SafeArray[float]: ...
+    def create(
+        cls,
+        typecode: FloatTypecode,
+        length_or_initializer: int | Iterable[float],
+        *,
+        name: str | None = None,
+        stripes: int | None = None,
+    ) -> SafeArray[float]: ...
     @overload
     @classmethod
-    def create(cls, typecode: str, length_or_initializer: int | Iterable[Any], *,
-               name: str | None = None, stripes: int | None = None) -> SafeArray[Any]: ...
+    def create(
+        cls,
+        typecode: str,
+        length_or_initializer: int | Iterable[Any],
+        *,
+        name: str | None = None,
+        stripes: int | None = None,
+    ) -> SafeArray[Any]: ...
 
     @classmethod
-    def create(cls, typecode: str, length_or_initializer: int | Iterable[Any], *,
-               name: str | None = None,
-               stripes: int | None = None) -> SafeArray[int] | SafeArray[float]:
+    def create(
+        cls,
+        typecode: str,
+        length_or_initializer: int | Iterable[Any],
+        *,
+        name: str | None = None,
+        stripes: int | None = None,
+    ) -> SafeArray[int] | SafeArray[float]:
         """Create a new array.
 
         Args:
@@ -168,8 +190,9 @@ class SafeArray(SharedStructure, Generic[T]):
         _check_typecode(typecode)
         initial: array.array[Any] | None
         if isinstance(length_or_initializer, bool):
-            raise TypeError("length_or_initializer must be a length or an iterable of values, "
-                            "not bool")
+            raise TypeError(
+                "length_or_initializer must be a length or an iterable of values, not bool"
+            )
         if isinstance(length_or_initializer, int):
             length = length_or_initializer
             if length < 0:
@@ -188,7 +211,8 @@ class SafeArray(SharedStructure, Generic[T]):
         if length > (MAX_SEGMENT_SIZE - data_offset) // itemsize:
             raise OverflowError(
                 f"an array of {length} elements of {itemsize} bytes is beyond safeshm's "
-                f"segment size limit ({MAX_SEGMENT_SIZE} bytes); nothing was created")
+                f"segment size limit ({MAX_SEGMENT_SIZE} bytes); nothing was created"
+            )
 
         def init(mm: mmap.mmap) -> None:
             for k in range(nstripes):
@@ -197,9 +221,13 @@ class SafeArray(SharedStructure, Generic[T]):
                 mm[data_offset : data_offset + length * itemsize] = initial.tobytes()
 
         seg = Segment.create(
-            name, kind=cls._KIND, layout=cls._LAYOUT,
-            payload_size=data_offset - HEADER_SIZE + length * itemsize, init=init,
-            params=_PARAMS.pack(typecode.encode(), nstripes, length))
+            name,
+            kind=cls._KIND,
+            layout=cls._LAYOUT,
+            payload_size=data_offset - HEADER_SIZE + length * itemsize,
+            init=init,
+            params=_PARAMS.pack(typecode.encode(), nstripes, length),
+        )
         return cls._from_segment(seg)
 
     @overload
@@ -241,22 +269,44 @@ class SafeArray(SharedStructure, Generic[T]):
 
     @overload
     @classmethod
-    def open(cls, name: str, typecode: IntTypecode,
-             length_or_initializer: int | Iterable[int], *,
-             stripes: int | None = None) -> SafeArray[int]: ...
+    def open(
+        cls,
+        name: str,
+        typecode: IntTypecode,
+        length_or_initializer: int | Iterable[int],
+        *,
+        stripes: int | None = None,
+    ) -> SafeArray[int]: ...
     @overload
     @classmethod
-    def open(cls, name: str, typecode: FloatTypecode,
-             length_or_initializer: int | Iterable[float], *,
-             stripes: int | None = None) -> SafeArray[float]: ...
+    def open(
+        cls,
+        name: str,
+        typecode: FloatTypecode,
+        length_or_initializer: int | Iterable[float],
+        *,
+        stripes: int | None = None,
+    ) -> SafeArray[float]: ...
     @overload
     @classmethod
-    def open(cls, name: str, typecode: str, length_or_initializer: int | Iterable[Any], *,
-             stripes: int | None = None) -> SafeArray[Any]: ...
+    def open(
+        cls,
+        name: str,
+        typecode: str,
+        length_or_initializer: int | Iterable[Any],
+        *,
+        stripes: int | None = None,
+    ) -> SafeArray[Any]: ...
 
     @classmethod
-    def open(cls, name: str, typecode: str, length_or_initializer: int | Iterable[Any], *,
-             stripes: int | None = None) -> SafeArray[Any]:
+    def open(
+        cls,
+        name: str,
+        typecode: str,
+        length_or_initializer: int | Iterable[Any],
+        *,
+        stripes: int | None = None,
+    ) -> SafeArray[Any]:
         """Attach to ``name``, creating it first if needed (race-free).
 
         If the array exists, it must have this typecode and length, and ``stripes`` if
@@ -265,8 +315,9 @@ class SafeArray(SharedStructure, Generic[T]):
         """
         _check_typecode(typecode)
         if isinstance(length_or_initializer, bool):
-            raise TypeError("length_or_initializer must be a length or an iterable of values, "
-                            "not bool")
+            raise TypeError(
+                "length_or_initializer must be a length or an iterable of values, not bool"
+            )
         values: int | array.array[Any]
         if isinstance(length_or_initializer, int):
             length = values = length_or_initializer
@@ -277,8 +328,9 @@ class SafeArray(SharedStructure, Generic[T]):
         def create() -> SafeArray[Any]:
             return cls.create(typecode, values, name=name, stripes=stripes)
 
-        return cls._open_segment(name, create,
-                                 lambda seg: _check_params(seg, typecode, length, stripes))
+        return cls._open_segment(
+            name, create, lambda seg: _check_params(seg, typecode, length, stripes)
+        )
 
     def _bind(self, mm: mmap.mmap) -> None:
         tc, nstripes, length = _PARAMS.unpack_from(self._seg.header.params)
@@ -286,13 +338,15 @@ class SafeArray(SharedStructure, Generic[T]):
         if typecode not in TYPECODES or not 1 <= nstripes <= MAX_STRIPES:
             raise SegmentCorruptedError(
                 f"SafeArray {self._seg.name!r} is damaged: typecode {typecode!r}, "
-                f"{nstripes} stripes")
+                f"{nstripes} stripes"
+            )
         itemsize = array.array(typecode).itemsize
         start = _data_offset(nstripes)
         if start + length * itemsize != self._seg.header.total_size:
             raise SegmentCorruptedError(
                 f"SafeArray {self._seg.name!r} is damaged: {length} elements of "
-                f"{itemsize} bytes do not fit its {self._seg.header.total_size} bytes")
+                f"{itemsize} bytes do not fit its {self._seg.header.total_size} bytes"
+            )
         self._typecode = typecode
         self._data_offset = start
         whole = memoryview(mm)
@@ -300,12 +354,19 @@ class SafeArray(SharedStructure, Generic[T]):
         self._data = self._bytes.cast(typecode)
         self._ctl = whole[_CTL_OFFSET : _CTL_OFFSET + CACHE_LINE].cast("q")
         what = f"SafeArray {self._seg.name!r}"
-        self._stripes = [RobustMutex(mm, _STRIPES_OFFSET + k * MUTEX_BLOCK, what, held=False)
-                         for k in range(nstripes)]
+        self._stripes = [
+            RobustMutex(mm, _STRIPES_OFFSET + k * MUTEX_BLOCK, what, held=False)
+            for k in range(nstripes)
+        ]
         ptrs = [m.pointer for m in self._stripes]
         owners = whole[_STRIPES_OFFSET : _STRIPES_OFFSET + nstripes * MUTEX_BLOCK].cast("i")
-        self._hot = (self._data, ptrs, nstripes, owners[OWNER_WORD :: MUTEX_BLOCK // 4],
-                     tuple(tuple(ptrs[:n]) for n in range(nstripes + 1)))
+        self._hot = (
+            self._data,
+            ptrs,
+            nstripes,
+            owners[OWNER_WORD :: MUTEX_BLOCK // 4],
+            tuple(tuple(ptrs[:n]) for n in range(nstripes + 1)),
+        )
 
     # -- elements ----------------------------------------------------------------------------
     @property
@@ -539,10 +600,14 @@ class SafeArray(SharedStructure, Generic[T]):
                 unlock_each(prefixes[held[0]])
 
     def _warn_partial(self, stacklevel: int) -> None:
-        warnings.warn(HolderDiedWarning(
-            f"SafeArray {self._seg.name!r}: a process died in the middle of a bulk update "
-            "(locked(), fill() or a slice assignment); the array may hold a partial update "
-            "until the next bulk write completes"), stacklevel=stacklevel)
+        warnings.warn(
+            HolderDiedWarning(
+                f"SafeArray {self._seg.name!r}: a process died in the middle of a bulk update "
+                "(locked(), fill() or a slice assignment); the array may hold a partial update "
+                "until the next bulk write completes"
+            ),
+            stacklevel=stacklevel,
+        )
 
     def to_list(self) -> list[T]:
         """All elements, as a consistent snapshot."""
@@ -574,7 +639,8 @@ class SafeArray(SharedStructure, Generic[T]):
         if len(source) != len(positions):
             raise ValueError(
                 f"attempt to assign {len(source)} values to a slice of {len(positions)} "
-                "elements (a SafeArray's length is fixed)")
+                "elements (a SafeArray's length is fixed)"
+            )
         with self._all_stripes(writing=True):
             data[index] = source
 
@@ -622,7 +688,8 @@ class SafeArray(SharedStructure, Generic[T]):
             raise LockedViewLeakedError(
                 f"SafeArray {self._seg.name!r}: a view made from locked()'s view (a numpy "
                 "array?) is still referenced after the block; writes through it are no longer "
-                "protected by the lock")
+                "protected by the lock"
+            )
 
     @property
     def partial_update_suspected(self) -> bool:
@@ -633,17 +700,22 @@ class SafeArray(SharedStructure, Generic[T]):
     def statistics(self) -> ArrayStatistics:
         """A snapshot for monitoring (never blocks)."""
         return ArrayStatistics(
-            name=self._seg.name, typecode=self._typecode, length=len(self._data),
-            stripes=len(self._stripes), partial_update_suspected=bool(self._ctl[_DIRTY]),
+            name=self._seg.name,
+            typecode=self._typecode,
+            length=len(self._data),
+            stripes=len(self._stripes),
+            partial_update_suspected=bool(self._ctl[_DIRTY]),
             recoveries=sum(m.recoveries for m in self._stripes),
-            creator_pid=self._seg.header.creator_pid)
+            creator_pid=self._seg.header.creator_pid,
+        )
 
     def _repr_fields(self) -> str:
         return f"typecode={self._typecode!r}, length={len(self._data)}"
 
 
-def _take_stripes(stripes: list[RobustMutex], ptrs: list[Any], owners: memoryview,
-                  nstripes: int, held: list[Any]) -> None:
+def _take_stripes(
+    stripes: list[RobustMutex], ptrs: list[Any], owners: memoryview, nstripes: int, held: list[Any]
+) -> None:
     """Lock every stripe, in order; ``held = [n, rc, recovered]`` says at every instant
     how many stripes may be held (stripe ``n - 1``'s trylock result is ``rc``, -1 while
     unknown) and whether a dead holder's stripe was recovered.
@@ -682,8 +754,7 @@ def _index(index: Any) -> int:
 
 def _check_typecode(typecode: object) -> None:
     if not isinstance(typecode, str) or len(typecode) != 1 or typecode not in TYPECODES:
-        raise ValueError(
-            f"bad typecode {typecode!r} (must be one of {', '.join(TYPECODES)})")
+        raise ValueError(f"bad typecode {typecode!r} (must be one of {', '.join(TYPECODES)})")
 
 
 def _to_array(typecode: str, values: Iterable[Any]) -> array.array[Any]:
@@ -693,8 +764,8 @@ def _to_array(typecode: str, values: Iterable[Any]) -> array.array[Any]:
     except TypeError:
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
             raise TypeError(
-                f"expected a length or an iterable of values, not "
-                f"{type(values).__name__}") from None
+                f"expected a length or an iterable of values, not {type(values).__name__}"
+            ) from None
         return array.array(typecode, list(values))
 
 
@@ -705,9 +776,12 @@ def _to_buffer(typecode: str, values: Iterable[Any]) -> memoryview[Any]:
         view = memoryview(values)  # type: ignore[arg-type]
     except TypeError:
         return memoryview(_to_array(typecode, values))
-    if (view.ndim == 1 and view.c_contiguous
-            and _format_class(view.format) == _format_class(typecode)
-            and view.itemsize == array.array(typecode).itemsize):
+    if (
+        view.ndim == 1
+        and view.c_contiguous
+        and _format_class(view.format) == _format_class(typecode)
+        and view.itemsize == array.array(typecode).itemsize
+    ):
         # e.g. numpy int64 (format 'l') into 'q': the same bytes, relabelled.
         return view.cast("B").cast(typecode)  # type: ignore[call-overload, no-any-return]
     return memoryview(_to_array(typecode, view.tolist()))
@@ -721,14 +795,22 @@ def _format_class(fmt: str) -> str:
     return "s" if code in "bhilq" else "u" if code in "BHILQ" else "f" if code in "fd" else ""
 
 
-def _check_params(seg: Segment, typecode: str, length: int | None,
-                  stripes: int | None = None) -> None:
+def _check_params(
+    seg: Segment, typecode: str, length: int | None, stripes: int | None = None
+) -> None:
     tc, have_stripes, have_length = _PARAMS.unpack_from(seg.header.params)
     have = tc.decode("ascii", "replace")
-    if (have != typecode or (length is not None and have_length != length)
-            or (stripes is not None and have_stripes != stripes)):
-        want = (f"typecode {typecode!r}" + ("" if length is None else f", length {length}")
-                + ("" if stripes is None else f", {stripes} stripes"))
+    if (
+        have != typecode
+        or (length is not None and have_length != length)
+        or (stripes is not None and have_stripes != stripes)
+    ):
+        want = (
+            f"typecode {typecode!r}"
+            + ("" if length is None else f", length {length}")
+            + ("" if stripes is None else f", {stripes} stripes")
+        )
         raise IncompatibleSegmentError(
             f"SafeArray {seg.name!r} has typecode {have!r}, length {have_length}, "
-            f"{have_stripes} stripes; expected {want}")
+            f"{have_stripes} stripes; expected {want}"
+        )

@@ -121,8 +121,11 @@ def _summary(stats: Any) -> str:
     if fields.pop("holder_died", False):
         # A lock whose holder died: say so, rather than a lock held by nobody.
         fields.pop("holder_pid", None)
-        state = "holder died (the next acquire recovers it)" if not fields.pop(
-            "locked", False) else "holder died (its thread is gone; never marked dead)"
+        state = (
+            "holder died (the next acquire recovers it)"
+            if not fields.pop("locked", False)
+            else "holder died (its thread is gone; never marked dead)"
+        )
         return " ".join([state, *(f"{k}={v}" for k, v in fields.items())])
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
@@ -134,9 +137,17 @@ def _entry(filename: str) -> _Entry | None:
             size = os.stat(path, follow_symlinks=False).st_size
         except OSError:
             return None
-        return _Entry(filename, "incomplete", size, None, None, _in_use(path),
-                      "a create that never finished (its creator died)", None)
-    name = filename[len(_compat.FILE_PREFIX):]
+        return _Entry(
+            filename,
+            "incomplete",
+            size,
+            None,
+            None,
+            _in_use(path),
+            "a create that never finished (its creator died)",
+            None,
+        )
+    name = filename[len(_compat.FILE_PREFIX) :]
     try:
         header, st = read_header(path)
     except FileNotFoundError:
@@ -144,17 +155,24 @@ def _entry(filename: str) -> _Entry | None:
     except OSError as e:
         return _Entry(name, "?", 0, None, None, None, f"unreadable: {e.strerror}", None)
     if header is None:
-        return _Entry(name, "not safeshm", st.st_size, None, None, None,
-                      "no safeshm header", None)
+        return _Entry(name, "not safeshm", st.st_size, None, None, None, "no safeshm header", None)
     return _describe(name, header, st.st_size, path)
 
 
 def _describe(name: str, header: Header, size: int, path: str) -> _Entry:
     if not header.intact:  # nothing it says can be trusted, not even its kind
-        return _Entry(name, "damaged", size, None, None, _in_use(path),
-                      "DAMAGED: its header's checksum does not match", None, True)
-    alive = _compat.process_alive(header.creator_pid, header.creator_start,
-                                  _compat.pid_namespace())
+        return _Entry(
+            name,
+            "damaged",
+            size,
+            None,
+            None,
+            _in_use(path),
+            "DAMAGED: its header's checksum does not match",
+            None,
+            True,
+        )
+    alive = _compat.process_alive(header.creator_pid, header.creator_start, _compat.pid_namespace())
     cls = _CLASSES.get(header.kind)
     kind = describe_kind(header.kind, header.layout)[2:]
     summary = ""
@@ -177,8 +195,9 @@ def _describe(name: str, header: Header, size: int, path: str) -> _Entry:
                 summary, damaged = f"DAMAGED: {e}", True
             finally:
                 handle.close()
-    return _Entry(name, kind, size, header.creator_pid, alive, _in_use(path), summary, stats,
-                  damaged)
+    return _Entry(
+        name, kind, size, header.creator_pid, alive, _in_use(path), summary, stats, damaged
+    )
 
 
 def _entries() -> list[_Entry]:
@@ -208,8 +227,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "KIND", "SIZE", "CREATOR", "IN USE", "SUMMARY")]
     for e in entries:
-        creator = "-" if e.creator_pid is None else (
-            f"{e.creator_pid} ({'alive' if e.creator_alive else 'exited'})")
+        creator = (
+            "-"
+            if e.creator_pid is None
+            else (f"{e.creator_pid} ({'alive' if e.creator_alive else 'exited'})")
+        )
         in_use = {True: "yes", False: "no", None: "?"}[e.in_use]
         rows.append((e.name, e.kind, str(e.size), creator, in_use, e.summary))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -273,8 +295,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     targets: list[str] = []
     if args.stale:
-        targets = [e.name for e in _entries()
-                   if e.in_use is False and e.kind not in ("not safeshm", "?")]
+        targets = [
+            e.name for e in _entries() if e.in_use is False and e.kind not in ("not safeshm", "?")
+        ]
     for name in args.names:
         validate_name(name)
         targets.append(name)
@@ -332,12 +355,17 @@ def _confirm(name: str, st: os.stat_result, busy: bool, args: argparse.Namespace
     """Whether to go on: True yes, None the user said no, False refused (said why)."""
     if busy and not args.force:
         if args.yes:
-            print(f"safeshm: {name!r} is {_describe_users(st)}; left alone (--force "
-                  "removes a segment in use)", file=sys.stderr)
+            print(
+                f"safeshm: {name!r} is {_describe_users(st)}; left alone (--force "
+                "removes a segment in use)",
+                file=sys.stderr,
+            )
             return False
-        question = (f"{name!r} is {_describe_users(st)}: removing it splits them from every "
-                    "later open(), which creates a new segment under this name. Remove it "
-                    "anyway? [y/N] ")
+        question = (
+            f"{name!r} is {_describe_users(st)}: removing it splits them from every "
+            "later open(), which creates a new segment under this name. Remove it "
+            "anyway? [y/N] "
+        )
     else:
         question = f"remove {name!r}? [y/N] "
     if args.yes or args.force:
@@ -345,14 +373,15 @@ def _confirm(name: str, st: os.stat_result, busy: bool, args: argparse.Namespace
     try:
         answer = input(question)
     except EOFError:  # stdin closed or not a terminal: nobody can answer
-        print(f"\nsafeshm: no answer on stdin; {name!r} left alone (--yes removes without "
-              "asking)", file=sys.stderr)
+        print(
+            f"\nsafeshm: no answer on stdin; {name!r} left alone (--yes removes without asking)",
+            file=sys.stderr,
+        )
         return False
     return True if answer.strip().lower() in ("y", "yes") else None
 
 
-def _unlink_if_unused(fd: int, name: str, path: str, st: os.stat_result, *,
-                      force: bool) -> bool:
+def _unlink_if_unused(fd: int, name: str, path: str, st: os.stat_result, *, force: bool) -> bool:
     """Unlink ``path`` (open as ``fd``, ``st``) if nobody uses it, or ``force``.
 
     Decides again at the moment of unlinking, under the same exclusion as attach: attach
@@ -367,8 +396,7 @@ def _unlink_if_unused(fd: int, name: str, path: str, st: os.stat_result, *,
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         if not force:
-            print(f"safeshm: {name!r} is now {_describe_users(st)}; left alone",
-                  file=sys.stderr)
+            print(f"safeshm: {name!r} is now {_describe_users(st)}; left alone", file=sys.stderr)
             return False
     _before_unlink_hook(name)
     try:
@@ -439,8 +467,10 @@ def _demo_worker(shared: _DemoShared, worker: int, method: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     workers = args.workers
-    print(f"safeshm demo: {workers} worker processes per start method, sharing counters, "
-          "an array, a queue, a lock and a durable store")
+    print(
+        f"safeshm demo: {workers} worker processes per start method, sharing counters, "
+        "an array, a queue, a lock and a durable store"
+    )
     with contextlib.ExitStack() as stack:
         # Every segment is unlinked and the store's directory removed, whatever happens.
         def segment(handle: Any) -> Any:
@@ -458,8 +488,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stack.callback(shutil.rmtree, directory, ignore_errors=True)
         store = stack.enter_context(SafeFileStore(os.path.join(directory, "store")))
         store.update({f"account:{i}": 100 for i in range(_DEMO_ACCOUNTS)})
-        return _demo(workers, _DemoShared(exact, sharded, lock, under_lock, slots, jobs,
-                                          store))
+        return _demo(workers, _DemoShared(exact, sharded, lock, under_lock, slots, jobs, store))
 
 
 def _demo(workers: int, shared: _DemoShared) -> int:
@@ -470,8 +499,7 @@ def _demo(workers: int, shared: _DemoShared) -> int:
     for ctx in (multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")):
         method = ctx.get_start_method()
         t0 = time.perf_counter()
-        procs = [ctx.Process(target=_demo_worker, args=(shared, w, method))
-                 for w in range(workers)]
+        procs = [ctx.Process(target=_demo_worker, args=(shared, w, method)) for w in range(workers)]
         for p in procs:
             p.start()
         for p in procs:
@@ -482,17 +510,23 @@ def _demo(workers: int, shared: _DemoShared) -> int:
                 p.kill()
                 p.join()
         total_procs += workers
-        print(f"  {workers} {method} workers done in {time.perf_counter() - t0:.2f} s"
-              + (f" -- {len(bad)} failed (exit codes {bad})" if bad else ""))
+        print(
+            f"  {workers} {method} workers done in {time.perf_counter() - t0:.2f} s"
+            + (f" -- {len(bad)} failed (exit codes {bad})" if bad else "")
+        )
         received: list[tuple[int, int]] = []
         while not jobs.empty():
             received.extend(jobs.get_many(1 << 16, timeout=5))
-        in_order = all([s for w, s in received if w == worker] == list(range(_DEMO_ITEMS))
-                       for worker in range(workers))
+        in_order = all(
+            [s for w, s in received if w == worker] == list(range(_DEMO_ITEMS))
+            for worker in range(workers)
+        )
         ok = in_order and len(received) == workers * _DEMO_ITEMS
         failures += not ok
-        print(f"  [{'ok' if ok else 'FAIL'}] SafeQueue ({method}): {len(received)} items, "
-              f"each worker's in order: {in_order} (expected {workers * _DEMO_ITEMS})")
+        print(
+            f"  [{'ok' if ok else 'FAIL'}] SafeQueue ({method}): {len(received)} items, "
+            f"each worker's in order: {in_order} (expected {workers * _DEMO_ITEMS})"
+        )
         failures += len(bad)
     per_method = [0] * workers  # what one start method's workers add to each element
     for w in range(workers):
@@ -500,25 +534,31 @@ def _demo(workers: int, shared: _DemoShared) -> int:
             per_method[w] += 1
             per_method[k % workers] += 1
     checks = [
-        ("SafeCounter total", exact.value,
-         total_procs * _DEMO_ADDS + 2 * sum(range(workers))),
+        ("SafeCounter total", exact.value, total_procs * _DEMO_ADDS + 2 * sum(range(workers))),
         ("ShardedCounter total", sharded.value, total_procs * _DEMO_ADDS),
         ("read-modify-writes under SafeLock", under_lock.value, total_procs * 200),
         ("SafeArray elements", slots.to_list(), [2 * v for v in per_method]),
-        ("SafeFileStore modify() updates", store.get("updates"),
-         total_procs * _DEMO_STORE_OPS),
-        ("SafeFileStore total over accounts after transactions",
-         sum(store[f"account:{i}"] for i in range(_DEMO_ACCOUNTS)), 100 * _DEMO_ACCOUNTS),
-        ("SafeFileStore workers' own keys",
-         len([k for k in store if k.startswith("worker:")]), total_procs),
+        ("SafeFileStore modify() updates", store.get("updates"), total_procs * _DEMO_STORE_OPS),
+        (
+            "SafeFileStore total over accounts after transactions",
+            sum(store[f"account:{i}"] for i in range(_DEMO_ACCOUNTS)),
+            100 * _DEMO_ACCOUNTS,
+        ),
+        (
+            "SafeFileStore workers' own keys",
+            len([k for k in store if k.startswith("worker:")]),
+            total_procs,
+        ),
     ]
     for label, got, want in checks:
         ok = got == want
         failures += not ok
         print(f"  [{'ok' if ok else 'FAIL'}] {label}: {got} (expected {want})")
     stats = store.statistics()
-    print(f"  SafeFileStore: {stats.keys} keys, log {stats.log_bytes} bytes, durable "
-          f"(every write fdatasync'ed)")
+    print(
+        f"  SafeFileStore: {stats.keys} keys, log {stats.log_bytes} bytes, durable "
+        f"(every write fdatasync'ed)"
+    )
     print("demo passed" if not failures else f"demo FAILED ({failures} problems)")
     return 1 if failures else 0
 
@@ -538,8 +578,12 @@ _MAX_PROCESSES: Final = 256
 def _parser() -> argparse.ArgumentParser:
     from . import __version__  # noqa: PLC0415 - the package's one version source
 
-    p = argparse.ArgumentParser(prog="safeshm", description=(
-        "Inspect and manage safeshm shared-memory segments, run the demo or the benchmark."))
+    p = argparse.ArgumentParser(
+        prog="safeshm",
+        description=(
+            "Inspect and manage safeshm shared-memory segments, run the demo or the benchmark."
+        ),
+    )
     p.add_argument("--version", action="version", version=f"safeshm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -554,32 +598,49 @@ def _parser() -> argparse.ArgumentParser:
 
     rm = sub.add_parser("rm", help="remove segments (only safeshm's own)")
     rm.add_argument("names", nargs="*", metavar="NAME")
-    rm.add_argument("--stale", action="store_true",
-                    help="also remove every segment that no process has open")
-    rm.add_argument("-y", "--yes", action="store_true",
-                    help="do not ask for confirmation (a segment in use is left alone)")
-    rm.add_argument("--force", action="store_true",
-                    help="remove even segments that processes are using, without asking "
-                         "(they keep their copy; a later open() creates a new segment)")
+    rm.add_argument(
+        "--stale", action="store_true", help="also remove every segment that no process has open"
+    )
+    rm.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation (a segment in use is left alone)",
+    )
+    rm.add_argument(
+        "--force",
+        action="store_true",
+        help="remove even segments that processes are using, without asking "
+        "(they keep their copy; a later open() creates a new segment)",
+    )
     rm.set_defaults(func=cmd_rm)
 
     add_store_parser(sub)
 
     demo = sub.add_parser(
-        "demo", help="worker processes sharing every structure, checked at the end",
+        "demo",
+        help="worker processes sharing every structure, checked at the end",
         description="Start worker processes (with spawn, then fork) that share a SafeCounter, "
-                    "a ShardedCounter, a SafeLock guarding a read-modify-write, a SafeArray, "
-                    "a SafeQueue and a SafeFileStore, then check every total exactly. "
-                    "Everything it creates is removed at the end.")
-    demo.add_argument("--workers", type=_int_in(1, _MAX_PROCESSES), default=4,
-                      help="worker processes per start method (default: 4)")
+        "a ShardedCounter, a SafeLock guarding a read-modify-write, a SafeArray, "
+        "a SafeQueue and a SafeFileStore, then check every total exactly. "
+        "Everything it creates is removed at the end.",
+    )
+    demo.add_argument(
+        "--workers",
+        type=_int_in(1, _MAX_PROCESSES),
+        default=4,
+        help="worker processes per start method (default: 4)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     # The options only (a light module): the measuring code is imported when `bench` runs.
     from ._bench import options as bench_options  # noqa: PLC0415
 
-    bench = sub.add_parser("bench", help="benchmark safeshm against the alternatives",
-                           description=bench_options.DESCRIPTION)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark safeshm against the alternatives",
+        description=bench_options.DESCRIPTION,
+    )
     bench_options.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
@@ -605,11 +666,28 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 # What the machine or the user's input can cause, as opposed to a bug in safeshm: these
 # are reported in one line. Any other OSError (EBADF, EINVAL, EFAULT, ...) means our code
 # is wrong, and shows its traceback like any other bug.
-_ENVIRONMENT_ERRNOS: Final = frozenset({
-    errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST, errno.EISDIR, errno.ENOTDIR,
-    errno.ELOOP, errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE,
-    errno.ENFILE, errno.ENOMEM, errno.EBUSY, errno.ENOTEMPTY, errno.EIO, errno.EXDEV,
-})
+_ENVIRONMENT_ERRNOS: Final = frozenset(
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.EBUSY,
+        errno.ENOTEMPTY,
+        errno.EIO,
+        errno.EXDEV,
+    }
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -159,6 +159,7 @@ mutex_consistent: Final[Any] = _libc_gil.pthread_mutex_consistent
 mutex_clocklock: Final[Any | None] = getattr(_libc_nogil, "pthread_mutex_clocklock", None)
 mutex_timedlock: Final[Any] = _libc_nogil.pthread_mutex_timedlock
 
+
 def _is_glibc() -> bool:
     try:
         return bool(os.confstr("CS_GNU_LIBC_VERSION"))
@@ -218,8 +219,13 @@ def spinning_helps() -> bool:
 # A shared (not FUTEX_PRIVATE) futex on a MAP_SHARED mapping is keyed by the file and the
 # offset, so processes that mapped the segment at different addresses wait on the same
 # word. Waits go through the GIL-releasing handle; wakes never block and keep the GIL.
-_SYS_FUTEX_BY_MACHINE: Final = {"x86_64": 202, "aarch64": 98, "riscv64": 98,
-                                "ppc64le": 221, "s390x": 238}
+_SYS_FUTEX_BY_MACHINE: Final = {
+    "x86_64": 202,
+    "aarch64": 98,
+    "riscv64": 98,
+    "ppc64le": 221,
+    "s390x": 238,
+}
 SYS_FUTEX: Final = _SYS_FUTEX_BY_MACHINE.get(os.uname().machine)
 FUTEX_WAIT: Final = 0
 FUTEX_WAKE: Final = 1

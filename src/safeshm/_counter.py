@@ -31,8 +31,10 @@ _COUNTER_PAYLOAD: Final = 64 + MUTEX_BLOCK
 # once, at creation, and recorded.
 IMPL_ATOMIC: Final = 1
 IMPL_LOCKED: Final = 2
-_IMPL_NAMES: Final = {IMPL_ATOMIC: "lock-free (atomic compare-and-swap)",
-                      IMPL_LOCKED: "robust lock"}
+_IMPL_NAMES: Final = {
+    IMPL_ATOMIC: "lock-free (atomic compare-and-swap)",
+    IMPL_LOCKED: "robust lock",
+}
 
 
 def _new_scratch() -> tuple[memoryview, Any, Any]:
@@ -108,20 +110,34 @@ class SafeCounter(SharedStructure):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, initial: int = 0, *, name: str | None = None,
-               sharded: Literal[False] = False) -> Self: ...
+    def create(
+        cls, initial: int = 0, *, name: str | None = None, sharded: Literal[False] = False
+    ) -> Self: ...
     @overload
     @classmethod
-    def create(cls, initial: int = 0, *, name: str | None = None,
-               sharded: Literal[True], slots: int | None = None) -> ShardedCounter: ...
+    def create(
+        cls,
+        initial: int = 0,
+        *,
+        name: str | None = None,
+        sharded: Literal[True],
+        slots: int | None = None,
+    ) -> ShardedCounter: ...
     @overload
     @classmethod
-    def create(cls, initial: int = 0, *, name: str | None = None, sharded: bool,
-               slots: int | None = None) -> SafeCounter | ShardedCounter: ...
+    def create(
+        cls, initial: int = 0, *, name: str | None = None, sharded: bool, slots: int | None = None
+    ) -> SafeCounter | ShardedCounter: ...
 
     @classmethod
-    def create(cls, initial: int = 0, *, name: str | None = None, sharded: bool = False,
-               slots: int | None = None) -> Self | ShardedCounter:
+    def create(
+        cls,
+        initial: int = 0,
+        *,
+        name: str | None = None,
+        sharded: bool = False,
+        slots: int | None = None,
+    ) -> Self | ShardedCounter:
         """Create a new counter holding ``initial``.
 
         Args:
@@ -147,8 +163,14 @@ class SafeCounter(SharedStructure):
             struct.pack_into("=q", mm, _VALUE_OFFSET, initial)
             init_mutex(mm, _COUNTER_MUTEX_OFFSET)
 
-        seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
-                             payload_size=_COUNTER_PAYLOAD, init=init, flags=impl)
+        seg = Segment.create(
+            name,
+            kind=cls._KIND,
+            layout=cls._LAYOUT,
+            payload_size=_COUNTER_PAYLOAD,
+            init=init,
+            flags=impl,
+        )
         return cls._from_segment(seg)
 
     @classmethod
@@ -164,20 +186,22 @@ class SafeCounter(SharedStructure):
 
     @overload
     @classmethod
-    def open(cls, name: str, initial: int = 0, *,
-             sharded: Literal[False] = False) -> Self: ...
+    def open(cls, name: str, initial: int = 0, *, sharded: Literal[False] = False) -> Self: ...
     @overload
     @classmethod
-    def open(cls, name: str, initial: int = 0, *, sharded: Literal[True],
-             slots: int | None = None) -> ShardedCounter: ...
+    def open(
+        cls, name: str, initial: int = 0, *, sharded: Literal[True], slots: int | None = None
+    ) -> ShardedCounter: ...
     @overload
     @classmethod
-    def open(cls, name: str, initial: int = 0, *, sharded: bool,
-             slots: int | None = None) -> SafeCounter | ShardedCounter: ...
+    def open(
+        cls, name: str, initial: int = 0, *, sharded: bool, slots: int | None = None
+    ) -> SafeCounter | ShardedCounter: ...
 
     @classmethod
-    def open(cls, name: str, initial: int = 0, *, sharded: bool = False,
-             slots: int | None = None) -> Self | ShardedCounter:
+    def open(
+        cls, name: str, initial: int = 0, *, sharded: bool = False, slots: int | None = None
+    ) -> Self | ShardedCounter:
         """Attach to the counter ``name``, creating it with ``initial`` if it does not
         exist. Race-free: many processes calling it at once all end up on one counter,
         and exactly one of them initialises it.
@@ -198,14 +222,16 @@ class SafeCounter(SharedStructure):
             if _compat.compare_exchange is None:
                 raise IncompatibleSegmentError(
                     f"SafeCounter {self._seg.name!r} was created to use lock-free atomics, "
-                    "but this process has no libatomic (or SAFESHM_DISABLE_ATOMICS is set)")
+                    "but this process has no libatomic (or SAFESHM_DISABLE_ATOMICS is set)"
+                )
             pval = ctypes.byref(ctypes.c_int64.from_buffer(mm, _VALUE_OFFSET))
             self._hot = (self._value, _compat.compare_exchange, pval)
         elif impl == IMPL_LOCKED:
             self._hot = (self._value, None, None)
         else:
             raise IncompatibleSegmentError(
-                f"SafeCounter {self._seg.name!r} uses an unknown implementation ({impl})")
+                f"SafeCounter {self._seg.name!r} uses an unknown implementation ({impl})"
+            )
 
     # -- operations ------------------------------------------------------------------------
     @property
@@ -335,13 +361,15 @@ class SafeCounter(SharedStructure):
                 raise self._bad_operand(e, "delta", delta, old) from None
             return new
 
-    def _bad_operand(self, e: Exception, what: str, operand: object,
-                     current: int | None) -> Exception:
+    def _bad_operand(
+        self, e: Exception, what: str, operand: object, current: int | None
+    ) -> Exception:
         if isinstance(e, ValueError):
             at = "" if current is None else f" (the counter is at {current})"
             return OverflowError(
                 f"SafeCounter {self._seg.name!r}: {what} {operand!r} would leave the int64 "
-                f"range{at}; nothing was changed")
+                f"range{at}; nothing was changed"
+            )
         return TypeError(f"{what} must be an int, not {type(operand).__name__}")
 
     # -- introspection ---------------------------------------------------------------------
@@ -352,9 +380,12 @@ class SafeCounter(SharedStructure):
 
     def statistics(self) -> CounterStatistics:
         """A snapshot for monitoring (never blocks)."""
-        return CounterStatistics(name=self._seg.name, value=self.value,
-                                 implementation=self.implementation,
-                                 creator_pid=self._seg.header.creator_pid)
+        return CounterStatistics(
+            name=self._seg.name,
+            value=self.value,
+            implementation=self.implementation,
+            creator_pid=self._seg.header.creator_pid,
+        )
 
     def _repr_fields(self) -> str:
         return f"value={self.value}"

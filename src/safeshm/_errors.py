@@ -171,8 +171,9 @@ class ItemDecodeError(SafeShmError, pickle.UnpicklingError):
     ``__cause__`` is the first failure. Also a :class:`pickle.UnpicklingError`.
     """
 
-    def __init__(self, message: str, items: Sequence[Any] = (),
-                 undecodable: Sequence[bytes] = ()) -> None:
+    def __init__(
+        self, message: str, items: Sequence[Any] = (), undecodable: Sequence[bytes] = ()
+    ) -> None:
         super().__init__(message)
         self.items: list[Any] = list(items)
         self.undecodable: list[bytes] = list(undecodable)

@@ -121,8 +121,9 @@ def _probe_owner_word() -> int:
     try:
         tid = threading.get_native_id()
         _check(_compat.mutex_trylock(ctypes.byref(target)), "pthread_mutex_trylock")
-        held = [i for i in range(_compat.PTHREAD_MUTEX_SIZE // 4)
-                if words[i] & _FUTEX_TID_MASK == tid]
+        held = [
+            i for i in range(_compat.PTHREAD_MUTEX_SIZE // 4) if words[i] & _FUTEX_TID_MASK == tid
+        ]
         _check(_compat.mutex_unlock(ctypes.byref(target)), "pthread_mutex_unlock")
         found = [i for i in held if words[i] & _FUTEX_TID_MASK == 0]
     finally:
@@ -130,8 +131,10 @@ def _probe_owner_word() -> int:
         del target
         buf.close()
     if not found:  # pragma: no cover - a libc without robust futexes
-        raise ImportError("safeshm: cannot find the owner thread id in this C library's "
-                          "robust mutexes; they do not follow the kernel's robust-futex protocol")
+        raise ImportError(
+            "safeshm: cannot find the owner thread id in this C library's "
+            "robust mutexes; they do not follow the kernel's robust-futex protocol"
+        )
     return found[0]
 
 
@@ -143,12 +146,18 @@ def init_mutex(mm: mmap.mmap, offset: int) -> None:
     attr = ctypes.create_string_buffer(_compat.PTHREAD_MUTEXATTR_SIZE)
     _check(_compat.mutexattr_init(attr), "pthread_mutexattr_init")
     try:
-        _check(_compat.mutexattr_setpshared(attr, _compat.PTHREAD_PROCESS_SHARED),
-               "pthread_mutexattr_setpshared")
-        _check(_compat.mutexattr_setrobust(attr, _compat.PTHREAD_MUTEX_ROBUST),
-               "pthread_mutexattr_setrobust")
-        _check(_compat.mutexattr_settype(attr, _compat.PTHREAD_MUTEX_ERRORCHECK),
-               "pthread_mutexattr_settype")
+        _check(
+            _compat.mutexattr_setpshared(attr, _compat.PTHREAD_PROCESS_SHARED),
+            "pthread_mutexattr_setpshared",
+        )
+        _check(
+            _compat.mutexattr_setrobust(attr, _compat.PTHREAD_MUTEX_ROBUST),
+            "pthread_mutexattr_setrobust",
+        )
+        _check(
+            _compat.mutexattr_settype(attr, _compat.PTHREAD_MUTEX_ERRORCHECK),
+            "pthread_mutexattr_settype",
+        )
         target = ctypes.c_char.from_buffer(mm, offset)
         _check(_compat.mutex_init(ctypes.byref(target), attr), "pthread_mutex_init")
         del target  # drop the buffer export before the caller may close the mapping
@@ -232,6 +241,7 @@ def _c_release(mutex: RobustMutex, seg: Segment) -> Any:
 # restype and argtypes. PyDLL: the unlock never blocks, so it keeps the GIL.
 _LIBC_GIL: Final = ctypes.PyDLL(None)
 
+
 def _glibc_kind() -> int:
     """The ``__kind`` word glibc writes for our mutexes (learnt once, from a scratch one)."""
     global _reference_kind  # noqa: PLW0603 - a per-process constant, computed on first use
@@ -261,20 +271,24 @@ def check_mutex(words: memoryview, what: str) -> None:
     if kind != _glibc_kind():
         raise SegmentCorruptedError(
             f"{what} is damaged: its mutex has type {kind}, not a robust process-shared "
-            f"mutex ({_glibc_kind()})")
+            f"mutex ({_glibc_kind()})"
+        )
     word = ints[0]
     tid = word & _FUTEX_TID_MASK
     owner = ints[_GLIBC_OWNER_WORD]
-    if tid >= _compat.PID_MAX_LIMIT or not (0 <= owner < _compat.PID_MAX_LIMIT
-                                     or owner in _GLIBC_OWNER_SPECIAL):
+    if tid >= _compat.PID_MAX_LIMIT or not (
+        0 <= owner < _compat.PID_MAX_LIMIT or owner in _GLIBC_OWNER_SPECIAL
+    ):
         raise SegmentCorruptedError(
             f"{what} is damaged: its mutex names owner thread {tid} / {owner}, which no "
-            "Linux thread id can be")
+            "Linux thread id can be"
+        )
     if tid and not word & _FUTEX_OWNER_DIED and _held_forever(words, tid):
         raise SegmentCorruptedError(
             f"{what} is held by thread {tid}, which no longer exists and was never marked "
             "dead, and no other process has the segment open: nobody can ever release "
-            "it (damaged bytes, or a holder whose robust list was lost)")
+            "it (damaged bytes, or a holder whose robust list was lost)"
+        )
 
 
 def _held_forever(words: memoryview, tid: int) -> bool:
@@ -299,8 +313,12 @@ def _held_forever(words: memoryview, tid: int) -> bool:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             for line in f:
                 fields = line.split()
-                if (len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where
-                        and fields[4] != str(_compat.pid)):
+                if (
+                    len(fields) >= 6
+                    and fields[1] == "FLOCK"
+                    and fields[5] == where
+                    and fields[4] != str(_compat.pid)
+                ):
                     return False
     except OSError:  # pragma: no cover - no /proc: cannot tell
         return False
@@ -339,8 +357,7 @@ class RobustMutex:
         self._target = ctypes.c_char.from_buffer(mm, offset)
         self._p = ctypes.byref(self._target)
         self._words = memoryview(mm)[offset : offset + MUTEX_BLOCK].cast("q")
-        self.owner = memoryview(mm)[offset + 4 * OWNER_WORD : offset + 4 * OWNER_WORD + 4
-                                    ].cast("i")
+        self.owner = memoryview(mm)[offset + 4 * OWNER_WORD : offset + 4 * OWNER_WORD + 4].cast("i")
         """A one-word view of the robust futex word: nonzero while some thread holds it."""
         self._what = what
         # Before exit_c: its ctypes function sits in a reference cycle that would keep the
@@ -369,8 +386,7 @@ class RobustMutex:
         rc = _trylock(self._p)
         if rc == 0:
             return OK
-        return self.finish_acquire(
-            rc, _NEVER if timeout is None else time.monotonic() + timeout)
+        return self.finish_acquire(rc, _NEVER if timeout is None else time.monotonic() + timeout)
 
     def check_not_mine(self) -> None:
         """Raise :class:`LockReentryError` if the calling thread holds the mutex.
@@ -385,7 +401,8 @@ class RobustMutex:
     def _reentry(self) -> LockReentryError:
         return LockReentryError(
             f"{self._what} is already held by this thread; it is not reentrant, so "
-            "acquiring it again would deadlock")
+            "acquiring it again would deadlock"
+        )
 
     def finish_acquire(self, rc: int, deadline: float) -> int:
         """Complete an acquire whose ``pthread_mutex_trylock`` returned ``rc != 0``.
@@ -419,7 +436,8 @@ class RobustMutex:
             raise SafeShmError(f"{self._what} is unrecoverable (ENOTRECOVERABLE)")
         if rc == errno.EINVAL:  # the bytes were damaged after we attached
             raise SegmentCorruptedError(
-                f"{self._what} is damaged: locking its mutex failed with EINVAL")
+                f"{self._what} is damaged: locking its mutex failed with EINVAL"
+            )
         raise OSError(rc, f"locking {self._what} failed: {os.strerror(rc)}")
 
     def _recover(self) -> int:
@@ -543,6 +561,7 @@ class Held:
             raise
 
     if TYPE_CHECKING:
+
         def __exit__(self, *exc_info: object) -> None: ...
     else:
         __exit__ = _CLevel(operator.attrgetter("_m.exit_c"))
@@ -642,9 +661,13 @@ class SafeLock(SharedStructure):
             SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             InvalidNameError: ``name`` is not a valid segment name.
         """
-        seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
-                             payload_size=MUTEX_BLOCK,
-                             init=lambda mm: init_mutex(mm, HEADER_SIZE))
+        seg = Segment.create(
+            name,
+            kind=cls._KIND,
+            layout=cls._LAYOUT,
+            payload_size=MUTEX_BLOCK,
+            init=lambda mm: init_mutex(mm, HEADER_SIZE),
+        )
         return cls._from_segment(seg)
 
     @classmethod
@@ -742,10 +765,13 @@ class SafeLock(SharedStructure):
             HolderDiedWarning(
                 f"SafeLock {self._seg.name!r}: the previous holder died while holding "
                 "it; the lock was recovered and is now held by this thread (whatever "
-                "the dead holder was changing under it may be incomplete)"),
-            stacklevel=stacklevel)
+                "the dead holder was changing under it may be incomplete)"
+            ),
+            stacklevel=stacklevel,
+        )
 
     if TYPE_CHECKING:
+
         def release(self) -> None:
             """Release the lock (see the runtime definition below)."""
 
@@ -755,13 +781,16 @@ class SafeLock(SharedStructure):
         # property whose getter is C too): a Python method would give a signal handler's
         # exception a place to land -- its first instruction -- before the unlock, and the
         # lock would stay held by this live thread.
-        release = _CLevel(operator.attrgetter("_release_c"), doc="""\
+        release = _CLevel(
+            operator.attrgetter("_release_c"),
+            doc="""\
 Release the lock. Works even after :meth:`close`, for a thread that holds it.
 
 Raises:
     LockNotHeldError: the calling thread does not hold it.
     SegmentClosedError: the handle is closed and this thread does not hold it.
-""")
+""",
+        )
         __exit__ = _CLevel(operator.attrgetter("_exit_c"))
 
     def __enter__(self) -> Self:
@@ -796,8 +825,7 @@ Raises:
                 ``TimeoutError``).
         """
         if not self.acquire(timeout=timeout):
-            raise LockTimeoutError(
-                f"SafeLock {self._seg.name!r} not acquired within {timeout} s")
+            raise LockTimeoutError(f"SafeLock {self._seg.name!r} not acquired within {timeout} s")
         try:
             yield self
         finally:

@@ -151,20 +151,29 @@ class SafeQueue(SharedStructure, Generic[T]):
     # -- construction ----------------------------------------------------------------------
     @overload
     @classmethod
-    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
-               raw: Literal[False] = False) -> SafeQueue[Any]: ...
+    def create(
+        cls,
+        capacity: int,
+        *,
+        name: str | None = None,
+        maxsize: int = 0,
+        raw: Literal[False] = False,
+    ) -> SafeQueue[Any]: ...
     @overload
     @classmethod
-    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
-               raw: Literal[True]) -> SafeQueue[bytes]: ...
+    def create(
+        cls, capacity: int, *, name: str | None = None, maxsize: int = 0, raw: Literal[True]
+    ) -> SafeQueue[bytes]: ...
     @overload
     @classmethod
-    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
-               raw: bool) -> SafeQueue[Any]: ...
+    def create(
+        cls, capacity: int, *, name: str | None = None, maxsize: int = 0, raw: bool
+    ) -> SafeQueue[Any]: ...
 
     @classmethod
-    def create(cls, capacity: int, *, name: str | None = None, maxsize: int = 0,
-               raw: bool = False) -> SafeQueue[Any]:
+    def create(
+        cls, capacity: int, *, name: str | None = None, maxsize: int = 0, raw: bool = False
+    ) -> SafeQueue[Any]:
         """Create a new, empty queue.
 
         Args:
@@ -189,9 +198,14 @@ class SafeQueue(SharedStructure, Generic[T]):
         def init(mm: mmap.mmap) -> None:
             init_mutex(mm, _MUTEX_OFFSET)
 
-        seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
-                             payload_size=_RING_OFFSET - HEADER_SIZE + capacity, init=init,
-                             params=_PARAMS.pack(capacity, maxsize, int(bool(raw))))
+        seg = Segment.create(
+            name,
+            kind=cls._KIND,
+            layout=cls._LAYOUT,
+            payload_size=_RING_OFFSET - HEADER_SIZE + capacity,
+            init=init,
+            params=_PARAMS.pack(capacity, maxsize, int(bool(raw))),
+        )
         return cls._from_segment(seg)
 
     @classmethod
@@ -206,20 +220,24 @@ class SafeQueue(SharedStructure, Generic[T]):
 
     @overload
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
-             raw: Literal[False] = False) -> SafeQueue[Any]: ...
+    def open(
+        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: Literal[False] = False
+    ) -> SafeQueue[Any]: ...
     @overload
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
-             raw: Literal[True]) -> SafeQueue[bytes]: ...
+    def open(
+        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: Literal[True]
+    ) -> SafeQueue[bytes]: ...
     @overload
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
-             raw: bool) -> SafeQueue[Any]: ...
+    def open(
+        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: bool
+    ) -> SafeQueue[Any]: ...
 
     @classmethod
-    def open(cls, name: str, capacity: int, *, maxsize: int | None = None,
-             raw: bool = False) -> SafeQueue[Any]:
+    def open(
+        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: bool = False
+    ) -> SafeQueue[Any]:
         """Attach to ``name``, creating it first if needed (race-free).
 
         An existing queue must be what this call would create: the same ``capacity``
@@ -240,32 +258,43 @@ class SafeQueue(SharedStructure, Generic[T]):
             if maxsize is not None and have_maxsize != maxsize:
                 diffs.append(f"maxsize {have_maxsize}, expected {maxsize}")
             if bool(have_raw) != bool(raw):
-                diffs.append(f"{'raw (bytes)' if have_raw else 'pickling'}, expected "
-                             f"{'raw (bytes)' if raw else 'pickling'}")
+                diffs.append(
+                    f"{'raw (bytes)' if have_raw else 'pickling'}, expected "
+                    f"{'raw (bytes)' if raw else 'pickling'}"
+                )
             if diffs:
                 raise IncompatibleSegmentError(f"SafeQueue {name!r} has " + "; ".join(diffs))
 
         return cls._open_segment(
-            name, lambda: cls.create(capacity, name=name, maxsize=maxsize or 0, raw=raw),
-            check)
+            name, lambda: cls.create(capacity, name=name, maxsize=maxsize or 0, raw=raw), check
+        )
 
     def _bind(self, mm: mmap.mmap) -> None:
         if _compat.SYS_FUTEX is None:  # pragma: no cover - exotic architectures
             raise SafeShmError(
                 f"SafeQueue needs the futex system call, whose number safeshm does not know "
-                f"on this architecture ({os.uname().machine})")
+                f"on this architecture ({os.uname().machine})"
+            )
         capacity, maxsize, raw = _PARAMS.unpack_from(self._seg.header.params)
-        if capacity < MIN_CAPACITY or capacity % 8 or (
-                _RING_OFFSET + capacity != self._seg.header.total_size):
+        if (
+            capacity < MIN_CAPACITY
+            or capacity % 8
+            or (_RING_OFFSET + capacity != self._seg.header.total_size)
+        ):
             raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring does not fit "
-                f"its {self._seg.header.total_size} bytes")
+                f"its {self._seg.header.total_size} bytes"
+            )
         if raw not in (0, 1) or maxsize > INT64_MAX:
             raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: its parameters say raw={raw}, "
-                f"maxsize={maxsize}")
-        _check_state(memoryview(mm)[_STATE_OFFSET : _STATE_OFFSET + CACHE_LINE].cast("q"),
-                     capacity, self._seg.name)
+                f"maxsize={maxsize}"
+            )
+        _check_state(
+            memoryview(mm)[_STATE_OFFSET : _STATE_OFFSET + CACHE_LINE].cast("q"),
+            capacity,
+            self._seg.name,
+        )
         whole = memoryview(mm)
         self._capacity = capacity
         self._maxsize = maxsize
@@ -276,9 +305,17 @@ class SafeQueue(SharedStructure, Generic[T]):
         ring = whole[_RING_OFFSET : _RING_OFFSET + capacity]
         self._futex_ptrs = (
             ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NE_SEQ)),
-            ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NF_SEQ)))
-        self._hot = (self._state, self._fw, ring, ring.cast("Q"), self._mutex.pointer,
-                     capacity, self._mutex.owner)
+            ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NF_SEQ)),
+        )
+        self._hot = (
+            self._state,
+            self._fw,
+            ring,
+            ring.cast("Q"),
+            self._mutex.pointer,
+            capacity,
+            self._mutex.owner,
+        )
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -361,8 +398,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             tail = state[_TAIL]
             free = cap - (tail - state[_HEAD])
             # free > cap or a misaligned tail: damaged (the slow path says so).
-            if free < need or free > cap or tail & 7 or state[_SHUT] or (
-                    self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize):
+            if (
+                free < need
+                or free > cap
+                or tail & 7
+                or state[_SHUT]
+                or (self._maxsize and state[_PUTS] - state[_GETS] >= self._maxsize)
+            ):
                 tail = self._wait_for_room(need, 1, deadline)
             pos = tail % cap
             words[pos >> 3] = n | ((n ^ _MARK_KEY) << 32)
@@ -396,8 +438,12 @@ class SafeQueue(SharedStructure, Generic[T]):
         """``put(item, block=False)``."""
         self.put(item, False)
 
-    def put_many(self, items: Iterable[T], block: bool = True,  # noqa: PLR0912, PLR0915 - inlined lock pattern
-                 timeout: float | None = None) -> None:
+    def put_many(  # noqa: PLR0912, PLR0915 - inlined lock pattern
+        self,
+        items: Iterable[T],
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> None:
         """Put all ``items`` at the end of the queue at once: consumers see all or none of
         them, in order, with no other producer's items in between.
 
@@ -428,11 +474,13 @@ class SafeQueue(SharedStructure, Generic[T]):
         if total > cap:
             raise ValueError(
                 f"SafeQueue {self._seg.name!r}: a batch of {k} items needs {total} bytes, "
-                f"which can never fit the {cap}-byte ring; nothing was put")
+                f"which can never fit the {cap}-byte ring; nothing was put"
+            )
         if self._maxsize and k > self._maxsize:
             raise ValueError(
                 f"SafeQueue {self._seg.name!r}: a batch of {k} items exceeds maxsize "
-                f"{self._maxsize}; nothing was put")
+                f"{self._maxsize}; nothing was put"
+            )
         rc = -1
         if owner[0]:
             self._mutex.check_not_mine()
@@ -442,8 +490,13 @@ class SafeQueue(SharedStructure, Generic[T]):
                 self._finish_acquire(rc, deadline, queue.Full)
             tail = state[_TAIL]
             free = cap - (tail - state[_HEAD])
-            if free < total or free > cap or tail & 7 or state[_SHUT] or (
-                    self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
+            if (
+                free < total
+                or free > cap
+                or tail & 7
+                or state[_SHUT]
+                or (self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize)
+            ):
                 tail = self._wait_for_room(total, k, deadline)
             pos = tail % cap
             end = pos + total
@@ -474,13 +527,15 @@ class SafeQueue(SharedStructure, Generic[T]):
         return SegmentCorruptedError(
             f"SafeQueue {self._seg.name!r} is damaged: no valid record at byte {at} of the "
             f"ring (read position {state[_HEAD]}, write position {state[_TAIL]}, capacity "
-            f"{self._capacity}); nothing was taken or put")
+            f"{self._capacity}); nothing was taken or put"
+        )
 
     def _too_big(self, n: int) -> ValueError:
         return ValueError(
             f"SafeQueue {self._seg.name!r}: an item of {n} bytes"
             f"{'' if self._raw else ' (pickled)'} can never fit a {self._capacity}-byte ring "
-            f"(the largest is {self._capacity - _RECORD_HEADER} bytes); nothing was put")
+            f"(the largest is {self._capacity - _RECORD_HEADER} bytes); nothing was put"
+        )
 
     # -- get -----------------------------------------------------------------------------------
     def get(self, block: bool = True, timeout: float | None = None) -> T:  # noqa: PLR0912 - inlined lock pattern
@@ -513,8 +568,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             # What the ring says must be a record (its length checks out) inside what was
             # put: otherwise damage, never returned as an item.
             need = (n + 15) & ~7
-            if ((word >> 32) ^ n != _MARK_KEY or head & 7 or need > tail - head
-                    or tail - head > cap):
+            if (word >> 32) ^ n != _MARK_KEY or head & 7 or need > tail - head or tail - head > cap:
                 raise self._damaged(head)
             start = pos + 8
             if start == cap:
@@ -549,8 +603,12 @@ class SafeQueue(SharedStructure, Generic[T]):
         """``get(block=False)``."""
         return self.get(False)
 
-    def get_many(self, max_items: int, block: bool = True,  # noqa: PLR0912 - inlined lock pattern
-                 timeout: float | None = None) -> list[T]:
+    def get_many(  # noqa: PLR0912 - inlined lock pattern
+        self,
+        max_items: int,
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> list[T]:
         """Remove and return up to ``max_items`` items from the front of the queue, waiting
         (as :meth:`get` does) only until there is at least one.
 
@@ -636,14 +694,17 @@ class SafeQueue(SharedStructure, Generic[T]):
             raise self._undecodable(out, failed, first) from first
         return out
 
-    def _undecodable(self, items: list[Any], failed: list[bytes],
-                     first: Exception) -> ItemDecodeError:
+    def _undecodable(
+        self, items: list[Any], failed: list[bytes], first: Exception
+    ) -> ItemDecodeError:
         return ItemDecodeError(
             f"{len(failed)} of {len(items) + len(failed)} item(s) taken from SafeQueue "
             f"{self._seg.name!r} could not be unpickled (first: {type(first).__name__}: "
             f"{first}); they are off the queue: the pickled bytes are in .undecodable"
             + (f", the {len(items)} other item(s) in .items" if items else ""),
-            items, failed)
+            items,
+            failed,
+        )
 
     # -- waiting ---------------------------------------------------------------------------------
     # The wait functions are called with the mutex held and return with it held (or raise,
@@ -666,7 +727,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             if tail & 7 or not 0 <= tail - state[_HEAD] <= self._capacity:
                 raise self._damaged(state[_HEAD])
             if self._capacity - (tail - state[_HEAD]) >= need and not (
-                    self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize):
+                self._maxsize and state[_PUTS] - state[_GETS] + k > self._maxsize
+            ):
                 return tail
             # No spinning here: a producer that finds the ring full is better off asleep
             # while the consumers drain several items (measured: spinning producers
@@ -731,7 +793,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         if seen > _SEQ_MASK:  # only ever stored masked: the word was damaged
             raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: a wake-up sequence word holds "
-                f"{seen:#x}, above {_SEQ_MASK:#x}")
+                f"{seen:#x}, above {_SEQ_MASK:#x}"
+            )
         fw[which + 1] = seen + 1  # the sleepers token: never 0
         p = self._hot[4]
         _unlock(p)
@@ -769,8 +832,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 if fw[which + 1] == token:
                     fw[which + 1] = 0
 
-    def _finish_acquire(self, rc: int, deadline: float | None,
-                        timed_out: type[Exception]) -> None:
+    def _finish_acquire(self, rc: int, deadline: float | None, timed_out: type[Exception]) -> None:
         """The mutex's trylock returned ``rc``: wait for it until ``deadline`` (then raise
         ``timed_out``), or recover it from a dead holder (then repair what that holder may
         have left half-done). The deadline covers the mutex too: a holder that is stuck
@@ -847,19 +909,25 @@ class SafeQueue(SharedStructure, Generic[T]):
         """A snapshot for monitoring (never blocks)."""
         state = self._state
         return QueueStatistics(
-            name=self._seg.name, items=state[_PUTS] - state[_GETS],
+            name=self._seg.name,
+            items=state[_PUTS] - state[_GETS],
             bytes_used=state[_TAIL] - state[_HEAD],
-            capacity=self._capacity, maxsize=self._maxsize, raw=self._raw,
-            puts=state[_PUTS], gets=state[_GETS], shutdown=bool(state[_SHUT]),
-            creator_pid=self._seg.header.creator_pid)
+            capacity=self._capacity,
+            maxsize=self._maxsize,
+            raw=self._raw,
+            puts=state[_PUTS],
+            gets=state[_GETS],
+            shutdown=bool(state[_SHUT]),
+            creator_pid=self._seg.header.creator_pid,
+        )
 
     def _repr_fields(self) -> str:
-        return (f"capacity={self._capacity}, items={self.qsize()}"
-                + (", raw=True" if self._raw else ""))
+        return f"capacity={self._capacity}, items={self.qsize()}" + (
+            ", raw=True" if self._raw else ""
+        )
 
 
-def _span_end(words: memoryview, head: int, tail: int, cap: int,
-              max_items: int) -> tuple[int, int]:
+def _span_end(words: memoryview, head: int, tail: int, cap: int, max_items: int) -> tuple[int, int]:
     """Where the first ``max_items`` records from ``head`` end, and how many there are;
     ``(position, -1)`` if the ring holds no valid record at ``position`` (damage).
 
@@ -916,10 +984,16 @@ def _check_state(state: memoryview, capacity: int, name: str) -> None:
         return
     gets = state[_GETS]  # first: both only grow, and gets never passes puts
     puts = state[_PUTS]
-    if head < 0 or head & 7 or tail & 7 or not 0 <= tail - head <= capacity or (
-            state[_SHUT] not in (0, _SHUTDOWN, _SHUTDOWN_NOW)) or not (
-            0 <= gets <= puts < _COUNT_LIMIT):
+    if (
+        head < 0
+        or head & 7
+        or tail & 7
+        or not 0 <= tail - head <= capacity
+        or (state[_SHUT] not in (0, _SHUTDOWN, _SHUTDOWN_NOW))
+        or not (0 <= gets <= puts < _COUNT_LIMIT)
+    ):
         raise SegmentCorruptedError(
             f"SafeQueue {name!r} is damaged: read position {head}, write position {tail}, "
             f"{puts} items put, {gets} taken, shutdown flag {state[_SHUT]} in a "
-            f"{capacity}-byte ring")
+            f"{capacity}-byte ring"
+        )

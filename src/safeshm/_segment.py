@@ -80,6 +80,7 @@ def _header_crc(raw: bytes | bytearray | mmap.mmap) -> int:
     last), the CRC itself and the reserved bytes."""
     return zlib.crc32(raw[PARAMS_OFFSET:HEADER_SIZE], zlib.crc32(raw[8:_CRC_OFFSET]))
 
+
 MAX_SEGMENT_SIZE: Final = 1 << 62
 """The largest segment safeshm makes: far beyond any memory, yet every offset and byte
 counter into it (int64 words in the segments) stays exact."""
@@ -130,8 +131,7 @@ def validate_name(name: object) -> str:
         raise InvalidNameError("segment name must not be empty")
     if len(name) > NAME_MAX:
         raise InvalidNameError(
-            f"segment name {name[:20]!r}... is {len(name)} characters long; "
-            f"the limit is {NAME_MAX}"
+            f"segment name {name[:20]!r}... is {len(name)} characters long; the limit is {NAME_MAX}"
         )
     if not _NAME_RE.match(name):
         raise InvalidNameError(
@@ -173,8 +173,17 @@ class Header:
         if magic != MAGIC or hlayout != HEADER_LAYOUT:
             return None
         intact = _CRC.unpack_from(raw, _CRC_OFFSET)[0] == _header_crc(raw)
-        return cls(kind, layout, flags, size, cpid, cstart, cns,
-                   bytes(raw[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE]), intact)
+        return cls(
+            kind,
+            layout,
+            flags,
+            size,
+            cpid,
+            cstart,
+            cns,
+            bytes(raw[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE]),
+            intact,
+        )
 
 
 def read_header(path: str) -> tuple[Header | None, os.stat_result]:
@@ -232,8 +241,13 @@ class Segment:
         self.dev_ino = (st.st_dev, st.st_ino)
         self.closed = False
         self._close_lock = threading.Lock()
-        self.mm = mmap.mmap(fd, header.total_size, mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE, **_compat.MMAP_KWARGS)
+        self.mm = mmap.mmap(
+            fd,
+            header.total_size,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            **_compat.MMAP_KWARGS,
+        )
         # Safety net only: if the handle is dropped without close(), release the file
         # descriptor (and with it the flock). The mapping itself goes away with the last
         # object that references it. Never unlinks.
@@ -265,9 +279,17 @@ class Segment:
         if payload_size > MAX_SEGMENT_SIZE - HEADER_SIZE:
             raise OverflowError(
                 f"a {payload_size}-byte segment is beyond safeshm's limit of "
-                f"{MAX_SEGMENT_SIZE} bytes; nothing was created")
-        spec = _Spec(name, kind, layout, HEADER_SIZE + payload_size, init,
-                     params.ljust(PARAMS_SIZE, b"\0"), flags)
+                f"{MAX_SEGMENT_SIZE} bytes; nothing was created"
+            )
+        spec = _Spec(
+            name,
+            kind,
+            layout,
+            HEADER_SIZE + payload_size,
+            init,
+            params.ljust(PARAMS_SIZE, b"\0"),
+            flags,
+        )
         dir_fd = _open_shm_dir()
         try:
             if _use_tmpfile:
@@ -289,8 +311,13 @@ class Segment:
             raise
         seg = cls._build(spec, fd)
         try:
-            os.link(f"/proc/self/fd/{fd}", _compat.FILE_PREFIX + spec.name,
-                    src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=True)
+            os.link(
+                f"/proc/self/fd/{fd}",
+                _compat.FILE_PREFIX + spec.name,
+                src_dir_fd=dir_fd,
+                dst_dir_fd=dir_fd,
+                follow_symlinks=True,
+            )
         except FileExistsError:
             seg.close()
             raise _exists(spec.name) from None
@@ -305,16 +332,25 @@ class Segment:
     @classmethod
     def _create_named_tmp(cls, spec: _Spec, dir_fd: int) -> Segment:
         tmp = f"{_compat.TMP_PREFIX}{os.getpid()}.{os.urandom(4).hex()}"
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600, dir_fd=dir_fd)
+        fd = os.open(
+            tmp,
+            os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+            dir_fd=dir_fd,
+        )
         try:
             seg = cls._build(spec, fd)
         except BaseException:
             os.unlink(tmp, dir_fd=dir_fd)
             raise
         try:
-            os.link(tmp, _compat.FILE_PREFIX + spec.name, src_dir_fd=dir_fd,
-                    dst_dir_fd=dir_fd, follow_symlinks=False)
+            os.link(
+                tmp,
+                _compat.FILE_PREFIX + spec.name,
+                src_dir_fd=dir_fd,
+                dst_dir_fd=dir_fd,
+                follow_symlinks=False,
+            )
         except FileExistsError:
             seg.close()
             raise _exists(spec.name) from None
@@ -335,13 +371,23 @@ class Segment:
                 os.posix_fallocate(fd, 0, spec.total)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    raise OSError(errno.ENOSPC, f"not enough space in {_compat.SHM_DIR} for "
-                                  f"a {spec.total}-byte segment {spec.name!r}") from None
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"not enough space in {_compat.SHM_DIR} for "
+                        f"a {spec.total}-byte segment {spec.name!r}",
+                    ) from None
                 raise
             fcntl.flock(fd, fcntl.LOCK_SH)
-            header = Header(spec.kind, spec.layout, spec.flags, spec.total, _compat.pid,
-                            _compat.process_start_time(_compat.pid) or 0, time.time_ns(),
-                            spec.params)
+            header = Header(
+                spec.kind,
+                spec.layout,
+                spec.flags,
+                spec.total,
+                _compat.pid,
+                _compat.process_start_time(_compat.pid) or 0,
+                time.time_ns(),
+                spec.params,
+            )
             seg = cls.__new__(cls)
             seg._setup(spec.name, fd, header, created=True)
         except BaseException:
@@ -349,9 +395,19 @@ class Segment:
             raise
         try:
             mm = seg.mm
-            _HEADER.pack_into(mm, 0, b"\0" * 8, HEADER_LAYOUT, header.kind, header.layout,
-                              header.flags, header.total_size, header.creator_pid,
-                              header.creator_start, header.created_ns)
+            _HEADER.pack_into(
+                mm,
+                0,
+                b"\0" * 8,
+                HEADER_LAYOUT,
+                header.kind,
+                header.layout,
+                header.flags,
+                header.total_size,
+                header.creator_pid,
+                header.creator_start,
+                header.created_ns,
+            )
             mm[PARAMS_OFFSET : PARAMS_OFFSET + PARAMS_SIZE] = header.params
             _CRC.pack_into(mm, _CRC_OFFSET, _header_crc(mm))
             spec.init(mm)
@@ -369,11 +425,13 @@ class Segment:
         path = segment_path(name)
         dir_fd = _open_shm_dir()
         try:
-            fd = os.open(_compat.FILE_PREFIX + name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         dir_fd=dir_fd)
+            fd = os.open(
+                _compat.FILE_PREFIX + name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd
+            )
         except FileNotFoundError:
-            raise SegmentNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
-                                    path) from None
+            raise SegmentNotFoundError(
+                errno.ENOENT, f"no safeshm segment named {name!r}", path
+            ) from None
         except OSError as e:
             raise _open_error(name, e, dir_fd) from None
         finally:
@@ -388,12 +446,13 @@ class Segment:
             try:
                 now = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
-                raise SegmentNotFoundError(errno.ENOENT, f"no safeshm segment named {name!r}",
-                                        path) from None
+                raise SegmentNotFoundError(
+                    errno.ENOENT, f"no safeshm segment named {name!r}", path
+                ) from None
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                raise SegmentNotFoundError(errno.ENOENT,
-                                        f"safeshm segment {name!r} was removed while attaching",
-                                        path)
+                raise SegmentNotFoundError(
+                    errno.ENOENT, f"safeshm segment {name!r} was removed while attaching", path
+                )
             seg = cls.__new__(cls)
             seg._setup(name, fd, header, created=False)
         except BaseException:
@@ -426,14 +485,16 @@ class Segment:
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
-            raise SegmentNotFoundError(errno.ENOENT,
-                                    f"safeshm segment {self.name!r} was already unlinked",
-                                    path) from None
+            raise SegmentNotFoundError(
+                errno.ENOENT, f"safeshm segment {self.name!r} was already unlinked", path
+            ) from None
         if (st.st_dev, st.st_ino) != self.dev_ino:
             raise SegmentNotFoundError(
                 errno.ENOENT,
                 f"safeshm segment {self.name!r} was already unlinked (the name now belongs "
-                "to a newer segment, which is left alone)", path)
+                "to a newer segment, which is left alone)",
+                path,
+            )
         os.unlink(path)
 
 
@@ -467,8 +528,9 @@ class _Spec(NamedTuple):
 
 
 def _exists(name: str) -> SegmentExistsError:
-    return SegmentExistsError(errno.EEXIST, f"a safeshm segment named {name!r} already exists",
-                           segment_path(name))
+    return SegmentExistsError(
+        errno.EEXIST, f"a safeshm segment named {name!r} already exists", segment_path(name)
+    )
 
 
 class _TmpfileUnsupported(Exception):
@@ -483,11 +545,14 @@ def _open_shm_dir() -> int:
         raise SegmentNotFoundError(
             errno.ENOENT,
             f"shared-memory directory {_compat.SHM_DIR} does not exist (set SAFESHM_DIR to a "
-            "tmpfs directory)", _compat.SHM_DIR) from None
+            "tmpfs directory)",
+            _compat.SHM_DIR,
+        ) from None
     except PermissionError:
         raise SegmentPermissionError(
             f"segment directory {_compat.SHM_DIR} cannot be opened by you (uid "
-            f"{os.geteuid()}); set SAFESHM_DIR to a directory of your own") from None
+            f"{os.geteuid()}); set SAFESHM_DIR to a directory of your own"
+        ) from None
     try:
         check_directory(os.fstat(fd), _compat.SHM_DIR)
     except BaseException:
@@ -513,14 +578,16 @@ def check_directory(st: os.stat_result, path: str) -> None:
         raise InsecureDirectoryError(
             f"segment directory {path} belongs to uid {st.st_uid}, not to you (uid {uid}) "
             "or root: its owner could replace our segments. Point SAFESHM_DIR at a "
-            "directory of your own (mkdir -m 700 DIR on a tmpfs such as /dev/shm)")
+            "directory of your own (mkdir -m 700 DIR on a tmpfs such as /dev/shm)"
+        )
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
         mode = f"{stat.S_IMODE(st.st_mode):04o}"
         raise InsecureDirectoryError(
             f"segment directory {path} can be written by other users and is not sticky "
             f"(mode {mode}): they could rename or remove our segments. Make it private "
             f"(chmod go-w {path}) if it is yours alone, or point SAFESHM_DIR at a private "
-            "subdirectory (mkdir -m 700 /dev/shm/NAME)")
+            "subdirectory (mkdir -m 700 /dev/shm/NAME)"
+        )
 
 
 def _open_error(name: str, e: OSError, dir_fd: int) -> Exception:
@@ -528,10 +595,12 @@ def _open_error(name: str, e: OSError, dir_fd: int) -> Exception:
     path = segment_path(name)
     if e.errno == errno.ELOOP:
         return IncompatibleSegmentError(
-            f"segment {name!r} is a symbolic link, not a safeshm segment; refusing to follow it")
+            f"segment {name!r} is a symbolic link, not a safeshm segment; refusing to follow it"
+        )
     if e.errno == errno.EISDIR:
         return IncompatibleSegmentError(
-            f"segment {name!r} is a directory ({path}), not a safeshm segment")
+            f"segment {name!r} is a directory ({path}), not a safeshm segment"
+        )
     if e.errno in (errno.EACCES, errno.EPERM):
         try:
             st = os.stat(_compat.FILE_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
@@ -541,7 +610,8 @@ def _open_error(name: str, e: OSError, dir_fd: int) -> Exception:
             owner = f" (it belongs to uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
         return SegmentPermissionError(
             f"segment {name!r} cannot be opened by you (uid {os.geteuid()}){owner}; safeshm "
-            "segments are private to the user who created them")
+            "segments are private to the user who created them"
+        )
     return e
 
 
@@ -552,11 +622,13 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
     if st.st_uid != os.geteuid():
         raise SegmentPermissionError(
             f"segment {name!r} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}); "
-            "safeshm segments are private to their creator")
+            "safeshm segments are private to their creator"
+        )
     if st.st_mode & 0o022:
         raise SegmentPermissionError(
             f"segment {name!r} is writable by other users (mode {st.st_mode & 0o777:o}); "
-            "refusing to trust its contents")
+            "refusing to trust its contents"
+        )
     raw = os.pread(fd, HEADER_SIZE, 0)
     header = Header.parse(raw)
     if header is None:
@@ -565,25 +637,31 @@ def _validate(name: str, fd: int, kind: Kind, layout: int) -> Header:
             if found == HEADER_LAYOUT:  # ours, but cut short: not another version
                 raise SegmentCorruptedError(
                     f"segment {name!r} is damaged: its file has {st.st_size} bytes, less "
-                    f"than the {HEADER_SIZE}-byte header")
+                    f"than the {HEADER_SIZE}-byte header"
+                )
             raise IncompatibleSegmentError(
                 f"segment {name!r} has a safeshm header of layout {found}, but this "
-                f"safeshm reads layout {HEADER_LAYOUT}")
+                f"safeshm reads layout {HEADER_LAYOUT}"
+            )
         raise IncompatibleSegmentError(
             f"segment {name!r} is not a safeshm segment (no safeshm header in its "
-            f"{st.st_size} bytes), expected {describe_kind(kind, layout)}")
+            f"{st.st_size} bytes), expected {describe_kind(kind, layout)}"
+        )
     if not header.intact:
         raise SegmentCorruptedError(
             f"segment {name!r} is damaged: its header's checksum does not match, so what it "
-            "says (kind, size, parameters) cannot be trusted")
+            "says (kind, size, parameters) cannot be trusted"
+        )
     if header.kind != kind or header.layout != layout:
         raise IncompatibleSegmentError(
             f"segment {name!r} is {describe_kind(header.kind, header.layout)}, "
-            f"expected {describe_kind(kind, layout)}")
+            f"expected {describe_kind(kind, layout)}"
+        )
     if header.total_size != st.st_size:
         raise SegmentCorruptedError(
             f"segment {name!r} is damaged: its header says {header.total_size} bytes, the "
-            f"file has {st.st_size}")
+            f"file has {st.st_size}"
+        )
     return header
 
 
@@ -608,7 +686,8 @@ class SharedStructure:
     def __init__(self, *args: object, **kwargs: object) -> None:
         raise TypeError(
             f"use {type(self).__name__}.create(), .attach() or .open() to get a "
-            f"{type(self).__name__}")
+            f"{type(self).__name__}"
+        )
 
     @classmethod
     def _from_segment(cls, seg: Segment) -> Self:
@@ -636,8 +715,9 @@ class SharedStructure:
         return Segment.attach(name, kind=cls._KIND, layout=cls._LAYOUT)
 
     @classmethod
-    def _open_segment(cls, name: str, create: Callable[[], Self],
-                      check: Callable[[Segment], None] | None = None) -> Self:
+    def _open_segment(
+        cls, name: str, create: Callable[[], Self], check: Callable[[Segment], None] | None = None
+    ) -> Self:
         """Create-or-attach without check-then-act: try the ``O_EXCL``-equivalent create
         first; if the name is taken, attach (the winner published a complete segment)."""
         validate_name(name)
@@ -737,7 +817,8 @@ class SharedStructure:
 
     def _raise_closed(self) -> None:
         raise SegmentClosedError(
-            f"{type(self).__name__} {self._seg.name!r} is closed on this handle")
+            f"{type(self).__name__} {self._seg.name!r} is closed on this handle"
+        )
 
     def _repr_fields(self) -> str:
         return ""
@@ -754,4 +835,3 @@ class SharedStructure:
         except Exception:  # noqa: BLE001 - repr must never raise
             extra = ""
         return f"{cls}(name={seg.name!r}{', ' + extra if extra else ''})"
-

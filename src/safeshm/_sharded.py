@@ -164,8 +164,7 @@ class ShardedCounter(SharedStructure):
     _warned_full: bool
 
     @classmethod
-    def create(cls, initial: int = 0, *, name: str | None = None,
-               slots: int | None = None) -> Self:
+    def create(cls, initial: int = 0, *, name: str | None = None, slots: int | None = None) -> Self:
         """Create a new sharded counter holding ``initial``.
 
         Args:
@@ -190,9 +189,14 @@ class ShardedCounter(SharedStructure):
             struct.pack_into("=q", mm, _BASE_OFFSET, initial)
             init_mutex(mm, _SHARD_MUTEX_OFFSET)
 
-        seg = Segment.create(name, kind=cls._KIND, layout=cls._LAYOUT,
-                             payload_size=_SLOTS_OFFSET - HEADER_SIZE + nslots * _SLOT_SIZE,
-                             init=init, params=_PARAMS.pack(nslots))
+        seg = Segment.create(
+            name,
+            kind=cls._KIND,
+            layout=cls._LAYOUT,
+            payload_size=_SLOTS_OFFSET - HEADER_SIZE + nslots * _SLOT_SIZE,
+            init=init,
+            params=_PARAMS.pack(nslots),
+        )
         return cls._from_segment(seg)
 
     @classmethod
@@ -222,21 +226,22 @@ class ShardedCounter(SharedStructure):
             (have,) = _PARAMS.unpack_from(seg.header.params)
             if slots is not None and have != slots:
                 raise IncompatibleSegmentError(
-                    f"ShardedCounter {seg.name!r} has {have} slots; expected {slots}")
+                    f"ShardedCounter {seg.name!r} has {have} slots; expected {slots}"
+                )
 
-        return cls._open_segment(name, lambda: cls.create(initial, name=name, slots=slots),
-                                 check)
+        return cls._open_segment(name, lambda: cls.create(initial, name=name, slots=slots), check)
 
     def _bind(self, mm: mmap.mmap) -> None:
         (nslots,) = _PARAMS.unpack_from(self._seg.header.params)
         if not 1 <= nslots <= MAX_SLOTS or (
-                _SLOTS_OFFSET + nslots * _SLOT_SIZE != self._seg.header.total_size):
+            _SLOTS_OFFSET + nslots * _SLOT_SIZE != self._seg.header.total_size
+        ):
             raise SegmentCorruptedError(
                 f"ShardedCounter {self._seg.name!r} is damaged: {nslots} slots do not fit "
-                f"its {self._seg.header.total_size} bytes")
+                f"its {self._seg.header.total_size} bytes"
+            )
         self._mv = memoryview(mm).cast("q")
-        self._mutex = RobustMutex(mm, _SHARD_MUTEX_OFFSET,
-                                  f"ShardedCounter {self._seg.name!r}")
+        self._mutex = RobustMutex(mm, _SHARD_MUTEX_OFFSET, f"ShardedCounter {self._seg.name!r}")
         self._nslots = nslots
         self._tls = threading.local()
         self._warned_full = False
@@ -282,7 +287,8 @@ class ShardedCounter(SharedStructure):
             if not INT64_MIN <= new <= INT64_MAX:
                 raise OverflowError(
                     f"ShardedCounter {self._seg.name!r}: adding {delta} would overflow "
-                    "both this thread's slot and the shared int64 word; nothing was changed")
+                    "both this thread's slot and the shared int64 word; nothing was changed"
+                )
             mv[_BASE] = new
 
     # -- slots ------------------------------------------------------------------------------
@@ -313,11 +319,14 @@ class ShardedCounter(SharedStructure):
             tls.retry_at = time.monotonic() + _CLAIM_RETRY_S
             if not self._warned_full:
                 self._warned_full = True
-                warnings.warn(SafeShmWarning(
-                    f"ShardedCounter {self._seg.name!r}: all {self._nslots} slots are owned "
-                    "by live threads; adds from threads without a slot go through a shared "
-                    "word under a lock (exact, but slower). Create it with more slots="),
-                    stacklevel=3)
+                warnings.warn(
+                    SafeShmWarning(
+                        f"ShardedCounter {self._seg.name!r}: all {self._nslots} slots are owned "
+                        "by live threads; adds from threads without a slot go through a shared "
+                        "word under a lock (exact, but slower). Create it with more slots="
+                    ),
+                    stacklevel=3,
+                )
             return None
         index = (_SLOTS_OFFSET + chosen * _SLOT_SIZE) // 8 + _S_VALUE
         tls.lease = _Lease(mv, self._mutex, index, token)
@@ -342,7 +351,8 @@ class ShardedCounter(SharedStructure):
         if not 0 <= high <= self._nslots:
             raise SegmentCorruptedError(
                 f"ShardedCounter {self._seg.name!r} is damaged: its high-water mark of used "
-                f"slots is {high}, with {self._nslots} slots")
+                f"slots is {high}, with {self._nslots} slots"
+            )
         return high
 
     def _slot_sum(self, high: int) -> int:
@@ -382,7 +392,8 @@ class ShardedCounter(SharedStructure):
             if not INT64_MIN <= base <= INT64_MAX:
                 raise OverflowError(
                     f"ShardedCounter {self._seg.name!r}: cannot represent {value} while the "
-                    f"slots hold {slots}; nothing was changed")
+                    f"slots hold {slots}; nothing was changed"
+                )
             old: int = mv[_BASE] + slots
             mv[_BASE] = base  # one store: a crash leaves the old value or the new
         return old
@@ -399,9 +410,13 @@ class ShardedCounter(SharedStructure):
             if owner and _compat.process_alive(owner, mv[w + _S_START], mv[w + _S_NS]):
                 in_use += 1
         return ShardedCounterStatistics(
-            name=self._seg.name, value=self.value, slots=self._nslots,
-            slots_in_use=in_use, slots_ever_used=high,
-            creator_pid=self._seg.header.creator_pid)
+            name=self._seg.name,
+            value=self.value,
+            slots=self._nslots,
+            slots_in_use=in_use,
+            slots_ever_used=high,
+            creator_pid=self._seg.header.creator_pid,
+        )
 
     def _repr_fields(self) -> str:
         return f"value={self.value}"
@@ -436,4 +451,3 @@ def _owner_start_time() -> int:
     if start is None:
         start = _start_time_cache[pid] = _compat.process_start_time(pid) or 0
     return start
-

@@ -22,14 +22,19 @@ def check_timeout(timeout: object) -> float | None:
     """
     if timeout is None:
         return None
-    if (type(timeout) is not float and type(timeout) is not int  # the fast path
-            and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real))):
+    if (
+        type(timeout) is not float
+        and type(timeout) is not int  # the fast path
+        and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real))
+    ):
         raise TypeError(
-            f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+        )
     seconds = float(timeout)
     if not seconds >= 0:  # also NaN
         raise ValueError(
-            f"timeout must be a non-negative number of seconds or None, got {timeout!r}")
+            f"timeout must be a non-negative number of seconds or None, got {timeout!r}"
+        )
     return seconds
 
 

@@ -74,15 +74,14 @@ BULK_IMPLEMENTATIONS: Final = (BULK_PRIVATE, BULK_SAFE, BULK_SHM)
 _ARRAY_DESCRIPTIONS: Final = {
     ARRAY_IDIOM: "with arr.get_lock(): arr[i] += 1   (arr = multiprocessing.Array('q', 1000))",
     ARRAY_NUMPY: "with lock: a[i] += 1   (a: numpy int64 view of a SharedMemory; "
-                 "multiprocessing.Lock)",
+    "multiprocessing.Lock)",
     ARRAY_SAFE: "add(i, 1)   (safeshm.SafeArray('q', 1000): element i locks stripe i % 64)",
 }
 _BULK_DESCRIPTIONS: Final = {
     BULK_PRIVATE: "np.sum(x)   (x: a private numpy float64 array)",
-    BULK_SAFE: "with a.locked() as view: np.asarray(view).sum()   "
-               "(safeshm.SafeArray('d', N))",
+    BULK_SAFE: "with a.locked() as view: np.asarray(view).sum()   (safeshm.SafeArray('d', N))",
     BULK_SHM: "with lock: np.ndarray((N,), np.float64, buffer=shm.buf).sum()   "
-              "(SharedMemory + multiprocessing.Lock)",
+    "(SharedMemory + multiprocessing.Lock)",
 }
 
 # Every worker draws its indices from its own generator, seeded by its worker number only,
@@ -113,9 +112,15 @@ def _indices(worker: int, n: int, length: int) -> list[int]:
     return random.Random(_INDEX_SEED + worker).choices(list(range(length)), k=n)
 
 
-def _worker_array_idiom(arr: SynchronizedArray[int], length: int, n: int, *,
-                        barrier: Barrier, times: ctypes.Array[ctypes.c_double],
-                        index: int) -> None:
+def _worker_array_idiom(
+    arr: SynchronizedArray[int],
+    length: int,
+    n: int,
+    *,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """The ``multiprocessing.Array`` idiom exactly as written in user code."""
     indices = _indices(index, n, length)
     barrier.wait(BARRIER_TIMEOUT_S)
@@ -148,9 +153,16 @@ def _attach_shared_memory(name: str) -> SharedMemory:
     return SharedMemory(name, **untracked)
 
 
-def _worker_array_numpy(shm_name: str, lock: Lock, length: int, n: int, *,
-                        barrier: Barrier, times: ctypes.Array[ctypes.c_double],
-                        index: int) -> None:
+def _worker_array_numpy(
+    shm_name: str,
+    lock: Lock,
+    length: int,
+    n: int,
+    *,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """numpy over a ``SharedMemory``, with a plain lock around each read-modify-write."""
     import numpy as np  # noqa: PLC0415 - optional dependency, needed only by this worker
 
@@ -174,8 +186,15 @@ def _worker_array_numpy(shm_name: str, lock: Lock, length: int, n: int, *,
         shm.close()
 
 
-def _worker_array_safe(arr: SafeArray[int], length: int, n: int, *, barrier: Barrier,
-                       times: ctypes.Array[ctypes.c_double], index: int) -> None:
+def _worker_array_safe(
+    arr: SafeArray[int],
+    length: int,
+    n: int,
+    *,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """``add(i, 1)`` through a hoisted bound method, as a hot loop in user code would do."""
     try:
         add = arr.add
@@ -194,8 +213,13 @@ def prepare(ctx: Context, implementation: str, n: int) -> Contender:
     """A fresh array for ``implementation``, with its worker's target and arguments."""
     if implementation == ARRAY_IDIOM:
         arr = ctx.Array("q", ARRAY_LENGTH)
-        return Contender(_worker_array_idiom, (arr, ARRAY_LENGTH, n),
-                          lambda: sum(arr.get_obj()), "sum of all elements", nothing)
+        return Contender(
+            _worker_array_idiom,
+            (arr, ARRAY_LENGTH, n),
+            lambda: sum(arr.get_obj()),
+            "sum of all elements",
+            nothing,
+        )
     if implementation == ARRAY_NUMPY:
         lock = ctx.Lock()
         # Created zero-filled (a fresh file in /dev/shm), by the parent, which also
@@ -210,13 +234,22 @@ def prepare(ctx: Context, implementation: str, n: int) -> Contender:
             with buf[: 8 * ARRAY_LENGTH] as raw, raw.cast("q") as elements:
                 return sum(elements)
 
-        return Contender(_worker_array_numpy, (shm.name, lock, ARRAY_LENGTH, n), read_sum,
-                          "sum of all elements", lambda: drop_shared_memory(shm))
+        return Contender(
+            _worker_array_numpy,
+            (shm.name, lock, ARRAY_LENGTH, n),
+            read_sum,
+            "sum of all elements",
+            lambda: drop_shared_memory(shm),
+        )
     if implementation == ARRAY_SAFE:
         safe = SafeArray.create("q", ARRAY_LENGTH)
-        return Contender(_worker_array_safe, (safe, ARRAY_LENGTH, n),
-                          lambda: sum(safe.to_list()), "sum of all elements",
-                          lambda: drop(safe))
+        return Contender(
+            _worker_array_safe,
+            (safe, ARRAY_LENGTH, n),
+            lambda: sum(safe.to_list()),
+            "sum of all elements",
+            lambda: drop(safe),
+        )
     raise ValueError(f"unknown array implementation {implementation!r}")
 
 
@@ -229,22 +262,31 @@ def weights(settings: Settings, plan: Plan) -> list[float]:
         n = len(BULK_IMPLEMENTATIONS)
         if settings.quick:
             return out + [0.01] * (n * settings.repeats)
-        out += [0.05] * n + [0.3 * settings.seconds] * n + [settings.seconds] * (
-            n * settings.repeats)
+        out += (
+            [0.05] * n + [0.3 * settings.seconds] * n + [settings.seconds] * (n * settings.repeats)
+        )
     return out
 
 
-def measure_elements(ctx: Context, settings: Settings, plan: Plan,
-                     progress: Progress) -> dict[tuple[str, int], Cell]:
+def measure_elements(
+    ctx: Context, settings: Settings, plan: Plan, progress: Progress
+) -> dict[tuple[str, int], Cell]:
     """Every element-add implementation at every process count."""
 
     def one(impl: str, p: int, n: int) -> Run:
         return measure(ctx, prepare, impl, p, n, time_limit_s=settings.time_limit_s)
 
-    return measure_cells(plan.element_implementations, settings, progress,
-                         part="array element add", measure_one=one, warmup_ops=_WARMUP_OPS,
-                         start_ops=_START_OPS, quick_ops=_QUICK_OPS,
-                         cap=_MAX_OPS_PER_WORKER)
+    return measure_cells(
+        plan.element_implementations,
+        settings,
+        progress,
+        part="array element add",
+        measure_one=one,
+        warmup_ops=_WARMUP_OPS,
+        start_ops=_START_OPS,
+        quick_ops=_QUICK_OPS,
+        cap=_MAX_OPS_PER_WORKER,
+    )
 
 
 # --- the bulk sum: one process, no workers ---------------------------------------------------
@@ -309,8 +351,9 @@ def _bulk_contenders(elements: int) -> Iterator[dict[str, Callable[[], float]]]:
         drop(safe)
 
 
-def _time_sums(implementation: str, sum_once: Callable[[], float], k: int,
-               expected: float) -> float:
+def _time_sums(
+    implementation: str, sum_once: Callable[[], float], k: int, expected: float
+) -> float:
     """Seconds per sum over ``k`` back-to-back sums, each checked against ``expected``.
 
     Raises:
@@ -325,8 +368,9 @@ def _time_sums(implementation: str, sum_once: Callable[[], float], k: int,
     return max(time.perf_counter() - start, 1e-9) / k
 
 
-def _calibrate_sums(implementation: str, sum_once: Callable[[], float], seconds: float,
-                    expected: float) -> int:
+def _calibrate_sums(
+    implementation: str, sum_once: Callable[[], float], seconds: float, expected: float
+) -> int:
     """How many back-to-back sums make one bulk measurement last about ``seconds``."""
     k = 1
     while True:
@@ -382,10 +426,11 @@ def measure_bulk(settings: Settings, progress: Progress) -> dict[str, BulkCell]:
             shift = r % len(BULK_IMPLEMENTATIONS)
             for impl in BULK_IMPLEMENTATIONS[shift:] + BULK_IMPLEMENTATIONS[:shift]:
                 step(impl, f"repeat {r + 1}/{repeats}")
-                samples[impl].append(
-                    _time_sums(impl, contenders[impl], counts[impl], expected))
-    return {impl: BulkCell(impl, elements, counts[impl], tuple(samples[impl]))
-            for impl in BULK_IMPLEMENTATIONS}
+                samples[impl].append(_time_sums(impl, contenders[impl], counts[impl], expected))
+    return {
+        impl: BulkCell(impl, elements, counts[impl], tuple(samples[impl]))
+        for impl in BULK_IMPLEMENTATIONS
+    }
 
 
 def element_rows(cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:
@@ -393,8 +438,9 @@ def element_rows(cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:
     return rate_rows(cells, ARRAY_IDIOM, ARRAY_IMPLEMENTATIONS, _ARRAY_DESCRIPTIONS)
 
 
-def section(settings: Settings, plan: Plan, cells: dict[tuple[str, int], Cell],
-            bulk: dict[str, BulkCell]) -> dict[str, Any]:
+def section(
+    settings: Settings, plan: Plan, cells: dict[tuple[str, int], Cell], bulk: dict[str, BulkCell]
+) -> dict[str, Any]:
     """What ``--json`` prints under ``"array"``."""
     return {
         "numpy": plan.numpy_version,
@@ -410,8 +456,12 @@ def section(settings: Settings, plan: Plan, cells: dict[tuple[str, int], Cell],
 PANEL: Final = "SafeArray"
 
 
-def ratios(cells: dict[tuple[str, int], Cell], bulk: dict[str, BulkCell],
-           processes: list[int], bulk_elements: int) -> list[Ratio]:
+def ratios(
+    cells: dict[tuple[str, int], Cell],
+    bulk: dict[str, BulkCell],
+    processes: list[int],
+    bulk_elements: int,
+) -> list[Ratio]:
     """The chart's ratios: SafeArray's element adds against each idiom per process count,
     and its bulk sum's speed against each alternative's."""
     out = []
@@ -423,8 +473,14 @@ def ratios(cells: dict[tuple[str, int], Cell], bulk: dict[str, BulkCell],
     for alt in (BULK_PRIVATE, BULK_SHM):
         time_ratio = bulk_ratio(bulk, BULK_SAFE, alt)
         if time_ratio is not None:
-            out.append(Ratio(PANEL, f"locked() + numpy sum of {8 * bulk_elements / 1e6:.0f} MB",
-                             alt, 1 / time_ratio))
+            out.append(
+                Ratio(
+                    PANEL,
+                    f"locked() + numpy sum of {8 * bulk_elements / 1e6:.0f} MB",
+                    alt,
+                    1 / time_ratio,
+                )
+            )
     return out
 
 
@@ -438,18 +494,20 @@ def bulk_ratio(bulk: dict[str, BulkCell], a: str, b: str) -> float | None:
 def _bulk_rows(bulk: dict[str, BulkCell]) -> list[dict[str, Any]]:
     rows = []
     for impl, cell in bulk.items():
-        rows.append({
-            "implementation": impl,
-            "code": _BULK_DESCRIPTIONS[impl],
-            "elements": cell.elements,
-            "sums_per_sample": cell.sums_per_sample,
-            "median_s_per_sum": cell.median,
-            "min_s_per_sum": min(cell.samples),
-            "max_s_per_sum": max(cell.samples),
-            "samples_s_per_sum": list(cell.samples),
-            "median_gb_per_s": 8 * cell.elements / cell.median / 1e9,
-            "time_vs_private": bulk_ratio(bulk, impl, BULK_PRIVATE),
-        })
+        rows.append(
+            {
+                "implementation": impl,
+                "code": _BULK_DESCRIPTIONS[impl],
+                "elements": cell.elements,
+                "sums_per_sample": cell.sums_per_sample,
+                "median_s_per_sum": cell.median,
+                "min_s_per_sum": min(cell.samples),
+                "max_s_per_sum": max(cell.samples),
+                "samples_s_per_sum": list(cell.samples),
+                "median_gb_per_s": 8 * cell.elements / cell.median / 1e9,
+                "time_vs_private": bulk_ratio(bulk, impl, BULK_PRIVATE),
+            }
+        )
     return rows
 
 
@@ -460,20 +518,23 @@ def _print_bulk(n: int, rows: list[dict[str, Any]]) -> None:
     for impl in BULK_IMPLEMENTATIONS:
         print(f"  {impl:<22}  {_BULK_DESCRIPTIONS[impl]}")
     print()
-    header = (f"{'implementation':<22} {'median ms/sum':>13} {'range (min-max)':>17} "
-              f"{'GB/s':>6} {'time vs private':>15}")
+    header = (
+        f"{'implementation':<22} {'median ms/sum':>13} {'range (min-max)':>17} "
+        f"{'GB/s':>6} {'time vs private':>15}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         rng = f"{r['min_s_per_sum'] * 1e3:.2f}-{r['max_s_per_sum'] * 1e3:.2f}"
-        print(f"{r['implementation']:<22} {r['median_s_per_sum'] * 1e3:>13.2f} "
-              f"{rng:>17} {r['median_gb_per_s']:>6.1f} "
-              f"{fmt_ratio(r['time_vs_private']):>15}")
+        print(
+            f"{r['implementation']:<22} {r['median_s_per_sum'] * 1e3:>13.2f} "
+            f"{rng:>17} {r['median_gb_per_s']:>6.1f} "
+            f"{fmt_ratio(r['time_vs_private']):>15}"
+        )
 
 
 def print_section(report: dict[str, Any]) -> None:
-    print(f"SafeArray: element adds at random indices of a {report['length']}-element "
-          "int64 array")
+    print(f"SafeArray: element adds at random indices of a {report['length']}-element int64 array")
     print(f"  numpy: {report['numpy'] or 'not importable'}")
     for text in report["notes"]:
         print(f"  note: {text}")
@@ -511,9 +572,15 @@ def plan() -> Plan:
     numpy_version, why = _numpy_version()
     if numpy_version is not None:
         return Plan(numpy_version, ARRAY_IMPLEMENTATIONS, bulk=True, notes=[])
-    return Plan(None, (ARRAY_IDIOM, ARRAY_SAFE), bulk=False, notes=[
-        f"numpy is not importable ({why}): skipped the '{ARRAY_NUMPY}' element add and "
-        "the whole bulk-sum part"])
+    return Plan(
+        None,
+        (ARRAY_IDIOM, ARRAY_SAFE),
+        bulk=False,
+        notes=[
+            f"numpy is not importable ({why}): skipped the '{ARRAY_NUMPY}' element add and "
+            "the whole bulk-sum part"
+        ],
+    )
 
 
 def bulk_problem(elements: int) -> str | None:
@@ -529,5 +596,7 @@ def bulk_problem(elements: int) -> str | None:
     free = st.f_bavail * st.f_frsize
     if need <= free:
         return None
-    return (f"--bulk-elements {elements} needs {need / 1e6:,.0f} MB free in /dev/shm for the "
-            f"array benchmark's bulk part; {free / 1e6:,.0f} MB are free")
+    return (
+        f"--bulk-elements {elements} needs {need / 1e6:,.0f} MB free in /dev/shm for the "
+        f"array benchmark's bulk part; {free / 1e6:,.0f} MB are free"
+    )

@@ -58,14 +58,21 @@ class Ratio:
 
 
 # --- the chart ------------------------------------------------------------------------------
-PLOT_NEEDS_MATPLOTLIB: Final = ("safeshm bench --plot needs matplotlib: "
-                                "pip install 'safeshm[plot]'")
+PLOT_NEEDS_MATPLOTLIB: Final = "safeshm bench --plot needs matplotlib: pip install 'safeshm[plot]'"
 
 _TIMES: Final = "\N{MULTIPLICATION SIGN}"
 # Colour-blind-safe (Okabe-Ito, without its yellow, too pale on white); in each panel, one
 # per alternative in order of first appearance, so the main alternative is always blue.
-_PALETTE: Final = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00",
-                   "#999999", "#000000")
+_PALETTE: Final = (
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#D55E00",
+    "#999999",
+    "#000000",
+)
 _MISSED: Final = "#B2182B"
 """The colour of a ratio's figure when it misses its goal."""
 
@@ -96,13 +103,14 @@ def plot_problem(path: str) -> str | None:
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         return f"--plot {path!r}: there is no directory {directory!r} to write it in"
-    if not os.access(directory, os.W_OK) or (os.path.exists(path)
-                                             and not os.access(path, os.W_OK)):
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         return f"--plot {path!r}: permission denied"
     formats = Figure().canvas.get_supported_filetypes()
     if _suffix(path) not in formats:
-        return (f"--plot {path!r}: the name must end in .png (or another format matplotlib "
-                f"writes: {', '.join('.' + f for f in sorted(formats))})")
+        return (
+            f"--plot {path!r}: the name must end in .png (or another format matplotlib "
+            f"writes: {', '.join('.' + f for f in sorted(formats))})"
+        )
     return None
 
 
@@ -140,12 +148,14 @@ _LABEL_OFFSET_PT: Final = 5.0
 def _label_text(r: Ratio) -> str:
     """The figure written after a bar that grows rightwards (see :func:`_label_bar`)."""
     missed = r.goal is not None and r.ratio < r.goal
-    return _times(r.ratio) + (f"  (goal {_goal_text(r.goal)})"
-                              if missed and r.goal is not None else "")
+    return _times(r.ratio) + (
+        f"  (goal {_goal_text(r.goal)})" if missed and r.goal is not None else ""
+    )
 
 
-def _x_limits(ratios: Sequence[Ratio], *, log: bool, lo: float, hi: float,
-              plot_pt: float) -> tuple[float, float]:
+def _x_limits(
+    ratios: Sequence[Ratio], *, log: bool, lo: float, hi: float, plot_pt: float
+) -> tuple[float, float]:
     """The x axis's limits: a margin below ``lo``, and on the right room for every bar's
     figure to end inside the axes (``plot_pt`` points wide), never in the legend beside
     them, however far a huge ratio reaches."""
@@ -211,18 +221,31 @@ def _draw_panel(ax: Axes, panel: _Panel, *, log: bool) -> None:
 
     for i, (first, last, _) in enumerate(panel.rows):
         if i % 2:  # banded rows: each row's bars stand apart from its neighbours'
-            ax.axhspan(first - 0.5 - _ROW_GAP / 2, last + 0.5 + _ROW_GAP / 2,
-                       color="#F4F4F4", zorder=0, lw=0)
+            ax.axhspan(
+                first - 0.5 - _ROW_GAP / 2,
+                last + 0.5 + _ROW_GAP / 2,
+                color="#F4F4F4",
+                zorder=0,
+                lw=0,
+            )
     for y, r in panel.bars:
-        ax.barh(y, r.ratio - base, left=base, height=0.8, color=colours[r.versus],
-                zorder=3)
+        ax.barh(y, r.ratio - base, left=base, height=0.8, color=colours[r.versus], zorder=3)
         if r.goal is not None:
-            ax.plot([r.goal, r.goal], [y - 0.5, y + 0.5], color="black", lw=2.2,
-                    solid_capstyle="butt", zorder=4)
+            ax.plot(
+                [r.goal, r.goal],
+                [y - 0.5, y + 0.5],
+                color="black",
+                lw=2.2,
+                solid_capstyle="butt",
+                zorder=4,
+            )
         _label_bar(ax, y, r, base)
     ax.axvline(1.0, color="#333333", lw=1.2, zorder=4)
-    ax.set_yticks([(first + last) / 2 for first, last, _ in panel.rows],
-                  [label for _, _, label in panel.rows], fontsize=11)
+    ax.set_yticks(
+        [(first + last) / 2 for first, last, _ in panel.rows],
+        [label for _, _, label in panel.rows],
+        fontsize=11,
+    )
     ax.set_ylim(panel.slots - 0.5 + 0.3, -0.5 - 0.3)
     ax.tick_params(axis="y", length=0, pad=8)
     ax.tick_params(axis="x", labelbottom=False, length=0)
@@ -235,34 +258,48 @@ def _draw_panel(ax: Axes, panel: _Panel, *, log: bool) -> None:
     handles: list[Patch | Line2D] = [Patch(color=colours[v], label=v) for v in versus]
     if any(r.goal is not None for _, r in panel.bars):
         handles.append(Line2D([], [], color="black", lw=2.2, label="goal"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
-              fontsize=10, title="safeshm vs", title_fontsize=10, alignment="left",
-              borderaxespad=0.0)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+        fontsize=10,
+        title="safeshm vs",
+        title_fontsize=10,
+        alignment="left",
+        borderaxespad=0.0,
+    )
 
 
 def _label_bar(ax: Axes, y: float, r: Ratio, base: float) -> None:
     """Write ``r``'s figure at the end of its bar, beyond its goal mark if the mark lies
     that way (never across it); a missed goal is said in red."""
     missed = r.goal is not None and r.ratio < r.goal
-    style: dict[str, Any] = {"textcoords": "offset points", "va": "center", "zorder": 5,
-                             "fontsize": 9.5, "color": _MISSED if missed else "#222222",
-                             "fontweight": "bold" if missed else "normal"}
+    style: dict[str, Any] = {
+        "textcoords": "offset points",
+        "va": "center",
+        "zorder": 5,
+        "fontsize": 9.5,
+        "color": _MISSED if missed else "#222222",
+        "fontweight": "bold" if missed else "normal",
+    }
     if r.ratio >= base:  # the bar grows rightwards
         at = r.ratio if r.goal is None else max(r.ratio, r.goal)
-        ax.annotate(_label_text(r), (at, y), xytext=(_LABEL_OFFSET_PT, 0), ha="left",
-                    **style)
+        ax.annotate(_label_text(r), (at, y), xytext=(_LABEL_OFFSET_PT, 0), ha="left", **style)
         return
     at = r.ratio if r.goal is None else min(r.ratio, r.goal)
     ax.annotate(_times(r.ratio), (at, y), xytext=(-5, 0), ha="right", **style)
     if missed and r.goal is not None:
         # The goal lies to the right, at or beyond the 1x line: said there.
         style.update(fontsize=8.5, fontweight="normal")
-        ax.annotate(f"goal {_goal_text(r.goal)}", (max(r.goal, base), y), xytext=(5, 0),
-                    ha="left", **style)
+        ax.annotate(
+            f"goal {_goal_text(r.goal)}", (max(r.goal, base), y), xytext=(5, 0), ha="left", **style
+        )
 
 
-def plot_ratios(ratios: Sequence[Ratio], path: str, *, title: str, subtitle: str,
-                footnote: str) -> None:
+def plot_ratios(
+    ratios: Sequence[Ratio], path: str, *, title: str, subtitle: str, footnote: str
+) -> None:
     """Draw ``ratios`` as a bar chart into ``path`` (its format from its extension).
 
     One panel per :attr:`Ratio.structure`; in each, one row per :attr:`Ratio.label`
@@ -297,27 +334,49 @@ def plot_ratios(ratios: Sequence[Ratio], path: str, *, title: str, subtitle: str
     plot_width = _FIG_WIDTH - _LEFT - _RIGHT
     xlim = _x_limits(ratios, log=log, lo=lo, hi=hi, plot_pt=72 * plot_width)
 
-    height = (_HEADER + _FOOTER + _PANEL_GAP * len(panels)
-              + _BAR_PITCH * sum(p.slots for p in panels))
+    height = (
+        _HEADER + _FOOTER + _PANEL_GAP * len(panels) + _BAR_PITCH * sum(p.slots for p in panels)
+    )
     fig = Figure(figsize=(_FIG_WIDTH, height), dpi=150, facecolor="white")
     FigureCanvasAgg(fig)
-    fig.text(_MARGIN / _FIG_WIDTH, 1 - 0.3 / height, title, fontsize=17, fontweight="bold",
-             va="baseline", ha="left", color="#111111")
-    fig.text(_MARGIN / _FIG_WIDTH, 1 - 0.58 / height, subtitle, fontsize=10.5,
-             va="baseline", ha="left", color="#555555")
+    fig.text(
+        _MARGIN / _FIG_WIDTH,
+        1 - 0.3 / height,
+        title,
+        fontsize=17,
+        fontweight="bold",
+        va="baseline",
+        ha="left",
+        color="#111111",
+    )
+    fig.text(
+        _MARGIN / _FIG_WIDTH,
+        1 - 0.58 / height,
+        subtitle,
+        fontsize=10.5,
+        va="baseline",
+        ha="left",
+        color="#555555",
+    )
     top = height - _HEADER
     axes: list[Axes] = []
     for panel in panels:
         top -= _PANEL_GAP
         h = panel.slots * _BAR_PITCH
         top -= h
-        ax = fig.add_axes((_LEFT / _FIG_WIDTH, top / height, plot_width / _FIG_WIDTH,
-                           h / height))
+        ax = fig.add_axes((_LEFT / _FIG_WIDTH, top / height, plot_width / _FIG_WIDTH, h / height))
         if axes:
             ax.sharex(axes[0])
         axes.append(ax)
-        ax.set_title(panel.title, loc="left", fontsize=13.5, fontweight="bold", pad=8,
-                     x=(_MARGIN - _LEFT) / plot_width, color="#111111")
+        ax.set_title(
+            panel.title,
+            loc="left",
+            fontsize=13.5,
+            fontweight="bold",
+            pad=8,
+            x=(_MARGIN - _LEFT) / plot_width,
+            color="#111111",
+        )
         _draw_panel(ax, panel, log=log)
 
     first, last = axes[0], axes[-1]
@@ -334,10 +393,22 @@ def plot_ratios(ratios: Sequence[Ratio], path: str, *, title: str, subtitle: str
         first.xaxis.set_minor_formatter(NullFormatter())
     first.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}{_TIMES}"))
     last.tick_params(axis="x", labelbottom=True, labelsize=10.5, length=3, color="#BBBBBB")
-    last.set_xlabel(f"safeshm's speed \N{DIVISION SIGN} the alternative's   (higher is "
-                    f"better; 1{_TIMES} = as fast)", fontsize=11, labelpad=8)
-    fig.text(_MARGIN / _FIG_WIDTH, 0.1 / height, footnote, fontsize=9, color="#555555",
-             va="bottom", ha="left", wrap=True)
+    last.set_xlabel(
+        f"safeshm's speed \N{DIVISION SIGN} the alternative's   (higher is "
+        f"better; 1{_TIMES} = as fast)",
+        fontsize=11,
+        labelpad=8,
+    )
+    fig.text(
+        _MARGIN / _FIG_WIDTH,
+        0.1 / height,
+        footnote,
+        fontsize=9,
+        color="#555555",
+        va="bottom",
+        ha="left",
+        wrap=True,
+    )
     _save(fig, path)
 
 
@@ -349,8 +420,9 @@ def _save(fig: Any, path: str) -> None:
         with os.fdopen(fd, "wb") as f:
             # "tight": the saved image grows or shrinks to what was drawn (long labels
             # and legends included), with an even margin around it.
-            fig.savefig(f, format=_suffix(name), facecolor="white", bbox_inches="tight",
-                        pad_inches=0.25)
+            fig.savefig(
+                f, format=_suffix(name), facecolor="white", bbox_inches="tight", pad_inches=0.25
+            )
         # mkstemp makes the file 0600; a chart is no secret (as for any file the user
         # writes, the umask decides).
         umask = os.umask(0)
@@ -368,33 +440,49 @@ def _chart_texts(results: dict[str, Any]) -> tuple[str, str, str]:
     ``--json`` prints."""
     env, config = results.get("environment", {}), results.get("config", {})
     cpus, usable = env.get("cpu_count"), env.get("cpus_usable")
-    python = (f"{env.get('python_implementation', 'Python')} "
-              f"{str(env.get('python', '?')).split(' ', 1)[0]}")
+    python = (
+        f"{env.get('python_implementation', 'Python')} "
+        f"{str(env.get('python', '?')).split(' ', 1)[0]}"
+    )
     if env.get("gil_enabled") is False:
         python += " (free-threaded)"
     system = str(env.get("platform", "")).split("-", 1)[0]
-    machine = " \N{MIDDLE DOT} ".join(str(part) for part in (
-        env.get("cpu_model", "unknown CPU"),
-        f"{cpus} CPUs" if usable in (None, cpus) else f"{cpus} CPUs ({usable} usable)",
-        python, f"{system} {env.get('kernel', '')} {env.get('machine', '')}".strip(),
-        f"safeshm {env.get('safeshm', '?')}"))
+    machine = " \N{MIDDLE DOT} ".join(
+        str(part)
+        for part in (
+            env.get("cpu_model", "unknown CPU"),
+            f"{cpus} CPUs" if usable in (None, cpus) else f"{cpus} CPUs ({usable} usable)",
+            python,
+            f"{system} {env.get('kernel', '')} {env.get('machine', '')}".strip(),
+            f"safeshm {env.get('safeshm', '?')}",
+        )
+    )
     title = "safeshm vs what you use today: how many times faster"
     repeats, seconds = config.get("repeats", "?"), config.get("seconds", "?")
     if config.get("quick"):
-        first = (f"Median of {repeats} quick (fixed-size) measurements" if repeats != 1
-                 else "One quick (fixed-size) measurement each")
+        first = (
+            f"Median of {repeats} quick (fixed-size) measurements"
+            if repeats != 1
+            else "One quick (fixed-size) measurement each"
+        )
     else:
-        first = (f"Median of {repeats} measurements of about {seconds} s each"
-                 if repeats != 1 else f"One measurement of about {seconds} s each")
-    notes = [first,
-             "every contender measured in the same run; N processes: N worker processes "
-             f"(started with {env.get('start_method', 'spawn')!r}) on one structure."]
+        first = (
+            f"Median of {repeats} measurements of about {seconds} s each"
+            if repeats != 1
+            else f"One measurement of about {seconds} s each"
+        )
+    notes = [
+        first,
+        "every contender measured in the same run; N processes: N worker processes "
+        f"(started with {env.get('start_method', 'spawn')!r}) on one structure.",
+    ]
     if "queue" in config.get("structures", []):
-        notes.append("SafeQueue: N producers and N consumers; in batches, mp.Queue (which has "
-                     "no batch calls) puts and gets one item at a time; round trip: a "
-                     "ping-pong with both processes pinned to one CPU.")
-    if any(isinstance(r, dict) and r.get("goal") is not None
-           for r in results.get("ratios", [])):
+        notes.append(
+            "SafeQueue: N producers and N consumers; in batches, mp.Queue (which has "
+            "no batch calls) puts and gets one item at a time; round trip: a "
+            "ping-pong with both processes pinned to one CPU."
+        )
+    if any(isinstance(r, dict) and r.get("goal") is not None for r in results.get("ratios", [])):
         notes.append("Black marks: the project's goals (its benchmarks/ scripts check them).")
     return title, machine, ", ".join(notes[:2]) + " " + " ".join(notes[2:])
 
@@ -408,8 +496,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         OSError: the file could not be written.
     """
     title, subtitle, footnote = _chart_texts(results)
-    plot_ratios(load_ratios(results), path, title=title, subtitle=subtitle,
-                footnote=footnote)
+    plot_ratios(load_ratios(results), path, title=title, subtitle=subtitle, footnote=footnote)
 
 
 def load_ratios(results: dict[str, Any]) -> list[Ratio]:
@@ -420,10 +507,16 @@ def load_ratios(results: dict[str, Any]) -> list[Ratio]:
     fields = [f.name for f in dataclasses.fields(Ratio)]
     out = []
     for item in raw:
-        ok = (isinstance(item, dict) and sorted(item) == sorted(fields)
-              and all(isinstance(item[k], str) for k in ("structure", "label", "versus"))
-              and all(_positive_number(item[k]) for k in ("ratio", "goal")
-                      if k == "ratio" or item[k] is not None))
+        ok = (
+            isinstance(item, dict)
+            and sorted(item) == sorted(fields)
+            and all(isinstance(item[k], str) for k in ("structure", "label", "versus"))
+            and all(
+                _positive_number(item[k])
+                for k in ("ratio", "goal")
+                if k == "ratio" or item[k] is not None
+            )
+        )
         if not ok:
             raise ValueError(f"not a ratio: {item!r}")
         out.append(Ratio(**item))
@@ -432,5 +525,3 @@ def load_ratios(results: dict[str, Any]) -> list[Ratio]:
 
 def _positive_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-

@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 def error(message: str) -> int:
     """Report a problem with the arguments or the input, as every subcommand does: one
     line on stderr; the exit status 2."""
-    print(message if message.startswith("safeshm") else f"safeshm: {message}",
-          file=sys.stderr, flush=True)
+    print(
+        message if message.startswith("safeshm") else f"safeshm: {message}",
+        file=sys.stderr,
+        flush=True,
+    )
     return 2
 
 
@@ -101,8 +104,10 @@ def emit(results: dict[str, Any], args: argparse.Namespace) -> int:
             print_report(results)
         except (KeyError, TypeError, ValueError) as e:
             # Only saved results can lack what the tables need.
-            return error(f"--from-json {args.from_json!r} lacks what the tables need "
-                         f"({type(e).__name__}: {e}); --json prints it as it is")
+            return error(
+                f"--from-json {args.from_json!r} lacks what the tables need "
+                f"({type(e).__name__}: {e}); --json prints it as it is"
+            )
     sys.stdout.flush()
     return 0
 
@@ -123,9 +128,13 @@ def print_report(results: dict[str, Any]) -> None:
     if "store" in results:
         section = results["store"]
         print()
-        print(store.report(store.cells_from_json(section["cells"]),
-                           keys=section.get("keys", store.KEYS),
-                           durable_keys=section.get("durable_keys", store.DURABLE_KEYS)))
+        print(
+            store.report(
+                store.cells_from_json(section["cells"]),
+                keys=section.get("keys", store.KEYS),
+                durable_keys=section.get("durable_keys", store.DURABLE_KEYS),
+            )
+        )
 
 
 def write_chart(results: dict[str, Any], path: str, *, quiet: bool) -> int:
@@ -135,8 +144,7 @@ def write_chart(results: dict[str, Any], path: str, *, quiet: bool) -> int:
     except ValueError as e:
         return error(str(e))
     except OSError as e:
-        print(f"safeshm: cannot write the chart to {path!r}: {e.strerror or e}",
-              file=sys.stderr)
+        print(f"safeshm: cannot write the chart to {path!r}: {e.strerror or e}", file=sys.stderr)
         return 1
     if not quiet:
         print(f"chart written to {path}", file=sys.stderr)
@@ -150,8 +158,7 @@ class _Measured:
     counter_cells: dict[tuple[str, int], Cell] = dataclasses.field(default_factory=dict)
     array_cells: dict[tuple[str, int], Cell] = dataclasses.field(default_factory=dict)
     bulk: dict[str, array.BulkCell] = dataclasses.field(default_factory=dict)
-    queue_cells: dict[str, dict[tuple[str, int], Cell]] = dataclasses.field(
-        default_factory=dict)
+    queue_cells: dict[str, dict[tuple[str, int], Cell]] = dataclasses.field(default_factory=dict)
     """Per queue workload, its cells."""
     latency: dict[str, queue.LatencyCell] = dataclasses.field(default_factory=dict)
     store_cells: list[store.StoreCell] = dataclasses.field(default_factory=list)
@@ -166,10 +173,12 @@ class _Plans:
 
     @classmethod
     def for_(cls, settings: options.Settings) -> _Plans:
-        return cls(array.plan() if "array" in settings.structures
-                   else array.Plan(None, (), bulk=False, notes=[]),
-                   queue.plan() if "queue" in settings.structures
-                   else queue.Plan(None, {}, notes=[]))
+        return cls(
+            array.plan()
+            if "array" in settings.structures
+            else array.Plan(None, (), bulk=False, notes=[]),
+            queue.plan() if "queue" in settings.structures else queue.Plan(None, {}, notes=[]),
+        )
 
     def weights(self, settings: options.Settings) -> list[float]:
         """Every progress step :func:`_measure_all` takes, weighed, in order."""
@@ -185,8 +194,7 @@ class _Plans:
         return out
 
 
-def _measure(settings: options.Settings, *, quiet: bool,
-             json_output: bool) -> dict[str, Any] | int:
+def _measure(settings: options.Settings, *, quiet: bool, json_output: bool) -> dict[str, Any] | int:
     """Measure what ``settings`` ask for: the results as ``--json`` prints them, or the exit
     status (its message printed) if that could not be done."""
     plans = _Plans.for_(settings)
@@ -218,8 +226,9 @@ def _measure(settings: options.Settings, *, quiet: bool,
     return _results(env, settings, plans, measured)
 
 
-def _measure_all(ctx: Context, settings: options.Settings, plans: _Plans,
-                 progress: Progress) -> _Measured:
+def _measure_all(
+    ctx: Context, settings: options.Settings, plans: _Plans, progress: Progress
+) -> _Measured:
     """Measure every part ``settings.structures`` asks for, in the order they print."""
     m = _Measured()
     if "counter" in settings.structures:
@@ -231,16 +240,22 @@ def _measure_all(ctx: Context, settings: options.Settings, plans: _Plans,
     if "queue" in settings.structures:
         m.queue_cells, m.latency = queue.measure_all(ctx, settings, plans.queue_plan, progress)
     if "store" in settings.structures:
-        m.store_cells = store.measure(ctx, settings.repeats, settings.store_dir,
-                                      progress.step, quick=settings.quick)
+        m.store_cells = store.measure(
+            ctx, settings.repeats, settings.store_dir, progress.step, quick=settings.quick
+        )
     return m
 
 
-def _results(env: dict[str, Any], settings: options.Settings, plans: _Plans,
-             m: _Measured) -> dict[str, Any]:
+def _results(
+    env: dict[str, Any], settings: options.Settings, plans: _Plans, m: _Measured
+) -> dict[str, Any]:
     """Everything measured, as printed by ``--json`` (and rendered as tables without)."""
-    config: dict[str, Any] = {"processes": settings.processes, "seconds": settings.seconds,
-                              "repeats": settings.repeats, "structures": settings.structures}
+    config: dict[str, Any] = {
+        "processes": settings.processes,
+        "seconds": settings.seconds,
+        "repeats": settings.repeats,
+        "structures": settings.structures,
+    }
     if settings.quick:
         config["quick"] = True
     out: dict[str, Any] = {"environment": env, "config": config}

@@ -59,8 +59,14 @@ DESCRIPTIONS: Final = {
 }
 
 
-def _worker_value_idiom(v: Synchronized[int], n: int, *, barrier: Barrier,
-                        times: ctypes.Array[ctypes.c_double], index: int) -> None:
+def _worker_value_idiom(
+    v: Synchronized[int],
+    n: int,
+    *,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """The idiom exactly as written in user code, ``get_lock()`` call included."""
     barrier.wait(BARRIER_TIMEOUT_S)
     start = time.perf_counter()
@@ -71,8 +77,15 @@ def _worker_value_idiom(v: Synchronized[int], n: int, *, barrier: Barrier,
     record(times, index, start, end)
 
 
-def _worker_raw_lock(rv: ctypes.c_int64, lock: Lock, n: int, *, barrier: Barrier,
-                     times: ctypes.Array[ctypes.c_double], index: int) -> None:
+def _worker_raw_lock(
+    rv: ctypes.c_int64,
+    lock: Lock,
+    n: int,
+    *,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """A plain lock around an unsynchronized shared value."""
     barrier.wait(BARRIER_TIMEOUT_S)
     start = time.perf_counter()
@@ -83,8 +96,14 @@ def _worker_raw_lock(rv: ctypes.c_int64, lock: Lock, n: int, *, barrier: Barrier
     record(times, index, start, end)
 
 
-def _worker_safeshm(counter: SafeCounter | ShardedCounter, n: int, *, barrier: Barrier,
-                    times: ctypes.Array[ctypes.c_double], index: int) -> None:
+def _worker_safeshm(
+    counter: SafeCounter | ShardedCounter,
+    n: int,
+    *,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """``add(1)`` through a hoisted bound method, as a hot loop in user code would do."""
     try:
         add = counter.add
@@ -114,16 +133,21 @@ def prepare(ctx: Context, implementation: str, n: int) -> Contender:
     """A fresh counter for ``implementation``, with its worker's target and arguments."""
     if implementation == IDIOM:
         v = ctx.Value("q", 0)
-        return Contender(_worker_value_idiom, (v, n), lambda: v.value, "final count",
-                         nothing)
+        return Contender(_worker_value_idiom, (v, n), lambda: v.value, "final count", nothing)
     if implementation == RAW_LOCK:
         rv = ctx.RawValue("q", 0)
-        return Contender(_worker_raw_lock, (rv, ctx.Lock(), n), lambda: rv.value,
-                         "final count", nothing)
+        return Contender(
+            _worker_raw_lock, (rv, ctx.Lock(), n), lambda: rv.value, "final count", nothing
+        )
     if implementation in (SAFE, SHARDED):
         counter = SafeCounter.create() if implementation == SAFE else ShardedCounter.create()
-        return Contender(_worker_safeshm, (counter, n), lambda: counter.value,
-                         "final count", lambda: drop(counter))
+        return Contender(
+            _worker_safeshm,
+            (counter, n),
+            lambda: counter.value,
+            "final count",
+            lambda: drop(counter),
+        )
     raise ValueError(f"unknown counter implementation {implementation!r}")
 
 
@@ -132,16 +156,24 @@ def weights(settings: Settings) -> list[float]:
     return step_weights(settings, len(IMPLEMENTATIONS) * len(settings.processes))
 
 
-def measure_all(ctx: Context, settings: Settings,
-                progress: Progress) -> dict[tuple[str, int], Cell]:
+def measure_all(
+    ctx: Context, settings: Settings, progress: Progress
+) -> dict[tuple[str, int], Cell]:
     """Every counter implementation at every process count."""
 
     def one(impl: str, p: int, n: int) -> Run:
         return measure(ctx, prepare, impl, p, n, time_limit_s=settings.time_limit_s)
 
-    return measure_cells(IMPLEMENTATIONS, settings, progress, part="counter",
-                         measure_one=one, warmup_ops=_WARMUP_OPS, start_ops=_START_OPS,
-                         quick_ops=_QUICK_OPS)
+    return measure_cells(
+        IMPLEMENTATIONS,
+        settings,
+        progress,
+        part="counter",
+        measure_one=one,
+        warmup_ops=_WARMUP_OPS,
+        start_ops=_START_OPS,
+        quick_ops=_QUICK_OPS,
+    )
 
 
 def rows(cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:

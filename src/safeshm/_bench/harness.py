@@ -53,10 +53,17 @@ would take most of a quick run's time (about 0.2 s of CPU each), so workers are 
 from a server process that imported the benchmark modules once, and nothing else: still
 nothing from this process, and every object still reaches a worker as a Process argument.
 """
-_QUICK_PRELOAD: Final = ["safeshm._bench.counter", "safeshm._bench.array",
-                         "safeshm._bench.queue", "safeshm._bench.store",
-                         # optional: the server skips what does not import
-                         "numpy", "faster_fifo", "faster_fifo_reduction", "diskcache"]
+_QUICK_PRELOAD: Final = [
+    "safeshm._bench.counter",
+    "safeshm._bench.array",
+    "safeshm._bench.queue",
+    "safeshm._bench.store",
+    # optional: the server skips what does not import
+    "numpy",
+    "faster_fifo",
+    "faster_fifo_reduction",
+    "diskcache",
+]
 
 
 def context(*, quick: bool) -> Context:
@@ -67,6 +74,7 @@ def context(*, quick: bool) -> Context:
     ctx = multiprocessing.get_context(QUICK_START_METHOD)
     ctx.set_forkserver_preload(_QUICK_PRELOAD)
     return ctx
+
 
 # Spawned children import the package before reaching the barrier; on a loaded machine
 # that can take seconds, so the barrier waits generously -- but never forever.
@@ -90,11 +98,11 @@ class BenchError(RuntimeError):
 # so readings taken in different workers can be compared directly.
 
 
-def record(times: ctypes.Array[ctypes.c_double], index: int, start: float,
-           end: float) -> None:
+def record(times: ctypes.Array[ctypes.c_double], index: int, start: float, end: float) -> None:
     """Store worker ``index``'s two clock readings in the shared ``times``."""
     times[2 * index] = start
     times[2 * index + 1] = end
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -118,8 +126,7 @@ def join_all(procs: Sequence[BaseProcess], barrier: Barrier, deadline: float) ->
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BenchError(f"{len(pending)} worker(s) still running at the deadline")
-        ready = set(multiprocessing.connection.wait([p.sentinel for p in pending],
-                                                    remaining))
+        ready = set(multiprocessing.connection.wait([p.sentinel for p in pending], remaining))
         for p in [p for p in pending if p.sentinel in ready]:
             pending.remove(p)
             p.join()
@@ -177,9 +184,15 @@ def nothing() -> None:
     """Nothing to release: ``multiprocessing`` objects are freed with their last handle."""
 
 
-
-def measure(ctx: Context, prepare: Callable[[Context, str, int], Contender],
-            implementation: str, processes: int, n: int, *, time_limit_s: float) -> Run:
+def measure(
+    ctx: Context,
+    prepare: Callable[[Context, str, int], Contender],
+    implementation: str,
+    processes: int,
+    n: int,
+    *,
+    time_limit_s: float,
+) -> Run:
     """Run one measurement on a fresh structure and check its final count.
 
     Args:
@@ -205,18 +218,23 @@ def measure(ctx: Context, prepare: Callable[[Context, str, int], Contender],
     procs: list[BaseProcess] = []
     try:
         for i in range(processes):
-            procs.append(ctx.Process(
-                target=contender.target, args=contender.args,
-                kwargs={"barrier": barrier, "times": times, "index": i},
-                name=f"bench-{implementation}-{i}", daemon=True))
+            procs.append(
+                ctx.Process(
+                    target=contender.target,
+                    args=contender.args,
+                    kwargs={"barrier": barrier, "times": times, "index": i},
+                    name=f"bench-{implementation}-{i}",
+                    daemon=True,
+                )
+            )
             procs[-1].start()
-        join_all(procs, barrier,
-                  time.monotonic() + BARRIER_TIMEOUT_S + time_limit_s)
+        join_all(procs, barrier, time.monotonic() + BARRIER_TIMEOUT_S + time_limit_s)
         count = contender.read_count()
         if count != processes * n:
             raise BenchError(
                 f"{implementation} with {processes} process(es): {contender.what} {count}, "
-                f"expected {processes * n} -- updates were lost or duplicated")
+                f"expected {processes * n} -- updates were lost or duplicated"
+            )
     finally:
         try:
             stop_all(procs)
@@ -226,7 +244,6 @@ def measure(ctx: Context, prepare: Callable[[Context, str, int], Contender],
     starts = times[0::2]
     ends = times[1::2]
     return Run(implementation, processes, n, max(max(ends) - min(starts), 1e-9))
-
 
 
 def calibrated(elapsed: Callable[[int], float], seconds: float, start: int, cap: int) -> int:
@@ -263,8 +280,9 @@ class Cell:
         return statistics.median(self.samples)
 
 
-def ratio(cells: dict[tuple[str, int], Cell], a: tuple[str, int],
-          b: tuple[str, int]) -> float | None:
+def ratio(
+    cells: dict[tuple[str, int], Cell], a: tuple[str, int], b: tuple[str, int]
+) -> float | None:
     """Rate ratio of the medians of cells ``a`` and ``b``; ``None`` if either is missing."""
     if a not in cells or b not in cells:
         return None
@@ -339,8 +357,13 @@ class Progress:
     (a pipe, a CI log) one plain line per step. With ``stream=None`` it prints nothing.
     """
 
-    def __init__(self, weights: Sequence[float] | int, stream: TextIO | None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        weights: Sequence[float] | int,
+        stream: TextIO | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._weights = [1.0] * weights if isinstance(weights, int) else list(weights)
         self.total = len(self._weights)
         self.done = 0
@@ -392,8 +415,11 @@ class Progress:
             raise RuntimeError(f"progress step {self.done} of {self.total}: {text}")
         width = len(str(self.total))
         elapsed = self._clock() - self._start
-        self._show(f"[{self.done:>{width}}/{self.total}] {self._format(elapsed)}"
-                   f"{self._left(elapsed)} {text} ...", final=False)
+        self._show(
+            f"[{self.done:>{width}}/{self.total}] {self._format(elapsed)}"
+            f"{self._left(elapsed)} {text} ...",
+            final=False,
+        )
 
     def finish(self) -> None:
         """The last line: everything measured, and how long it took."""
@@ -414,9 +440,11 @@ def step_weights(settings: Settings, cells: int) -> list[float]:
     rough cost in seconds, in the order they come."""
     if settings.quick:
         return [QUICK_OVERHEAD_S] * (cells * settings.repeats)
-    return ([OVERHEAD_S] * cells  # warm-ups
-            + [2 * OVERHEAD_S + 0.3 * settings.seconds] * cells  # calibrations
-            + [OVERHEAD_S + settings.seconds] * (cells * settings.repeats))
+    return (
+        [OVERHEAD_S] * cells  # warm-ups
+        + [2 * OVERHEAD_S + 0.3 * settings.seconds] * cells  # calibrations
+        + [OVERHEAD_S + settings.seconds] * (cells * settings.repeats)
+    )
 
 
 def plural(p: int) -> str:
@@ -431,11 +459,19 @@ def procs_label(p: int, *, pairs: bool = False) -> str:
 
 
 # --- measuring every contender at every process count -----------------------------------------
-def measure_cells(implementations: tuple[str, ...], settings: Settings, progress: Progress,
-                  *, part: str, measure_one: Callable[[str, int, int], Run],
-                  warmup_ops: int, start_ops: int, quick_ops: int | None = None,
-                  cap: int = MAX_OPS_PER_WORKER,
-                  pairs: bool = False) -> dict[tuple[str, int], Cell]:
+def measure_cells(
+    implementations: tuple[str, ...],
+    settings: Settings,
+    progress: Progress,
+    *,
+    part: str,
+    measure_one: Callable[[str, int, int], Run],
+    warmup_ops: int,
+    start_ops: int,
+    quick_ops: int | None = None,
+    cap: int = MAX_OPS_PER_WORKER,
+    pairs: bool = False,
+) -> dict[tuple[str, int], Cell]:
     """Warm up, calibrate and measure every implementation at every process count.
 
     ``measure_one(implementation, processes, n)`` makes one checked measurement of ``n``

@@ -33,12 +33,18 @@ MAX_BULK_ELEMENTS: Final = 1 << 36
 DESCRIPTION: Final = (
     "Measure safeshm's structures against what users use today (multiprocessing idioms, "
     "numpy, faster_fifo, diskcache), print the figures and ratios, and optionally chart "
-    "them. The full run takes minutes; --quick gives a first look in seconds.")
+    "them. The full run takes minutes; --quick gives a first look in seconds."
+)
 
-MEASURING_OPTIONS: Final = {"processes": "--processes", "seconds": "--seconds",
-                            "repeats": "--repeats", "structures": "--structures",
-                            "bulk_elements": "--bulk-elements", "store_dir": "--store-dir",
-                            "quick": "--quick"}
+MEASURING_OPTIONS: Final = {
+    "processes": "--processes",
+    "seconds": "--seconds",
+    "repeats": "--repeats",
+    "structures": "--structures",
+    "bulk_elements": "--bulk-elements",
+    "store_dir": "--store-dir",
+    "quick": "--quick",
+}
 """The options that say what to measure (``--from-json`` takes none), by attribute."""
 
 
@@ -68,7 +74,8 @@ def seconds(text: str) -> float:
     # `not value > 0` also refuses nan; inf would overflow every timeout derived from it.
     if not value > 0 or value > MAX_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"must be more than 0 and at most {MAX_SECONDS:g}, got {text}")
+            f"must be more than 0 and at most {MAX_SECONDS:g}, got {text}"
+        )
     return value
 
 
@@ -80,49 +87,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     measuring = parser.add_argument_group("what to measure")
     measuring.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="a first look in seconds instead of minutes: one short measurement of a fixed "
-             "size per contender (no warm-up, no calibration, "
-             f"--repeats {QUICK_REPEATS} unless given), workers forked from a forkserver "
-             "instead of each started as a fresh interpreter, smaller bulk and store "
-             "workloads; noisier figures than a full run")
+        "size per contender (no warm-up, no calibration, "
+        f"--repeats {QUICK_REPEATS} unless given), workers forked from a forkserver "
+        "instead of each started as a fresh interpreter, smaller bulk and store "
+        "workloads; noisier figures than a full run",
+    )
     measuring.add_argument(
-        "--processes", type=int_in(1, MAX_PROCESSES), nargs="+", metavar="N",
+        "--processes",
+        type=int_in(1, MAX_PROCESSES),
+        nargs="+",
+        metavar="N",
         help="process counts to measure (default: "
-             f"{' '.join(map(str, DEFAULT_PROCESSES))}); for the queue, N processes "
-             "means N producers and N consumers")
+        f"{' '.join(map(str, DEFAULT_PROCESSES))}); for the queue, N processes "
+        "means N producers and N consumers",
+    )
     measuring.add_argument(
-        "--seconds", type=seconds, metavar="S",
+        "--seconds",
+        type=seconds,
+        metavar="S",
         help=f"approximate duration of each measurement (default: {DEFAULT_SECONDS}; "
-             "not with --quick, whose measurements have a fixed size)")
+        "not with --quick, whose measurements have a fixed size)",
+    )
     measuring.add_argument(
-        "--repeats", type=int_in(1, MAX_REPEATS), metavar="R",
+        "--repeats",
+        type=int_in(1, MAX_REPEATS),
+        metavar="R",
         help="measurements per implementation and process count; the tables report their "
-             f"median (default: {DEFAULT_REPEATS})")
+        f"median (default: {DEFAULT_REPEATS})",
+    )
     measuring.add_argument(
-        "--structures", nargs="+", choices=STRUCTURES,
+        "--structures",
+        nargs="+",
+        choices=STRUCTURES,
         metavar="{" + ",".join(STRUCTURES) + "}",
-        help=f"what to benchmark (default: {' '.join(STRUCTURES)})")
+        help=f"what to benchmark (default: {' '.join(STRUCTURES)})",
+    )
     measuring.add_argument(
-        "--bulk-elements", type=int_in(1, MAX_BULK_ELEMENTS), metavar="N",
+        "--bulk-elements",
+        type=int_in(1, MAX_BULK_ELEMENTS),
+        metavar="N",
         help="float64 elements summed by the array benchmark's bulk part "
-             f"(default: {DEFAULT_BULK_ELEMENTS}; with --quick {QUICK_BULK_ELEMENTS})")
+        f"(default: {DEFAULT_BULK_ELEMENTS}; with --quick {QUICK_BULK_ELEMENTS})",
+    )
     measuring.add_argument(
-        "--store-dir", metavar="DIR",
+        "--store-dir",
+        metavar="DIR",
         help="the directory (and so the file system) the store benchmark measures in "
-             "(default: a temporary directory)")
+        "(default: a temporary directory)",
+    )
     output = parser.add_argument_group("output")
-    output.add_argument("--json", action="store_true",
-                        help="print the results as JSON on stdout instead of tables")
-    output.add_argument("--plot", metavar="FILE.png",
-                        help="also draw a bar chart of safeshm's speed ratios against the "
-                             "alternatives into FILE.png (needs matplotlib: "
-                             "pip install 'safeshm[plot]')")
-    output.add_argument("--from-json", metavar="FILE",
-                        help="measure nothing: read the results a previous `safeshm bench "
-                             "--json` saved in FILE, and print (or --plot) them")
-    output.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress display on stderr (problems are still reported)")
+    output.add_argument(
+        "--json", action="store_true", help="print the results as JSON on stdout instead of tables"
+    )
+    output.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw a bar chart of safeshm's speed ratios against the "
+        "alternatives into FILE.png (needs matplotlib: "
+        "pip install 'safeshm[plot]')",
+    )
+    output.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="measure nothing: read the results a previous `safeshm bench "
+        "--json` saved in FILE, and print (or --plot) them",
+    )
+    output.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress display on stderr (problems are still reported)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +189,14 @@ def settings(args: argparse.Namespace) -> Settings:
         seconds=seconds_,
         repeats=args.repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS),
         structures=[s for s in STRUCTURES if s in structures],
-        bulk_elements=args.bulk_elements or (QUICK_BULK_ELEMENTS if quick
-                                             else DEFAULT_BULK_ELEMENTS),
+        bulk_elements=args.bulk_elements
+        or (QUICK_BULK_ELEMENTS if quick else DEFAULT_BULK_ELEMENTS),
         quick=quick,
         store_dir=args.store_dir,
         # Once released, a worker gets many times its expected share before it is called
         # hung: the machine may be shared and briefly much slower than during calibration.
-        time_limit_s=max(30.0, 20 * seconds_))
+        time_limit_s=max(30.0, 20 * seconds_),
+    )
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:
@@ -166,9 +205,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     if args.from_json is not None:
         given = [flag for attr, flag in MEASURING_OPTIONS.items() if getattr(args, attr)]
         if given:
-            return (f"--from-json measures nothing: it cannot be combined with "
-                    f"{', '.join(given)}")
+            return f"--from-json measures nothing: it cannot be combined with {', '.join(given)}"
     if args.quick and args.seconds is not None:
-        return ("--quick measures a fixed number of operations: it cannot be combined "
-                "with --seconds")
+        return "--quick measures a fixed number of operations: it cannot be combined with --seconds"
     return None

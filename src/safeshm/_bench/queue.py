@@ -117,8 +117,9 @@ def _ring_items(payload: int) -> int:
 # (1, 1_000_000) takes 21 bytes, so 131072 small items; 4519 lists; 63 bytes items).
 _MP_MAXSIZE: Final = {
     _SINGLE: _ring_items(len(pickle.dumps((1, 1_000_000), pickle.HIGHEST_PROTOCOL))),
-    _LISTS: _ring_items(len(pickle.dumps([(1, 1_000_000 + i) for i in range(QUEUE_BATCH)],
-                                         pickle.HIGHEST_PROTOCOL))),
+    _LISTS: _ring_items(
+        len(pickle.dumps([(1, 1_000_000 + i) for i in range(QUEUE_BATCH)], pickle.HIGHEST_PROTOCOL))
+    ),
     _RAW: _ring_items(QUEUE_ITEM_BYTES),
 }
 
@@ -134,14 +135,16 @@ _CALLS: Final = {
 def _queue_description(workload: str, implementation: str) -> str:
     """The calls and the queue, as printed in the tables."""
     mode = _queue_mode(workload, implementation)
-    calls = ("put((0, seq)) / get()   (both ways)" if workload == LATENCY else _CALLS[mode])
+    calls = "put((0, seq)) / get()   (both ways)" if workload == LATENCY else _CALLS[mode]
     kind = _queue_kind(implementation)
     if kind == Q_FF:
         calls = calls.replace("get_many(100)", "get_many(max_messages_to_get=100)")
         queue = f"faster_fifo.Queue(max_size_bytes={QUEUE_CAPACITY}), timeout=limit"
     elif kind == Q_SAFE:
-        queue = (f"safeshm.SafeQueue.create({QUEUE_CAPACITY}"
-                 f"{', raw=True' if workload == BYTES else ''}): {_MIB} MiB ring")
+        queue = (
+            f"safeshm.SafeQueue.create({QUEUE_CAPACITY}"
+            f"{', raw=True' if workload == BYTES else ''}): {_MIB} MiB ring"
+        )
     elif kind == Q_SIMPLE:
         queue = "multiprocessing.SimpleQueue(): a pipe"
     else:
@@ -169,8 +172,9 @@ _MAX_ROUND_TRIPS: Final = 2_000_000
 # thread has written the item: only what the consumers received counts).
 
 
-def _queue_calls(kind: str, q: Any, timeout: float) -> tuple[Callable[[Any], None],
-                                                           Callable[[], Any]]:
+def _queue_calls(
+    kind: str, q: Any, timeout: float
+) -> tuple[Callable[[Any], None], Callable[[], Any]]:
     """``put`` and ``get``, hoisted as a hot loop in user code would hoist them.
 
     faster_fifo's calls give up after 10 s by default (raising ``queue.Full`` or
@@ -179,17 +183,22 @@ def _queue_calls(kind: str, q: Any, timeout: float) -> tuple[Callable[[Any], Non
     timeout, as they are usually called; a run that hangs is ended by the parent's deadline.
     """
     if kind == Q_FF:
-        return (functools.partial(q.put, block=True, timeout=timeout),
-                functools.partial(q.get, True, timeout))
+        return (
+            functools.partial(q.put, block=True, timeout=timeout),
+            functools.partial(q.get, True, timeout),
+        )
     return q.put, q.get
 
 
-def _batch_calls(kind: str, q: Any, timeout: float) -> tuple[Callable[[list[Any]], None],
-                                                           Callable[[], list[Any]]]:
+def _batch_calls(
+    kind: str, q: Any, timeout: float
+) -> tuple[Callable[[list[Any]], None], Callable[[], list[Any]]]:
     """``put_many`` and ``get_many`` of up to :data:`QUEUE_BATCH` items."""
     if kind == Q_FF:
-        return (functools.partial(q.put_many, block=True, timeout=timeout),
-                functools.partial(q.get_many, True, timeout, QUEUE_BATCH))
+        return (
+            functools.partial(q.put_many, block=True, timeout=timeout),
+            functools.partial(q.get_many, True, timeout, QUEUE_BATCH),
+        )
     return q.put_many, functools.partial(q.get_many, QUEUE_BATCH)
 
 
@@ -220,8 +229,9 @@ def _put_items(put: Callable[[Any], None], index: int, n: int) -> None:
     put(None)
 
 
-def _put_batches(put_many: Callable[[list[Any]], None], put: Callable[[Any], None],
-                 index: int, n: int) -> None:
+def _put_batches(
+    put_many: Callable[[list[Any]], None], put: Callable[[Any], None], index: int, n: int
+) -> None:
     # Each batch is built in the loop, as each item is in _put_items: every item is made
     # once in every contender.
     for lo in range(0, n, QUEUE_BATCH):
@@ -301,16 +311,23 @@ def _get_bytes(get: Callable[[], Any]) -> _Tally:
         seq_sum += int.from_bytes(item[-8:], "little")
 
 
-def _queue_producer(kind: str, mode: str, q: Any, n: int, *, timeout: float,
-                    barrier: Barrier, times: ctypes.Array[ctypes.c_double],
-                    index: int) -> None:
+def _queue_producer(
+    kind: str,
+    mode: str,
+    q: Any,
+    n: int,
+    *,
+    timeout: float,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """Put ``n`` items numbered ``0 .. n-1`` (and the end marker), timed from the barrier."""
     try:
         put, _ = _queue_calls(kind, q, timeout)
         loop: Callable[[], None]
         if mode == _MANY:
-            loop = functools.partial(_put_batches, _batch_calls(kind, q, timeout)[0], put,
-                                     index, n)
+            loop = functools.partial(_put_batches, _batch_calls(kind, q, timeout)[0], put, index, n)
         elif mode == _LISTS:
             loop = functools.partial(_put_lists, put, index, n)
         elif mode == _RAW:
@@ -328,9 +345,18 @@ def _queue_producer(kind: str, mode: str, q: Any, n: int, *, timeout: float,
         _release_in_worker(q)
 
 
-def _queue_consumer(kind: str, mode: str, q: Any, *, timeout: float,
-                    tallies: ctypes.Array[ctypes.c_longlong], slot: int, barrier: Barrier,
-                    times: ctypes.Array[ctypes.c_double], index: int) -> None:
+def _queue_consumer(
+    kind: str,
+    mode: str,
+    q: Any,
+    *,
+    timeout: float,
+    tallies: ctypes.Array[ctypes.c_longlong],
+    slot: int,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """Take items until an end marker; record the time of the last one and the tally."""
     try:
         _ready_to_get(kind, q)
@@ -362,10 +388,20 @@ def _pin(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})
 
 
-def _queue_pinger(kind: str, requests: Any, replies: Any, n: int, *, timeout: float, cpu: int,
-                  samples: ctypes.Array[ctypes.c_double],
-                  tallies: ctypes.Array[ctypes.c_longlong], barrier: Barrier,
-                  times: ctypes.Array[ctypes.c_double], index: int) -> None:
+def _queue_pinger(
+    kind: str,
+    requests: Any,
+    replies: Any,
+    n: int,
+    *,
+    timeout: float,
+    cpu: int,
+    samples: ctypes.Array[ctypes.c_double],
+    tallies: ctypes.Array[ctypes.c_longlong],
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """Send ``(0, seq)`` and wait for it to come back, ``n`` times; time each round trip."""
     try:
         _pin(cpu)
@@ -393,9 +429,18 @@ def _queue_pinger(kind: str, requests: Any, replies: Any, n: int, *, timeout: fl
         _release_in_worker(replies)
 
 
-def _queue_ponger(kind: str, requests: Any, replies: Any, n: int, *, timeout: float, cpu: int,
-                  barrier: Barrier, times: ctypes.Array[ctypes.c_double],
-                  index: int) -> None:
+def _queue_ponger(
+    kind: str,
+    requests: Any,
+    replies: Any,
+    n: int,
+    *,
+    timeout: float,
+    cpu: int,
+    barrier: Barrier,
+    times: ctypes.Array[ctypes.c_double],
+    index: int,
+) -> None:
     """Send every request straight back, ``n`` times."""
     try:
         _pin(cpu)
@@ -431,14 +476,18 @@ def _faster_fifo() -> tuple[Any, str]:
     return module, ""
 
 
-def _new_queue(ctx: Context, implementation: str, workload: str,
-               stack: contextlib.ExitStack) -> Any:
+def _new_queue(
+    ctx: Context, implementation: str, workload: str, stack: contextlib.ExitStack
+) -> Any:
     """A fresh queue for one measurement, freed when ``stack`` closes."""
     mode = _queue_mode(workload, implementation)
     kind = _queue_kind(implementation)
     if kind == Q_SAFE:
-        q: Any = (SafeQueue.create(QUEUE_CAPACITY, raw=True) if mode == _RAW
-                  else SafeQueue.create(QUEUE_CAPACITY))
+        q: Any = (
+            SafeQueue.create(QUEUE_CAPACITY, raw=True)
+            if mode == _RAW
+            else SafeQueue.create(QUEUE_CAPACITY)
+        )
         stack.callback(drop, q)
     elif kind == Q_FF:
         module, why = _faster_fifo()
@@ -456,15 +505,21 @@ def _new_queue(ctx: Context, implementation: str, workload: str,
     return q
 
 
-def _start(ctx: Context, procs: list[BaseProcess], target: Callable[..., None],
-           args: tuple[Any, ...], name: str, **kwargs: Any) -> None:
-    procs.append(ctx.Process(target=target, args=args, kwargs=kwargs, name=name,
-                             daemon=True))
+def _start(
+    ctx: Context,
+    procs: list[BaseProcess],
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    name: str,
+    **kwargs: Any,
+) -> None:
+    procs.append(ctx.Process(target=target, args=args, kwargs=kwargs, name=name, daemon=True))
     procs[-1].start()
 
 
-def measure_queue(ctx: Context, workload: str, implementation: str, processes: int,
-                  n: int, *, time_limit_s: float) -> Run:
+def measure_queue(
+    ctx: Context, workload: str, implementation: str, processes: int, n: int, *, time_limit_s: float
+) -> Run:
     """Run one throughput measurement on a fresh queue and check every item arrived.
 
     Args:
@@ -498,22 +553,45 @@ def measure_queue(ctx: Context, workload: str, implementation: str, processes: i
         # it is freed -- whatever happened.
         stack.callback(stop_all, procs)
         for i in range(processes):
-            _start(ctx, procs, _queue_producer, (kind, mode, q, n),
-                   f"bench-{workload}-{implementation}-put-{i}",
-                   timeout=timeout, barrier=barrier, times=times, index=i)
+            _start(
+                ctx,
+                procs,
+                _queue_producer,
+                (kind, mode, q, n),
+                f"bench-{workload}-{implementation}-put-{i}",
+                timeout=timeout,
+                barrier=barrier,
+                times=times,
+                index=i,
+            )
         for j in range(processes):
-            _start(ctx, procs, _queue_consumer, (kind, mode, q),
-                   f"bench-{workload}-{implementation}-get-{j}", timeout=timeout,
-                   tallies=tallies, slot=j, barrier=barrier, times=times, index=processes + j)
+            _start(
+                ctx,
+                procs,
+                _queue_consumer,
+                (kind, mode, q),
+                f"bench-{workload}-{implementation}-get-{j}",
+                timeout=timeout,
+                tallies=tallies,
+                slot=j,
+                barrier=barrier,
+                times=times,
+                index=processes + j,
+            )
         join_all(procs, barrier, time.monotonic() + BARRIER_TIMEOUT_S + time_limit_s)
     got = tuple(sum(tallies[k::4]) for k in range(4))
-    want = (processes * n, processes * n * (n - 1) // 2, n * processes * (processes - 1) // 2,
-            processes * n * QUEUE_ITEM_BYTES if mode == _RAW else 0)
+    want = (
+        processes * n,
+        processes * n * (n - 1) // 2,
+        n * processes * (processes - 1) // 2,
+        processes * n * QUEUE_ITEM_BYTES if mode == _RAW else 0,
+    )
     if got != want:
         raise BenchError(
             f"{implementation}, {workload} items, {processes} producer(s) and consumer(s): "
             f"consumers took (items, sum of seq, sum of producer, bytes) = {got}, expected "
-            f"{want} -- items were lost, duplicated or damaged")
+            f"{want} -- items were lost, duplicated or damaged"
+        )
     start = min(times[0::2])
     end = max(times[2 * processes + 1 :: 2])
     return Run(implementation, processes, n, max(end - start, 1e-9))
@@ -546,8 +624,9 @@ def _pinned_cpu() -> int:
     return 0 if 0 in usable else min(usable)
 
 
-def measure_latency(ctx: Context, implementation: str, n: int, *,
-                    time_limit_s: float) -> RoundTrips:
+def measure_latency(
+    ctx: Context, implementation: str, n: int, *, time_limit_s: float
+) -> RoundTrips:
     """Time ``n`` ping-pong round trips over two fresh queues, both processes on one CPU.
 
     Raises:
@@ -565,15 +644,37 @@ def measure_latency(ctx: Context, implementation: str, n: int, *,
         replies = _new_queue(ctx, implementation, LATENCY, stack)
         stack.callback(stop_all, procs)
         args = (implementation, requests, replies, n)
-        _start(ctx, procs, _queue_pinger, args, f"bench-latency-{implementation}-ping",
-               timeout=timeout, cpu=cpu, samples=samples, tallies=tallies, barrier=barrier,
-               times=times, index=0)
-        _start(ctx, procs, _queue_ponger, args, f"bench-latency-{implementation}-pong",
-               timeout=timeout, cpu=cpu, barrier=barrier, times=times, index=1)
+        _start(
+            ctx,
+            procs,
+            _queue_pinger,
+            args,
+            f"bench-latency-{implementation}-ping",
+            timeout=timeout,
+            cpu=cpu,
+            samples=samples,
+            tallies=tallies,
+            barrier=barrier,
+            times=times,
+            index=0,
+        )
+        _start(
+            ctx,
+            procs,
+            _queue_ponger,
+            args,
+            f"bench-latency-{implementation}-pong",
+            timeout=timeout,
+            cpu=cpu,
+            barrier=barrier,
+            times=times,
+            index=1,
+        )
         join_all(procs, barrier, time.monotonic() + BARRIER_TIMEOUT_S + time_limit_s)
     if tallies[0] != n:
-        raise BenchError(f"{implementation} ping-pong: {tallies[0]} of {n} replies were "
-                         "the request they answer")
+        raise BenchError(
+            f"{implementation} ping-pong: {tallies[0]} of {n} replies were the request they answer"
+        )
     return RoundTrips(implementation, max(times[1] - times[0], 1e-9), samples[:n])
 
 
@@ -607,8 +708,9 @@ def latency_ratio(latency: dict[str, LatencyCell], a: str, b: str) -> float | No
     return latency[a].median / latency[b].median
 
 
-def measure_latencies(ctx: Context, implementations: tuple[str, ...],
-                      settings: Settings, progress: Progress) -> dict[str, LatencyCell]:
+def measure_latencies(
+    ctx: Context, implementations: tuple[str, ...], settings: Settings, progress: Progress
+) -> dict[str, LatencyCell]:
     """Warm up, calibrate and measure the pinned ping-pong of every implementation."""
     time_limit_s, repeats = settings.time_limit_s, settings.repeats
 
@@ -628,8 +730,9 @@ def measure_latencies(ctx: Context, implementations: tuple[str, ...],
             one(impl, _QUEUE_WARMUP_OPS[LATENCY])
         for impl in implementations:
             step(impl, "calibrating")
-            counts[impl] = calibrated(elapsed(impl), settings.seconds,
-                                      _QUEUE_START_OPS[LATENCY], _MAX_ROUND_TRIPS)
+            counts[impl] = calibrated(
+                elapsed(impl), settings.seconds, _QUEUE_START_OPS[LATENCY], _MAX_ROUND_TRIPS
+            )
     medians: dict[str, list[float]] = {impl: [] for impl in implementations}
     p99s: dict[str, list[float]] = {impl: [] for impl in implementations}
     for r in range(repeats):
@@ -640,12 +743,13 @@ def measure_latencies(ctx: Context, implementations: tuple[str, ...],
             trips = one(impl, counts[impl])
             medians[impl].append(trips.median)
             p99s[impl].append(trips.p99)
-    return {impl: LatencyCell(impl, counts[impl], tuple(medians[impl]), tuple(p99s[impl]))
-            for impl in implementations}
+    return {
+        impl: LatencyCell(impl, counts[impl], tuple(medians[impl]), tuple(p99s[impl]))
+        for impl in implementations
+    }
 
 
-_PARTS: Final = {SMALL: "queue small items", BATCHES: "queue batches",
-                 BYTES: "queue 64 KiB bytes"}
+_PARTS: Final = {SMALL: "queue small items", BATCHES: "queue batches", BYTES: "queue 64 KiB bytes"}
 
 
 def weights(settings: Settings, plan: Plan) -> list[float]:
@@ -656,9 +760,9 @@ def weights(settings: Settings, plan: Plan) -> list[float]:
     return out + step_weights(settings, len(plan.contenders[LATENCY]))
 
 
-def measure_all(ctx: Context, settings: Settings, plan: Plan,
-                progress: Progress) -> tuple[dict[str, dict[tuple[str, int], Cell]],
-                                             dict[str, LatencyCell]]:
+def measure_all(
+    ctx: Context, settings: Settings, plan: Plan, progress: Progress
+) -> tuple[dict[str, dict[tuple[str, int], Cell]], dict[str, LatencyCell]]:
     """Every queue contender of every workload at every process count, then the latency."""
     cells = {}
     for workload in QUEUE_WORKLOADS:
@@ -667,22 +771,35 @@ def measure_all(ctx: Context, settings: Settings, plan: Plan,
             return measure_queue(ctx, workload, impl, p, n, time_limit_s=settings.time_limit_s)
 
         cells[workload] = measure_cells(
-            plan.contenders[workload], settings, progress, part=_PARTS[workload],
-            measure_one=one, warmup_ops=_QUEUE_WARMUP_OPS[workload],
-            start_ops=_QUEUE_START_OPS[workload], quick_ops=_QUEUE_WARMUP_OPS[workload],
-            cap=MAX_OPS_PER_WORKER, pairs=True)
+            plan.contenders[workload],
+            settings,
+            progress,
+            part=_PARTS[workload],
+            measure_one=one,
+            warmup_ops=_QUEUE_WARMUP_OPS[workload],
+            start_ops=_QUEUE_START_OPS[workload],
+            quick_ops=_QUEUE_WARMUP_OPS[workload],
+            cap=MAX_OPS_PER_WORKER,
+            pairs=True,
+        )
     latency = measure_latencies(ctx, plan.contenders[LATENCY], settings, progress)
     return cells, latency
 
 
 PANEL: Final = "SafeQueue"
 
-_LABELS: Final = {SMALL: "small items", BATCHES: f"batches of {QUEUE_BATCH}",
-                  BYTES: f"{QUEUE_ITEM_BYTES // 1024} KiB bytes items"}
+_LABELS: Final = {
+    SMALL: "small items",
+    BATCHES: f"batches of {QUEUE_BATCH}",
+    BYTES: f"{QUEUE_ITEM_BYTES // 1024} KiB bytes items",
+}
 
 
-def ratios(cells: dict[str, dict[tuple[str, int], Cell]], latency: dict[str, LatencyCell],
-           processes: list[int]) -> list[Ratio]:
+def ratios(
+    cells: dict[str, dict[tuple[str, int], Cell]],
+    latency: dict[str, LatencyCell],
+    processes: list[int],
+) -> list[Ratio]:
     """The chart's ratios: SafeQueue against each alternative, per workload and process
     count, and its round trip's speed against theirs."""
     out = []
@@ -692,8 +809,11 @@ def ratios(cells: dict[str, dict[tuple[str, int], Cell]], latency: dict[str, Lat
             for alt in (Q_MP, Q_SIMPLE, Q_FF):
                 value = ratio(of, (Q_SAFE, p), (alt, p))
                 if value is not None:
-                    out.append(Ratio(PANEL, f"{_LABELS[workload]}, {procs_label(p, pairs=True)}",
-                                     alt, value))
+                    out.append(
+                        Ratio(
+                            PANEL, f"{_LABELS[workload]}, {procs_label(p, pairs=True)}", alt, value
+                        )
+                    )
     for alt in (Q_MP, Q_SIMPLE, Q_FF):
         time_ratio = latency_ratio(latency, Q_SAFE, alt)
         if time_ratio is not None:
@@ -724,69 +844,84 @@ def _queue_rows(workload: str, cells: dict[tuple[str, int], Cell]) -> list[dict[
 
 
 def _latency_rows(latency: dict[str, LatencyCell]) -> list[dict[str, Any]]:
-    return [{
-        "implementation": impl,
-        "code": _queue_description(LATENCY, impl),
-        "round_trips": cell.round_trips,
-        "median_us": cell.median * 1e6,
-        "min_median_us": min(cell.medians) * 1e6,
-        "max_median_us": max(cell.medians) * 1e6,
-        "p99_us": cell.p99 * 1e6,
-        "min_p99_us": min(cell.p99s) * 1e6,
-        "max_p99_us": max(cell.p99s) * 1e6,
-        "samples_median_us": [m * 1e6 for m in cell.medians],
-        "samples_p99_us": [m * 1e6 for m in cell.p99s],
-        "time_vs_simple_queue": latency_ratio(latency, impl, Q_SIMPLE),
-    } for impl, cell in latency.items()]
+    return [
+        {
+            "implementation": impl,
+            "code": _queue_description(LATENCY, impl),
+            "round_trips": cell.round_trips,
+            "median_us": cell.median * 1e6,
+            "min_median_us": min(cell.medians) * 1e6,
+            "max_median_us": max(cell.medians) * 1e6,
+            "p99_us": cell.p99 * 1e6,
+            "min_p99_us": min(cell.p99s) * 1e6,
+            "max_p99_us": max(cell.p99s) * 1e6,
+            "samples_median_us": [m * 1e6 for m in cell.medians],
+            "samples_p99_us": [m * 1e6 for m in cell.p99s],
+            "time_vs_simple_queue": latency_ratio(latency, impl, Q_SIMPLE),
+        }
+        for impl, cell in latency.items()
+    ]
 
 
 _QUEUE_TITLES: Final = {
     SMALL: "Small items: (producer, seq) tuples, one put and one get each",
     BATCHES: f"Batches of {QUEUE_BATCH}: the same items through put_many/get_many; "
-             "mp.Queue has no batch calls, so one put/get per item (and, for reference, "
-             f"lists of {QUEUE_BATCH} items put as single items, into mp.Queue and "
-             "SafeQueue)",
+    "mp.Queue has no batch calls, so one put/get per item (and, for reference, "
+    f"lists of {QUEUE_BATCH} items put as single items, into mp.Queue and "
+    "SafeQueue)",
     BYTES: f"{QUEUE_ITEM_BYTES // 1024} KiB bytes items (SafeQueue raw=True; the others "
-           "pickle them)",
+    "pickle them)",
 }
 
 
 def _print_queue_table(workload: str, rows: list[dict[str, Any]]) -> None:
     mb = workload == BYTES
     mb_column = f" {'MB/s':>7}" if mb else ""
-    header = (f"{'implementation':<18} {'P+C':>4} {'median k items/s':>16} "
-              f"{'range (min-max)':>17}{mb_column} {'vs mp.Queue':>11} {'vs faster_fifo':>14}")
+    header = (
+        f"{'implementation':<18} {'P+C':>4} {'median k items/s':>16} "
+        f"{'range (min-max)':>17}{mb_column} {'vs mp.Queue':>11} {'vs faster_fifo':>14}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         rng = f"{r['min_items_per_s'] / 1e3:.1f}-{r['max_items_per_s'] / 1e3:.1f}"
         rate = f" {r['median_mb_per_s']:>7.0f}" if mb else ""
-        print(f"{r['implementation']:<18} {r['producers']:>2}+{r['consumers']:<1} "
-              f"{r['median_items_per_s'] / 1e3:>16.1f} {rng:>17}{rate} "
-              f"{fmt_ratio(r['vs_mp_queue']):>11} {fmt_ratio(r['vs_faster_fifo']):>14}")
+        print(
+            f"{r['implementation']:<18} {r['producers']:>2}+{r['consumers']:<1} "
+            f"{r['median_items_per_s'] / 1e3:>16.1f} {rng:>17}{rate} "
+            f"{fmt_ratio(r['vs_mp_queue']):>11} {fmt_ratio(r['vs_faster_fifo']):>14}"
+        )
 
 
 def _print_latency_table(rows: list[dict[str, Any]]) -> None:
-    header = (f"{'implementation':<18} {'median RTT us':>13} {'range (min-max)':>16} "
-              f"{'p99 RTT us':>10} {'range (min-max)':>16} {'time vs SimpleQueue':>19}")
+    header = (
+        f"{'implementation':<18} {'median RTT us':>13} {'range (min-max)':>16} "
+        f"{'p99 RTT us':>10} {'range (min-max)':>16} {'time vs SimpleQueue':>19}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         med = f"{r['min_median_us']:.1f}-{r['max_median_us']:.1f}"
         p99 = f"{r['min_p99_us']:.1f}-{r['max_p99_us']:.1f}"
-        print(f"{r['implementation']:<18} {r['median_us']:>13.1f} {med:>16} "
-              f"{r['p99_us']:>10.1f} {p99:>16} {fmt_ratio(r['time_vs_simple_queue']):>19}")
+        print(
+            f"{r['implementation']:<18} {r['median_us']:>13.1f} {med:>16} "
+            f"{r['p99_us']:>10.1f} {p99:>16} {fmt_ratio(r['time_vs_simple_queue']):>19}"
+        )
 
 
 def print_section(report: dict[str, Any]) -> None:
-    print("SafeQueue: P producer and P consumer processes on one queue; every item counted "
-          "and checked")
+    print(
+        "SafeQueue: P producer and P consumer processes on one queue; every item counted "
+        "and checked"
+    )
     print(f"  faster_fifo: {report['faster_fifo'] or 'not importable'}")
-    print(f"  capacity: SafeQueue ring and faster_fifo buffer {report['capacity_bytes']} "
-          f"bytes; mp.Queue maxsize = what that ring holds "
-          f"({report['mp_queue_maxsize']['items']} small items, "
-          f"{report['mp_queue_maxsize']['lists']} lists, "
-          f"{report['mp_queue_maxsize']['bytes']} bytes items); mp.SimpleQueue: a pipe")
+    print(
+        f"  capacity: SafeQueue ring and faster_fifo buffer {report['capacity_bytes']} "
+        f"bytes; mp.Queue maxsize = what that ring holds "
+        f"({report['mp_queue_maxsize']['items']} small items, "
+        f"{report['mp_queue_maxsize']['lists']} lists, "
+        f"{report['mp_queue_maxsize']['bytes']} bytes items); mp.SimpleQueue: a pipe"
+    )
     for text in report["notes"]:
         print(f"  note: {text}")
     for workload in QUEUE_WORKLOADS:
@@ -797,8 +932,10 @@ def print_section(report: dict[str, Any]) -> None:
         print()
         _print_queue_table(workload, report[workload])
     print()
-    print("Round-trip latency: a ping-pong of one small item over two queues (request, "
-          f"reply), both processes pinned to CPU {report['latency_cpu']}")
+    print(
+        "Round-trip latency: a ping-pong of one small item over two queues (request, "
+        f"reply), both processes pinned to CPU {report['latency_cpu']}"
+    )
     for impl in report["implementations"][LATENCY]:
         print(f"  {impl:<18}  {_queue_description(LATENCY, impl)}")
     print()
@@ -824,21 +961,29 @@ def plan() -> Plan:
             version = "unknown version"
         return Plan(version, dict(QUEUE_CONTENDERS), notes=[])
     return Plan(
-        None, {w: tuple(i for i in impls if i != Q_FF) for w, impls in QUEUE_CONTENDERS.items()},
-        notes=[f"faster_fifo is not importable ({why}): skipped its rows "
-               "(pip install faster-fifo, or safeshm[bench])"])
+        None,
+        {w: tuple(i for i in impls if i != Q_FF) for w, impls in QUEUE_CONTENDERS.items()},
+        notes=[
+            f"faster_fifo is not importable ({why}): skipped its rows "
+            "(pip install faster-fifo, or safeshm[bench])"
+        ],
+    )
 
 
-def section(plan: Plan, cells: dict[str, dict[tuple[str, int], Cell]],
-                   latency: dict[str, LatencyCell]) -> dict[str, Any]:
+def section(
+    plan: Plan, cells: dict[str, dict[tuple[str, int], Cell]], latency: dict[str, LatencyCell]
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "faster_fifo": plan.faster_fifo_version,
         "notes": plan.notes,
         "capacity_bytes": QUEUE_CAPACITY,
         "batch_items": QUEUE_BATCH,
         "bytes_item_size": QUEUE_ITEM_BYTES,
-        "mp_queue_maxsize": {"items": _MP_MAXSIZE[_SINGLE], "lists": _MP_MAXSIZE[_LISTS],
-                             "bytes": _MP_MAXSIZE[_RAW]},
+        "mp_queue_maxsize": {
+            "items": _MP_MAXSIZE[_SINGLE],
+            "lists": _MP_MAXSIZE[_LISTS],
+            "bytes": _MP_MAXSIZE[_RAW],
+        },
         "latency_cpu": _pinned_cpu(),
         "implementations": {w: list(impls) for w, impls in plan.contenders.items()},
     }

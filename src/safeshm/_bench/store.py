@@ -113,7 +113,8 @@ def _opened(kind: str, path: str) -> Iterator[Any]:
 
 def _setter(kind: str, store: Any) -> Callable[[str, bytes], Any]:
     put: Callable[[str, bytes], Any] = (
-        store.set if kind.startswith("diskcache") else store.__setitem__)
+        store.set if kind.startswith("diskcache") else store.__setitem__
+    )
     return put
 
 
@@ -149,8 +150,15 @@ def _time_gets(kind: str, path: str, keys: list[str], value: bytes) -> float:
         return time.perf_counter() - start
 
 
-def _writer(kind: str, path: str, prefix: str, n: int, barrier: Any,  # noqa: PLR0917
-            times: Any, slot: int) -> None:
+def _writer(  # noqa: PLR0917
+    kind: str,
+    path: str,
+    prefix: str,
+    n: int,
+    barrier: Any,
+    times: Any,
+    slot: int,
+) -> None:
     value = os.urandom(VALUE_BYTES)
     keys = _keys(n, prefix)
     with _opened(kind, path) as store:
@@ -169,8 +177,10 @@ def _time_writers(ctx: Context, kind: str, path: str, writers: int, n: int) -> f
         pass  # created once, so the writers race on writes, not on creation
     barrier = ctx.Barrier(writers)
     times = ctx.Array("d", 2 * writers, lock=False)
-    procs = [ctx.Process(target=_writer, args=(kind, path, f"w{w}", n, barrier, times, w),
-                         daemon=True) for w in range(writers)]
+    procs = [
+        ctx.Process(target=_writer, args=(kind, path, f"w{w}", n, barrier, times, w), daemon=True)
+        for w in range(writers)
+    ]
     try:
         for p in procs:
             p.start()
@@ -186,8 +196,10 @@ def _time_writers(ctx: Context, kind: str, path: str, writers: int, n: int) -> f
     with _opened(kind, path) as store:
         stored = len(store)
     if stored != writers * n:
-        raise BenchError(f"store {writers} writer(s): {kind} holds {stored} keys, expected "
-                         f"{writers * n} -- writes were lost")
+        raise BenchError(
+            f"store {writers} writer(s): {kind} holds {stored} keys, expected "
+            f"{writers * n} -- writes were lost"
+        )
     span = float(max(times[1::2]) - min(times[0::2]))
     return writers * n / span
 
@@ -213,9 +225,14 @@ def weights(repeats: int, *, quick: bool) -> list[float]:
     return [0.25 if quick else 1.0] * steps(repeats)
 
 
-def measure(ctx: Context, repeats: int, directory: str | None = None,
-            progress: Callable[[str], None] | None = None, *,
-            quick: bool = False) -> list[StoreCell]:
+def measure(
+    ctx: Context,
+    repeats: int,
+    directory: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    *,
+    quick: bool = False,
+) -> list[StoreCell]:
     """Measure every workload for every implementation that is importable.
 
     Raises:
@@ -233,8 +250,9 @@ def measure(ctx: Context, repeats: int, directory: str | None = None,
             return
         plan.append((workload, name, kind, fn))
 
-    def rate(timer: Callable[[str, str, list[str], bytes], float], kind: str,
-             some: list[str]) -> Callable[[str], float]:
+    def rate(
+        timer: Callable[[str, str, list[str], bytes], float], kind: str, some: list[str]
+    ) -> Callable[[str], float]:
         return lambda path: len(some) / timer(kind, path, some, value)
 
     def writers_rate(kind: str, writers: int) -> Callable[[str], float]:
@@ -248,12 +266,19 @@ def measure(ctx: Context, repeats: int, directory: str | None = None,
         add("durable set", name, kind, rate(_time_sets, kind, durable_keys))
     for name, kind in ((SAFESHM, "safeshm"), (DISKCACHE, "diskcache"), (SHELVE, "shelve")):
         add("get", name, kind, rate(_time_gets, kind, keys if kind != "shelve" else shelve_keys))
-    for name, kind in ((SAFESHM, "safeshm"), (DISKCACHE, "diskcache"),
-                       (SAFESHM + " durable", "safeshm-durable"),
-                       (DISKCACHE + " durable", "diskcache-durable")):
+    for name, kind in (
+        (SAFESHM, "safeshm"),
+        (DISKCACHE, "diskcache"),
+        (SAFESHM + " durable", "safeshm-durable"),
+        (DISKCACHE + " durable", "diskcache-durable"),
+    ):
         for writers in (1, 2):
-            add(f"{writers} writer{'s' if writers > 1 else ''}", name, kind,
-                writers_rate(kind, writers))
+            add(
+                f"{writers} writer{'s' if writers > 1 else ''}",
+                name,
+                kind,
+                writers_rate(kind, writers),
+            )
 
     if len(plan) * repeats != steps(repeats):  # pragma: no cover - keep steps() honest
         raise RuntimeError("safeshm._bench.store.steps() is out of date")
@@ -269,13 +294,22 @@ def measure(ctx: Context, repeats: int, directory: str | None = None,
                     progress(f"store {workload}: {name}, repeat {repeat + 1}/{repeats}")
                 path = os.path.join(tmp, f"r{repeat}-{step}")
                 runs.setdefault((workload, name), []).append(fn(path))
-    return [StoreCell(workload, name, statistics.median(r), tuple(r))
-            for (workload, name), r in runs.items()]
+    return [
+        StoreCell(workload, name, statistics.median(r), tuple(r))
+        for (workload, name), r in runs.items()
+    ]
 
 
 def cells_from_json(data: list[dict[str, Any]]) -> list[StoreCell]:
-    return [StoreCell(d["workload"], d["implementation"], float(d["ops_per_second"]),
-                      tuple(float(r) for r in d["runs"])) for d in data]
+    return [
+        StoreCell(
+            d["workload"],
+            d["implementation"],
+            float(d["ops_per_second"]),
+            tuple(float(r) for r in d["runs"]),
+        )
+        for d in data
+    ]
 
 
 def speed_ratios(cells: list[StoreCell]) -> list[tuple[str, str, float]]:
@@ -295,8 +329,11 @@ def scaling(cells: list[StoreCell]) -> dict[str, float]:
     """2 writers' total rate / 1 writer's rate, per implementation."""
     speed = {(c.workload, c.implementation): c.ops_per_second for c in cells}
     names = dict.fromkeys(c.implementation for c in cells if c.workload == "2 writers")
-    return {name: speed[("2 writers", name)] / speed[("1 writer", name)]
-            for name in names if ("1 writer", name) in speed}
+    return {
+        name: speed[("2 writers", name)] / speed[("1 writer", name)]
+        for name in names
+        if ("1 writer", name) in speed
+    }
 
 
 PANEL: Final = "SafeFileStore"
@@ -305,8 +342,7 @@ PANEL: Final = "SafeFileStore"
 def ratios(cells: list[StoreCell]) -> list[Ratio]:
     """The chart's ratios: SafeFileStore's speed over each alternative's, and two writers'
     total over one writer's (does a second writer add, or do they collapse?)."""
-    out = [Ratio(PANEL, workload, versus, value)
-           for workload, versus, value in speed_ratios(cells)]
+    out = [Ratio(PANEL, workload, versus, value) for workload, versus, value in speed_ratios(cells)]
     for name, s in scaling(cells).items():
         if name.startswith(SAFESHM):
             durable = "durable" if name.endswith("durable") else "not durable"
@@ -317,28 +353,33 @@ def ratios(cells: list[StoreCell]) -> list[Ratio]:
 def section(cells: list[StoreCell], *, quick: bool) -> dict[str, Any]:
     """What ``--json`` prints under ``"store"``."""
     divisor = QUICK_DIVISOR if quick else 1
-    return {"value_bytes": VALUE_BYTES, "keys": KEYS // divisor,
-            "durable_keys": DURABLE_KEYS // divisor,
-            "cells": [dataclasses.asdict(c) for c in cells], "scaling": scaling(cells)}
+    return {
+        "value_bytes": VALUE_BYTES,
+        "keys": KEYS // divisor,
+        "durable_keys": DURABLE_KEYS // divisor,
+        "cells": [dataclasses.asdict(c) for c in cells],
+        "scaling": scaling(cells),
+    }
 
 
-def report(cells: list[StoreCell], *, keys: int = KEYS,
-           durable_keys: int = DURABLE_KEYS) -> str:
+def report(cells: list[StoreCell], *, keys: int = KEYS, durable_keys: int = DURABLE_KEYS) -> str:
     """The human-readable table."""
-    lines = [f"SafeFileStore vs alternatives ({VALUE_BYTES}-byte values; set/get: {keys} "
-             f"keys, durable set: {durable_keys}; ops/s, median)"]
+    lines = [
+        f"SafeFileStore vs alternatives ({VALUE_BYTES}-byte values; set/get: {keys} "
+        f"keys, durable set: {durable_keys}; ops/s, median)"
+    ]
     width = max([len("implementation")] + [len(c.implementation) for c in cells])
     lines.append(f"  {'workload':<12} {'implementation':<{width}} {'ops/s':>12}   runs")
     for c in cells:
         runs = " ".join(f"{r:,.0f}" for r in c.runs)
-        lines.append(f"  {c.workload:<12} {c.implementation:<{width}} "
-                     f"{c.ops_per_second:>12,.0f}   {runs}")
+        lines.append(
+            f"  {c.workload:<12} {c.implementation:<{width}} {c.ops_per_second:>12,.0f}   {runs}"
+        )
     lines.append("  ratios (SafeFileStore ÷ alternative):")
     for workload, versus, ratio in speed_ratios(cells):
         lines.append(f"    {workload:<12} vs {versus:<16} {ratio:6.2f}x")
     for name, s in scaling(cells).items():
         lines.append(f"    2 writers ÷ 1 writer, {name:<22} {s:6.2f}x")
     if _diskcache() is None:
-        lines.append("  (diskcache is not installed: pip install diskcache, or the `bench` "
-                     "extra)")
+        lines.append("  (diskcache is not installed: pip install diskcache, or the `bench` extra)")
     return "\n".join(lines)

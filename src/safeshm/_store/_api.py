@@ -167,28 +167,58 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     """
 
     @overload
-    def __init__(self: SafeFileStore[Any], path: StrPath, *, durable: bool = ...,
-                 serializer: Literal["json"] = ..., create: bool = ...,
-                 timeout: float | None = ...) -> None: ...
+    def __init__(
+        self: SafeFileStore[Any],
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Literal["json"] = ...,
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> None: ...
 
     @overload
-    def __init__(self: SafeFileStore[bytes], path: StrPath, *, durable: bool = ...,
-                 serializer: Literal["bytes"], create: bool = ...,
-                 timeout: float | None = ...) -> None: ...
+    def __init__(
+        self: SafeFileStore[bytes],
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Literal["bytes"],
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> None: ...
 
     @overload
-    def __init__(self: SafeFileStore[Any], path: StrPath, *, durable: bool = ...,
-                 serializer: Literal["pickle"], create: bool = ...,
-                 timeout: float | None = ...) -> None: ...
+    def __init__(
+        self: SafeFileStore[Any],
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Literal["pickle"],
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> None: ...
 
     @overload
-    def __init__(self, path: StrPath, *, durable: bool = ..., serializer: Serializer[V],
-                 create: bool = ...,
-                 timeout: float | None = ...) -> None: ...
+    def __init__(
+        self,
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Serializer[V],
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> None: ...
 
-    def __init__(self, path: StrPath, *, durable: bool = True,
-                 serializer: SerializerName | Serializer[Any] = "json",
-                 create: bool = True, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        path: StrPath,
+        *,
+        durable: bool = True,
+        serializer: SerializerName | Serializer[Any] = "json",
+        create: bool = True,
+        timeout: float | None = None,
+    ) -> None:
         self._closed = True  # until fully open: close() and __del__ must work on a failure
         self._log_fd = -1
         self._dir_fd = -1
@@ -218,8 +248,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         try:
             if not create and self._read_current() is None:
                 # Before anything is created: looking at a non-store leaves no trace.
-                raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path",
-                                        self._path)
+                raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path", self._path)
             self._writer: _ProcessWriter | None = _process_writer(self._dir_fd, self._path)
             self._reset_log()
             with self._mutex:
@@ -235,40 +264,70 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     # --- construction -----------------------------------------------------------------------
     @overload
     @classmethod
-    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["json"] = ...,
-             create: bool = ...,
-                 timeout: float | None = ...) -> SafeFileStore[Any]: ...
+    def open(
+        cls,
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Literal["json"] = ...,
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> SafeFileStore[Any]: ...
 
     @overload
     @classmethod
-    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["bytes"],
-             create: bool = ...,
-                 timeout: float | None = ...) -> SafeFileStore[bytes]: ...
+    def open(
+        cls,
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Literal["bytes"],
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> SafeFileStore[bytes]: ...
 
     @overload
     @classmethod
-    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Literal["pickle"],
-             create: bool = ...,
-                 timeout: float | None = ...) -> SafeFileStore[Any]: ...
+    def open(
+        cls,
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Literal["pickle"],
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> SafeFileStore[Any]: ...
 
     @overload
     @classmethod
-    def open(cls, path: StrPath, *, durable: bool = ..., serializer: Serializer[T],
-             create: bool = ...,
-                 timeout: float | None = ...) -> SafeFileStore[T]: ...
+    def open(
+        cls,
+        path: StrPath,
+        *,
+        durable: bool = ...,
+        serializer: Serializer[T],
+        create: bool = ...,
+        timeout: float | None = ...,
+    ) -> SafeFileStore[T]: ...
 
     @classmethod
-    def open(cls, path: StrPath, *, durable: bool = True,
-             serializer: SerializerName | Serializer[Any] = "json",
-             create: bool = True, timeout: float | None = None) -> SafeFileStore[Any]:
+    def open(
+        cls,
+        path: StrPath,
+        *,
+        durable: bool = True,
+        serializer: SerializerName | Serializer[Any] = "json",
+        create: bool = True,
+        timeout: float | None = None,
+    ) -> SafeFileStore[Any]:
         """Open the store at ``path``, creating it if needed: the same as the constructor
         (named like the shared-memory structures' ``open``)."""
-        return cls(path, durable=durable, serializer=serializer, create=create,
-                   timeout=timeout)
+        return cls(path, durable=durable, serializer=serializer, create=create, timeout=timeout)
 
     @staticmethod
-    def recover(source: StrPath, destination: StrPath, *, serializer: str | None = None
-                ) -> RecoveryReport:
+    def recover(
+        source: StrPath, destination: StrPath, *, serializer: str | None = None
+    ) -> RecoveryReport:
         """Copy every record of the store at ``source`` that checks out into a new store
         at ``destination``, and say exactly what was lost: ``safeshm store recover``.
 
@@ -366,8 +425,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     @overload
     def pop(self, key: str, default: T, /, *, timeout: float | None = ...) -> V | T: ...
 
-    def pop(self, key: str, default: Any = _MISSING, /, *, timeout: float | None = _DEFAULT
-            ) -> Any:
+    def pop(self, key: str, default: Any = _MISSING, /, *, timeout: float | None = _DEFAULT) -> Any:
         """Remove ``key`` and return its value (or ``default``), atomically.
         ``timeout``: as for :meth:`modify`."""
         if default is _MISSING:
@@ -383,11 +441,18 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     def setdefault(self, key: str, default: V, /, *, timeout: float | None = ...) -> V: ...
 
     @overload
-    def setdefault(self: SafeFileStore[T | None], key: str, default: None = None, /, *,
-                   timeout: float | None = ...) -> T | None: ...
+    def setdefault(
+        self: SafeFileStore[T | None],
+        key: str,
+        default: None = None,
+        /,
+        *,
+        timeout: float | None = ...,
+    ) -> T | None: ...
 
-    def setdefault(self, key: str, default: Any = None, /, *,
-                   timeout: float | None = _DEFAULT) -> Any:
+    def setdefault(
+        self, key: str, default: Any = None, /, *, timeout: float | None = _DEFAULT
+    ) -> Any:
         """Return the value of ``key``, first storing ``default`` if it is missing,
         atomically. ``timeout``: as for :meth:`modify`."""
         return self._atomically(lambda tx: tx.setdefault(key, default), timeout)
@@ -396,8 +461,9 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         """Delete every key, as one transaction. ``timeout``: as for :meth:`modify`."""
         self._atomically(lambda tx: tx.clear(), timeout)
 
-    def update(self, other: SupportsKeysAndGetItem[str, V] | Iterable[tuple[str, V]] = (),
-               /, **kwargs: V) -> None:
+    def update(
+        self, other: SupportsKeysAndGetItem[str, V] | Iterable[tuple[str, V]] = (), /, **kwargs: V
+    ) -> None:
         """Set several keys as one transaction: all of them or, on any error (an
         unencodable value, a bad key), none. Waits for the write lock as long as the
         store's ``timeout`` says (keyword arguments are keys here: for a timeout of its
@@ -408,11 +474,18 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     def modify(self, key: str, fn: Callable[[V], V], *, timeout: float | None = ...) -> V: ...
 
     @overload
-    def modify(self, key: str, fn: Callable[[V], V], default: V, *,
-               timeout: float | None = ...) -> V: ...
+    def modify(
+        self, key: str, fn: Callable[[V], V], default: V, *, timeout: float | None = ...
+    ) -> V: ...
 
-    def modify(self, key: str, fn: Callable[[V], V], default: V = _MISSING, *,
-               timeout: float | None = _DEFAULT) -> V:
+    def modify(
+        self,
+        key: str,
+        fn: Callable[[V], V],
+        default: V = _MISSING,
+        *,
+        timeout: float | None = _DEFAULT,
+    ) -> V:
         """Atomically replace the value of ``key`` with ``fn(value)`` and return the new
         value.
 
@@ -472,8 +545,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
             LockReentryError: this thread is already inside a transaction or modify().
             StoreTimeoutError: on entering the block, the write lock was not free in time.
         """
-        return Transaction(self, self._timeout if timeout is _DEFAULT
-                           else check_timeout(timeout))
+        return Transaction(self, self._timeout if timeout is _DEFAULT else check_timeout(timeout))
 
     def compact(self, *, timeout: float | None = _DEFAULT) -> None:
         """Rewrite the log with only the current values, reclaiming the space of
@@ -528,11 +600,19 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
 
     def statistics(self) -> StoreStatistics:
         """A consistent snapshot of the store's size and this handle's counters."""
-        return self._read(lambda: StoreStatistics(
-            path=self._path, keys=len(self._index), generation=self._generation,
-            log_bytes=self._end, live_bytes=self._live, durable=self._durable,
-            serializer=self._serializer.name, compactions=self._compactions,
-            torn_tails_discarded=self._torn))
+        return self._read(
+            lambda: StoreStatistics(
+                path=self._path,
+                keys=len(self._index),
+                generation=self._generation,
+                log_bytes=self._end,
+                live_bytes=self._live,
+                durable=self._durable,
+                serializer=self._serializer.name,
+                compactions=self._compactions,
+                torn_tails_discarded=self._torn,
+            )
+        )
 
     def close(self) -> None:
         """Close this handle (idempotent). Other handles and processes are unaffected; the
@@ -553,8 +633,12 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     def __enter__(self) -> SafeFileStore[V]:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -573,8 +657,10 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
             state = ", closed=True" if self._closed else ""
             if self._timeout is not None:
                 state = f", timeout={self._timeout!r}{state}"
-            return (f"safeshm.SafeFileStore({self._path!r}, durable={self._durable}, "
-                    f"serializer={self._serializer.name!r}{state})")
+            return (
+                f"safeshm.SafeFileStore({self._path!r}, durable={self._durable}, "
+                f"serializer={self._serializer.name!r}{state})"
+            )
         except Exception:  # noqa: BLE001 - repr must never raise
             return "<safeshm.SafeFileStore (uninitialised)>"
 
@@ -601,10 +687,12 @@ class _ValuesSnapshot(ValuesView[V]):
             yield loads(data)
 
 
-def _reopen(path: str, durable: bool, serializer: Any, timeout: float | None = None
-            ) -> SafeFileStore[Any]:
-    return SafeFileStore(path, durable=durable, serializer=serializer, create=False,
-                         timeout=timeout)
+def _reopen(
+    path: str, durable: bool, serializer: Any, timeout: float | None = None
+) -> SafeFileStore[Any]:
+    return SafeFileStore(
+        path, durable=durable, serializer=serializer, create=False, timeout=timeout
+    )
 
 
 # PyObject_CallOneArg(f, arg), called with two extra arguments that it ignores (every
@@ -641,8 +729,13 @@ class Transaction(MutableMapping[str, V], Generic[V]):
         return self  # nothing that checks for a signal until the with block's cleanup
 
     if TYPE_CHECKING:
-        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                     tb: TracebackType | None) -> None: ...
+
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None: ...
     else:
         # One C-level call that resumes _hold_and_commit with the exception type: a Python
         # __exit__ would give a signal handler's exception a place to land -- its first
@@ -661,9 +754,14 @@ class Transaction(MutableMapping[str, V], Generic[V]):
             self._state = "open"
             exc_type = yield False
             self._state = "done"
-            ops = None if exc_type is not None else [
-                (SET, kb, value) if value is not None else (DEL, kb, b"")
-                for kb, value in self._ops.values()]
+            ops = (
+                None
+                if exc_type is not None
+                else [
+                    (SET, kb, value) if value is not None else (DEL, kb, b"")
+                    for kb, value in self._ops.values()
+                ]
+            )
             pending = store._commit(ops) if ops else None
         finally:
             self._state = "done"
@@ -675,8 +773,10 @@ class Transaction(MutableMapping[str, V], Generic[V]):
 
     def _check(self) -> None:
         if self._state != "open":
-            raise StoreClosedError("this transaction is not open: use it inside its "
-                                   "`with store.transaction() as tx:` block")
+            raise StoreClosedError(
+                "this transaction is not open: use it inside its "
+                "`with store.transaction() as tx:` block"
+            )
 
     def _lookup(self, key: str) -> bytes | None:
         self._check()

@@ -88,8 +88,9 @@ def check_store(path: StrPath) -> StoreReport:
     return report
 
 
-def dump_store(path: StrPath, *, want_values: bool = True
-               ) -> tuple[StoreReport, list[tuple[str, bytes]]]:
+def dump_store(
+    path: StrPath, *, want_values: bool = True
+) -> tuple[StoreReport, list[tuple[str, bytes]]]:
     """The store's report and its ``(key, raw value bytes)`` pairs, verified."""
     with _open_raw(path) as store:
         pairs = store._snapshot() if want_values else []
@@ -97,10 +98,15 @@ def dump_store(path: StrPath, *, want_values: bool = True
         # What lies past the acknowledged end (a write in progress, or one whose writer
         # was killed) is no data, but it must be what a killed writer leaves, not damage.
         tail = store._verify_tail()
-        report = StoreReport(path=stats.path, generation=stats.generation,
-                             serializer=store.serializer.name, keys=stats.keys,
-                             log_bytes=stats.log_bytes, live_bytes=stats.live_bytes,
-                             torn_tail_bytes=tail)
+        report = StoreReport(
+            path=stats.path,
+            generation=stats.generation,
+            serializer=store.serializer.name,
+            keys=stats.keys,
+            log_bytes=stats.log_bytes,
+            live_bytes=stats.live_bytes,
+            torn_tail_bytes=tail,
+        )
     return report, pairs
 
 
@@ -170,9 +176,12 @@ def _trusted_position(dir_fd: int, log_fd: int, generation: int) -> int:
     if len(words) < 40:
         return 0
     stamp, position, check, synced = struct.unpack_from("<QQQQ", words, 8)
-    if (not stamp or stamp != _stamp_of(os.fstat(log_fd))
-            or check != _check_word(stamp, position, synced)
-            or position >> _POS_BITS != generation):
+    if (
+        not stamp
+        or stamp != _stamp_of(os.fstat(log_fd))
+        or check != _check_word(stamp, position, synced)
+        or position >> _POS_BITS != generation
+    ):
         return 0
     return int(position & _POS_MASK)
 
@@ -220,8 +229,11 @@ class _Scan:
                 pos += length
                 continue
             good = _next_record(data, pos + 1)
-            if (good == len(data) and pos >= acknowledged
-                    and _torn_tail(memoryview(data)[pos:]) == "torn"):
+            if (
+                good == len(data)
+                and pos >= acknowledged
+                and _torn_tail(memoryview(data)[pos:]) == "torn"
+            ):
                 self.torn += len(data) - pos  # what a killed writer leaves: no damage
                 return None
             kind, end = "unknown", good
@@ -229,18 +241,22 @@ class _Scan:
             if len(data) - pos >= HEADER_BYTES:
                 magic, rtype, _flags, klen, vlen, _bc, head_crc = _unpack_hdr(data, pos)
                 stop = pos + HEADER_BYTES + klen + vlen
-                if (magic == _MAGIC and _crc32(data[pos:pos + _HDR_CRC_SPAN]) == head_crc
-                        and stop <= good):
+                if (
+                    magic == _MAGIC
+                    and _crc32(data[pos : pos + _HDR_CRC_SPAN]) == head_crc
+                    and stop <= good
+                ):
                     kind, end = _TYPE_NAMES.get(rtype, f"type {rtype}"), stop
-                    keys = _keys_of(_ops_of(rtype, memoryview(data)[pos + HEADER_BYTES:stop],
-                                            klen))
+                    keys = _keys_of(
+                        _ops_of(rtype, memoryview(data)[pos + HEADER_BYTES : stop], klen)
+                    )
             self.damaged.append((self.seq, name, pos, end - pos, kind, keys))
             pos = end
         return None
 
     def _apply(self, data: bytes, pos: int, length: int) -> int | None:
         _magic, rtype, _flags, klen, _vlen, _bc, _hc = _unpack_hdr(data, pos)
-        body = memoryview(data)[pos + HEADER_BYTES:pos + length]
+        body = memoryview(data)[pos + HEADER_BYTES : pos + length]
         self.records += 1
         if rtype == HEADER and pos == 0 and self.serializer is None:
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -262,18 +278,30 @@ class _Scan:
             raise StoreCorruptedError(
                 f"{where!r}: the log's HEADER record is damaged, so the serializer is "
                 f"unknown; name it (serializer='json', 'bytes', 'pickle' or your "
-                f"serializer's name)")
+                f"serializer's name)"
+            )
         return RecoveryReport(
-            source=where, destination=None, serializer=self.serializer,
-            keys=len(self.values), records=self.records, torn_tail_bytes=self.torn,
+            source=where,
+            destination=None,
+            serializer=self.serializer,
+            keys=len(self.values),
+            records=self.records,
+            torn_tail_bytes=self.torn,
             damaged=tuple(
-                DamagedRecord(log=name, offset=pos, length=length, kind=kind, keys=keys,
-                              lost=tuple(k for k in keys if self.written.get(k, 0) < seq))
-                for seq, name, pos, length, kind, keys in self.damaged))
+                DamagedRecord(
+                    log=name,
+                    offset=pos,
+                    length=length,
+                    kind=kind,
+                    keys=keys,
+                    lost=tuple(k for k in keys if self.written.get(k, 0) < seq),
+                )
+                for seq, name, pos, length, kind, keys in self.damaged
+            ),
+        )
 
 
-def _scan(path: StrPath, serializer: str | None = None
-          ) -> tuple[RecoveryReport, dict[str, bytes]]:
+def _scan(path: StrPath, serializer: str | None = None) -> tuple[RecoveryReport, dict[str, bytes]]:
     """Replay every record of the store at ``path`` that checks out, skipping damage;
     change nothing there. The report (no destination) and the recovered values."""
     dir_fd, where = open_directory(path, create=False)
@@ -307,18 +335,19 @@ def scan_store(path: StrPath) -> RecoveryReport:
 _RECOVER_BATCH: Final = 64 << 20
 
 
-def recover_store(source: StrPath, destination: StrPath, *, serializer: str | None = None
-                  ) -> RecoveryReport:
+def recover_store(
+    source: StrPath, destination: StrPath, *, serializer: str | None = None
+) -> RecoveryReport:
     """See :meth:`SafeFileStore.recover`."""
     if serializer is not None and not isinstance(serializer, str):
         raise TypeError("serializer must be the name a store records, as a str")
     dest = os.fspath(destination)
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise FileExistsError(errno.EEXIST, "the destination of a recovery must be a new or "
-                                            "empty directory", dest)
+        raise FileExistsError(
+            errno.EEXIST, "the destination of a recovery must be a new or empty directory", dest
+        )
     if os.path.realpath(dest) == os.path.realpath(os.fspath(source)):
-        raise ValueError("recovery never writes into the store it reads: give another "
-                         "directory")
+        raise ValueError("recovery never writes into the store it reads: give another directory")
     report, values = _scan(source, serializer)
     raw = _RawSerializer()
     raw.name = report.serializer  # the recovered store records the original's serializer

@@ -30,17 +30,21 @@ def _check_owner(st: os.stat_result, what: str, *, directory: bool) -> None:
     if st.st_uid != os.geteuid():
         raise InsecureDirectoryError(
             f"store {kind} {what} belongs to uid {st.st_uid}, not to this user "
-            f"(uid {os.geteuid()}); refusing to use it")
+            f"(uid {os.geteuid()}); refusing to use it"
+        )
     if st.st_mode & 0o022:
         hint = f" (fix: chmod 700 {what})" if directory else ""
         if directory and st.st_mode & stat.S_ISVTX:
             # A shared directory by design (/tmp, mode 1777): making it private would break
             # every other program that uses it.
-            hint = (f" (it is a shared directory, like /tmp: keep the store in a private "
-                    f"subdirectory of it instead, e.g. mkdir -m 700 {what}/mystore)")
+            hint = (
+                f" (it is a shared directory, like /tmp: keep the store in a private "
+                f"subdirectory of it instead, e.g. mkdir -m 700 {what}/mystore)"
+            )
         raise InsecureDirectoryError(
             f"store {kind} {what} can be written by other users "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it{hint}")
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it{hint}"
+        )
 
 
 def open_directory(path: StrPath, *, create: bool) -> tuple[int, str]:
@@ -73,8 +77,9 @@ def _open_file(dir_fd: int, name: str, flags: int, where: str, *, create: bool =
         fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise InsecureDirectoryError(f"{where}/{name} is a symbolic link; a store "
-                                         f"never follows links for its own files") from None
+            raise InsecureDirectoryError(
+                f"{where}/{name} is a symbolic link; a store never follows links for its own files"
+            ) from None
         raise
     try:
         _check_owner(os.fstat(fd), f"{where}/{name}", directory=False)

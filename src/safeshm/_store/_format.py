@@ -172,7 +172,7 @@ def log_name(generation: int) -> str:
 def _generation_of(filename: str) -> int | None:
     if not (filename.startswith(_LOG_PREFIX) and filename.endswith(_LOG_SUFFIX)):
         return None
-    digits = filename[len(_LOG_PREFIX):-len(_LOG_SUFFIX)]
+    digits = filename[len(_LOG_PREFIX) : -len(_LOG_SUFFIX)]
     if len(digits) != 16:
         return None
     try:
@@ -182,10 +182,14 @@ def _generation_of(filename: str) -> int | None:
 
 
 def _is_our_file(filename: str) -> bool:
-    return (filename in (CURRENT_FILE, WRITE_LOCK_FILE, MAINTENANCE_LOCK_FILE)
-            or _generation_of(filename) is not None
-            or (filename.startswith((_LOG_PREFIX, CURRENT_FILE + "."))
-                and filename.endswith(_TMP_SUFFIX)))
+    return (
+        filename in (CURRENT_FILE, WRITE_LOCK_FILE, MAINTENANCE_LOCK_FILE)
+        or _generation_of(filename) is not None
+        or (
+            filename.startswith((_LOG_PREFIX, CURRENT_FILE + "."))
+            and filename.endswith(_TMP_SUFFIX)
+        )
+    )
 
 
 def encode_record(rtype: int, key: bytes, value: bytes) -> bytes:
@@ -215,14 +219,15 @@ def _parse_current(data: bytes, where: str) -> int:
             raise ValueError(line)
         if int(version) != FORMAT_VERSION:
             raise IncompatibleStoreError(
-                f"{where} is a SafeFileStore of format {version}, expected format "
-                f"{FORMAT_VERSION}")
+                f"{where} is a SafeFileStore of format {version}, expected format {FORMAT_VERSION}"
+            )
         return int(gen_hex, 16)
     except (ValueError, UnicodeDecodeError) as e:
         if isinstance(e, IncompatibleStoreError):
             raise
-        raise StoreCorruptedError(f"{where}: {CURRENT_FILE} is damaged "
-                                  f"(checksum or format does not match)") from None
+        raise StoreCorruptedError(
+            f"{where}: {CURRENT_FILE} is damaged (checksum or format does not match)"
+        ) from None
 
 
 def _key_bytes(key: object) -> bytes:
@@ -238,8 +243,10 @@ def _key_bytes(key: object) -> bytes:
 
 def _check_size(key: bytes, value: bytes) -> None:
     if HEADER_BYTES + len(key) + len(value) > MAX_RECORD:
-        raise ValueError(f"a record of {len(key) + len(value)} bytes is larger than a store "
-                         f"takes ({MAX_RECORD} bytes)")
+        raise ValueError(
+            f"a record of {len(key) + len(value)} bytes is larger than a store "
+            f"takes ({MAX_RECORD} bytes)"
+        )
 
 
 # --- verification (safeshm store check / dump) ----------------------------------------------
@@ -267,9 +274,12 @@ def _record_length(data: bytes, pos: int) -> int:
         return 0
     magic, _rtype, _flags, klen, vlen, body_crc, head_crc = _unpack_hdr(data, pos)
     end = pos + HEADER_BYTES + klen + vlen
-    if (magic != _MAGIC or _crc32(data[pos:pos + _HDR_CRC_SPAN]) != head_crc
-            or end > len(data)
-            or _crc32(memoryview(data)[pos + HEADER_BYTES:end]) != body_crc):
+    if (
+        magic != _MAGIC
+        or _crc32(data[pos : pos + _HDR_CRC_SPAN]) != head_crc
+        or end > len(data)
+        or _crc32(memoryview(data)[pos + HEADER_BYTES : end]) != body_crc
+    ):
         return 0
     return int(end - pos)
 
@@ -298,7 +308,7 @@ def _ops_of(rtype: int, body: memoryview, klen: int) -> list[tuple[int, bytes, b
             start, stop = pos + _SUB.size, pos + _SUB.size + sklen + svlen
             if sub not in (SET, DEL) or stop > len(body):
                 break
-            ops.append((sub, bytes(body[start:start + sklen]), bytes(body[start + sklen:stop])))
+            ops.append((sub, bytes(body[start : start + sklen]), bytes(body[start + sklen : stop])))
             pos = stop
     return ops
 

@@ -158,8 +158,9 @@ class _Log(Generic[V]):
             generation = self._read_current()
             if generation is None:
                 if not create:
-                    raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path",
-                                            self._path)
+                    raise FileNotFoundError(
+                        errno.ENOENT, "no SafeFileStore at this path", self._path
+                    )
                 self._initialise()
                 continue
             try:
@@ -167,8 +168,7 @@ class _Log(Generic[V]):
             except FileNotFoundError:
                 continue  # a compaction replaced it between our two reads: read CURRENT again
             return
-        raise StoreCorruptedError(f"{self._path!r}: {CURRENT_FILE} names a log that does not "
-                                  f"exist")
+        raise StoreCorruptedError(f"{self._path!r}: {CURRENT_FILE} names a log that does not exist")
 
     def _read_current(self) -> int | None:
         try:
@@ -188,8 +188,7 @@ class _Log(Generic[V]):
         descriptor of its own, which closing drops, all in C."""
         if self._dir_fd < 0:
             raise self._closed_error()
-        fd = _open_file(self._dir_fd, MAINTENANCE_LOCK_FILE, os.O_RDWR, self._path,
-                        create=True)
+        fd = _open_file(self._dir_fd, MAINTENANCE_LOCK_FILE, os.O_RDWR, self._path, create=True)
         try:
             if until == math.inf:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -210,7 +209,8 @@ class _Log(Generic[V]):
                 shown = ", ".join(sorted(foreign)[:5])
                 raise IncompatibleStoreError(
                     f"{self._path!r} is not empty and holds no SafeFileStore "
-                    f"(found {shown}); use an empty or new directory")
+                    f"(found {shown}); use an empty or new directory"
+                )
             # An initialisation killed before it wrote CURRENT leaves temp files and a log
             # holding only its HEADER: debris, removed. A log with records in it means
             # CURRENT was lost from a store in use: that is for a person to look at.
@@ -221,7 +221,8 @@ class _Log(Generic[V]):
                     if not self._only_header(name):
                         raise StoreCorruptedError(
                             f"{self._path!r} has no {CURRENT_FILE} but its log {name} holds "
-                            f"data; restore {CURRENT_FILE} or move the logs away")
+                            f"data; restore {CURRENT_FILE} or move the logs away"
+                        )
                     _unlink_quietly(self._dir_fd, name)
             self._write_generation(1, [])
             _replace_file(self._dir_fd, CURRENT_FILE, _current_text(1), self._path)
@@ -272,8 +273,7 @@ class _Log(Generic[V]):
 
     def _switch_to(self, generation: int) -> None:
         """Make ``generation``'s log the one this handle reads (from its start)."""
-        fd = _open_file(self._dir_fd, log_name(generation), os.O_RDWR | os.O_APPEND,
-                        self._path)
+        fd = _open_file(self._dir_fd, log_name(generation), os.O_RDWR | os.O_APPEND, self._path)
         try:
             stamp = _stamp_of(os.fstat(fd))
         except BaseException:
@@ -331,7 +331,8 @@ class _Log(Generic[V]):
             f"{self._path!r}: {log_name(self._generation)} is corrupt at byte {size}: the "
             f"file ends there, but its writers acknowledged {acknowledged} bytes (it was "
             f"truncated or replaced; if you restored it from a backup, also remove "
-            f"{WRITE_LOCK_FILE}, which holds only hints about the log it replaced)")
+            f"{WRITE_LOCK_FILE}, which holds only hints about the log it replaced)"
+        )
 
     def _published(self, generation: int) -> int | None:
         """The end of ``generation``'s log that readers may see (``synced``), if trusted."""
@@ -393,8 +394,9 @@ class _Log(Generic[V]):
                 rest = os.pread(fd, size - published, published)
                 verdict = _torn_tail(memoryview(rest))
                 if verdict == "corrupt":  # not what a writer leaves
-                    self._corrupt(published, "a record whose checksum does not match, with "
-                                             "more data after it")
+                    self._corrupt(
+                        published, "a record whose checksum does not match, with more data after it"
+                    )
                 if verdict is None and rest[2] == MOVED:
                     # A compaction killed between its commit point and publishing it: the
                     # new generation is complete and durable, and is the store now.
@@ -422,7 +424,8 @@ class _Log(Generic[V]):
             if size < self._end:
                 raise StoreCorruptedError(
                     f"{self._path!r}: {log_name(self._generation)} shrank below data already "
-                    f"read ({size} < {self._end} bytes); was it modified by another program?")
+                    f"read ({size} < {self._end} bytes); was it modified by another program?"
+                )
             # Read what is acknowledged before the data: what a writer published after our
             # read could make a write that was still in progress look like damage.
             self._ack = self._acknowledged_end()
@@ -433,7 +436,8 @@ class _Log(Generic[V]):
             if self._torn_tail is not None:
                 writer = self._writer
                 if data == self._torn_tail and not (
-                        writer is not None and writer.owner == threading.get_ident()):
+                    writer is not None and writer.owner == threading.get_ident()
+                ):
                     return  # still the torn tail a reader may skip; a writer discards it
                 self._torn_tail = None
             moved_to = self._apply(data)
@@ -463,7 +467,7 @@ class _Log(Generic[V]):
                 self._stopped(base + pos)
                 break
             magic, rtype, _flags, klen, vlen, body_crc, head_crc = _unpack_hdr(data, pos)
-            if magic != _MAGIC or _crc32(data[pos:pos + _HDR_CRC_SPAN]) != head_crc:
+            if magic != _MAGIC or _crc32(data[pos : pos + _HDR_CRC_SPAN]) != head_crc:
                 self._stopped(base + pos)
                 break
             body = pos + HEADER_BYTES
@@ -480,8 +484,14 @@ class _Log(Generic[V]):
                 old = index.get(key)
                 if old is not None:
                     live -= old[3]
-                index[key] = (data[vstart:end] if vlen <= _CACHE_LIMIT else None,
-                              base + vstart, vlen, end - pos, base + pos, end - pos)
+                index[key] = (
+                    data[vstart:end] if vlen <= _CACHE_LIMIT else None,
+                    base + vstart,
+                    vlen,
+                    end - pos,
+                    base + pos,
+                    end - pos,
+                )
                 live += end - pos
                 pos = end
                 continue
@@ -492,7 +502,7 @@ class _Log(Generic[V]):
             elif rtype == TXN:
                 self._apply_txn(view, body + klen, end, base, pos)
             elif rtype == HEADER:
-                self._check_header(bytes(view[body + klen:end]))
+                self._check_header(bytes(view[body + klen : end]))
                 self._live += end - pos
             elif rtype == MOVED:
                 if vlen != _GEN.size:
@@ -512,8 +522,7 @@ class _Log(Generic[V]):
         self._live += live
         return None
 
-    def _apply_txn(self, view: memoryview, pos: int, end: int, base: int, record: int
-                   ) -> None:
+    def _apply_txn(self, view: memoryview, pos: int, end: int, base: int, record: int) -> None:
         index = self._index
         start = pos
         where = (base + record, end - record)  # the TXN record: what a large value is in
@@ -527,21 +536,32 @@ class _Log(Generic[V]):
                 self._corrupt(base + start, "a malformed operation inside a TXN record")
             key = self._key_at(view, body, klen, base + start)
             if rtype == SET:
-                self._put(index, key, view[body + klen:stop], base + body + klen,
-                          HEADER_BYTES + klen + vlen, where)
+                self._put(
+                    index,
+                    key,
+                    view[body + klen : stop],
+                    base + body + klen,
+                    HEADER_BYTES + klen + vlen,
+                    where,
+                )
             else:
                 self._drop(index, key)
             pos = stop
 
-    def _put(self, index: dict[str, _Entry], key: str,  # noqa: PLR0917 - a hot path
-             value: bytes | memoryview, offset: int, cost: int, record: tuple[int, int]
-             ) -> None:
+    def _put(  # noqa: PLR0917 - a hot path
+        self,
+        index: dict[str, _Entry],
+        key: str,
+        value: bytes | memoryview,
+        offset: int,
+        cost: int,
+        record: tuple[int, int],
+    ) -> None:
         old = index.get(key)
         if old is not None:
             self._live -= old[3]
         size = len(value)
-        index[key] = (bytes(value) if size <= _CACHE_LIMIT else None, offset, size, cost,
-                      *record)
+        index[key] = (bytes(value) if size <= _CACHE_LIMIT else None, offset, size, cost, *record)
         self._live += cost
 
     def _drop(self, index: dict[str, _Entry], key: str) -> None:
@@ -551,7 +571,7 @@ class _Log(Generic[V]):
 
     def _key_at(self, view: memoryview, pos: int, klen: int, record: int) -> str:
         try:
-            return str(view[pos:pos + klen], "utf-8")
+            return str(view[pos : pos + klen], "utf-8")
         except UnicodeDecodeError:
             self._corrupt(record, "a key that is not UTF-8")
 
@@ -562,18 +582,22 @@ class _Log(Generic[V]):
         except (ValueError, KeyError, TypeError):
             self._corrupt(0, "an unreadable HEADER record")
         if version != FORMAT_VERSION:
-            raise IncompatibleStoreError(f"{self._path!r} is a SafeFileStore of format "
-                                         f"{version}, expected format {FORMAT_VERSION}")
+            raise IncompatibleStoreError(
+                f"{self._path!r} is a SafeFileStore of format "
+                f"{version}, expected format {FORMAT_VERSION}"
+            )
         if self._adopt_serializer_name:
             cast(_RawSerializer, self._serializer).name = str(serializer)
         elif serializer != self._serializer.name:
             raise IncompatibleStoreError(
                 f"{self._path!r} was written with serializer {serializer!r}, but was opened "
-                f"with serializer {self._serializer.name!r}")
+                f"with serializer {self._serializer.name!r}"
+            )
 
     def _corrupt(self, offset: int, what: str) -> NoReturn:
-        raise StoreCorruptedError(f"{self._path!r}: {log_name(self._generation)} is corrupt "
-                                  f"at byte {offset}: {what}")
+        raise StoreCorruptedError(
+            f"{self._path!r}: {log_name(self._generation)} is corrupt at byte {offset}: {what}"
+        )
 
     def _stopped(self, offset: int) -> None:
         """A record at ``offset`` does not check out: a write in progress, a torn tail that a
@@ -585,8 +609,11 @@ class _Log(Generic[V]):
         if offset < self._ack:
             if os.fstat(self._log_fd).st_size < self._ack:
                 self._truncated(os.fstat(self._log_fd).st_size, self._ack)
-            self._corrupt(offset, "a record that does not check out, in the part of the log "
-                                  "that its writers acknowledged (damage, not a torn write)")
+            self._corrupt(
+                offset,
+                "a record that does not check out, in the part of the log "
+                "that its writers acknowledged (damage, not a torn write)",
+            )
         writer = self._writer
         if self._exclusive or (writer is not None and writer.owner == threading.get_ident()):
             self._classify_tail(offset, truncate=not self._exclusive)
@@ -629,8 +656,7 @@ class _Log(Generic[V]):
         rest = os.pread(self._log_fd, max(0, size - offset), offset)
         verdict = _torn_tail(memoryview(rest)) if rest else None
         if verdict == "corrupt":
-            self._corrupt(offset, "a record whose checksum does not match, with more data "
-                                  "after it")
+            self._corrupt(offset, "a record whose checksum does not match, with more data after it")
         if verdict != "torn":
             return
         if truncate:
@@ -658,7 +684,8 @@ class _Log(Generic[V]):
     def _timed_out(self, until: float, what: str = "nothing was written") -> StoreTimeoutError:
         return StoreTimeoutError(
             f"SafeFileStore {self._path!r}: could not take the write lock in time (another "
-            f"writer holds it: busy, stopped or stuck); {what}")
+            f"writer holds it: busy, stopped or stuck); {what}"
+        )
 
     # Async-exception safety (issue 10.3; the reasoning is at the top of safeshm._lock): a
     # signal handler's exception (KeyboardInterrupt, a SIGALRM timeout) lands only at a
@@ -675,8 +702,13 @@ class _Log(Generic[V]):
     # A suspended generator is the one Python frame whose try/finally spans the caller's
     # code: closing it (or its being garbage-collected) runs the release, which is C calls
     # only, with nothing that checks for a signal before them.
-    def _hold(self, until: float = math.inf, *, catch_up: bool | None = True,
-              what: str = "nothing was written") -> Generator[_ProcessWriter, None, None]:
+    def _hold(
+        self,
+        until: float = math.inf,
+        *,
+        catch_up: bool | None = True,
+        what: str = "nothing was written",
+    ) -> Generator[_ProcessWriter, None, None]:
         """Hold this process's lock for the store, then the file lock, from the first
         ``next()`` until the generator is closed; taken before ``until`` (else
         :class:`StoreTimeoutError`, ``what`` says what it means, nothing taken). With
@@ -687,7 +719,8 @@ class _Log(Generic[V]):
         if mutex._is_owned():  # type: ignore[attr-defined] # before the try: see _lock
             raise LockReentryError(
                 f"this thread already holds {self._path!r}'s write lock (inside modify() or "
-                f"transaction()); write through the transaction object instead")
+                f"transaction()); write through the transaction object instead"
+            )
         # 1: the mutex's acquire may have returned, its result lost; 2: the mutex is ours;
         # 3: and the flock may be taken (unlocking one that is not taken is harmless, and
         # no other thread of this process can hold it while we hold the mutex).
@@ -741,9 +774,12 @@ class _Log(Generic[V]):
             # to its end and needs only `position`.
             contended = writer.contended.value if self._durable else 0
             hints = writer.hints(self._stamp, self._generation) if contended else None
-            if not self._stamp or writer.stamp.value != self._stamp or (
-                    writer.position.value != _pack(self._generation, start)) or (
-                    contended and hints is None):
+            if (
+                not self._stamp
+                or writer.stamp.value != self._stamp
+                or (writer.position.value != _pack(self._generation, start))
+                or (contended and hints is None)
+            ):
                 # Not exactly what the last writer published: a torn tail, a compaction,
                 # a reboot. Read it all (the slow, always-right path) before appending.
                 self._sync_as_writer(writer)
@@ -804,8 +840,10 @@ class _Log(Generic[V]):
             os.fdatasync(fd)  # covers every byte written to the file before it started
         finally:
             os.close(fd)
-        committed = ("the write WAS committed and is on disk (do not repeat it); other "
-                     "processes see it after the next write")
+        committed = (
+            "the write WAS committed and is on disk (do not repeat it); other "
+            "processes see it after the next write"
+        )
         if writer is not self._writer:  # pragma: no cover - only a forked child swaps it
             return
         hold = self._hold(until, catch_up=None, what=committed)
@@ -817,16 +855,21 @@ class _Log(Generic[V]):
         finally:
             hold.close()
 
-    def _apply_own(self, start: int, record: bytes, ops: list[tuple[int, bytes, bytes]]
-                   ) -> None:
+    def _apply_own(self, start: int, record: bytes, ops: list[tuple[int, bytes, bytes]]) -> None:
         """Apply this handle's record, just written at ``start``, to the index (without
         reading it back)."""
         index = self._index
         if len(ops) == 1 and record[2] != TXN:
             rtype, key, value = ops[0]
             if rtype == SET:
-                self._put(index, key.decode(), value, start + HEADER_BYTES + len(key),
-                          len(record), (start, len(record)))
+                self._put(
+                    index,
+                    key.decode(),
+                    value,
+                    start + HEADER_BYTES + len(key),
+                    len(record),
+                    (start, len(record)),
+                )
             else:
                 self._drop(index, key.decode())
             return
@@ -834,8 +877,14 @@ class _Log(Generic[V]):
         for rtype, key, value in ops:
             pos += _SUB.size
             if rtype == SET:
-                self._put(index, key.decode(), value, pos + len(key),
-                          HEADER_BYTES + len(key) + len(value), (start, len(record)))
+                self._put(
+                    index,
+                    key.decode(),
+                    value,
+                    pos + len(key),
+                    HEADER_BYTES + len(key) + len(value),
+                    (start, len(record)),
+                )
             else:
                 self._drop(index, key.decode())
             pos += len(key) + len(value)
@@ -890,11 +939,13 @@ class _Log(Generic[V]):
         while end + pos < acknowledged and (length := _record_length(rest, pos)):
             pos += length
         if end + pos < acknowledged:
-            self._corrupt(end + pos, "a record that does not check out, in the part of the "
-                                     "log that its writers acknowledged")
+            self._corrupt(
+                end + pos,
+                "a record that does not check out, in the part of the "
+                "log that its writers acknowledged",
+            )
         if rest and _torn_tail(memoryview(rest)) == "corrupt":
-            self._corrupt(end, "a record whose checksum does not match, with more data "
-                               "after it")
+            self._corrupt(end, "a record whose checksum does not match, with more data after it")
         return len(rest)
 
     def _get_bytes(self, key: str) -> bytes | None:
@@ -940,15 +991,23 @@ class _Log(Generic[V]):
         _cached, offset, size, _cost, start, length = entry
         record = os.pread(self._log_fd, length, start)
         if len(record) != length:
-            self._corrupt(start, "the log ends inside this record, which was read before "
-                                 "(was the file truncated?)")
+            self._corrupt(
+                start,
+                "the log ends inside this record, which was read before (was the file truncated?)",
+            )
         magic, _rtype, _flags, klen, vlen, body_crc, head_crc = _unpack_hdr(record, 0)
-        if (magic != _MAGIC or _crc32(record[:_HDR_CRC_SPAN]) != head_crc
-                or HEADER_BYTES + klen + vlen != length
-                or _crc32(memoryview(record)[HEADER_BYTES:]) != body_crc):
-            self._corrupt(start, "a record whose checksum no longer matches (the file was "
-                                 "damaged after it was read)")
-        return record[offset - start:offset - start + size]
+        if (
+            magic != _MAGIC
+            or _crc32(record[:_HDR_CRC_SPAN]) != head_crc
+            or HEADER_BYTES + klen + vlen != length
+            or _crc32(memoryview(record)[HEADER_BYTES:]) != body_crc
+        ):
+            self._corrupt(
+                start,
+                "a record whose checksum no longer matches (the file was "
+                "damaged after it was read)",
+            )
+        return record[offset - start : offset - start + size]
 
     def _snapshot(self) -> list[tuple[str, bytes]]:
         def pairs() -> list[tuple[str, bytes]]:
@@ -957,13 +1016,15 @@ class _Log(Generic[V]):
                 cached = entry[0]
                 out.append((key, cached if cached is not None else self._read_value(entry)))
             return out
+
         return self._read(pairs)
 
     def _dumps(self, value: V) -> bytes:
         data = self._serializer.dumps(value)
         if not isinstance(data, bytes):
-            raise TypeError(f"serializer {self._serializer.name!r} returned "
-                            f"{type(data).__name__}, not bytes")
+            raise TypeError(
+                f"serializer {self._serializer.name!r} returned {type(data).__name__}, not bytes"
+            )
         return data
 
     # --- compaction -------------------------------------------------------------------------
@@ -1019,8 +1080,7 @@ class _Log(Generic[V]):
                 os.fdatasync(old_fd)
                 moved_end = _pack(old_generation, self._end + len(moved))
                 writer.publish(self._stamp, moved_end, moved_end)
-                _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation),
-                              self._path)
+                _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation), self._path)
                 self._switch_to(new_generation)
                 self._sync_as_writer(writer)
                 for name in os.listdir(self._dir_fd):

@@ -45,8 +45,9 @@ class JSONSerializer:
     name = "json"
 
     def dumps(self, value: Any, /) -> bytes:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
-                          allow_nan=False).encode()
+        return json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
 
     def loads(self, data: bytes, /) -> Any:
         return json.loads(data)
@@ -84,7 +85,9 @@ class PickleSerializer:
 
 
 _BUILTIN_SERIALIZERS: Final[dict[str, Callable[[], Serializer[Any]]]] = {
-    "json": JSONSerializer, "bytes": BytesSerializer, "pickle": PickleSerializer,
+    "json": JSONSerializer,
+    "bytes": BytesSerializer,
+    "pickle": PickleSerializer,
 }
 
 
@@ -95,12 +98,18 @@ def _resolve_serializer(serializer: object) -> Serializer[Any]:
     if isinstance(serializer, str):
         factory = _BUILTIN_SERIALIZERS.get(serializer)
         if factory is None:
-            raise ValueError(f"unknown serializer {serializer!r}: expected 'json', 'bytes', "
-                             f"'pickle' or an object with name, dumps and loads")
+            raise ValueError(
+                f"unknown serializer {serializer!r}: expected 'json', 'bytes', "
+                f"'pickle' or an object with name, dumps and loads"
+            )
         return factory()
     name = getattr(serializer, "name", None)
-    if (not isinstance(name, str) or not name or not callable(getattr(serializer, "dumps", None))
-            or not callable(getattr(serializer, "loads", None))):
+    if (
+        not isinstance(name, str)
+        or not name
+        or not callable(getattr(serializer, "dumps", None))
+        or not callable(getattr(serializer, "loads", None))
+    ):
         raise TypeError("a serializer needs a non-empty str 'name' and 'dumps'/'loads' methods")
     return serializer  # type: ignore[return-value]  # checked structurally just above
 

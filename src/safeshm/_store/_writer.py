@@ -76,8 +76,19 @@ class _ProcessWriter:
     checksums decide what is data.
     """
 
-    __slots__ = ("__weakref__", "busy", "check", "contended", "fd", "map", "mutex", "owner",
-                 "position", "stamp", "synced")
+    __slots__ = (
+        "__weakref__",
+        "busy",
+        "check",
+        "contended",
+        "fd",
+        "map",
+        "mutex",
+        "owner",
+        "position",
+        "stamp",
+        "synced",
+    )
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -95,8 +106,13 @@ class _ProcessWriter:
         # Always, not only when the file is short: one extended by ftruncate (an older
         # safeshm, or another program) may be the right size and still sparse.
         os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
-        self.map = mmap.mmap(fd, _LOCK_FILE_BYTES, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE, **_compat.MMAP_KWARGS)
+        self.map = mmap.mmap(
+            fd,
+            _LOCK_FILE_BYTES,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            **_compat.MMAP_KWARGS,
+        )
         self.busy = ctypes.c_uint32.from_buffer(self.map)
         self.contended = ctypes.c_uint32.from_buffer(self.map, 4)
         self.stamp = ctypes.c_uint64.from_buffer(self.map, 8)
@@ -124,13 +140,19 @@ class _ProcessWriter:
             position, synced = self.position.value, self.synced.value
             if self.stamp.value != stamp or not stamp:
                 return None
-            if self.check.value == (((position ^ (synced << 32) ^ (synced >> 32)) * _MIX)
-                                    ^ stamp) & _WORD:  # _check_word, inlined: a hot path
+            if (
+                self.check.value
+                == (((position ^ (synced << 32) ^ (synced >> 32)) * _MIX) ^ stamp) & _WORD
+            ):  # _check_word, inlined: a hot path
                 break
         else:
             return None
-        if (position >> _POS_BITS != generation or synced >> _POS_BITS != generation
-                or synced > position or not position):
+        if (
+            position >> _POS_BITS != generation
+            or synced >> _POS_BITS != generation
+            or synced > position
+            or not position
+        ):
             return None
         return position, synced
 
@@ -148,7 +170,8 @@ class _ProcessWriter:
 
 
 _writers: weakref.WeakValueDictionary[tuple[int, int], _ProcessWriter] = (
-    weakref.WeakValueDictionary())
+    weakref.WeakValueDictionary()
+)
 
 
 _writers_lock = threading.Lock()
