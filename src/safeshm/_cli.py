@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 from . import _compat
@@ -617,6 +617,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_store_parser(sub)
 
+    # The options only (a light module): the measuring code is imported when `bench` runs.
+    from ._bench import options as bench_options  # noqa: PLC0415
+
     demo = sub.add_parser(
         "demo",
         help="worker processes sharing every structure, checked at the end",
@@ -627,14 +630,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--workers",
-        type=_int_in(1, _MAX_PROCESSES),
+        type=bench_options.int_in(1, _MAX_PROCESSES),
         default=4,
         help="worker processes per start method (default: 4)",
     )
     demo.set_defaults(func=cmd_demo)
-
-    # The options only (a light module): the measuring code is imported when `bench` runs.
-    from ._bench import options as bench_options  # noqa: PLC0415
 
     bench = sub.add_parser(
         "bench",
@@ -644,23 +644,6 @@ def _parser() -> argparse.ArgumentParser:
     bench_options.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
-
-
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer from ``low`` to ``high``, or a one-line error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        if value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
-        return value
-
-    return parse
 
 
 # What the machine or the user's input can cause, as opposed to a bug in safeshm: these
