@@ -165,8 +165,8 @@ class ItemDecodeError(SafeShmError, pickle.UnpicklingError):
     """Items taken from a ``SafeQueue`` could not be unpickled in this process (their class
     cannot be imported here, their ``__setstate__`` raised, ...).
 
-    They are off the queue, but nothing is lost: :attr:`items` holds every item of the
-    same ``get_many()`` batch that did unpickle, in queue order, and :attr:`undecodable`
+    They are off the queue, but nothing is lost: ``items`` holds every item of the
+    same ``get_many()`` batch that did unpickle, in queue order, and ``undecodable``
     the pickled bytes of each item that did not (for ``get()``: no items, one blob).
     ``__cause__`` is the first failure. Also a :class:`pickle.UnpicklingError`.
     """
