@@ -192,3 +192,22 @@ def test_unsupported_platform_fails_clearly_at_import(platform: str) -> None:
     assert proc.returncode != 0
     assert "ImportError: safeshm supports Linux only" in proc.stderr
     assert platform in proc.stderr
+
+
+@pytest.mark.parametrize("huge", [1e300, 2**70, float("inf")])
+def test_a_timeout_beyond_any_clock_means_forever(huge: float, tmp_path: Any) -> None:
+    from safeshm._timeout import check_timeout
+
+    assert check_timeout(huge) == float("inf")
+    store = safeshm.SafeFileStore(tmp_path / "s", timeout=huge)
+    try:
+        store["a"] = 1
+        assert store.modify("a", lambda v: v + 1, timeout=huge) == 2
+    finally:
+        store.close()
+    with safeshm.SafeQueue.create(4096) as q:
+        q.put(1, timeout=huge)
+        assert q.get(timeout=huge) == 1
+    with safeshm.SafeLock.create() as lock:
+        assert lock.acquire(timeout=huge)
+        lock.release()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import time
 
 
 def check_timeout(timeout: object) -> float | None:
     """``timeout`` as seconds: ``None`` (wait forever) or a float ``>= 0`` (``inf`` also
-    means forever).
+    means forever, and so does anything from ``threading.TIMEOUT_MAX`` -- about 292
+    years -- up, which no clock or system call could represent).
 
     Raises:
         TypeError: not a real number (``bool`` is refused: ``acquire(False)``-style
@@ -35,7 +37,7 @@ def check_timeout(timeout: object) -> float | None:
         raise ValueError(
             f"timeout must be a non-negative number of seconds or None, got {timeout!r}"
         )
-    return seconds
+    return seconds if seconds < threading.TIMEOUT_MAX else math.inf
 
 
 def deadline(timeout: float | None) -> float:
