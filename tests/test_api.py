@@ -208,6 +208,10 @@ def test_a_timeout_beyond_any_clock_means_forever(huge: float, tmp_path: Any) ->
     with safeshm.SafeQueue.create(4096) as q:
         q.put(1, timeout=huge)
         assert q.get(timeout=huge) == 1
-    with safeshm.SafeLock.create() as lock:
+    lock = safeshm.SafeLock.create()
+    try:
         assert lock.acquire(timeout=huge)
         lock.release()
+    finally:
+        lock.close()
+        lock.unlink()
