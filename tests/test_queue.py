@@ -689,3 +689,38 @@ def test_get_hands_over_an_item_that_fails_to_unpickle(make: Any) -> None:
     assert info.value.items == []
     assert len(info.value.undecodable) == 1
     assert q.get(timeout=5) == "next"
+
+
+def test_non_blocking_calls_do_not_wait_behind_a_stuck_holder(make: Any) -> None:
+    """A process that keeps the queue's internal lock (stopped, stuck) makes the calls that
+    must not block say they could not proceed, promptly, instead of hanging with it."""
+    q = make(4096, maxsize=1)
+    q.put("item")
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    with processes("fork", hold_queue_lock_worker, [(q.name, ready)]) as (p,):
+        assert ready.wait(JOIN_TIMEOUT)
+        for call, exc in [
+            (q.get_nowait, queue.Empty),
+            (lambda: q.get(block=False), queue.Empty),
+            (lambda: q.get_many(5, block=False), queue.Empty),
+            (lambda: q.put_nowait("more"), queue.Full),
+            (lambda: q.put_many(["more"], block=False), queue.Full),
+        ]:
+            t0 = time.monotonic()
+            with pytest.raises(exc):
+                call()
+            assert time.monotonic() - t0 < PROMPT
+        kill_and_reap(p)
+    assert q.get_nowait() == "item"  # the holder's death is recovered; nothing lost
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "1", True])
+def test_timeout_is_checked_even_without_blocking(make: Any, bad: Any) -> None:
+    q = make(4096)
+    q.put(1)
+    with pytest.raises((TypeError, ValueError)):
+        q.get(block=False, timeout=bad)
+    with pytest.raises((TypeError, ValueError)):
+        q.put(2, block=False, timeout=bad)
+    assert q.get_nowait() == 1  # nothing happened

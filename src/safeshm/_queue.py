@@ -53,6 +53,9 @@ _RECORD_HEADER: Final = 8
 _MARK_KEY: Final = 0x51ED51ED
 _COUNT_LIMIT: Final = 1 << 62  # more puts than a queue can see in centuries: damage
 _LEN_MASK: Final = 0xFFFFFFFF
+_NOWAIT_GRACE: Final = 0.1
+"""Longest wait of a non-blocking call for the queue's internal mutex (see _finish_acquire):
+long enough for a holder descheduled on a loaded machine, short enough not to block."""
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
 _SHUTDOWN: Final = 1
 _SHUTDOWN_NOW: Final = 2
@@ -836,10 +839,13 @@ class SafeQueue(SharedStructure, Generic[T]):
         """The mutex's trylock returned ``rc``: wait for it until ``deadline`` (then raise
         ``timed_out``), or recover it from a dead holder (then repair what that holder may
         have left half-done). The deadline covers the mutex too: a holder that is stuck
-        (SIGSTOPped) does not stretch a ``timeout=``. ``None`` (no blocking) still waits
-        for the mutex, which is only ever held for a few microseconds by a running
-        process."""
-        got = self._mutex.finish_acquire(rc, _NEVER if deadline is None else deadline)
+        (SIGSTOPped) does not stretch a ``timeout=``. ``None`` (no blocking) waits for the
+        mutex for at most :data:`_NOWAIT_GRACE`: a running process holds it for
+        microseconds, so a holder that keeps it longer is stopped or stuck, and a call
+        that must not block says it could not proceed (``queue.Empty``/``queue.Full``)."""
+        if deadline is None:
+            deadline = time.monotonic() + _NOWAIT_GRACE
+        got = self._mutex.finish_acquire(rc, deadline)
         if got == RECOVERED:
             self._repair()
         elif got == TIMED_OUT:
@@ -953,10 +959,14 @@ def _span_end(words: memoryview, head: int, tail: int, cap: int, max_items: int)
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
-    """``None`` for "do not wait", ``math.inf`` for "wait forever", else a monotonic time."""
+    """``None`` for "do not wait", ``math.inf`` for "wait forever", else a monotonic time.
+
+    The timeout is checked even when ``block`` is false (``queue.Queue`` ignores it
+    there): one rule for every ``timeout=``, a bad value never passes silently.
+    """
+    seconds = check_timeout(timeout)
     if not block:
         return None
-    seconds = check_timeout(timeout)
     return math.inf if seconds is None else time.monotonic() + seconds
 
 
