@@ -671,13 +671,19 @@ def test_get_many_loses_nothing_when_items_fail_to_unpickle(make: Any) -> None:
     e = info.value
     assert e.items == [0, 1, 3, 5]
     assert len(e.undecodable) == 2
+    assert e.failed_at == [2, 4]  # where they stood: the batch's order can be rebuilt
     with pytest.raises(LookupError, match="item 2"):
         pickle.loads(e.undecodable[0])
     assert isinstance(e.__cause__, LookupError)
     assert isinstance(e, pickle.UnpicklingError)
     assert q.qsize() == 0
     again = pickle.loads(pickle.dumps(e))  # crosses a pool's process boundary intact
-    assert (type(again), again.items, again.undecodable) == (type(e), e.items, e.undecodable)
+    assert (type(again), again.items, again.undecodable, again.failed_at) == (
+        type(e),
+        e.items,
+        e.undecodable,
+        e.failed_at,
+    )
 
 
 def test_get_hands_over_an_item_that_fails_to_unpickle(make: Any) -> None:

@@ -166,20 +166,28 @@ class ItemDecodeError(SafeShmError, pickle.UnpicklingError):
     cannot be imported here, their ``__setstate__`` raised, ...).
 
     They are off the queue, but nothing is lost: ``items`` holds every item of the
-    same ``get_many()`` batch that did unpickle, in queue order, and ``undecodable``
-    the pickled bytes of each item that did not (for ``get()``: no items, one blob).
-    ``__cause__`` is the first failure. Also a :class:`pickle.UnpicklingError`.
+    same ``get_many()`` batch that did unpickle, in queue order, ``undecodable`` the
+    pickled bytes of each item that did not (for ``get()``: no items, one blob), and
+    ``failed_at`` where each of those stood in the batch (so the order can be rebuilt).
+    ``__cause__`` is the first failure -- whatever an unpickling raised, including an
+    ``Exception`` from a signal handler that ran meanwhile. Also a
+    :class:`pickle.UnpicklingError`.
     """
 
     def __init__(
-        self, message: str, items: Sequence[Any] = (), undecodable: Sequence[bytes] = ()
+        self,
+        message: str,
+        items: Sequence[Any] = (),
+        undecodable: Sequence[bytes] = (),
+        failed_at: Sequence[int] = (),
     ) -> None:
         super().__init__(message)
         self.items: list[Any] = list(items)
         self.undecodable: list[bytes] = list(undecodable)
+        self.failed_at: list[int] = list(failed_at)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.items, self.undecodable))
+        return (type(self), (str(self), self.items, self.undecodable, self.failed_at))
 
 
 class StoreCorruptedError(SafeShmError, ValueError):

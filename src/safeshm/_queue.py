@@ -678,10 +678,11 @@ class SafeQueue(SharedStructure, Generic[T]):
         view = memoryview(span)
         out: list[Any] = []
         failed: list[bytes] = []
+        failed_at: list[int] = []
         first: Exception | None = None
         at = 0
         raw = self._raw
-        for _ in range(taken):
+        for k in range(taken):
             n = _HEADER_WORD.unpack_from(span, at)[0] & _LEN_MASK
             payload = view[at + 8 : at + 8 + n]
             at += (n + 15) & ~7
@@ -692,13 +693,18 @@ class SafeQueue(SharedStructure, Generic[T]):
                 out.append(_loads(payload))
             except Exception as e:  # noqa: BLE001 - re-raised below, with the batch
                 failed.append(payload.tobytes())
+                failed_at.append(k)
                 first = first or e
         if first is not None:
-            raise self._undecodable(out, failed, first) from first
+            raise self._undecodable(out, failed, first, failed_at) from first
         return out
 
     def _undecodable(
-        self, items: list[Any], failed: list[bytes], first: Exception
+        self,
+        items: list[Any],
+        failed: list[bytes],
+        first: Exception,
+        failed_at: list[int] | None = None,
     ) -> ItemDecodeError:
         return ItemDecodeError(
             f"{len(failed)} of {len(items) + len(failed)} item(s) taken from SafeQueue "
@@ -707,6 +713,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             + (f", the {len(items)} other item(s) in .items" if items else ""),
             items,
             failed,
+            failed_at if failed_at is not None else [0],
         )
 
     # -- waiting ---------------------------------------------------------------------------------
