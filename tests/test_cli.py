@@ -425,3 +425,8 @@ def test_ls_reports_a_damaged_header(
     assert "checksum" in info["problem"]
     with pytest.raises(safeshm.SegmentCorruptedError):
         safeshm.SafeCounter.attach(name)
+
+
+def test_rm_without_a_name_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rm"]) == 2
+    assert "--stale" in capsys.readouterr().err

@@ -293,6 +293,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    if not args.names and not args.stale:
+        print("safeshm rm: name the segments to remove, or give --stale", file=sys.stderr)
+        return 2
     targets: list[str] = []
     if args.stale:
         targets = [
