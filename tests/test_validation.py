@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import struct
+import subprocess
 from typing import Any
 
 import pytest
@@ -270,4 +271,24 @@ def test_a_mutex_held_by_a_vanished_thread_that_nobody_can_release(name: str) ->
         again.release()
         again.close()
     finally:
+        os.unlink(path_of(name))
+
+
+def test_a_mutex_naming_a_live_thread_that_does_not_map_it(name: str) -> None:
+    """Damage can name a thread that exists but cannot be the holder: it does not map the
+    segment (here a `sleep` of ours; in the field, say, thread 1). Nobody else has the
+    segment open: stuck for good, a typed error at attach instead of a lock that looks
+    held forever."""
+    if not _compat.GLIBC:  # pragma: no cover
+        pytest.skip("the mutex layout is glibc's")
+    lock = safeshm.SafeLock.create(name=name)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.close()
+        poke(name, 128, "=i", bystander.pid)
+        with pytest.raises(safeshm.SegmentCorruptedError, match="never marked dead"):
+            safeshm.SafeLock.attach(name)
+    finally:
+        bystander.kill()
+        bystander.wait(JOIN_TIMEOUT)
         os.unlink(path_of(name))

@@ -294,21 +294,23 @@ def check_mutex(words: memoryview, what: str) -> None:
 def _held_forever(words: memoryview, tid: int) -> bool:
     """Whether the mutex in ``words``, whose futex word names ``tid``, can never be freed.
 
-    The slow path of :func:`check_mutex`, taken only when the holder thread does not exist
-    here. A holder that exits is marked dead by the kernel (its robust list) before its
-    thread id disappears; so a held mutex naming a vanished thread is stuck -- unless the
-    holder is in another pid namespace, where its id means nothing here. Any holder has
-    the segment open (its flock shows in /proc/locks; as pid 0 from another namespace), so
-    the mutex is declared stuck only if no process but this one has the segment open.
+    The slow path of :func:`check_mutex`, taken only when the mutex is held. A holder
+    that exits is marked dead by the kernel (its robust list) before its thread id
+    disappears, and a live holder maps the segment; so a held mutex naming a vanished
+    thread, or one that does not map the segment (damage naming, say, thread 1), is
+    stuck -- unless the holder is in another pid namespace, where its id means nothing
+    here. Any holder has the segment open (its flock shows in /proc/locks; as pid 0 from
+    another namespace), so the mutex is declared stuck only if no process but this one
+    has the segment open.
     """
-    if os.path.exists(f"/proc/{tid}"):
-        return False  # alive (or its id reused: then we cannot tell, and assume alive)
     ints = words.cast("B").cast("i")
     if ints[0] & _FUTEX_TID_MASK != tid:
         return False  # released meanwhile
     where = _mapped_file(ctypes.addressof(ctypes.c_char.from_buffer(words)))
     if where is None:
         return False
+    if os.path.exists(f"/proc/{tid}") and _maps_file(tid, where) is not False:
+        return False  # alive and mapping it, or we cannot tell: a real holder
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -333,11 +335,28 @@ def _mapped_file(address: int) -> str | None:
                 fields = line.split()
                 low, _, high = fields[0].partition("-")
                 if int(low, 16) <= address < int(high, 16) and len(fields) >= 5:
-                    major, _, minor = fields[3].partition(":")
-                    return f"{int(major, 16):02x}:{int(minor, 16):02x}:{fields[4]}"
+                    return _file_id(fields)
     except (OSError, ValueError):  # pragma: no cover - no /proc
         return None
     return None  # pragma: no cover - we map it
+
+
+def _file_id(fields: list[str]) -> str:
+    """``MAJ:MIN:INODE`` of a /proc/PID/maps line's fields."""
+    major, _, minor = fields[3].partition(":")
+    return f"{int(major, 16):02x}:{int(minor, 16):02x}:{fields[4]}"
+
+
+def _maps_file(tid: int, where: str) -> bool | None:
+    """Whether thread ``tid``'s process maps the file ``where``; ``None``: cannot tell."""
+    try:
+        with open(f"/proc/{tid}/maps", encoding="ascii", errors="replace") as f:
+            return any(
+                len(fields) >= 5 and _file_id(fields) == where
+                for fields in (line.split() for line in f)
+            )
+    except (OSError, ValueError):  # gone meanwhile, or not ours to read
+        return None
 
 
 class RobustMutex:
