@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import struct
 import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -282,7 +283,7 @@ def test_a_mutex_naming_a_live_thread_that_does_not_map_it(name: str) -> None:
     if not _compat.GLIBC:  # pragma: no cover
         pytest.skip("the mutex layout is glibc's")
     lock = safeshm.SafeLock.create(name=name)
-    bystander = subprocess.Popen(["sleep", "60"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.close()
         poke(name, 128, "=i", bystander.pid)
