@@ -51,6 +51,7 @@ def test_all_is_the_documented_surface() -> None:
         "ShardedCounterStatistics",
         "StoreClosedError",
         "StoreCorruptedError",
+        "StoreNotFoundError",
         "StoreStatistics",
         "StoreTimeoutError",
         "Transaction",

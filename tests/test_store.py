@@ -592,3 +592,15 @@ def test_debris_of_a_killed_initialisation_is_cleared(tmp_path: Path) -> None:
         s["a"] = 1
         assert s.to_dict() == {"a": 1}
     assert not (path / "data.0000000000000002.log.tmp").exists()
+
+
+def test_a_missing_store_is_a_safeshm_error(tmp_path: Path) -> None:
+    """``except SafeShmError`` catches it; ``except FileNotFoundError`` still does too."""
+    for call in (
+        lambda: SafeFileStore(tmp_path / "none", create=False),
+        lambda: SafeFileStore.recover(tmp_path / "none", tmp_path / "dest"),
+    ):
+        with pytest.raises(safeshm.StoreNotFoundError) as info:
+            call()
+        assert isinstance(info.value, FileNotFoundError)
+        assert isinstance(info.value, safeshm.SafeShmError)

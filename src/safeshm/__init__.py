@@ -34,6 +34,7 @@ from ._errors import (
     SegmentPermissionError,
     StoreClosedError,
     StoreCorruptedError,
+    StoreNotFoundError,
     StoreTimeoutError,
 )
 from ._lock import LockStatistics, SafeLock
@@ -86,6 +87,7 @@ __all__ = [
     "ShardedCounterStatistics",
     "StoreClosedError",
     "StoreCorruptedError",
+    "StoreNotFoundError",
     "StoreStatistics",
     "StoreTimeoutError",
     "Transaction",

@@ -688,7 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SafeShmError as e:
         print(f"safeshm: {e}", file=sys.stderr)
-        return 2
+        # Nothing at that name or path is a fact about the machine (1), as a missing file
+        # always was here; what safeshm refuses is 2.
+        return 1 if isinstance(e, FileNotFoundError) else 2
     except BrokenPipeError:  # pragma: no cover - output piped into `head`
         return 0
     except OSError as e:

@@ -36,6 +36,7 @@ __all__ = [
     "SegmentPermissionError",
     "StoreClosedError",
     "StoreCorruptedError",
+    "StoreNotFoundError",
     "StoreTimeoutError",
 ]
 
@@ -212,6 +213,12 @@ class InsecureDirectoryError(SafeShmError, PermissionError):
     Also raised for the shared-memory segment directory (``SAFESHM_DIR``, ``/dev/shm``)
     when it belongs to another user (not root) or others can write into it without the
     sticky bit: they could then replace or remove our segments."""
+
+
+class StoreNotFoundError(SafeShmError, FileNotFoundError):
+    """There is no ``SafeFileStore`` at this path (``create=False``, ``recover``,
+    ``safeshm store check``/``dump``). A :class:`FileNotFoundError` and a
+    :class:`SafeShmError`."""
 
 
 class StoreTimeoutError(LockTimeoutError):

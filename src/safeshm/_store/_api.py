@@ -32,6 +32,7 @@ from safeshm import _compat
 from safeshm._errors import (
     LockReentryError,
     StoreClosedError,
+    StoreNotFoundError,
 )
 from safeshm._lock import _CLevel
 from safeshm._timeout import check_timeout, deadline
@@ -142,7 +143,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         path: the store's directory (created, with its parents, if missing and ``create``).
         durable: ``fdatasync`` each write before returning.
         serializer: ``"json"``, ``"bytes"``, ``"pickle"`` or a :class:`Serializer`.
-        create: with ``False``, a missing store raises ``FileNotFoundError`` instead.
+        create: with ``False``, a missing store raises ``StoreNotFoundError`` instead.
         timeout: how long a write waits for the write lock, in seconds, unless it says
             otherwise (``modify(..., timeout=)``, ``transaction(timeout=)``, ...):
             ``None`` (the default) waits as long as it takes, ``0`` tries once. A write
@@ -155,7 +156,8 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         IncompatibleStoreError: the directory holds other files and no store, or a store
             of another format or written with another serializer.
         StoreCorruptedError: a checksum does not match.
-        FileNotFoundError: ``create=False`` and there is no store.
+        StoreNotFoundError: ``create=False`` and there is no store (also a
+            ``FileNotFoundError``).
 
     Example:
         >>> with SafeFileStore(path) as store:                       # doctest: +SKIP
@@ -248,7 +250,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         try:
             if not create and self._read_current() is None:
                 # Before anything is created: looking at a non-store leaves no trace.
-                raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path", self._path)
+                raise StoreNotFoundError(errno.ENOENT, "no SafeFileStore at this path", self._path)
             self._writer: _ProcessWriter | None = _process_writer(self._dir_fd, self._path)
             self._reset_log()
             with self._mutex:
@@ -348,7 +350,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
 
         Raises:
             FileExistsError: ``destination`` exists and is not an empty directory.
-            FileNotFoundError: there is no store at ``source``.
+            StoreNotFoundError: there is no store at ``source``.
             StoreCorruptedError: the HEADER is damaged and no ``serializer`` was named.
         """
         from ._check import recover_store  # noqa: PLC0415 - _check builds on this module

@@ -15,6 +15,7 @@ from typing import (
 from safeshm._errors import (
     InsecureDirectoryError,
     StoreCorruptedError,
+    StoreNotFoundError,
 )
 
 from ._api import (
@@ -82,7 +83,7 @@ def check_store(path: StrPath) -> StoreReport:
     Raises:
         StoreCorruptedError: a checksum or the structure does not match.
         IncompatibleStoreError: the store has another format version.
-        FileNotFoundError: there is no store at ``path``.
+        StoreNotFoundError: there is no store at ``path``.
     """
     report, _ = dump_store(path, want_values=False)
     return report
@@ -202,7 +203,7 @@ def _first_generation(dir_fd: int, where: str) -> int:
             return _parse_current(data, repr(where))
     found = [g for g in map(_generation_of, os.listdir(dir_fd)) if g is not None]
     if not found:
-        raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path", where)
+        raise StoreNotFoundError(errno.ENOENT, "no SafeFileStore at this path", where)
     return min(found)
 
 

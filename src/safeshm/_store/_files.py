@@ -11,6 +11,7 @@ import threading
 
 from safeshm._errors import (
     InsecureDirectoryError,
+    StoreNotFoundError,
 )
 
 from ._format import (
@@ -60,7 +61,7 @@ def open_directory(path: StrPath, *, create: bool) -> tuple[int, str]:
     try:
         fd = os.open(text, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "no SafeFileStore at this path", text) from None
+        raise StoreNotFoundError(errno.ENOENT, "no SafeFileStore at this path", text) from None
     try:
         _check_owner(os.fstat(fd), repr(text), directory=True)
     except BaseException:

@@ -25,6 +25,7 @@ from safeshm._errors import (
     LockReentryError,
     StoreClosedError,
     StoreCorruptedError,
+    StoreNotFoundError,
     StoreTimeoutError,
 )
 from safeshm._timeout import check_timeout, deadline
@@ -158,7 +159,7 @@ class _Log(Generic[V]):
             generation = self._read_current()
             if generation is None:
                 if not create:
-                    raise FileNotFoundError(
+                    raise StoreNotFoundError(
                         errno.ENOENT, "no SafeFileStore at this path", self._path
                     )
                 self._initialise()
