@@ -124,3 +124,9 @@ def remote() -> Iterator[Any]:
         yield r
     finally:
         r.stop()
+
+
+def pytest_report_header() -> str:
+    from tests._impls import IMPLEMENTATION, NATIVE_BUILT
+
+    return f"safeshm implementation: {IMPLEMENTATION} (compiled core built: {NATIVE_BUILT})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 # First: on an unsupported platform this raises a clear ImportError before anything else.
 from . import _compat  # noqa: F401
 from ._array import ArrayStatistics, SafeArray
+from ._compat import implementation
 from ._counter import CounterStatistics, SafeCounter
 from ._errors import (
     HandleClosedError,
@@ -92,6 +93,7 @@ __all__ = [
     "StoreTimeoutError",
     "Transaction",
     "__version__",
+    "implementation",
 ]
 
 

@@ -38,6 +38,7 @@ if sys.maxsize <= 2**32:  # pragma: no cover
 import ctypes
 import ctypes.util
 import errno
+import importlib
 import os
 import time
 from typing import Any, Final
@@ -262,3 +263,34 @@ if compare_exchange is not None:
     compare_exchange.restype = ctypes.c_bool
 
 ATOMIC_SEQ_CST: Final = 5
+
+
+# --- the compiled core ------------------------------------------------------------------------
+# ``safeshm._native`` (src/native/*.c) runs every hot path in C on the same layouts and
+# protocols as the ctypes code above, so processes of either kind share every structure.
+# The ctypes implementation is the fallback: when the extension was not built (no compiler
+# at install time), cannot load, or ``SAFESHM_NO_EXTENSIONS`` is set to anything non-empty
+# (the convention of aiohttp, yarl, multidict and frozenlist).
+def _load_native() -> Any | None:
+    if os.environ.get("SAFESHM_NO_EXTENSIONS"):
+        return None
+    try:
+        return importlib.import_module("safeshm._native")
+    except ImportError:
+        return None
+
+
+native: Final[Any | None] = _load_native()
+"""The ``safeshm._native`` module, or ``None`` where this process uses ctypes."""
+
+
+def implementation() -> str:
+    """Which implementation this process uses: ``"native"`` (the compiled core) or
+    ``"ctypes"`` (the portable fallback).
+
+    The choice is made once, at import: the compiled core when it was built and loads,
+    unless the environment variable ``SAFESHM_NO_EXTENSIONS`` is set to a non-empty value.
+    Both implementations use the same shared-memory layouts and protocols, so processes
+    of either kind can share every structure at the same time.
+    """
+    return "native" if native is not None else "ctypes"

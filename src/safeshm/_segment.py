@@ -770,6 +770,11 @@ class SharedStructure:
         # any use. The hot paths need no "is it closed?" check: a call that started before
         # close() keeps its own references (and with them the mapping), a later one fails
         # cleanly on its first touch of the segment.
+        # A compiled core (safeshm._native, bound as ``_core``) is told first: a call of it
+        # blocked in another thread raises SegmentClosedError at its next check.
+        core = self.__dict__.get("_core")
+        if core is not None and not isinstance(core, _Closed):
+            core.close()
         poison = _Closed(f"{type(self).__name__} {seg.name!r} is closed on this handle")
         for attr in type(self)._MAPPED:
             self.__dict__[attr] = poison
