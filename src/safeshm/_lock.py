@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -193,6 +194,15 @@ class _CLevel(property):
 
     def __call__(self, instance: Any, *args: Any) -> Any:
         return self.__get__(instance)(*args)
+
+
+def _c_level(attr: str, doc: str | None = None) -> Any:
+    """A class attribute that reads the instance attribute ``attr``, C-level (see
+    :class:`_CLevel`): the compiled core's descriptor where it is loaded (one lookup, no
+    property and attrgetter calls in between: ``with lock:`` pays it twice)."""
+    if _compat.native is not None:
+        return _compat.native.CLevel(attr, doc)
+    return _CLevel(operator.attrgetter(attr), doc)
 
 
 class _AnyArgument:
@@ -657,7 +667,8 @@ class SafeLock(SharedStructure):
 
     _KIND = Kind.LOCK
     _LAYOUT = 1
-    _MAPPED = ("_mutex", "_hot")
+    # ``_core`` and ``_enter_c``: only with the compiled core (see _bind).
+    _MAPPED = ("_mutex", "_hot", "_core", "_enter_c")
 
     _mutex: RobustMutex
     _hot: tuple[Any, memoryview, RobustMutex]  # (pointer, owner word, the mutex)
@@ -705,11 +716,30 @@ class SafeLock(SharedStructure):
         return cls._open_segment(name, lambda: cls.create(name=name))
 
     def _bind(self, mm: mmap.mmap) -> None:
-        mutex = RobustMutex(mm, HEADER_SIZE, f"SafeLock {self._seg.name!r}")
+        what = f"SafeLock {self._seg.name!r}"
+        native = _compat.native
+        # With the compiled core, the ctypes views stay bound too (the class's Python
+        # methods run on them: locked(), statistics(), close(), differential tests), but
+        # without their C-level unlocks (ctypes function objects sit in reference cycles).
+        mutex = RobustMutex(mm, HEADER_SIZE, what, held=native is None)
         self._mutex = self._unlocker = mutex
         self._hot = (mutex.pointer, mutex.owner, mutex)
-        self._release_c = _c_release(mutex, self._seg)
-        self._exit_c = mutex.exit_c
+        if native is None:
+            self._release_c = _c_release(mutex, self._seg)
+            self._exit_c = mutex.exit_c
+        else:
+            core = native.Lock(
+                mm, HEADER_SIZE, what, f"{what} is closed on this handle", self, OWNER_WORD
+            )
+            self._core = core
+            # Never poisoned at close(), like _unlocker: they keep the core (and the
+            # mapping) so that the holding thread can always release.
+            self._release_c = core.release
+            self._exit_c = core.exit
+            self._enter_c = core.enter
+            hot = (core.acquire, mutex.owner, core.undo)
+            self.__dict__["acquire"] = types.MethodType(_native_acquire, hot)
+            self.__dict__["acquire_nowait"] = types.MethodType(_native_acquire_nowait, hot)
         # The mapping must outlive every hold of the mutex: glibc links a held robust mutex
         # into its thread's robust list, and the kernel walks that list when the thread
         # dies. Unmapping it while held -- this handle garbage-collected, or the interpreter
@@ -796,12 +826,12 @@ class SafeLock(SharedStructure):
 
         def __exit__(self, *exc_info: object) -> None: ...
     else:
-        # Both are C-level calls (a ctypes call bound to this mutex, reached through a
-        # property whose getter is C too): a Python method would give a signal handler's
-        # exception a place to land -- its first instruction -- before the unlock, and the
-        # lock would stay held by this live thread.
-        release = _CLevel(
-            operator.attrgetter("_release_c"),
+        # Both are C-level calls (a ctypes call bound to this mutex, or the compiled core's
+        # method, reached through a class attribute whose lookup is C too): a Python method
+        # would give a signal handler's exception a place to land -- its first instruction
+        # -- before the unlock, and the lock would stay held by this live thread.
+        release = _c_level(
+            "_release_c",
             doc="""\
 Release the lock. Works even after :meth:`close`, for a thread that holds it.
 
@@ -810,9 +840,9 @@ Raises:
     SegmentClosedError: the handle is closed and this thread does not hold it.
 """,
         )
-        __exit__ = _CLevel(operator.attrgetter("_exit_c"))
+        __exit__ = _c_level("_exit_c")
 
-    def __enter__(self) -> Self:
+    def _enter_ctypes(self) -> Self:
         p, owner, mutex = self._hot
         # As in acquire(): no exception can leave the lock held between the trylock and
         # the with-block's start (the with statement's cleanup covers the instruction
@@ -834,6 +864,17 @@ Raises:
                     _unlock(p)
             raise
         return self
+
+    if TYPE_CHECKING:
+
+        def __enter__(self) -> Self: ...
+    elif _compat.native is None:
+        __enter__ = _enter_ctypes
+    else:
+        # One C call (the core's enter(), found through a C-level class attribute): a
+        # Python __enter__ would cost a frame, and its return to the with statement would
+        # be a place for a signal handler's exception after the lock was taken.
+        __enter__ = _c_level("_enter_c")
 
     @contextmanager
     def acquired(self, timeout: float | None = None) -> Iterator[Self]:
@@ -891,3 +932,42 @@ def _keep_mapping_if_held(mutex: RobustMutex) -> None:
         # Also through interpreter teardown, which clears module globals: the kernel walks
         # the holder's robust list only when the thread exits, after all of that.
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(mutex))
+
+
+# -- the compiled core's acquire (see SafeLock._bind) -----------------------------------------
+# The core's acquire() called directly would hand the lock back at a point where the
+# interpreter checks for signals (right after any call of a C function completes), outside
+# the caller's try: an exception there would leave the lock held by a live thread. Called
+# from this frame instead, that point lies inside the try below, and a Python frame's
+# return to its caller checks nothing. ``before`` (the owner word, read with no call in
+# between) tells undo() whether the hold is this call's -- or a hold this thread had
+# already, which a refused re-entry must not release. Bound (types.MethodType) to
+# ``(core.acquire, owner word view, core.undo)``; the code objects are named as
+# SafeLock's methods, so wrong calls get the ctypes path's messages word for word.
+
+
+def _native_acquire(hot: Any, blocking: bool = True, timeout: float | None = -1) -> bool:
+    acquire, owner, undo = hot
+    before = owner[0]
+    try:
+        return acquire(blocking, timeout)  # type: ignore[no-any-return]
+    except BaseException:
+        undo(before)
+        raise
+
+
+def _native_acquire_nowait(hot: Any) -> bool:
+    acquire, owner, undo = hot
+    before = owner[0]
+    try:
+        return acquire(False, -1)  # type: ignore[no-any-return]
+    except BaseException:
+        undo(before)
+        raise
+
+
+for _f, _name in ((_native_acquire, "acquire"), (_native_acquire_nowait, "acquire_nowait")):
+    _f.__code__ = _f.__code__.replace(co_name=_name, co_qualname=f"SafeLock.{_name}")
+    _f.__name__, _f.__qualname__ = _name, f"SafeLock.{_name}"
+    _f.__doc__ = getattr(SafeLock, _name).__doc__
+del _f, _name
