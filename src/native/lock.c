@@ -6,10 +6,12 @@
  * of either implementation share one lock.
  *
  * The handle binds (see SafeLock._bind):
- *  - ``enter()`` as ``__enter__`` (through a property, so that ``with lock:`` makes one C
- *    call: no Python frame whose first instruction a signal handler's exception could land
- *    on after the mutex was taken). It returns the handle, found through a weak reference
- *    (a strong one would keep the handle alive until the cyclic GC).
+ *  - ``enter(handle)`` as ``__enter__``, bound to the handle by a CLevel class attribute
+ *    (below), so that ``with lock:`` makes one C call: no Python frame whose first
+ *    instruction a signal handler's exception could land on after the mutex was taken.
+ *    It returns the handle it was given. Not a reference the core keeps (a strong one would
+ *    keep the handle alive until the cyclic GC; a weak one dies too early: ``with
+ *    SafeLock.open(name):`` drops the handle's last reference before calling __enter__).
  *  - ``exit(*exc_info)`` as ``__exit__`` and ``release()`` as ``release``: never poisoned
  *    by close(), so the thread holding the lock can always release it.
  *  - ``acquire(blocking, timeout)`` behind a small Python wrapper (_lock._native_acquire):
@@ -36,8 +38,7 @@
 typedef struct {
     sn_core head;
     pthread_mutex_t *m;
-    int *owner;       /* the robust futex word: the holder's tid */
-    PyObject *handle; /* a weak reference to the SafeLock handle */
+    int *owner; /* the robust futex word: the holder's tid */
 } LockCore;
 
 static PyObject *minus_one; /* -1, for ``timeout == -1`` */
@@ -53,12 +54,12 @@ static int held_in_this_process(LockCore *self) {
 }
 
 static PyObject *Lock_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *mm, *what, *closed_msg, *handle;
+    PyObject *mm, *what, *closed_msg;
     Py_ssize_t offset;
     int owner_word;
-    static char *kwlist[] = {"mm", "offset", "what", "closed_msg", "handle", "owner_word", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnUUOi:Lock", kwlist, &mm, &offset, &what,
-                                     &closed_msg, &handle, &owner_word))
+    static char *kwlist[] = {"mm", "offset", "what", "closed_msg", "owner_word", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnUUi:Lock", kwlist, &mm, &offset, &what,
+                                     &closed_msg, &owner_word))
         return NULL;
     if (owner_word < 0 || owner_word >= (int)(sizeof(pthread_mutex_t) / sizeof(int))) {
         PyErr_SetString(PyExc_ValueError, "safeshm._native: owner_word outside the mutex");
@@ -79,18 +80,12 @@ static PyObject *Lock_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     }
     self->m = (pthread_mutex_t *)(self->head.map.base + offset);
     self->owner = (int *)self->m + owner_word;
-    self->handle = PyWeakref_NewRef(handle, NULL);
-    if (self->handle == NULL) {
-        Py_DECREF(self);
-        return NULL;
-    }
     return (PyObject *)self;
 }
 
 static void Lock_dealloc(PyObject *op) {
     LockCore *self = (LockCore *)op;
     PyTypeObject *tp = Py_TYPE(op);
-    Py_CLEAR(self->handle);
     if (self->m != NULL && held_in_this_process(self)) {
         /* Keep the export (and the mapping) for good: see the top of this file. */
         self->head.map.base = NULL;
@@ -173,28 +168,13 @@ static PyObject *Lock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t na
     return lock_until((LockCore *)op, deadline, 2);
 }
 
-/* enter(): ``__enter__``: acquire, waiting as long as it takes; returns the handle. */
-static PyObject *Lock_enter(PyObject *op, PyObject *unused) {
-    (void)unused;
-    LockCore *self = (LockCore *)op;
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-    PyObject *handle = PyWeakref_GetObject(self->handle); /* borrowed; no PyWeakref_GetRef
-                                                             in the 3.11 limited API */
-#pragma GCC diagnostic pop
-    if (handle == NULL) return NULL;
-    if (handle == Py_None) {
-        PyErr_SetString(PyExc_ReferenceError, "the SafeLock handle no longer exists");
-        return NULL;
-    }
-    Py_INCREF(handle);
+/* enter(handle): ``__enter__``: acquire, waiting as long as it takes; returns ``handle``. */
+static PyObject *Lock_enter(PyObject *op, PyObject *handle) {
     /* stacklevel 1: the frame of the with statement */
-    PyObject *got = lock_until(self, SN_FOREVER, 1);
-    if (got == NULL) {
-        Py_DECREF(handle);
-        return NULL;
-    }
+    PyObject *got = lock_until((LockCore *)op, SN_FOREVER, 1);
+    if (got == NULL) return NULL;
     Py_DECREF(got);
+    Py_INCREF(handle);
     return handle;
 }
 
@@ -237,8 +217,8 @@ static PyMethodDef Lock_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))Lock_acquire, METH_FASTCALL | METH_KEYWORDS,
      "acquire(blocking=True, timeout=-1)\n--\n\nSafeLock.acquire's checks and lock; True, "
      "or False when the timeout expired."},
-    {"enter", Lock_enter, METH_NOARGS,
-     "enter()\n--\n\n__enter__: acquire, waiting as long as it takes; returns the handle."},
+    {"enter", Lock_enter, METH_O,
+     "enter(handle)\n--\n\n__enter__: acquire, waiting as long as it takes; returns handle."},
     {"release", Lock_release, METH_NOARGS, "release()\n--\n\nUnlock."},
     {"exit", (PyCFunction)(void (*)(void))Lock_exit, METH_FASTCALL,
      "exit(*exc_info)\n--\n\n__exit__: unlock; returns None."},
@@ -253,7 +233,7 @@ static PyType_Slot Lock_slots[] = {
     {Py_tp_new, Lock_new},
     {Py_tp_dealloc, Lock_dealloc},
     {Py_tp_methods, Lock_methods},
-    {Py_tp_doc, "Lock(mm, offset, what, closed_msg, handle, owner_word)\n--\n\n"
+    {Py_tp_doc, "Lock(mm, offset, what, closed_msg, owner_word)\n--\n\n"
                 "The compiled core of a SafeLock handle (see safeshm._lock)."},
     {0, NULL},
 };
@@ -266,21 +246,46 @@ static PyType_Spec Lock_spec = {
 };
 
 /* -- CLevel: a class attribute that reads an instance attribute ------------------------
- * ``CLevel(name, doc)`` on a class: ``instance.attr`` is ``getattr(instance, name)`` (a
- * data descriptor, so it is found first, as special methods are looked up), and
- * ``Class.attr(instance, *args)`` calls it (as contextlib.ExitStack calls
- * ``type(cm).__exit__(cm, ...)``). _lock._CLevel does the same with a property and
- * operator.attrgetter; this one costs one attribute lookup, for ``with lock:``. */
+ * ``CLevel(name, doc, bind=False)`` on a class: ``instance.attr`` is ``getattr(instance,
+ * name)`` -- with ``bind``, that bound to the instance (``types.MethodType``), so that the
+ * call gets the instance as its argument and keeps it alive meanwhile. A data descriptor,
+ * so it is found first, as special methods are looked up; ``Class.attr(instance, *args)``
+ * calls it (as contextlib.ExitStack calls ``type(cm).__exit__(cm, ...)``).
+ * _lock._CLevel does the same with a property and operator.attrgetter; this one costs one
+ * attribute lookup, for ``with lock:``. */
 typedef struct {
     PyObject_HEAD
     PyObject *name;
     PyObject *doc;
+    int bind;
 } CLevel;
+
+static PyTypeObject *Lock_type;
+
+/* What a ``bind`` CLevel's lookup returns: a builtin method whose self is the instance
+ * (the limited API has no PyMethod_New), which calls ``getattr(instance,
+ * bound_name).enter(instance)``: the Lock core's enter, given the handle (a poisoned
+ * ``_core`` raises when called). One such CLevel exists: SafeLock.__enter__. */
+static PyObject *bound_name;
+
+static PyObject *bound_call(PyObject *instance, PyObject *unused) {
+    (void)unused;
+    PyObject *core = PyObject_GetAttr(instance, bound_name);
+    if (core == NULL) return NULL;
+    PyObject *result = Py_TYPE(core) == Lock_type ? Lock_enter(core, instance)
+                                                  : PyObject_CallFunctionObjArgs(core, instance, NULL);
+    Py_DECREF(core);
+    return result;
+}
+
+static PyMethodDef bound_def = {"__enter__", bound_call, METH_NOARGS, NULL};
 
 static PyObject *CLevel_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *name, *doc = Py_None;
-    static char *kwlist[] = {"name", "doc", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|O:CLevel", kwlist, &name, &doc)) return NULL;
+    int bind = 0;
+    static char *kwlist[] = {"name", "doc", "bind", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|Op:CLevel", kwlist, &name, &doc, &bind))
+        return NULL;
     allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
     CLevel *self = (CLevel *)alloc(type, 0);
     if (self == NULL) return NULL;
@@ -288,6 +293,17 @@ static PyObject *CLevel_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     self->name = name;
     Py_INCREF(doc);
     self->doc = doc;
+    self->bind = bind;
+    if (bind) {
+        if (bound_name != NULL && PyUnicode_Compare(bound_name, name) != 0) {
+            Py_DECREF(self);
+            PyErr_SetString(PyExc_ValueError, "safeshm._native: one bound attribute name only");
+            return NULL;
+        }
+        Py_INCREF(name);
+        Py_XDECREF(bound_name);
+        bound_name = name;
+    }
     return (PyObject *)self;
 }
 
@@ -307,6 +323,7 @@ static PyObject *CLevel_get(PyObject *op, PyObject *obj, PyObject *type) {
         Py_INCREF(op);
         return op;
     }
+    if (((CLevel *)op)->bind) return PyCFunction_NewEx(&bound_def, obj, NULL);
     return PyObject_GetAttr(obj, ((CLevel *)op)->name);
 }
 
@@ -323,6 +340,13 @@ static PyObject *CLevel_call(PyObject *op, PyObject *args, PyObject *kwargs) {
     if (n < 1) {
         PyErr_SetString(PyExc_TypeError, "expected the instance as the first argument");
         return NULL;
+    }
+    if (((CLevel *)op)->bind) {
+        if (n != 1 || (kwargs != NULL && PyDict_Size(kwargs) != 0)) {
+            PyErr_SetString(PyExc_TypeError, "__enter__() takes no arguments");
+            return NULL;
+        }
+        return bound_call(PyTuple_GetItem(args, 0), NULL);
     }
     PyObject *bound = PyObject_GetAttr(PyTuple_GetItem(args, 0), ((CLevel *)op)->name);
     if (bound == NULL) return NULL;
@@ -366,5 +390,9 @@ int sn_register_lock(PyObject *module) {
     minus_one = PyLong_FromLong(-1);
     if (minus_one == NULL) return -1;
     if (sn_add_type(module, &CLevel_spec, NULL) < 0) return -1;
-    return sn_add_type(module, &Lock_spec, NULL);
+    PyObject *type;
+    if (sn_add_type(module, &Lock_spec, &type) < 0) return -1;
+    Lock_type = (PyTypeObject *)type; /* the module keeps it */
+    Py_DECREF(type);
+    return 0;
 }

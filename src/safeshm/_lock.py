@@ -667,8 +667,8 @@ class SafeLock(SharedStructure):
 
     _KIND = Kind.LOCK
     _LAYOUT = 1
-    # ``_core`` and ``_enter_c``: only with the compiled core (see _bind).
-    _MAPPED = ("_mutex", "_hot", "_core", "_enter_c")
+    # ``_core``: only with the compiled core (see _bind).
+    _MAPPED = ("_mutex", "_hot", "_core")
 
     _mutex: RobustMutex
     _hot: tuple[Any, memoryview, RobustMutex]  # (pointer, owner word, the mutex)
@@ -729,14 +729,13 @@ class SafeLock(SharedStructure):
             self._exit_c = mutex.exit_c
         else:
             core = native.Lock(
-                mm, HEADER_SIZE, what, f"{what} is closed on this handle", self, OWNER_WORD
+                mm, HEADER_SIZE, what, f"{what} is closed on this handle", OWNER_WORD
             )
             self._core = core
             # Never poisoned at close(), like _unlocker: they keep the core (and the
             # mapping) so that the holding thread can always release.
             self._release_c = core.release
             self._exit_c = core.exit
-            self._enter_c = core.enter
             hot = (core.acquire, mutex.owner, core.undo)
             self.__dict__["acquire"] = types.MethodType(_native_acquire, hot)
             self.__dict__["acquire_nowait"] = types.MethodType(_native_acquire_nowait, hot)
@@ -874,7 +873,7 @@ Raises:
         # One C call (the core's enter(), found through a C-level class attribute): a
         # Python __enter__ would cost a frame, and its return to the with statement would
         # be a place for a signal handler's exception after the lock was taken.
-        __enter__ = _c_level("_enter_c")
+        __enter__ = _compat.native.CLevel("_core", None, True)  # self._core.enter(self)
 
     @contextmanager
     def acquired(self, timeout: float | None = None) -> Iterator[Self]:
