@@ -192,13 +192,17 @@ def test_holder_of_either_kind_killed_the_other_kind_recovers(
         proc.kill()
         proc.communicate()
     if recoverer == IMPLEMENTATION:
-        with pytest.warns(safeshm.HolderDiedWarning, match="previous holder died") as seen:
+
+        def take() -> None:
             if how == "with":
                 with lock:
                     pass
             else:
                 assert lock.acquire(timeout=10)
                 lock.release()
+
+        with pytest.warns(safeshm.HolderDiedWarning, match="previous holder died") as seen:
+            take()
         assert seen[0].filename == __file__  # the caller's line (stacklevel)
         assert lock.statistics().recoveries == 1
     else:
@@ -304,7 +308,9 @@ def test_argument_errors_match_ctypes(
 
 @native_only
 @given(st.lists(st.tuples(st.sampled_from("AWRNE"), st.booleans()), max_size=30))
-def test_operations_match_a_model_with_either_implementation(ops: list[tuple[str, bool]]) -> None:
+def test_operations_match_a_model_with_either_implementation(  # noqa: PLR0912 - one branch per op
+    ops: list[tuple[str, bool]],
+) -> None:
     """A random sequence of operations, each by native or ctypes code, on one handle:
     results and errors are those of one non-reentrant lock."""
     lock = safeshm.SafeLock.create()
@@ -312,7 +318,9 @@ def test_operations_match_a_model_with_either_implementation(ops: list[tuple[str
         held = False
         for op, use_native in ops:
             if op == "A":  # acquire(timeout=0)
-                call = lock.acquire if use_native else lambda **k: safeshm.SafeLock.acquire(lock, **k)
+                call = (
+                    lock.acquire if use_native else lambda **k: safeshm.SafeLock.acquire(lock, **k)
+                )
                 if held:
                     with pytest.raises(safeshm.LockReentryError, match="already held by this"):
                         call(timeout=0)
@@ -320,7 +328,11 @@ def test_operations_match_a_model_with_either_implementation(ops: list[tuple[str
                     assert call(timeout=0) is True
                     held = True
             elif op == "N":  # acquire_nowait
-                call = lock.acquire_nowait if use_native else lambda: safeshm.SafeLock.acquire_nowait(lock)
+                call = (
+                    lock.acquire_nowait
+                    if use_native
+                    else lambda: safeshm.SafeLock.acquire_nowait(lock)
+                )
                 if held:
                     with pytest.raises(safeshm.LockReentryError):
                         call()
@@ -336,7 +348,9 @@ def test_operations_match_a_model_with_either_implementation(ops: list[tuple[str
                     with pytest.raises(safeshm.LockNotHeldError, match="not held by this thread"):
                         release()
             elif op == "W":  # a with block
-                enter = lock.__enter__ if use_native else lambda: safeshm.SafeLock._enter_ctypes(lock)
+                enter = (
+                    lock.__enter__ if use_native else lambda: safeshm.SafeLock._enter_ctypes(lock)
+                )
                 if held:
                     with pytest.raises(safeshm.LockReentryError):
                         enter()
@@ -344,13 +358,12 @@ def test_operations_match_a_model_with_either_implementation(ops: list[tuple[str
                     assert enter() is lock
                     assert lock.locked()
                     assert lock.__exit__(None, None, None) is None
-            else:  # E: __exit__ as a release
-                if held:
-                    assert lock.__exit__(KeyError, KeyError(), None) is None
-                    held = False
-                else:
-                    with pytest.raises(safeshm.LockNotHeldError):
-                        lock.__exit__(None, None, None)
+            elif held:
+                assert lock.__exit__(KeyError, KeyError(), None) is None
+                held = False
+            else:
+                with pytest.raises(safeshm.LockNotHeldError):
+                    lock.__exit__(None, None, None)
             assert lock.locked() == held
             assert lock._mutex.held_here() == held
         if held:
@@ -396,7 +409,7 @@ def test_no_reference_leaks_over_a_million_calls(lock: safeshm.SafeLock) -> None
     for _ in range(50_000):
         with pytest.raises(safeshm.LockNotHeldError):
             lock.release()
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="can't specify a timeout"):
             lock.acquire(False, 1)
     gc.collect()
     rss2 = _rss_kib()
@@ -429,9 +442,7 @@ def test_with_returns_the_handle_without_keeping_it(cleanup: Any) -> None:
 # -- close, fork, signals ------------------------------------------------------------------------
 @native_only
 @pytest.mark.parametrize("how", ["acquire", "with", "acquire(timeout)"])
-def test_close_from_another_thread_while_one_is_blocked(
-    lock: safeshm.SafeLock, how: str
-) -> None:
+def test_close_from_another_thread_while_one_is_blocked(lock: safeshm.SafeLock, how: str) -> None:
     other_handle = safeshm.SafeLock.attach(lock.name)
     errors: list[BaseException] = []
     started = threading.Event()
@@ -560,6 +571,7 @@ def test_fork_while_a_thread_is_blocked_in_acquire(lock: safeshm.SafeLock) -> No
     try:
         other_handle.acquire()
         got: list[bool] = []
+
         def waiter() -> None:
             got.append(lock.acquire(timeout=JOIN_TIMEOUT))
             lock.release()
