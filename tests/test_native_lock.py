@@ -671,3 +671,36 @@ def test_native_core_is_bound(lock: safeshm.SafeLock) -> None:
     lock.release()
     held = signal.getsignal(signal.SIGINT)  # untouched by the core
     assert held is signal.getsignal(signal.SIGINT)
+
+
+def test_with_a_temporary_handle(lock: safeshm.SafeLock) -> None:
+    """``with SafeLock.attach(name):`` drops the handle's last reference before __enter__
+    runs: the lock is still taken and released, and ``as`` gets the handle."""
+    with safeshm.SafeLock.attach(lock.name) as held:
+        assert held.name == lock.name
+        assert lock.locked()
+        assert held._mutex.held_here()
+    assert not lock.locked()
+    del held
+    with safeshm.SafeLock.attach(lock.name):
+        assert lock.locked()
+    assert not lock.locked()
+
+
+@native_only
+def test_reentry_and_not_held_messages_match_ctypes(lock: safeshm.SafeLock) -> None:
+    with lock:
+        with pytest.raises(safeshm.LockReentryError) as native:
+            lock.acquire()
+        with pytest.raises(safeshm.LockReentryError) as ctypes_:
+            safeshm.SafeLock.acquire(lock)
+        assert str(native.value) == str(ctypes_.value)
+        with pytest.raises(safeshm.LockReentryError) as native, lock:
+            pass
+        assert str(native.value) == str(ctypes_.value)
+        assert lock._mutex.held_here()  # the refused re-entries left the outer hold
+    with pytest.raises(safeshm.LockNotHeldError) as native:
+        lock.release()
+    with pytest.raises(safeshm.LockNotHeldError) as ctypes_:
+        _lock._c_release(lock._mutex, lock._seg)()
+    assert str(native.value) == str(ctypes_.value)
