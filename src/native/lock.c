@@ -179,8 +179,13 @@ static PyObject *Lock_enter(PyObject *op, PyObject *handle) {
 }
 
 /* release(): unlock; SegmentClosedError for a non-holder of a closed handle. */
-static PyObject *Lock_release(PyObject *op, PyObject *unused) {
-    (void)unused;
+static PyObject *Lock_release(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames) {
+    static const char *const names[] = {NULL};
+    PyObject *none[1];
+    if ((nargs != 0 || kwnames != NULL) &&
+        sn_parse("SafeLock.release", args, nargs, kwnames, names, 0, 0, none) < 0)
+        return NULL; /* a Python def's messages */
     LockCore *self = (LockCore *)op;
     int rc = sn_mutex_release(self->m);
     if (rc == 0) Py_RETURN_NONE;
@@ -219,7 +224,8 @@ static PyMethodDef Lock_methods[] = {
      "or False when the timeout expired."},
     {"enter", Lock_enter, METH_O,
      "enter(handle)\n--\n\n__enter__: acquire, waiting as long as it takes; returns handle."},
-    {"release", Lock_release, METH_NOARGS, "release()\n--\n\nUnlock."},
+    {"release", (PyCFunction)(void (*)(void))Lock_release, METH_FASTCALL | METH_KEYWORDS,
+     "release()\n--\n\nUnlock."},
     {"exit", (PyCFunction)(void (*)(void))Lock_exit, METH_FASTCALL,
      "exit(*exc_info)\n--\n\n__exit__: unlock; returns None."},
     {"undo", Lock_undo, METH_O,
