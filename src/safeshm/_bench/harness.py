@@ -520,7 +520,7 @@ class Agents:
             raise
         status, value = self._receive(variant, BARRIER_TIMEOUT_S + time_limit_s + _AGENT_MARGIN_S)
         if status != "ok":
-            raise BenchError(f"{value} (measured with the {variant} implementation)")
+            raise BenchError(f"{variant} implementation: {value}")
         result: R = value
         return result
 
