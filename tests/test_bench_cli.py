@@ -434,7 +434,15 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_counter.py", "bench_array.py", "bench_queue.py", "bench_store.py", "goals.py"]
+    "script",
+    [
+        "bench_counter.py",
+        "bench_lock.py",
+        "bench_array.py",
+        "bench_queue.py",
+        "bench_store.py",
+        "goals.py",
+    ],
 )
 def test_benchmark_scripts_take_the_same_arguments(script: str) -> None:
     proc = run_script(script, "--repeats", "0")
@@ -455,6 +463,7 @@ def test_benchmark_scripts_take_the_same_arguments(script: str) -> None:
         "--from-json",
         "--quiet",
         "--check-goals",
+        "--compare-with",
     ):
         assert option in help_text, (script, option)
 

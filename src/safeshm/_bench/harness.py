@@ -580,8 +580,10 @@ def _cpu_model() -> str:
 def implementations_text(variants: Sequence[str], unavailable: dict[str, str]) -> str:
     """What the environment says under ``"implementations"``: the implementations every
     safeshm row was measured with, and why any other was not."""
+    if not variants and not unavailable:
+        return "this process's only (nothing measured per implementation)"
     shown = " and ".join(variants) + (", side by side" if len(variants) > 1 else "")
-    if not variants:
+    if not variants:  # pragma: no cover - ctypes always loads
         shown = "none"
     missing = "; ".join(f"{v}: not measured, {why}" for v, why in unavailable.items())
     return f"{shown} ({missing})" if missing else shown
