@@ -1024,3 +1024,19 @@ def test_goals_across_pythons_refuse_what_cannot_be_compared(
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr and proc.stdout == ""
+
+
+def test_results_saved_before_the_compiled_core_read_as_ctypes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    saved = ROOT / "docs" / "assets" / "16-cores" / "counter.json"
+    assert "variants" not in json.loads(saved.read_text())["config"]
+    status, out, err = run_main(["bench", "--from-json", str(saved)], capsys)
+    assert status == 0, err
+    assert command.LEGACY_IMPLEMENTATIONS in out
+    line = next(x for x in out.splitlines() if re.match(r"SafeCounter +1 ", x))
+    assert re.match(r"SafeCounter +1 +n/a +0\.991 +n/a +0\.56x", line), line
+    proc = run_script("goals.py", "--from-json", str(saved))
+    assert proc.returncode == 0, proc.stderr
+    assert "[MISSED] [ctypes] SafeCounter add, 1 process, vs the mp.Value idiom" in proc.stdout
+    assert "[not measured] [native] SafeCounter add, 1 process" in proc.stdout

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import array, counter, lock, options, queue, store
 from .chart import load_ratios, plot, plot_problem
-from .harness import VARIANTS, Agents, BenchError, Cell, Progress, context, environment
+from .harness import CTYPES, VARIANTS, Agents, BenchError, Cell, Progress, context, environment
 from .report import print_environment
 
 if TYPE_CHECKING:
@@ -48,6 +48,50 @@ def read_results(path: str, option: str = "--from-json") -> dict[str, Any]:
         raise ValueError(f"{option} {path!r} is not JSON: {e}") from None
     if not isinstance(results, dict) or not isinstance(results.get("environment"), dict):
         raise ValueError(f"{option} {path!r} is not the output of `safeshm bench --json`")
+    return upgrade_legacy(results)
+
+
+LEGACY_IMPLEMENTATIONS = "ctypes (a result saved before safeshm had a compiled core)"
+
+
+def upgrade_legacy(results: dict[str, Any]) -> dict[str, Any]:
+    """Results saved before ``safeshm bench`` measured each implementation (no
+    ``config.variants``) as today's layout: every safeshm figure then was the ctypes
+    implementation's, so its rows get ``"variant": "ctypes"`` and its ratios' labels end
+    in ``, ctypes`` (the bulk sum and the store, measured in one process, stay as they
+    are). Anything else is returned unchanged; so is whatever does not look as expected
+    (the tables then say what is missing)."""
+    config = results.get("config")
+    if not isinstance(config, dict) or "variants" in config:
+        return results
+    config["variants"] = [CTYPES]
+    results["environment"].setdefault("implementations", LEGACY_IMPLEMENTATIONS)
+    safeshm_rows = {
+        *counter.SAFESHM,
+        *lock.SAFESHM,
+        *array.SAFESHM,
+        *queue.QUEUE_SAFESHM,
+    }
+    tables: list[Any] = [results.get("results"), results.get("lock")]
+    if isinstance(results.get("array"), dict):
+        tables.append(results["array"].get("element_add"))
+    if isinstance(results.get("queue"), dict):
+        tables += [results["queue"].get(w) for w in (*queue.QUEUE_WORKLOADS, queue.LATENCY)]
+    for table in tables:
+        for row in table if isinstance(table, list) else []:
+            if isinstance(row, dict):
+                row.setdefault(
+                    "variant", CTYPES if row.get("implementation") in safeshm_rows else None
+                )
+    panels = {counter.PANEL, lock.PANEL, array.PANEL, queue.PANEL}
+    for r in results.get("ratios", []) if isinstance(results.get("ratios"), list) else []:
+        if (
+            isinstance(r, dict)
+            and r.get("structure") in panels
+            and isinstance(r.get("label"), str)
+            and not r["label"].startswith("locked()")
+        ):
+            r["label"] += f", {CTYPES}"
     return results
 
 
