@@ -262,6 +262,12 @@ def _measure(settings: options.Settings, *, quiet: bool, json_output: bool) -> d
     # The store is measured here only (with this process's implementation): no agents.
     agents = Agents(quick=settings.quick, variants=VARIANTS if _uses_agents(settings) else ())
     progress = Progress([], None)
+    if agents.wanted and not quiet:
+        print(
+            f"starting a measuring process per implementation ({', '.join(agents.wanted)}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         with agents:
             plans = dataclasses.replace(plans, variants=agents.variants)

@@ -434,6 +434,11 @@ class Agents:
         """Per implementation that cannot be measured here, why not."""
 
     @property
+    def wanted(self) -> tuple[str, ...]:
+        """The implementations asked for (before :meth:`start` finds which are here)."""
+        return self._wanted
+
+    @property
     def variants(self) -> tuple[str, ...]:
         """The implementations measured, in :data:`VARIANTS` order."""
         return tuple(v for v in self._wanted if v in self._conns)
