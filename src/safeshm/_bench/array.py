@@ -480,8 +480,8 @@ def ratios(
     and its bulk sum's speed against each alternative's."""
     out = []
     variants = [v for v in VARIANTS if any(untagged(name) == (ARRAY_SAFE, v) for name, _ in cells)]
-    for variant in variants:
-        for p in processes:
+    for p in processes:
+        for variant in variants:
             for alt in (ARRAY_IDIOM, ARRAY_NUMPY):
                 value = ratio(cells, (tagged(ARRAY_SAFE, variant), p), (alt, p))
                 if value is not None:

@@ -202,8 +202,8 @@ def ratios(
     idiom, per process count (labelled ``SafeCounter.add, 1 process, native``)."""
     out = []
     for impl in SAFESHM:
-        for variant in variants:
-            for p in processes:
+        for p in processes:
+            for variant in variants:
                 for alt in (IDIOM, RAW_LOCK):
                     value = ratio(cells, (tagged(impl, variant), p), (alt, p))
                     if value is not None:

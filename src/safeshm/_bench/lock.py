@@ -164,8 +164,8 @@ def ratios(
     """The chart's ratios: ``with SafeLock:``, with each implementation, against
     ``with multiprocessing.Lock():``, per process count."""
     out = []
-    for variant in variants:
-        for p in processes:
+    for p in processes:
+        for variant in variants:
             value = ratio(cells, (tagged(SAFE_LOCK, variant), p), (MP_LOCK, p))
             if value is not None:
                 out.append(Ratio(PANEL, f"with SafeLock, {plural(p)}, {variant}", MP_LOCK, value))

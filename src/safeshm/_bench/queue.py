@@ -836,16 +836,18 @@ def ratios(
     """The chart's ratios: SafeQueue against each alternative, per workload and process
     count, and its round trip's speed against theirs."""
     out = []
-    for variant in VARIANTS:
-        safe = tagged(Q_SAFE, variant)
-        for workload in QUEUE_WORKLOADS:
-            of = cells.get(workload, {})
-            for p in processes:
+    for workload in QUEUE_WORKLOADS:
+        of = cells.get(workload, {})
+        for p in processes:
+            for variant in VARIANTS:
+                safe = tagged(Q_SAFE, variant)
                 for alt in (Q_MP, Q_SIMPLE, Q_FF):
                     value = ratio(of, (safe, p), (alt, p))
                     if value is not None:
                         label = f"{_LABELS[workload]}, {procs_label(p, pairs=True)}, {variant}"
                         out.append(Ratio(PANEL, label, alt, value))
+    for variant in VARIANTS:
+        safe = tagged(Q_SAFE, variant)
         for alt in (Q_MP, Q_SIMPLE, Q_FF):
             time_ratio = latency_ratio(latency, safe, alt)
             if time_ratio is not None:
