@@ -377,9 +377,16 @@ def compare_pythons(results: Results, other: Results) -> list[dict[str, Any]]:
         }
 
     new_r, old_r = ratios(newer), ratios(older)
+    # Only the structures both runs measured: the others are not "not measured", just
+    # not asked for.
+    both = set(newer.get("config", {}).get("structures", options.STRUCTURES)) & set(
+        older.get("config", {}).get("structures", options.STRUCTURES)
+    )
     out = []
     for key in [*new_r, *(k for k in old_r if k not in new_r)]:
         structure, label, versus = key
+        if _PARTS.get(structure) not in both:
+            continue
         value = new_r[key] / old_r[key] if key in new_r and key in old_r else None
         if value is None:
             status = "not measured"

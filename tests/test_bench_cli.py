@@ -1001,6 +1001,15 @@ def test_goals_across_pythons_compare_two_saved_results(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     across = json.loads(proc.stdout)["cross_python_goals"]
     assert across and all(g["status"] == "met" and g["required"] == 0.8 for g in across)
+    # Only what both runs measured: a 3.13 run of the lock alone is compared on the lock.
+    lock_only = synthetic("3.13.0")
+    lock_only["config"]["structures"] = ["lock"]
+    lock_only["ratios"] = [r for r in lock_only["ratios"] if r["structure"] == "SafeLock"]
+    mine = save(tmp_path, "py313-lock.json", lock_only)
+    proc = run_script("goals.py", "--from-json", mine, "--compare-with", old, "--json")
+    across = json.loads(proc.stdout)["cross_python_goals"]
+    assert {g["description"].split(":")[0] for g in across} == {"SafeLock"}
+    assert len(across) == 4  # 1 and 2 processes, native and ctypes
 
 
 @pytest.mark.parametrize(
