@@ -29,11 +29,14 @@ from collections.abc import Callable, Iterator
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING, Any, Final
 
+from safeshm import _compat
 from safeshm._array import SafeArray
 
 from .chart import Ratio
 from .harness import (
     BARRIER_TIMEOUT_S,
+    VARIANTS,
+    Agents,
     BenchError,
     Cell,
     Contender,
@@ -41,13 +44,15 @@ from .harness import (
     Run,
     drop,
     drop_shared_memory,
-    measure,
     measure_cells,
     nothing,
     plural,
     ratio,
     record,
     step_weights,
+    tagged,
+    untagged,
+    with_variants,
 )
 from .report import fmt_ratio, print_rate_table, rate_rows
 
@@ -63,6 +68,8 @@ ARRAY_IDIOM: Final = "mp.Array idiom"
 ARRAY_NUMPY: Final = "numpy + mp.Lock"
 ARRAY_SAFE: Final = "SafeArray"
 ARRAY_IMPLEMENTATIONS: Final = (ARRAY_IDIOM, ARRAY_NUMPY, ARRAY_SAFE)
+SAFESHM: Final = (ARRAY_SAFE,)
+"""The element contenders measured once per implementation (native, ctypes)."""
 ARRAY_LENGTH: Final = 1000
 """Elements (int64) in the array the element-add workers update."""
 
@@ -253,10 +260,15 @@ def prepare(ctx: Context, implementation: str, n: int) -> Contender:
     raise ValueError(f"unknown array implementation {implementation!r}")
 
 
-def weights(settings: Settings, plan: Plan) -> list[float]:
+def element_contenders(plan: Plan, variants: tuple[str, ...]) -> tuple[str, ...]:
+    """The element-add contenders, SafeArray once per implementation in ``variants``."""
+    return with_variants(plan.element_implementations, SAFESHM, variants)
+
+
+def weights(settings: Settings, plan: Plan, variants: tuple[str, ...]) -> list[float]:
     """The progress steps :func:`measure_elements` and :func:`measure_bulk` take, weighed
     (see ``Progress``)."""
-    out = step_weights(settings, len(plan.element_implementations) * len(settings.processes))
+    out = step_weights(settings, len(element_contenders(plan, variants)) * len(settings.processes))
     if plan.bulk:
         # In this process: no workers to start, so only the measuring time.
         n = len(BULK_IMPLEMENTATIONS)
@@ -269,15 +281,15 @@ def weights(settings: Settings, plan: Plan) -> list[float]:
 
 
 def measure_elements(
-    ctx: Context, settings: Settings, plan: Plan, progress: Progress
+    ctx: Context, settings: Settings, plan: Plan, progress: Progress, agents: Agents
 ) -> dict[tuple[str, int], Cell]:
-    """Every element-add implementation at every process count."""
+    """Every element-add contender at every process count."""
 
     def one(impl: str, p: int, n: int) -> Run:
-        return measure(ctx, prepare, impl, p, n, time_limit_s=settings.time_limit_s)
+        return agents.measure(ctx, prepare, impl, p, n, time_limit_s=settings.time_limit_s)
 
     return measure_cells(
-        plan.element_implementations,
+        element_contenders(plan, agents.variants),
         settings,
         progress,
         part="array element add",
@@ -449,6 +461,8 @@ def section(
         "element_implementations": list(plan.element_implementations),
         "element_add": element_rows(cells),
         "bulk_elements": settings.bulk_elements,
+        # Summed in this process: with this process's implementation only.
+        "bulk_implementation": _compat.implementation(),
         "bulk_sum": _bulk_rows(bulk),
     }
 
@@ -465,11 +479,13 @@ def ratios(
     """The chart's ratios: SafeArray's element adds against each idiom per process count,
     and its bulk sum's speed against each alternative's."""
     out = []
+    variants = [v for v in VARIANTS if any(untagged(name) == (ARRAY_SAFE, v) for name, _ in cells)]
     for p in processes:
-        for alt in (ARRAY_IDIOM, ARRAY_NUMPY):
-            value = ratio(cells, (ARRAY_SAFE, p), (alt, p))
-            if value is not None:
-                out.append(Ratio(PANEL, f"add(i, 1), {plural(p)}", alt, value))
+        for variant in variants:
+            for alt in (ARRAY_IDIOM, ARRAY_NUMPY):
+                value = ratio(cells, (tagged(ARRAY_SAFE, variant), p), (alt, p))
+                if value is not None:
+                    out.append(Ratio(PANEL, f"add(i, 1), {plural(p)}, {variant}", alt, value))
     for alt in (BULK_PRIVATE, BULK_SHM):
         time_ratio = bulk_ratio(bulk, BULK_SAFE, alt)
         if time_ratio is not None:
@@ -511,8 +527,13 @@ def _bulk_rows(bulk: dict[str, BulkCell]) -> list[dict[str, Any]]:
     return rows
 
 
-def _print_bulk(n: int, rows: list[dict[str, Any]]) -> None:
+def _print_bulk(n: int, rows: list[dict[str, Any]], implementation: str | None) -> None:
     print(f"SafeArray: summing {n:,} float64 elements ({8 * n / 1e6:.0f} MB) in one process")
+    if implementation is not None:
+        print(
+            f"  safeshm: {implementation} (this process's implementation: the sum runs in "
+            "numpy, the lock around it is all safeshm adds)"
+        )
     print()
     print("Implementations")
     for impl in BULK_IMPLEMENTATIONS:
@@ -536,6 +557,7 @@ def _print_bulk(n: int, rows: list[dict[str, Any]]) -> None:
 def print_section(report: dict[str, Any]) -> None:
     print(f"SafeArray: element adds at random indices of a {report['length']}-element int64 array")
     print(f"  numpy: {report['numpy'] or 'not importable'}")
+    print("  safeshm rows: each implementation (native, ctypes) side by side")
     for text in report["notes"]:
         print(f"  note: {text}")
     print()
@@ -546,7 +568,7 @@ def print_section(report: dict[str, Any]) -> None:
     print_rate_table(report["element_add"], "mp.Array")
     if report["bulk_sum"]:
         print()
-        _print_bulk(report["bulk_elements"], report["bulk_sum"])
+        _print_bulk(report["bulk_elements"], report["bulk_sum"], report.get("bulk_implementation"))
 
 
 def _numpy_version() -> tuple[str | None, str]:

@@ -476,6 +476,12 @@ def _chart_texts(results: dict[str, Any]) -> tuple[str, str, str]:
         "every contender measured in the same run; N processes: N worker processes "
         f"(started with {env.get('start_method', 'spawn')!r}) on one structure.",
     ]
+    if config.get("variants"):
+        notes.append(
+            "safeshm measured with each of its implementations ("
+            + ", ".join(config["variants"])
+            + "), each in worker processes of its own."
+        )
     if "queue" in config.get("structures", []):
         notes.append(
             "SafeQueue: N producers and N consumers; in batches, mp.Queue (which has "

@@ -12,9 +12,9 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import array, counter, options, queue, store
+from . import array, counter, lock, options, queue, store
 from .chart import load_ratios, plot, plot_problem
-from .harness import BenchError, Cell, Progress, context, environment
+from .harness import CTYPES, VARIANTS, Agents, BenchError, Cell, Progress, context, environment
 from .report import print_environment
 
 if TYPE_CHECKING:
@@ -32,8 +32,9 @@ def error(message: str) -> int:
     return 2
 
 
-def read_results(path: str) -> dict[str, Any]:
-    """The results a ``safeshm bench --json`` run saved in ``path``.
+def read_results(path: str, option: str = "--from-json") -> dict[str, Any]:
+    """The results a ``safeshm bench --json`` run saved in ``path`` (given with ``option``,
+    which the messages name).
 
     Raises:
         ValueError: the file cannot be read, or is not such results (said in one line).
@@ -42,11 +43,55 @@ def read_results(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
     except OSError as e:
-        raise ValueError(f"cannot read --from-json {path!r}: {e.strerror or e}") from None
+        raise ValueError(f"cannot read {option} {path!r}: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--from-json {path!r} is not JSON: {e}") from None
+        raise ValueError(f"{option} {path!r} is not JSON: {e}") from None
     if not isinstance(results, dict) or not isinstance(results.get("environment"), dict):
-        raise ValueError(f"--from-json {path!r} is not the output of `safeshm bench --json`")
+        raise ValueError(f"{option} {path!r} is not the output of `safeshm bench --json`")
+    return upgrade_legacy(results)
+
+
+LEGACY_IMPLEMENTATIONS = "ctypes (a result saved before safeshm had a compiled core)"
+
+
+def upgrade_legacy(results: dict[str, Any]) -> dict[str, Any]:
+    """Results saved before ``safeshm bench`` measured each implementation (no
+    ``config.variants``) as today's layout: every safeshm figure then was the ctypes
+    implementation's, so its rows get ``"variant": "ctypes"`` and its ratios' labels end
+    in ``, ctypes`` (the bulk sum and the store, measured in one process, stay as they
+    are). Anything else is returned unchanged; so is whatever does not look as expected
+    (the tables then say what is missing)."""
+    config = results.get("config")
+    if not isinstance(config, dict) or "variants" in config:
+        return results
+    config["variants"] = [CTYPES]
+    results["environment"].setdefault("implementations", LEGACY_IMPLEMENTATIONS)
+    safeshm_rows = {
+        *counter.SAFESHM,
+        *lock.SAFESHM,
+        *array.SAFESHM,
+        *queue.QUEUE_SAFESHM,
+    }
+    tables: list[Any] = [results.get("results"), results.get("lock")]
+    if isinstance(results.get("array"), dict):
+        tables.append(results["array"].get("element_add"))
+    if isinstance(results.get("queue"), dict):
+        tables += [results["queue"].get(w) for w in (*queue.QUEUE_WORKLOADS, queue.LATENCY)]
+    for table in tables:
+        for row in table if isinstance(table, list) else []:
+            if isinstance(row, dict):
+                row.setdefault(
+                    "variant", CTYPES if row.get("implementation") in safeshm_rows else None
+                )
+    panels = {counter.PANEL, lock.PANEL, array.PANEL, queue.PANEL}
+    for r in results.get("ratios", []) if isinstance(results.get("ratios"), list) else []:
+        if (
+            isinstance(r, dict)
+            and r.get("structure") in panels
+            and isinstance(r.get("label"), str)
+            and not r["label"].startswith("locked()")
+        ):
+            r["label"] += f", {CTYPES}"
     return results
 
 
@@ -119,6 +164,9 @@ def print_report(results: dict[str, Any]) -> None:
     if "results" in results:
         print()
         counter.print_section(results["results"])
+    if "lock" in results:
+        print()
+        lock.print_section(results["lock"])
     if "array" in results:
         print()
         array.print_section(results["array"])
@@ -156,6 +204,7 @@ class _Measured:
     """Everything measured, part by part (a part not asked for stays empty)."""
 
     counter_cells: dict[tuple[str, int], Cell] = dataclasses.field(default_factory=dict)
+    lock_cells: dict[tuple[str, int], Cell] = dataclasses.field(default_factory=dict)
     array_cells: dict[tuple[str, int], Cell] = dataclasses.field(default_factory=dict)
     bulk: dict[str, array.BulkCell] = dataclasses.field(default_factory=dict)
     queue_cells: dict[str, dict[tuple[str, int], Cell]] = dataclasses.field(default_factory=dict)
@@ -166,29 +215,34 @@ class _Measured:
 
 @dataclasses.dataclass(frozen=True)
 class _Plans:
-    """What can run here (numpy and faster_fifo are optional)."""
+    """What can run here (numpy and faster_fifo are optional; so is the compiled core)."""
 
     array_plan: array.Plan
     queue_plan: queue.Plan
+    variants: tuple[str, ...] = VARIANTS
+    """The implementations every safeshm row is measured with."""
 
     @classmethod
-    def for_(cls, settings: options.Settings) -> _Plans:
+    def for_(cls, settings: options.Settings, variants: tuple[str, ...] = VARIANTS) -> _Plans:
         return cls(
             array.plan()
             if "array" in settings.structures
             else array.Plan(None, (), bulk=False, notes=[]),
             queue.plan() if "queue" in settings.structures else queue.Plan(None, {}, notes=[]),
+            variants,
         )
 
     def weights(self, settings: options.Settings) -> list[float]:
         """Every progress step :func:`_measure_all` takes, weighed, in order."""
         out: list[float] = []
         if "counter" in settings.structures:
-            out += counter.weights(settings)
+            out += counter.weights(settings, self.variants)
+        if "lock" in settings.structures:
+            out += lock.weights(settings, self.variants)
         if "array" in settings.structures:
-            out += array.weights(settings, self.array_plan)
+            out += array.weights(settings, self.array_plan, self.variants)
         if "queue" in settings.structures:
-            out += queue.weights(settings, self.queue_plan)
+            out += queue.weights(settings, self.queue_plan, self.variants)
         if "store" in settings.structures:
             out += store.weights(settings.repeats, quick=settings.quick)
         return out
@@ -205,11 +259,22 @@ def _measure(settings: options.Settings, *, quiet: bool, json_output: bool) -> d
         # The tables show notes; stdout must stay pure JSON here.
         for text in plans.array_plan.notes + plans.queue_plan.notes:
             print(f"note: {text}", file=sys.stderr, flush=True)
-    progress = Progress(plans.weights(settings), None if quiet else sys.stderr)
+    # The store is measured here only (with this process's implementation): no agents.
+    agents = Agents(quick=settings.quick, variants=VARIANTS if _uses_agents(settings) else ())
+    progress = Progress([], None)
+    if agents.wanted and not quiet:
+        print(
+            f"starting a measuring process per implementation ({', '.join(agents.wanted)}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
-        ctx = context(quick=settings.quick)
-        env = environment(ctx.get_start_method())
-        measured = _measure_all(ctx, settings, plans, progress)
+        with agents:
+            plans = dataclasses.replace(plans, variants=agents.variants)
+            progress = Progress(plans.weights(settings), None if quiet else sys.stderr)
+            ctx = context(quick=settings.quick)
+            env = environment(ctx.get_start_method(), agents.variants, agents.unavailable)
+            measured = _measure_all(ctx, settings, plans, progress, agents)
     except BenchError as e:
         progress.interrupt()
         print(f"\n*** BENCHMARK FAILED: {e} ***\n", file=sys.stderr, flush=True)
@@ -226,19 +291,28 @@ def _measure(settings: options.Settings, *, quiet: bool, json_output: bool) -> d
     return _results(env, settings, plans, measured)
 
 
+def _uses_agents(settings: options.Settings) -> bool:
+    """Whether anything asked for is measured per implementation (all but the store)."""
+    return any(s != "store" for s in settings.structures)
+
+
 def _measure_all(
-    ctx: Context, settings: options.Settings, plans: _Plans, progress: Progress
+    ctx: Context, settings: options.Settings, plans: _Plans, progress: Progress, agents: Agents
 ) -> _Measured:
     """Measure every part ``settings.structures`` asks for, in the order they print."""
     m = _Measured()
     if "counter" in settings.structures:
-        m.counter_cells = counter.measure_all(ctx, settings, progress)
+        m.counter_cells = counter.measure_all(ctx, settings, progress, agents)
+    if "lock" in settings.structures:
+        m.lock_cells = lock.measure_all(ctx, settings, progress, agents)
     if "array" in settings.structures:
-        m.array_cells = array.measure_elements(ctx, settings, plans.array_plan, progress)
+        m.array_cells = array.measure_elements(ctx, settings, plans.array_plan, progress, agents)
         if plans.array_plan.bulk:
             m.bulk = array.measure_bulk(settings, progress)
     if "queue" in settings.structures:
-        m.queue_cells, m.latency = queue.measure_all(ctx, settings, plans.queue_plan, progress)
+        m.queue_cells, m.latency = queue.measure_all(
+            ctx, settings, plans.queue_plan, progress, agents
+        )
     if "store" in settings.structures:
         m.store_cells = store.measure(
             ctx, settings.repeats, settings.store_dir, progress.step, quick=settings.quick
@@ -255,6 +329,7 @@ def _results(
         "seconds": settings.seconds,
         "repeats": settings.repeats,
         "structures": settings.structures,
+        "variants": list(plans.variants),
     }
     if settings.quick:
         config["quick"] = True
@@ -262,7 +337,10 @@ def _results(
     ratios = []
     if "counter" in settings.structures:
         out["results"] = counter.rows(m.counter_cells)
-        ratios += counter.ratios(m.counter_cells, settings.processes)
+        ratios += counter.ratios(m.counter_cells, settings.processes, plans.variants)
+    if "lock" in settings.structures:
+        out["lock"] = lock.rows(m.lock_cells)
+        ratios += lock.ratios(m.lock_cells, settings.processes, plans.variants)
     if "array" in settings.structures:
         config["bulk_elements"] = settings.bulk_elements
         out["array"] = array.section(settings, plans.array_plan, m.array_cells, m.bulk)

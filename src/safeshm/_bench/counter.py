@@ -8,7 +8,8 @@ Four ways to count from many processes:
 3. :meth:`safeshm.SafeCounter.add` (exact, lock-free compare-and-swap);
 4. :meth:`safeshm.ShardedCounter.add` (one cache-line slot per thread).
 
-The final count is checked against ``P * n`` after every run.
+The final count is checked against ``P * n`` after every run. The safeshm counters are
+measured with each implementation (native and ctypes, see ``harness.Agents``).
 """
 
 from __future__ import annotations
@@ -23,18 +24,20 @@ from safeshm._sharded import ShardedCounter
 from .chart import Ratio
 from .harness import (
     BARRIER_TIMEOUT_S,
+    Agents,
     Cell,
     Contender,
     Progress,
     Run,
     drop,
-    measure,
     measure_cells,
     nothing,
     plural,
     ratio,
     record,
     step_weights,
+    tagged,
+    with_variants,
 )
 from .report import print_rate_table, rate_rows
 
@@ -50,6 +53,14 @@ RAW_LOCK: Final = "mp.Lock + RawValue"
 SAFE: Final = "SafeCounter"
 SHARDED: Final = "ShardedCounter"
 IMPLEMENTATIONS: Final = (IDIOM, RAW_LOCK, SAFE, SHARDED)
+SAFESHM: Final = (SAFE, SHARDED)
+"""The contenders measured once per implementation (native, ctypes)."""
+
+
+def contenders(variants: tuple[str, ...]) -> tuple[str, ...]:
+    """Every contender, the safeshm ones once per implementation in ``variants``."""
+    return with_variants(IMPLEMENTATIONS, SAFESHM, variants)
+
 
 DESCRIPTIONS: Final = {
     IDIOM: "with v.get_lock(): v.value += 1   (v = multiprocessing.Value('q', 0))",
@@ -151,21 +162,21 @@ def prepare(ctx: Context, implementation: str, n: int) -> Contender:
     raise ValueError(f"unknown counter implementation {implementation!r}")
 
 
-def weights(settings: Settings) -> list[float]:
+def weights(settings: Settings, variants: tuple[str, ...]) -> list[float]:
     """The progress steps :func:`measure_all` takes, weighed (see ``Progress``)."""
-    return step_weights(settings, len(IMPLEMENTATIONS) * len(settings.processes))
+    return step_weights(settings, len(contenders(variants)) * len(settings.processes))
 
 
 def measure_all(
-    ctx: Context, settings: Settings, progress: Progress
+    ctx: Context, settings: Settings, progress: Progress, agents: Agents
 ) -> dict[tuple[str, int], Cell]:
-    """Every counter implementation at every process count."""
+    """Every counter contender at every process count."""
 
     def one(impl: str, p: int, n: int) -> Run:
-        return measure(ctx, prepare, impl, p, n, time_limit_s=settings.time_limit_s)
+        return agents.measure(ctx, prepare, impl, p, n, time_limit_s=settings.time_limit_s)
 
     return measure_cells(
-        IMPLEMENTATIONS,
+        contenders(agents.variants),
         settings,
         progress,
         part="counter",
@@ -184,21 +195,26 @@ def rows(cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:
 PANEL: Final = "SafeCounter & ShardedCounter"
 
 
-def ratios(cells: dict[tuple[str, int], Cell], processes: list[int]) -> list[Ratio]:
-    """The chart's ratios: each safeshm counter against each idiom, per process count."""
+def ratios(
+    cells: dict[tuple[str, int], Cell], processes: list[int], variants: tuple[str, ...]
+) -> list[Ratio]:
+    """The chart's ratios: each safeshm counter, with each implementation, against each
+    idiom, per process count (labelled ``SafeCounter.add, 1 process, native``)."""
     out = []
-    for impl in (SAFE, SHARDED):
+    for impl in SAFESHM:
         for p in processes:
-            for alt in (IDIOM, RAW_LOCK):
-                value = ratio(cells, (impl, p), (alt, p))
-                if value is not None:
-                    out.append(Ratio(PANEL, f"{impl}.add, {plural(p)}", alt, value))
+            for variant in variants:
+                for alt in (IDIOM, RAW_LOCK):
+                    value = ratio(cells, (tagged(impl, variant), p), (alt, p))
+                    if value is not None:
+                        out.append(Ratio(PANEL, f"{impl}.add, {plural(p)}, {variant}", alt, value))
     return out
 
 
 def print_section(rows: list[dict[str, Any]]) -> None:
     """The counter tables, from what ``--json`` prints under ``"results"``."""
     print("SafeCounter and ShardedCounter: P processes incrementing one shared int64 counter")
+    print("  safeshm rows: each implementation (native, ctypes) side by side")
     print()
     print("Implementations")
     for impl in IMPLEMENTATIONS:

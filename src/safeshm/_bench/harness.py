@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import importlib
 import io
 import multiprocessing
 import multiprocessing.connection
@@ -24,11 +25,12 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.shared_memory import SharedMemory
-from typing import TYPE_CHECKING, Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
-from safeshm import __version__
+from safeshm import __version__, _compat
 from safeshm._counter import SafeCounter
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ nothing from this process, and every object still reaches a worker as a Process 
 """
 _QUICK_PRELOAD: Final = [
     "safeshm._bench.counter",
+    "safeshm._bench.lock",
     "safeshm._bench.array",
     "safeshm._bench.queue",
     "safeshm._bench.store",
@@ -75,6 +78,8 @@ def context(*, quick: bool) -> Context:
     ctx.set_forkserver_preload(_QUICK_PRELOAD)
     return ctx
 
+
+R = TypeVar("R")
 
 # Spawned children import the package before reaching the barrier; on a loaded machine
 # that can take seconds, so the barrier waits generously -- but never forever.
@@ -289,6 +294,281 @@ def ratio(
     return cells[a].median / cells[b].median
 
 
+# --- the two implementations: native and ctypes, side by side ---------------------------------
+# Which implementation safeshm uses is chosen once per process, at import
+# (``safeshm.implementation()``; ``SAFESHM_NO_EXTENSIONS=1`` selects ctypes). So every
+# safeshm measurement is made by a measuring process of its own implementation -- an
+# *agent*, started with the environment variable set or cleared -- whose workers (spawned,
+# or forked from its own forkserver with --quick) inherit that environment. The stdlib and
+# the peers are measured by this process, as before: the implementation means nothing to
+# them. A safeshm contender's name carries its implementation: ``SafeCounter [native]``.
+NATIVE: Final = "native"
+CTYPES: Final = "ctypes"
+VARIANTS: Final = (NATIVE, CTYPES)
+"""The implementations every safeshm row is measured with, in the order the tables show them."""
+NO_EXTENSIONS: Final = "SAFESHM_NO_EXTENSIONS"
+_AGENT_START_TIMEOUT_S: Final = 120.0
+_AGENT_MARGIN_S: Final = 60.0
+
+
+def tagged(name: str, variant: str) -> str:
+    """A safeshm contender measured with ``variant``: ``SafeCounter [native]``."""
+    return f"{name} [{variant}]"
+
+
+def untagged(name: str) -> tuple[str, str | None]:
+    """``(contender, implementation)`` of a name made by :func:`tagged`; ``(name, None)``
+    for the stdlib and the peers."""
+    for variant in VARIANTS:
+        suffix = f" [{variant}]"
+        if name.endswith(suffix):
+            return name[: -len(suffix)], variant
+    return name, None
+
+
+def with_variants(
+    names: Sequence[str], safeshm: Sequence[str], variants: Sequence[str]
+) -> tuple[str, ...]:
+    """``names`` with each of ``safeshm`` replaced by one contender per implementation."""
+    out: list[str] = []
+    for name in names:
+        out += [tagged(name, v) for v in variants] if name in safeshm else [name]
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _environment_for(variant: str) -> Iterator[None]:
+    """This process's environment as a process that uses ``variant`` must start with (a
+    spawned child copies it): ``SAFESHM_NO_EXTENSIONS`` set for ctypes, cleared for native."""
+    saved = os.environ.get(NO_EXTENSIONS)
+    if variant == CTYPES:
+        os.environ[NO_EXTENSIONS] = "1"
+    else:
+        os.environ.pop(NO_EXTENSIONS, None)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(NO_EXTENSIONS, None)
+        else:
+            os.environ[NO_EXTENSIONS] = saved
+
+
+def _why_not_native() -> str:
+    """Why this process does not use the compiled core (it does not: see the caller)."""
+    if os.environ.get(NO_EXTENSIONS):
+        return f"{NO_EXTENSIONS} is set"
+    try:
+        importlib.import_module("safeshm._native")
+    except ImportError as e:
+        return f"the compiled core is not built or does not load ({type(e).__name__}: {e})"
+    return "the compiled core is not in use"  # pragma: no cover - _compat loads it then
+
+
+def _send_implementation(conn: multiprocessing.connection.Connection) -> None:
+    conn.send(_compat.implementation())
+
+
+def worker_implementation(ctx: Context, *, time_limit_s: float) -> str:
+    """The implementation a worker started from ``ctx`` uses (as every benchmark starts
+    its workers): what a measuring process checks its workers get."""
+    ours, theirs = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_send_implementation, args=(theirs,), daemon=True)
+    proc.start()
+    theirs.close()
+    try:
+        if not ours.poll(BARRIER_TIMEOUT_S + time_limit_s):
+            raise BenchError("a worker did not say which implementation it uses")
+        impl: str = ours.recv()
+    except EOFError:
+        raise BenchError("a worker exited before saying which implementation it uses") from None
+    finally:
+        ours.close()
+        stop_all([proc])
+    return impl
+
+
+def _agent_main(conn: multiprocessing.connection.Connection, quick: bool) -> None:
+    """A measuring process: say which implementation this process got, then run every
+    measurement asked for (``(function, args, kwargs)``, the function called with this
+    process's context first) until told to stop (``None``) or the parent goes away."""
+    try:
+        ctx = context(quick=quick)
+        if quick:
+            # Start the forkserver now, while the parent waits for "ready", rather than
+            # during the first measurement.
+            from multiprocessing import forkserver  # noqa: PLC0415 - only with --quick
+
+            forkserver.ensure_running()
+        impl = _compat.implementation()
+        conn.send(("ready", impl, "" if impl == NATIVE else _why_not_native()))
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:
+                return
+            if request is None:
+                return
+            fn, args, kwargs = request
+            try:
+                reply: tuple[str, Any] = ("ok", fn(ctx, *args, **kwargs))
+            except BenchError as e:
+                reply = ("failed", str(e))
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the run
+                reply = ("failed", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            conn.send(reply)
+    except KeyboardInterrupt:
+        return  # the parent was interrupted too, and says so
+
+
+class Agents:
+    """The measuring processes, one per implementation (see :data:`VARIANTS`), started
+    by :meth:`start` and stopped by :meth:`close` (or ``with``)."""
+
+    def __init__(self, *, quick: bool, variants: Sequence[str] = VARIANTS) -> None:
+        self._quick = quick
+        self._wanted = tuple(variants)
+        self._procs: dict[str, BaseProcess] = {}
+        self._conns: dict[str, multiprocessing.connection.Connection] = {}
+        self.unavailable: dict[str, str] = {}
+        """Per implementation that cannot be measured here, why not."""
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        """The implementations asked for (before :meth:`start` finds which are here)."""
+        return self._wanted
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The implementations measured, in :data:`VARIANTS` order."""
+        return tuple(v for v in self._wanted if v in self._conns)
+
+    def start(self) -> None:
+        """Start every measuring process, all at once, and wait until each is ready.
+
+        Raises:
+            BenchError: one did not start.
+        """
+        spawn = multiprocessing.get_context("spawn")
+        for variant in self._wanted:
+            ours, theirs = spawn.Pipe()
+            proc = spawn.Process(
+                target=_agent_main,
+                args=(theirs, self._quick),
+                name=f"bench-{variant}",
+                # Not a daemon: it starts worker processes of its own. It exits when told
+                # to, or when this process goes away (its end of the pipe closes).
+                daemon=False,
+            )
+            with _environment_for(variant):
+                proc.start()
+            theirs.close()
+            self._procs[variant] = proc
+            self._conns[variant] = ours
+        for variant in list(self._conns):
+            status, impl, why = self._receive(variant, _AGENT_START_TIMEOUT_S)
+            if status != "ready":  # pragma: no cover - the protocol's first message
+                raise BenchError(f"the {variant} measuring process said {status!r}")
+            if impl != variant:
+                self.unavailable[variant] = why
+                self._stop(variant)
+        # Every benchmark's workers must use their measuring process's implementation:
+        # asked of all at once, then checked.
+        for conn in self._conns.values():
+            conn.send((worker_implementation, (), {"time_limit_s": _AGENT_START_TIMEOUT_S}))
+        for variant in list(self._conns):
+            status, value = self._receive(variant, 2 * _AGENT_START_TIMEOUT_S)
+            if status != "ok" or value != variant:
+                raise BenchError(
+                    f"the {variant} measuring process's workers use {value!r}"
+                    if status == "ok"
+                    else f"the {variant} measuring process could not start a worker: {value}"
+                )
+
+    def _receive(self, variant: str, timeout: float) -> Any:
+        conn, proc = self._conns[variant], self._procs[variant]
+        ready = multiprocessing.connection.wait([conn, proc.sentinel], timeout)
+        if conn in ready:
+            try:
+                return conn.recv()
+            except EOFError:
+                pass
+        elif not ready:
+            raise BenchError(f"the {variant} measuring process did not answer in {timeout:.0f} s")
+        proc.join(_KILL_GRACE_S)
+        raise BenchError(f"the {variant} measuring process exited with code {proc.exitcode}")
+
+    def run(
+        self,
+        ctx: Context,
+        variant: str | None,
+        fn: Callable[..., R],
+        *args: Any,
+        time_limit_s: float,
+        **kwargs: Any,
+    ) -> R:
+        """``fn(ctx, *args, time_limit_s=..., **kwargs)``: here for the stdlib and the peers
+        (``variant`` None), else in ``variant``'s measuring process, with its context.
+
+        Raises:
+            BenchError: the measurement failed, wherever it ran.
+        """
+        if variant is None:
+            return fn(ctx, *args, time_limit_s=time_limit_s, **kwargs)
+        if variant not in self._conns:  # pragma: no cover - the plans leave it out
+            raise BenchError(f"no {variant} measuring process")
+        kwargs["time_limit_s"] = time_limit_s
+        try:
+            self._conns[variant].send((fn, args, kwargs))
+        except OSError:
+            self._receive(variant, _KILL_GRACE_S)  # says how it ended
+            raise
+        status, value = self._receive(variant, BARRIER_TIMEOUT_S + time_limit_s + _AGENT_MARGIN_S)
+        if status != "ok":
+            raise BenchError(f"{variant} implementation: {value}")
+        result: R = value
+        return result
+
+    def _stop(self, variant: str) -> None:
+        conn, proc = self._conns.pop(variant), self._procs.pop(variant)
+        with contextlib.suppress(OSError):
+            conn.send(None)
+        conn.close()
+        proc.join(_KILL_GRACE_S)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(_KILL_GRACE_S)
+
+    def close(self) -> None:
+        """Stop every measuring process (each stops its own workers)."""
+        for variant in list(self._conns):
+            self._stop(variant)
+
+    def measure(
+        self,
+        ctx: Context,
+        prepare: Callable[[Context, str, int], Contender],
+        name: str,
+        processes: int,
+        n: int,
+        *,
+        time_limit_s: float,
+    ) -> Run:
+        """:func:`measure` of a contender named as :func:`tagged` names it: a safeshm one in
+        its implementation's measuring process, any other here."""
+        base, variant = untagged(name)
+        return self.run(
+            ctx, variant, measure, prepare, base, processes, n, time_limit_s=time_limit_s
+        )
+
+    def __enter__(self) -> Agents:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --- environment --------------------------------------------------------------------------
 def _cpu_model() -> str:
     try:
@@ -302,9 +582,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(start_method: str = START_METHOD) -> dict[str, Any]:
-    """Everything needed to interpret the numbers: interpreter, OS, CPU, libc, safeshm, and
-    how worker processes are started."""
+def implementations_text(variants: Sequence[str], unavailable: dict[str, str]) -> str:
+    """What the environment says under ``"implementations"``: the implementations every
+    safeshm row was measured with, and why any other was not."""
+    if not variants and not unavailable:
+        return "this process's only (nothing measured per implementation)"
+    shown = " and ".join(variants) + (", side by side" if len(variants) > 1 else "")
+    if not variants:  # pragma: no cover - ctypes always loads
+        shown = "none"
+    missing = "; ".join(f"{v}: not measured, {why}" for v, why in unavailable.items())
+    return f"{shown} ({missing})" if missing else shown
+
+
+def environment(
+    start_method: str = START_METHOD,
+    variants: Sequence[str] = (),
+    unavailable: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Everything needed to interpret the numbers: interpreter, OS, CPU, libc, safeshm, its
+    implementations (``variants``: those measured; ``unavailable``: why not the others),
+    and how worker processes are started."""
     probe = SafeCounter.create()
     try:
         implementation = probe.implementation
@@ -329,6 +626,8 @@ def environment(start_method: str = START_METHOD) -> dict[str, Any]:
         "cpus_usable": usable,
         "libc": f"{libc} {libc_version}".strip() or "unknown",
         "safeshm": __version__,
+        "implementations": implementations_text(variants, unavailable or {}),
+        "this_process_implementation": _compat.implementation(),
         "safecounter_implementation": implementation,
         "start_method": start_method,
     }

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Final
 
-STRUCTURES: Final = ("counter", "array", "queue", "store")
+STRUCTURES: Final = ("counter", "lock", "array", "queue", "store")
 """What ``--structures`` may select, in the order the benchmarks run and print."""
 DEFAULT_PROCESSES: Final = (1, 2)
 DEFAULT_SECONDS: Final = 1.0

@@ -34,6 +34,8 @@ from .chart import Ratio
 from .harness import (
     BARRIER_TIMEOUT_S,
     MAX_OPS_PER_WORKER,
+    VARIANTS,
+    Agents,
     BenchError,
     Cell,
     Progress,
@@ -47,8 +49,11 @@ from .harness import (
     record,
     step_weights,
     stop_all,
+    tagged,
+    untagged,
+    with_variants,
 )
-from .report import fmt_ratio
+from .report import Column, fmt_ratio, print_side_by_side, spread
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -77,6 +82,9 @@ QUEUE_CONTENDERS: Final = {
     BYTES: (Q_MP, Q_SIMPLE, Q_FF, Q_SAFE),
     LATENCY: (Q_SIMPLE, Q_MP, Q_FF, Q_SAFE),
 }
+
+QUEUE_SAFESHM: Final = (Q_SAFE, Q_SAFE_LISTS)
+"""The contenders measured once per implementation (native, ctypes)."""
 
 QUEUE_CAPACITY: Final = 4 * 1024 * 1024
 """Bytes in every SafeQueue's ring and every faster_fifo.Queue's buffer (4 MiB)."""
@@ -709,13 +717,19 @@ def latency_ratio(latency: dict[str, LatencyCell], a: str, b: str) -> float | No
 
 
 def measure_latencies(
-    ctx: Context, implementations: tuple[str, ...], settings: Settings, progress: Progress
+    ctx: Context,
+    implementations: tuple[str, ...],
+    settings: Settings,
+    progress: Progress,
+    agents: Agents,
 ) -> dict[str, LatencyCell]:
-    """Warm up, calibrate and measure the pinned ping-pong of every implementation."""
+    """Warm up, calibrate and measure the pinned ping-pong of every implementation (a
+    safeshm one, named as ``harness.tagged`` names it, in its measuring process)."""
     time_limit_s, repeats = settings.time_limit_s, settings.repeats
 
     def one(impl: str, n: int) -> RoundTrips:
-        return measure_latency(ctx, impl, n, time_limit_s=time_limit_s)
+        base, variant = untagged(impl)
+        return agents.run(ctx, variant, measure_latency, base, n, time_limit_s=time_limit_s)
 
     def elapsed(impl: str) -> Callable[[int], float]:
         return lambda n: one(impl, n).elapsed_s
@@ -752,26 +766,43 @@ def measure_latencies(
 _PARTS: Final = {SMALL: "queue small items", BATCHES: "queue batches", BYTES: "queue 64 KiB bytes"}
 
 
-def weights(settings: Settings, plan: Plan) -> list[float]:
+def contenders(plan: Plan, workload: str, variants: tuple[str, ...]) -> tuple[str, ...]:
+    """A workload's contenders, SafeQueue's once per implementation in ``variants``."""
+    return with_variants(plan.contenders[workload], QUEUE_SAFESHM, variants)
+
+
+def weights(settings: Settings, plan: Plan, variants: tuple[str, ...]) -> list[float]:
     """The progress steps :func:`measure_all` takes, weighed (see ``Progress``)."""
     out: list[float] = []
     for workload in QUEUE_WORKLOADS:
-        out += step_weights(settings, len(plan.contenders[workload]) * len(settings.processes))
-    return out + step_weights(settings, len(plan.contenders[LATENCY]))
+        out += step_weights(
+            settings, len(contenders(plan, workload, variants)) * len(settings.processes)
+        )
+    return out + step_weights(settings, len(contenders(plan, LATENCY, variants)))
 
 
 def measure_all(
-    ctx: Context, settings: Settings, plan: Plan, progress: Progress
+    ctx: Context, settings: Settings, plan: Plan, progress: Progress, agents: Agents
 ) -> tuple[dict[str, dict[tuple[str, int], Cell]], dict[str, LatencyCell]]:
     """Every queue contender of every workload at every process count, then the latency."""
     cells = {}
     for workload in QUEUE_WORKLOADS:
 
         def one(impl: str, p: int, n: int, workload: str = workload) -> Run:
-            return measure_queue(ctx, workload, impl, p, n, time_limit_s=settings.time_limit_s)
+            base, variant = untagged(impl)
+            return agents.run(
+                ctx,
+                variant,
+                measure_queue,
+                workload,
+                base,
+                p,
+                n,
+                time_limit_s=settings.time_limit_s,
+            )
 
         cells[workload] = measure_cells(
-            plan.contenders[workload],
+            contenders(plan, workload, agents.variants),
             settings,
             progress,
             part=_PARTS[workload],
@@ -782,7 +813,9 @@ def measure_all(
             cap=MAX_OPS_PER_WORKER,
             pairs=True,
         )
-    latency = measure_latencies(ctx, plan.contenders[LATENCY], settings, progress)
+    latency = measure_latencies(
+        ctx, contenders(plan, LATENCY, agents.variants), settings, progress, agents
+    )
     return cells, latency
 
 
@@ -806,26 +839,31 @@ def ratios(
     for workload in QUEUE_WORKLOADS:
         of = cells.get(workload, {})
         for p in processes:
-            for alt in (Q_MP, Q_SIMPLE, Q_FF):
-                value = ratio(of, (Q_SAFE, p), (alt, p))
-                if value is not None:
-                    out.append(
-                        Ratio(
-                            PANEL, f"{_LABELS[workload]}, {procs_label(p, pairs=True)}", alt, value
-                        )
-                    )
-    for alt in (Q_MP, Q_SIMPLE, Q_FF):
-        time_ratio = latency_ratio(latency, Q_SAFE, alt)
-        if time_ratio is not None:
-            out.append(Ratio(PANEL, "round trip, both on 1 CPU", alt, 1 / time_ratio))
+            for variant in VARIANTS:
+                safe = tagged(Q_SAFE, variant)
+                for alt in (Q_MP, Q_SIMPLE, Q_FF):
+                    value = ratio(of, (safe, p), (alt, p))
+                    if value is not None:
+                        label = f"{_LABELS[workload]}, {procs_label(p, pairs=True)}, {variant}"
+                        out.append(Ratio(PANEL, label, alt, value))
+    for variant in VARIANTS:
+        safe = tagged(Q_SAFE, variant)
+        for alt in (Q_MP, Q_SIMPLE, Q_FF):
+            time_ratio = latency_ratio(latency, safe, alt)
+            if time_ratio is not None:
+                out.append(
+                    Ratio(PANEL, f"round trip, both on 1 CPU, {variant}", alt, 1 / time_ratio)
+                )
     return out
 
 
 def _queue_rows(workload: str, cells: dict[tuple[str, int], Cell]) -> list[dict[str, Any]]:
     rows = []
-    for (impl, p), cell in cells.items():
+    for (name, p), cell in cells.items():
+        impl, variant = untagged(name)
         row = {
             "implementation": impl,
+            "variant": variant,
             "code": _queue_description(workload, impl),
             "producers": p,
             "consumers": p,
@@ -834,8 +872,8 @@ def _queue_rows(workload: str, cells: dict[tuple[str, int], Cell]) -> list[dict[
             "min_items_per_s": min(cell.samples),
             "max_items_per_s": max(cell.samples),
             "samples_items_per_s": list(cell.samples),
-            "vs_mp_queue": ratio(cells, (impl, p), (Q_MP, p)),
-            "vs_faster_fifo": ratio(cells, (impl, p), (Q_FF, p)),
+            "vs_mp_queue": ratio(cells, (name, p), (Q_MP, p)),
+            "vs_faster_fifo": ratio(cells, (name, p), (Q_FF, p)),
         }
         if workload == BYTES:
             row["median_mb_per_s"] = cell.median * QUEUE_ITEM_BYTES / 1e6
@@ -846,8 +884,9 @@ def _queue_rows(workload: str, cells: dict[tuple[str, int], Cell]) -> list[dict[
 def _latency_rows(latency: dict[str, LatencyCell]) -> list[dict[str, Any]]:
     return [
         {
-            "implementation": impl,
-            "code": _queue_description(LATENCY, impl),
+            "implementation": untagged(impl)[0],
+            "variant": untagged(impl)[1],
+            "code": _queue_description(LATENCY, untagged(impl)[0]),
             "round_trips": cell.round_trips,
             "median_us": cell.median * 1e6,
             "min_median_us": min(cell.medians) * 1e6,
@@ -875,38 +914,38 @@ _QUEUE_TITLES: Final = {
 
 
 def _print_queue_table(workload: str, rows: list[dict[str, Any]]) -> None:
-    mb = workload == BYTES
-    mb_column = f" {'MB/s':>7}" if mb else ""
-    header = (
-        f"{'implementation':<18} {'P+C':>4} {'median k items/s':>16} "
-        f"{'range (min-max)':>17}{mb_column} {'vs mp.Queue':>11} {'vs faster_fifo':>14}"
+    columns = [
+        Column("median k items/s", 8, lambda r: f"{r['median_items_per_s'] / 1e3:.1f}"),
+    ]
+    if workload == BYTES:
+        columns.append(Column("MB/s", 6, lambda r: f"{r['median_mb_per_s']:.0f}"))
+    columns += [
+        Column("vs mp.Queue", 7, lambda r: fmt_ratio(r["vs_mp_queue"])),
+        Column("vs faster_fifo", 7, lambda r: fmt_ratio(r["vs_faster_fifo"])),
+    ]
+    print_side_by_side(
+        rows,
+        key=lambda r: f"{r['producers']}+{r['consumers']}",
+        key_header=" P+C",
+        columns=columns,
+        noise=lambda r: spread(r["min_items_per_s"], r["max_items_per_s"], r["median_items_per_s"]),
+        name_width=18,
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        rng = f"{r['min_items_per_s'] / 1e3:.1f}-{r['max_items_per_s'] / 1e3:.1f}"
-        rate = f" {r['median_mb_per_s']:>7.0f}" if mb else ""
-        print(
-            f"{r['implementation']:<18} {r['producers']:>2}+{r['consumers']:<1} "
-            f"{r['median_items_per_s'] / 1e3:>16.1f} {rng:>17}{rate} "
-            f"{fmt_ratio(r['vs_mp_queue']):>11} {fmt_ratio(r['vs_faster_fifo']):>14}"
-        )
 
 
 def _print_latency_table(rows: list[dict[str, Any]]) -> None:
-    header = (
-        f"{'implementation':<18} {'median RTT us':>13} {'range (min-max)':>16} "
-        f"{'p99 RTT us':>10} {'range (min-max)':>16} {'time vs SimpleQueue':>19}"
+    print_side_by_side(
+        rows,
+        key=lambda r: "",
+        key_header="",
+        columns=[
+            Column("median RTT us", 7, lambda r: f"{r['median_us']:.1f}"),
+            Column("p99 RTT us", 7, lambda r: f"{r['p99_us']:.1f}"),
+            Column("time vs SimpleQueue", 9, lambda r: fmt_ratio(r["time_vs_simple_queue"])),
+        ],
+        noise=lambda r: spread(r["min_median_us"], r["max_median_us"], r["median_us"]),
+        name_width=18,
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        med = f"{r['min_median_us']:.1f}-{r['max_median_us']:.1f}"
-        p99 = f"{r['min_p99_us']:.1f}-{r['max_p99_us']:.1f}"
-        print(
-            f"{r['implementation']:<18} {r['median_us']:>13.1f} {med:>16} "
-            f"{r['p99_us']:>10.1f} {p99:>16} {fmt_ratio(r['time_vs_simple_queue']):>19}"
-        )
 
 
 def print_section(report: dict[str, Any]) -> None:
@@ -915,6 +954,7 @@ def print_section(report: dict[str, Any]) -> None:
         "and checked"
     )
     print(f"  faster_fifo: {report['faster_fifo'] or 'not importable'}")
+    print("  safeshm rows: each implementation (native, ctypes) side by side")
     print(
         f"  capacity: SafeQueue ring and faster_fifo buffer {report['capacity_bytes']} "
         f"bytes; mp.Queue maxsize = what that ring holds "
