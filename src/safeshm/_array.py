@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import (
     TYPE_CHECKING,
     Any,
+    ClassVar,
     Final,
     Generic,
     Literal,
@@ -128,7 +129,7 @@ class SafeArray(SharedStructure, Generic[T]):
 
     _KIND = Kind.ARRAY
     _LAYOUT = 1
-    _MAPPED = ("_data", "_hot", "_stripes", "_ctl", "_bytes")
+    _MAPPED: ClassVar[tuple[str, ...]] = ("_data", "_hot", "_stripes", "_ctl", "_bytes")
     if _compat.native is not None:
         # The compiled core and its methods, bound per handle in _bind (see _bind_native).
         _MAPPED += ("_core", "_c_getitem", "_c_setitem", "add", "compare_and_set")
@@ -396,6 +397,7 @@ class SafeArray(SharedStructure, Generic[T]):
         class's Python method, the ctypes implementation, on a shadow of this handle: the
         same object but for the core, so the core holds no reference cycle.
         """
+        cls: Any = SafeArray  # its Python methods: the ctypes implementation
         shadow = object.__new__(type(self))
         shadow.__dict__.update(self.__dict__)
         name = self._seg.name
@@ -410,10 +412,10 @@ class SafeArray(SharedStructure, Generic[T]):
             start,
             length,
             shadow,
-            SafeArray._py_getitem,
-            SafeArray._py_setitem,
-            SafeArray.add,
-            SafeArray.compare_and_set,
+            cls._py_getitem,
+            cls._py_setitem,
+            cls.add,
+            cls.compare_and_set,
         )
         d = self.__dict__
         d["_core"] = core
