@@ -582,3 +582,19 @@ def test_getitem_and_setitem_are_c_level(make: Any) -> None:
     type(a).__setitem__(a, 1, 2.5)
     assert type(a).__getitem__(a, 1) == 2.5
     assert a[-2] == 2.5
+
+
+@native_here
+def test_a_bare_core_refuses_calls() -> None:
+    """A core made without __init__ (no mapping) raises; it never touches memory."""
+    native: Any = safeshm._compat.native
+    core = native.Array.__new__(native.Array)
+    for call in (
+        lambda: core.get(0),
+        lambda: core.set(0, 1),
+        lambda: core.add(0, 1),
+        lambda: core.compare_and_set(0, 0, 1),
+    ):
+        with pytest.raises(ValueError, match="not initialised"):
+            call()
+    core.close()

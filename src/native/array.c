@@ -250,9 +250,18 @@ done:
 }
 
 /* -- methods ------------------------------------------------------------------------- */
+/* Closed (SegmentClosedError), or never initialised (ValueError): -1; else 0. */
+static inline int usable(Array *a) {
+    if (a->shadow == NULL) {
+        PyErr_SetString(PyExc_ValueError, "safeshm._native.Array: not initialised");
+        return -1;
+    }
+    return sn_check_open(&a->head);
+}
+
 static PyObject *Array_get(PyObject *self, PyObject *index) {
     Array *a = (Array *)self;
-    if (sn_check_open(&a->head) < 0) return NULL;
+    if (usable(a) < 0) return NULL;
     Py_ssize_t i;
     if (!element(a, index, &i)) return PyObject_CallFunctionObjArgs(a->py_getitem, a->shadow, index, NULL);
     return to_python(a, load(a, i));
@@ -261,7 +270,7 @@ static PyObject *Array_get(PyObject *self, PyObject *index) {
 static PyObject *Array_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames) {
     Array *a = (Array *)self;
-    if (sn_check_open(&a->head) < 0) return NULL;
+    if (usable(a) < 0) return NULL;
     Py_ssize_t i;
     value v;
     if (nargs != 2 || kwnames != NULL || !element(a, args[0], &i) || !convert(a, args[1], &v))
@@ -276,7 +285,7 @@ static PyObject *Array_set(PyObject *self, PyObject *const *args, Py_ssize_t nar
 static PyObject *Array_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames) {
     Array *a = (Array *)self;
-    if (sn_check_open(&a->head) < 0) return NULL;
+    if (usable(a) < 0) return NULL;
     Py_ssize_t i;
     __int128 delta = 0;
     double fdelta = 0.0;
@@ -306,7 +315,7 @@ static PyObject *Array_add(PyObject *self, PyObject *const *args, Py_ssize_t nar
 static PyObject *Array_compare_and_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                                        PyObject *kwnames) {
     Array *a = (Array *)self;
-    if (sn_check_open(&a->head) < 0) return NULL;
+    if (usable(a) < 0) return NULL;
     Py_ssize_t i;
     value new;
     __int128 iexpected = 0;
