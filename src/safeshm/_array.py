@@ -12,7 +12,18 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final, Generic, Literal, SupportsIndex, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Generic,
+    Literal,
+    SupportsIndex,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from . import _compat
 from ._errors import (
@@ -27,6 +38,7 @@ from ._lock import (
     OWNER_WORD,
     RECOVERED,
     RobustMutex,
+    _CLevel,
     init_mutex,
     unlock_each,
 )
@@ -117,7 +129,10 @@ class SafeArray(SharedStructure, Generic[T]):
 
     _KIND = Kind.ARRAY
     _LAYOUT = 1
-    _MAPPED = ("_data", "_hot", "_stripes", "_ctl", "_bytes")
+    _MAPPED: ClassVar[tuple[str, ...]] = ("_data", "_hot", "_stripes", "_ctl", "_bytes")
+    if _compat.native is not None:
+        # The compiled core and its methods, bound per handle in _bind (see _bind_native).
+        _MAPPED += ("_core", "_c_getitem", "_c_setitem", "add", "compare_and_set")
 
     _data: memoryview[Any]  # elements: int or float, per the typecode
     # (data, stripe pointers, stripe count, the stripes' owner words, and prefixes[n]: the
@@ -367,6 +382,50 @@ class SafeArray(SharedStructure, Generic[T]):
             owners[OWNER_WORD :: MUTEX_BLOCK // 4],
             tuple(tuple(ptrs[:n]) for n in range(nstripes + 1)),
         )
+        if _compat.native is not None:
+            self._bind_native(mm, typecode, nstripes, start, length)
+
+    def _bind_native(
+        self, mm: mmap.mmap, typecode: str, nstripes: int, start: int, length: int
+    ) -> None:
+        """Bind the compiled core's element operations over the ctypes methods.
+
+        ``a[i]`` and ``a[i] = v`` (``__getitem__``/``__setitem__``, looked up on the type,
+        are C-level properties returning ``_c_getitem``/``_c_setitem``), :meth:`add` and
+        :meth:`compare_and_set` run in C for an ``int`` index and ``int``/``float`` values;
+        every other call (slices, numpy scalars, errors...) is handed by the core to this
+        class's Python method, the ctypes implementation, on a shadow of this handle: the
+        same object but for the core, so the core holds no reference cycle.
+        """
+        cls: Any = SafeArray  # its Python methods: the ctypes implementation
+        shadow = object.__new__(type(self))
+        shadow.__dict__.update(self.__dict__)
+        name = self._seg.name
+        core = cast(Any, _compat.native).Array(
+            mm,
+            f"SafeArray {name!r}",
+            f"{type(self).__name__} {name!r} is closed on this handle",
+            typecode,
+            _CTL_OFFSET,
+            _STRIPES_OFFSET,
+            nstripes,
+            start,
+            length,
+            shadow,
+            cls._py_getitem,
+            cls._py_setitem,
+            cls.add,
+            cls.compare_and_set,
+        )
+        d = self.__dict__
+        d["_core"] = core
+        d["_c_getitem"] = core.get
+        d["_c_setitem"] = core.set
+        # A subclass's own add / compare_and_set stay in charge.
+        if type(self).add is SafeArray.add:
+            d["add"] = core.add
+        if type(self).compare_and_set is SafeArray.compare_and_set:
+            d["compare_and_set"] = core.compare_and_set
 
     # -- elements ----------------------------------------------------------------------------
     @property
@@ -400,6 +459,8 @@ class SafeArray(SharedStructure, Generic[T]):
             raise IndexError("array index out of range") from None
         except TypeError:
             raise TypeError("array indices must be integers") from None
+
+    _py_getitem = __getitem__
 
     @overload
     def __setitem__(self, index: SupportsIndex, value: T) -> None: ...
@@ -447,6 +508,14 @@ class SafeArray(SharedStructure, Generic[T]):
                     _consistent(p)
                 finally:
                     _unlock(p)
+
+    _py_setitem = __setitem__
+
+    if _compat.native is not None and not TYPE_CHECKING:
+        # Special methods are looked up on the type: C-level properties returning the
+        # handle's bound core methods (see _bind_native and _lock._CLevel).
+        __getitem__ = _CLevel(operator.attrgetter("_c_getitem"), __getitem__.__doc__)
+        __setitem__ = _CLevel(operator.attrgetter("_c_setitem"), __setitem__.__doc__)
 
     def add(self, index: SupportsIndex, delta: T) -> T:
         """Atomically add ``delta`` to element ``index`` and return its new value.
