@@ -155,7 +155,7 @@ class ShardedCounter(SharedStructure):
 
     _KIND = Kind.SHARDED_COUNTER
     _LAYOUT = 1
-    _MAPPED = ("_mv", "_tls", "_mutex")
+    _MAPPED = ("_mv", "_tls", "_mutex", "_core", "add")
 
     _mv: memoryview
     _tls: threading.local
@@ -246,6 +246,17 @@ class ShardedCounter(SharedStructure):
         self._tls = threading.local()
         self._warned_full = False
         _live_sharded.add(self)
+        if _compat.native is not None:
+            # The compiled add (same slots, same protocol: it asks _native_slot() for this
+            # thread's slot once and caches it), shadowing the ctypes one on this handle.
+            core = _compat.native.Sharded(
+                mm,
+                f"ShardedCounter {self._seg.name!r}",
+                f"{type(self).__name__} {self._seg.name!r} is closed on this handle",
+                weakref.ref(self),
+            )
+            self._core = core
+            self.__dict__["add"] = core.add
 
     # -- the hot path ----------------------------------------------------------------------
     def add(self, delta: int = 1) -> None:
@@ -268,6 +279,20 @@ class ShardedCounter(SharedStructure):
             raise
         except (ValueError, TypeError):
             self._add_slow(delta)
+
+    def _native_slot(self) -> int | None:
+        """The compiled add's miss path: the byte offset of the calling thread's slot,
+        claimed now if it has none; ``None`` when every slot is owned (the add then goes
+        through :meth:`_add_slow`)."""
+        tls = self._tls
+        try:
+            slot = tls.slot
+        except AttributeError:
+            slot = self._claim()
+        if slot is None:
+            return None
+        index: int = tls.lease.index
+        return index * 8
 
     def _add_slow(self, delta: int) -> None:
         """No slot (all taken), a full slot, or a bad ``delta``."""
