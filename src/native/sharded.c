@@ -108,6 +108,38 @@ static PyObject *add_slow(Sharded *self, PyObject *delta) {
     Py_RETURN_NONE;
 }
 
+/* Any delta but an exact int in the int64 range, into this thread's slot: what the ctypes
+ * path's ``slot[0] += delta`` does (``old + delta``, then the memoryview store's index
+ * conversion), and where that raises TypeError or ValueError, its _add_slow(). */
+static PyObject *add_emulated(Sharded *self, int64_t *slot, PyObject *delta) {
+    PyObject *o = PyLong_FromLongLong(__atomic_load_n(slot, __ATOMIC_RELAXED));
+    if (o == NULL) return NULL;
+    PyObject *sum = PyNumber_Add(o, delta);
+    Py_DECREF(o);
+    if (sum == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError) && !PyErr_ExceptionMatches(PyExc_ValueError))
+            return NULL;
+        PyErr_Clear();
+        return add_slow(self, delta);
+    }
+    PyObject *i = PyNumber_Index(sum);
+    Py_DECREF(sum);
+    if (i == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError)) return NULL;
+        PyErr_Clear();
+        return add_slow(self, delta);
+    }
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(i, &overflow);
+    Py_DECREF(i);
+    if (overflow) return add_slow(self, delta);
+    if (x == -1 && PyErr_Occurred()) return NULL;
+    /* the operand's code may have run other threads: never this thread's slot, though */
+    if (self->head.closed) return closed(self);
+    __atomic_store_n(slot, (int64_t)x, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
 static const char *const add_names[] = {"delta", NULL};
 
 static PyObject *Sharded_add(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
@@ -142,10 +174,10 @@ static PyObject *Sharded_add(PyObject *op, PyObject *const *args, Py_ssize_t nar
     }
     int64_t delta = 1;
     if (arg != NULL) {
-        if (!PyLong_CheckExact(arg)) return add_slow(self, arg);
+        if (!PyLong_CheckExact(arg)) return add_emulated(self, slot, arg);
         int overflow;
         long long x = PyLong_AsLongLongAndOverflow(arg, &overflow);
-        if (overflow) return add_slow(self, arg);
+        if (overflow) return add_emulated(self, slot, arg);
         delta = (int64_t)x;
     }
     /* Only this thread writes its slot: a plain read-modify-write, and an atomic 8-byte
