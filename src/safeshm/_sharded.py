@@ -89,13 +89,17 @@ class _Lease:
 
     def release(self) -> None:
         """Free the slot if this claim still owns it. Idempotent."""
-        if self.pid != _compat.pid:
+        # os.getpid(), not _compat.pid: a forked child clears the copies of the parent's
+        # other threads' states -- dropping their leases -- before any at-fork hook runs,
+        # so _compat.pid still names the parent then (a system call; releases are rare).
+        me = os.getpid()
+        if self.pid != me:
             return  # a forked child's copy: the slot belongs to the parent
         self.pid = 0
         w = self.index - _S_VALUE
         mv = self.mv
         with Held(self.mutex):
-            if mv[w + _S_PID] == _compat.pid and mv[w + _S_TOKEN] == self.token:
+            if mv[w + _S_PID] == me and mv[w + _S_TOKEN] == self.token:
                 mv[w + _S_PID] = 0
 
     def __del__(self) -> None:
