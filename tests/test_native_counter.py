@@ -808,3 +808,20 @@ def test_handles_and_cores_are_freed(cleanup: Any) -> None:
     churn(2000)
     gc.collect()
     assert _rss() - before < 4 << 20
+
+
+def test_a_kept_add_keeps_its_handle_and_slot(sharded: safeshm.ShardedCounter) -> None:
+    """``add = ShardedCounter.attach(name).add``: as with a bound method of the ctypes path,
+    the kept add keeps its handle, so this thread's slot stays owned while it is used."""
+    add = safeshm.ShardedCounter.attach(sharded.name).add
+    gc.collect()
+    for _ in range(100):
+        add(1)
+    gc.collect()
+    assert sharded.statistics().slots_in_use == 1  # still owned by the kept handle
+    sharded.add(1)  # another handle: another slot, never the kept one
+    assert sharded.statistics().slots_in_use == 2
+    del add
+    gc.collect()
+    assert sharded.statistics().slots_in_use == 1
+    assert sharded.value == 101

@@ -18,8 +18,10 @@
  * delta whose sum fits the slot goes to the handle's _add_slow(), the ctypes path's own
  * slow path (the shared word under the lock, typed errors).
  *
- * The core holds only a weak reference to its handle (no cycle: a dropped handle is
- * freed at once, releasing its slots as in the ctypes path).
+ * The core holds its handle, as a bound method of the ctypes path holds its instance: a
+ * handle's add kept after the handle itself was dropped keeps the handle -- and with it
+ * the thread-locals that own the cached slots -- alive. (The cycle handle -> core ->
+ * handle is the collector's: close() breaks it at once.)
  */
 #include "safeshm.h"
 
@@ -36,7 +38,7 @@ typedef struct {
 
 typedef struct {
     sn_core head;
-    PyObject *handle; /* a weakref.ref to the ShardedCounter */
+    PyObject *handle; /* the ShardedCounter */
     cache_entry cache[CACHE_SIZE];
 } Sharded;
 
@@ -49,14 +51,11 @@ static PyObject *closed(Sharded *self) {
     return NULL;
 }
 
-/* A new reference to the handle, or NULL with SegmentClosedError if it is gone. */
+/* A new reference to the handle, or NULL with SegmentClosedError once it was cleared. */
 static PyObject *get_handle(Sharded *self) {
-    PyObject *h = PyObject_CallNoArgs(self->handle);
-    if (h == Py_None) {
-        Py_DECREF(h);
-        return closed(self);
-    }
-    return h;
+    if (self->handle == NULL) return closed(self);
+    Py_INCREF(self->handle);
+    return self->handle;
 }
 
 /* Ask Python for this thread's slot (claiming one if needed) and cache it. NULL with no
@@ -195,10 +194,6 @@ static PyObject *Sharded_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OUUO:Sharded", kwlist, &mm, &what,
                                      &closed_msg, &handle))
         return NULL;
-    if (!PyCallable_Check(handle)) {
-        PyErr_SetString(PyExc_TypeError, "safeshm._native.Sharded: handle must be a weakref");
-        return NULL;
-    }
     allocfunc alloc = (allocfunc)PyType_GetSlot(type, Py_tp_alloc);
     Sharded *self = (Sharded *)alloc(type, 0);
     if (self == NULL) return NULL;
@@ -211,8 +206,20 @@ static PyObject *Sharded_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-static void Sharded_dealloc(PyObject *op) {
+static int Sharded_traverse(PyObject *op, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(((Sharded *)op)->handle);
+    return 0;
+}
+
+static int Sharded_clear(PyObject *op) {
     Py_CLEAR(((Sharded *)op)->handle);
+    return 0;
+}
+
+static void Sharded_dealloc(PyObject *op) {
+    PyObject_GC_UnTrack(op);
+    Sharded_clear(op);
     sn_core_dealloc(op);
 }
 
@@ -226,17 +233,18 @@ static PyMethodDef Sharded_methods[] = {
 static PyType_Slot Sharded_slots[] = {
     {Py_tp_new, Sharded_new},
     {Py_tp_dealloc, Sharded_dealloc},
+    {Py_tp_traverse, Sharded_traverse},
+    {Py_tp_clear, Sharded_clear},
     {Py_tp_methods, Sharded_methods},
     {Py_tp_doc, "Sharded(mm, what, closed_msg, handle)\n--\n\n"
-                "The compiled core of a ShardedCounter handle (see safeshm._sharded); "
-                "``handle`` is a weakref.ref to it."},
+                "The compiled core of a ShardedCounter handle (see safeshm._sharded)."},
     {0, NULL},
 };
 
 static PyType_Spec Sharded_spec = {
     .name = "safeshm._native.Sharded",
     .basicsize = sizeof(Sharded),
-    .flags = Py_TPFLAGS_DEFAULT,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .slots = Sharded_slots,
 };
 

@@ -257,7 +257,7 @@ class ShardedCounter(SharedStructure):
                 mm,
                 f"ShardedCounter {self._seg.name!r}",
                 f"{type(self).__name__} {self._seg.name!r} is closed on this handle",
-                weakref.ref(self),
+                self,
             )
             self._core = core
             self.__dict__["add"] = core.add
