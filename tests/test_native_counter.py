@@ -221,10 +221,12 @@ def test_sigkill_mid_stream_loses_nothing(
             wait_ready(proc)
             go(proc)
             deadline = time.monotonic() + 0.05 + 0.07 * round_
+            give_up = time.monotonic() + JOIN_TIMEOUT
             while time.monotonic() < deadline or progress.value == 0:
                 c.add(1)
                 s.add(1)
                 mine += 1
+                assert time.monotonic() < give_up, "the subprocess never added"
         finally:
             reap(proc, kill=True)
         done = progress.value
