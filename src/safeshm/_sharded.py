@@ -253,6 +253,9 @@ class ShardedCounter(SharedStructure):
         if _compat.native is not None:
             # The compiled add (same slots, same protocol: it asks _native_slot() for this
             # thread's slot once and caches it), shadowing the ctypes one on this handle.
+            # The core holds the handle, as a bound method does, so a kept add keeps the
+            # thread-locals owning its slots; close() breaks that cycle, and the cyclic
+            # GC frees a handle dropped without close().
             core = _compat.native.Sharded(
                 mm,
                 f"ShardedCounter {self._seg.name!r}",
