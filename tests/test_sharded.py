@@ -287,6 +287,36 @@ def test_forked_child_does_not_share_the_parents_slot(counter: safeshm.ShardedCo
     assert counter.value == 2 * n + 1
 
 
+def test_fork_keeps_the_parents_other_threads_slots(counter: safeshm.ShardedCounter) -> None:
+    """A forked child drops the copies of the parent's other threads' leases (their thread
+    states are cleared in the child, before any at-fork hook has run): that must not free
+    the parent's slots, which those threads still write into."""
+    counter.add(1)
+    added, finish = threading.Event(), threading.Event()
+
+    def other() -> None:
+        counter.add(1)
+        added.set()
+        finish.wait(timeout=JOIN_TIMEOUT)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert added.wait(JOIN_TIMEOUT)
+        assert counter.statistics().slots_in_use == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert counter.statistics().slots_in_use == 2
+    finally:
+        finish.set()
+        t.join(timeout=JOIN_TIMEOUT)
+
+
 def test_exchange_accounts_every_add_exactly_once(counter: safeshm.ShardedCounter) -> None:
     """exchange(0) racing with adds in other processes: drained + left == added."""
     ctx = multiprocessing.get_context("fork")

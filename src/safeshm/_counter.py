@@ -9,8 +9,10 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import mmap
+import operator
 import struct
-from typing import Any, Final, Literal, Self, overload
+import sys
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, overload
 
 from . import _compat
 from ._errors import IncompatibleSegmentError
@@ -98,7 +100,7 @@ class SafeCounter(SharedStructure):
 
     _KIND = Kind.COUNTER
     _LAYOUT = 1
-    _MAPPED = ("_value", "_hot", "_mutex")
+    _MAPPED = ("_value", "_hot", "_mutex", "_core", "add", "set", "exchange", "compare_and_set")
 
     _value: memoryview
     # (the value's one-word view, libatomic's __atomic_compare_exchange or None for the
@@ -232,12 +234,42 @@ class SafeCounter(SharedStructure):
             raise IncompatibleSegmentError(
                 f"SafeCounter {self._seg.name!r} uses an unknown implementation ({impl})"
             )
+        if _compat.native is not None:
+            # The compiled core, on the same word and the same protocol (the segment's
+            # flag): its methods shadow the ctypes ones on this handle, which stay on the
+            # class (``type(h).add(h, 1)`` runs the ctypes code on the same segment).
+            core = _compat.native.Counter(
+                mm,
+                f"SafeCounter {self._seg.name!r}",
+                f"{type(self).__name__} {self._seg.name!r} is closed on this handle",
+                _VALUE_OFFSET,
+                _COUNTER_MUTEX_OFFSET,
+                impl,
+            )
+            self._core = core
+            d = self.__dict__
+            d["add"] = core.add
+            d["set"] = core.set
+            d["exchange"] = core.exchange
+            d["compare_and_set"] = core.compare_and_set
 
     # -- operations ------------------------------------------------------------------------
-    @property
-    def value(self) -> int:
-        """The current value (an atomic read)."""
-        return self._value[0]
+    if TYPE_CHECKING or _compat.native is None or sys.version_info >= (3, 12):
+        # From 3.12 CPython inlines a Python property getter (LOAD_ATTR_PROPERTY): this
+        # one-word memoryview read beats any C getter (measured: 57 ns vs 84 on 3.13).
+
+        @property
+        def value(self) -> int:
+            """The current value (an atomic read)."""
+            return self._value[0]
+
+    else:
+        # 3.11 calls a Python getter as a full function call: the compiled core's read,
+        # through a getter that is C too, costs half (measured: 65 ns vs 124). On a closed
+        # handle ``_core`` is the stand-in, which raises SegmentClosedError.
+        value = property(
+            operator.attrgetter("_core.value"), doc="The current value (an atomic read)."
+        )
 
     def add(self, delta: int = 1) -> int:
         """Atomically add ``delta`` (may be negative) and return the new value.

@@ -775,6 +775,7 @@ class SharedStructure:
         core = self.__dict__.get("_core")
         if core is not None and not isinstance(core, _Closed):
             core.close()
+        del core  # else this reference keeps its buffer export (and the mapping) past seg.close()
         poison = _Closed(f"{type(self).__name__} {seg.name!r} is closed on this handle")
         for attr in type(self)._MAPPED:
             self.__dict__[attr] = poison

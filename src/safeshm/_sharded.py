@@ -89,13 +89,17 @@ class _Lease:
 
     def release(self) -> None:
         """Free the slot if this claim still owns it. Idempotent."""
-        if self.pid != _compat.pid:
+        # os.getpid(), not _compat.pid: a forked child clears the copies of the parent's
+        # other threads' states -- dropping their leases -- before any at-fork hook runs,
+        # so _compat.pid still names the parent then (a system call; releases are rare).
+        me = os.getpid()
+        if self.pid != me:
             return  # a forked child's copy: the slot belongs to the parent
         self.pid = 0
         w = self.index - _S_VALUE
         mv = self.mv
         with Held(self.mutex):
-            if mv[w + _S_PID] == _compat.pid and mv[w + _S_TOKEN] == self.token:
+            if mv[w + _S_PID] == me and mv[w + _S_TOKEN] == self.token:
                 mv[w + _S_PID] = 0
 
     def __del__(self) -> None:
@@ -155,7 +159,7 @@ class ShardedCounter(SharedStructure):
 
     _KIND = Kind.SHARDED_COUNTER
     _LAYOUT = 1
-    _MAPPED = ("_mv", "_tls", "_mutex")
+    _MAPPED = ("_mv", "_tls", "_mutex", "_core", "add")
 
     _mv: memoryview
     _tls: threading.local
@@ -246,6 +250,20 @@ class ShardedCounter(SharedStructure):
         self._tls = threading.local()
         self._warned_full = False
         _live_sharded.add(self)
+        if _compat.native is not None:
+            # The compiled add (same slots, same protocol: it asks _native_slot() for this
+            # thread's slot once and caches it), shadowing the ctypes one on this handle.
+            # The core holds the handle, as a bound method does, so a kept add keeps the
+            # thread-locals owning its slots; close() breaks that cycle, and the cyclic
+            # GC frees a handle dropped without close().
+            core = _compat.native.Sharded(
+                mm,
+                f"ShardedCounter {self._seg.name!r}",
+                f"{type(self).__name__} {self._seg.name!r} is closed on this handle",
+                self,
+            )
+            self._core = core
+            self.__dict__["add"] = core.add
 
     # -- the hot path ----------------------------------------------------------------------
     def add(self, delta: int = 1) -> None:
@@ -268,6 +286,20 @@ class ShardedCounter(SharedStructure):
             raise
         except (ValueError, TypeError):
             self._add_slow(delta)
+
+    def _native_slot(self) -> int | None:
+        """The compiled add's miss path: the byte offset of the calling thread's slot,
+        claimed now if it has none; ``None`` when every slot is owned (the add then goes
+        through :meth:`_add_slow`)."""
+        tls = self._tls
+        try:
+            slot = tls.slot
+        except AttributeError:
+            slot = self._claim()
+        if slot is None:
+            return None
+        index: int = tls.lease.index
+        return index * 8
 
     def _add_slow(self, delta: int) -> None:
         """No slot (all taken), a full slot, or a bad ``delta``."""
