@@ -100,6 +100,9 @@ static inline int span_ok(int64_t head, int64_t tail, int64_t cap) {
     return used >= 0 && used <= cap;
 }
 
+/* a + b wrapping (damaged words must not make C's signed overflow undefined) */
+static inline int64_t add64(int64_t a, int64_t b) { return (int64_t)((uint64_t)a + (uint64_t)b); }
+
 static inline int64_t record_bytes(uint64_t n) { return (int64_t)((n + 15) & ~(uint64_t)7); }
 
 static inline uint64_t header_word(uint64_t n) { return n | ((n ^ MARK_KEY) << 32); }
@@ -465,7 +468,7 @@ static PyObject *do_put(Queue *q, PyObject *item, PyObject *block, PyObject *tim
     int outcome = GO;
     int64_t bad_at = 0;
     if (!span_ok(head, tail, q->cap) || q->cap - (tail - head) < need || (tail & 7) || ld(&state[SHUT]) ||
-        (q->maxsize && ld(&state[PUTS]) - ld(&state[GETS]) >= q->maxsize))
+        wrapping_count_over(q, 1))
         outcome = wait_for_room(q, need, 1, w.wait, w.deadline, &tail, &bad_at);
     uint32_t sleepers = 0;
     if (outcome == GO) {
@@ -475,8 +478,8 @@ static PyObject *do_put(Queue *q, PyObject *item, PyObject *block, PyObject *tim
         int64_t start = pos + 8;
         if (start == q->cap) start = 0;
         ring_write(q, start, e.buf, n);
-        st(&state[TAIL], (int64_t)((uint64_t)tail + (uint64_t)need)); /* the commit */
-        st(&state[PUTS], ld(&state[PUTS]) + 1);
+        st(&state[TAIL], add64(tail, need)); /* the commit */
+        st(&state[PUTS], add64(ld(&state[PUTS]), 1));
         bump(q, NE_SEQ);
         sleepers = ld32(&q->fw[NE_SLEEP]);
     }
@@ -570,6 +573,8 @@ static PyObject *do_put_many(Queue *q, PyObject *items, PyObject *block, PyObjec
     }
     if (PyErr_Occurred()) goto fail;
     Py_CLEAR(it);
+    /* the iteration ran Python code, which may have closed this handle */
+    if (k && sn_check_open(&q->head) < 0) goto fail;
     if (!k) {
         PyMem_Free(blob.buf);
         Py_RETURN_NONE;
@@ -602,8 +607,8 @@ static PyObject *do_put_many(Queue *q, PyObject *items, PyObject *block, PyObjec
     if (outcome == GO) {
         /* records are 8-aligned and so is the split: no header is cut in two */
         ring_write(q, pos_of(tail, q->cap), blob.buf, total);
-        st(&state[TAIL], (int64_t)((uint64_t)tail + (uint64_t)total)); /* the commit */
-        st(&state[PUTS], ld(&state[PUTS]) + k);
+        st(&state[TAIL], add64(tail, total)); /* the commit */
+        st(&state[PUTS], add64(ld(&state[PUTS]), k));
         bump(q, NE_SEQ);
         sleepers = ld32(&q->fw[NE_SLEEP]);
     }
@@ -700,8 +705,8 @@ static PyObject *do_get(Queue *q, PyObject *block, PyObject *timeout) {
                 int64_t start = pos + 8;
                 if (start == q->cap) start = 0;
                 ring_read(q, start, PyBytes_AsString(data), (int64_t)n);
-                st(&state[HEAD], head + need); /* the commit: the item is taken */
-                st(&state[GETS], ld(&state[GETS]) + 1);
+                st(&state[HEAD], add64(head, need)); /* the commit: the item is taken */
+                st(&state[GETS], add64(ld(&state[GETS]), 1));
                 bump(q, NF_SEQ);
                 sleepers = ld32(&q->fw[NF_SLEEP]);
             }
@@ -885,7 +890,7 @@ static PyObject *do_get_many(Queue *q, PyObject *max_obj, PyObject *block, PyObj
             } else {
                 ring_read(q, pos_of(head, q->cap), span, end - head);
                 st(&state[HEAD], end); /* the commit: all of them are taken at once */
-                st(&state[GETS], ld(&state[GETS]) + taken);
+                st(&state[GETS], add64(ld(&state[GETS]), taken));
                 bump(q, NF_SEQ);
                 sleepers = ld32(&q->fw[NF_SLEEP]);
             }
