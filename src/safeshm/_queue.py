@@ -392,11 +392,6 @@ class SafeQueue(SharedStructure, Generic[T]):
         return self._capacity - (state[_TAIL] - state[_HEAD]) < _need(0)
 
     # -- put -----------------------------------------------------------------------------------
-    def _encode(self, item: Any) -> Any:
-        if not self._raw:
-            return _dumps(item, _PROTOCOL)
-        return _encode_raw(item)
-
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
         """Put ``item`` at the end of the queue, waiting for room if needed.
 
@@ -413,7 +408,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             pickle.PicklingError, TypeError, ...: the item could not be pickled; nothing
                 was changed.
         """
-        data = self._encode(item) if self._raw else _dumps(item, _PROTOCOL)
+        data = _encode_raw(item) if self._raw else _dumps(item, _PROTOCOL)
         n = len(data)
         need = (n + 15) & ~7
         deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
@@ -491,7 +486,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         parts: list[Any] = []
         k = 0
         if self._raw:
-            encoded: Iterable[Any] = (self._encode(item) for item in items)
+            encoded: Iterable[Any] = (_encode_raw(item) for item in items)
         else:
             encoded = (_dumps(item, _PROTOCOL) for item in items)
         for data in encoded:
