@@ -9,6 +9,7 @@ import pickle
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -307,12 +308,20 @@ def test_open_checks_what_it_would_create(name: str, cleanup: Any) -> None:
 # fork): a waiter that wakes within seconds was woken by the other side, not by the end of
 # a sleep -- a bound that also holds on a loaded machine.
 @pytest.fixture
-def long_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+def long_sleeps(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Waiters sleep 30 s at a time. Both the slice and the timespec built from it at
     import are patched: patching the float alone left 100 ms sleeps, and the wake-up tests
-    passed with the futex wake deleted."""
+    passed with the futex wake deleted. The compiled core has its own (a test hook)."""
     monkeypatch.setattr(_queue, "_WAIT_SLICE", 30.0)
     monkeypatch.setattr(_queue, "_SLICE_TIMESPEC", ctypes.byref(_compat.Timespec(30, 0)))
+    if _compat.native is None:
+        yield
+        return
+    before = _compat.native.queue_wait_slice(30.0)
+    try:
+        yield
+    finally:
+        _compat.native.queue_wait_slice(before)
 
 
 def _until_a_waiter_sleeps(q: Any, word: int) -> None:

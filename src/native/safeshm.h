@@ -29,6 +29,19 @@
 #endif
 #include <Python.h>
 
+/* CPython 3.12 and 3.13.0-3.13.4 headers define Py_RETURN_NONE/TRUE/FALSE as a bare
+ * ``return Py_None`` (immortal there) whatever Py_LIMITED_API says (gh-134989): an abi3
+ * module built with them would steal a reference to None/True/False on every call when
+ * it runs on 3.11, until the interpreter aborts (none_dealloc). As 3.11's headers do: */
+#if Py_LIMITED_API + 0 < 0x030C0000
+#undef Py_RETURN_NONE
+#define Py_RETURN_NONE return Py_NewRef(Py_None)
+#undef Py_RETURN_TRUE
+#define Py_RETURN_TRUE return Py_NewRef(Py_True)
+#undef Py_RETURN_FALSE
+#define Py_RETURN_FALSE return Py_NewRef(Py_False)
+#endif
+
 #include <pthread.h>
 #include <stdint.h>
 

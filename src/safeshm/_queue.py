@@ -138,8 +138,22 @@ class SafeQueue(SharedStructure, Generic[T]):
 
     _KIND = Kind.QUEUE
     _LAYOUT = 2  # 2: record headers carry a check of their length (1: a constant marker)
-    _MAPPED = ("_hot", "_state", "_fw", "_mutex", "_futex_ptrs")
+    _MAPPED = (
+        "_hot",
+        "_state",
+        "_fw",
+        "_mutex",
+        "_futex_ptrs",
+        "_core",
+        "put",
+        "put_nowait",
+        "put_many",
+        "get",
+        "get_nowait",
+        "get_many",
+    )
 
+    _core: Any  # safeshm._native.Queue, where this process uses the compiled core
     _hot: tuple[memoryview, memoryview, memoryview, memoryview, Any, int, memoryview]
     # (state words, futex words, ring bytes, ring 8-byte words, mutex pointer, capacity,
     #  the mutex's owner word)
@@ -319,6 +333,29 @@ class SafeQueue(SharedStructure, Generic[T]):
             capacity,
             self._mutex.owner,
         )
+        if _compat.native is not None:
+            # The compiled core, on the same ring and the same protocol: its methods
+            # shadow the ctypes ones on this handle, which stay on the class
+            # (``type(q).get(q)`` runs the ctypes code on the same segment).
+            name = self._seg.name
+            core = _compat.native.Queue(
+                mm,
+                f"SafeQueue {name!r}",
+                f"{type(self).__name__} {name!r} is closed on this handle",
+                name,
+                capacity,
+                maxsize,
+                bool(raw),
+                _encode_raw,
+            )
+            self._core = core
+            d = self.__dict__
+            d["put"] = core.put
+            d["put_nowait"] = core.put_nowait
+            d["put_many"] = core.put_many
+            d["get"] = core.get
+            d["get_nowait"] = core.get_nowait
+            d["get_many"] = core.get_many
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -355,18 +392,6 @@ class SafeQueue(SharedStructure, Generic[T]):
         return self._capacity - (state[_TAIL] - state[_HEAD]) < _need(0)
 
     # -- put -----------------------------------------------------------------------------------
-    def _encode(self, item: Any) -> Any:
-        if not self._raw:
-            return _dumps(item, _PROTOCOL)
-        if type(item) is bytes:
-            return item
-        if not isinstance(item, (bytes, bytearray, memoryview)):
-            raise TypeError(f"a raw SafeQueue carries bytes, not {type(item).__name__}")
-        try:
-            return memoryview(item).cast("B")  # any C-contiguous bytes-like, by its bytes
-        except TypeError:
-            raise TypeError("a raw SafeQueue needs a C-contiguous bytes-like item") from None
-
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
         """Put ``item`` at the end of the queue, waiting for room if needed.
 
@@ -383,7 +408,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             pickle.PicklingError, TypeError, ...: the item could not be pickled; nothing
                 was changed.
         """
-        data = self._encode(item) if self._raw else _dumps(item, _PROTOCOL)
+        data = _encode_raw(item) if self._raw else _dumps(item, _PROTOCOL)
         n = len(data)
         need = (n + 15) & ~7
         deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
@@ -461,7 +486,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         parts: list[Any] = []
         k = 0
         if self._raw:
-            encoded: Iterable[Any] = (self._encode(item) for item in items)
+            encoded: Iterable[Any] = (_encode_raw(item) for item in items)
         else:
             encoded = (_dumps(item, _PROTOCOL) for item in items)
         for data in encoded:
@@ -706,14 +731,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         first: Exception,
         failed_at: list[int] | None = None,
     ) -> ItemDecodeError:
-        return ItemDecodeError(
-            f"{len(failed)} of {len(items) + len(failed)} item(s) taken from SafeQueue "
-            f"{self._seg.name!r} could not be unpickled (first: {type(first).__name__}: "
-            f"{first}); they are off the queue: the pickled bytes are in .undecodable"
-            + (f", the {len(items)} other item(s) in .items" if items else ""),
-            items,
-            failed,
-            failed_at if failed_at is not None else [0],
+        return _undecodable_error(
+            self._seg.name, items, failed, first, failed_at if failed_at is not None else [0]
         )
 
     # -- waiting ---------------------------------------------------------------------------------
@@ -938,6 +957,35 @@ class SafeQueue(SharedStructure, Generic[T]):
         return f"capacity={self._capacity}, items={self.qsize()}" + (
             ", raw=True" if self._raw else ""
         )
+
+
+def _encode_raw(item: Any) -> Any:
+    """A raw queue's item as the bytes to store (the compiled core calls this too, for
+    any item that is not exactly ``bytes``)."""
+    if type(item) is bytes:
+        return item
+    if not isinstance(item, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a raw SafeQueue carries bytes, not {type(item).__name__}")
+    try:
+        return memoryview(item).cast("B")  # any C-contiguous bytes-like, by its bytes
+    except TypeError:
+        raise TypeError("a raw SafeQueue needs a C-contiguous bytes-like item") from None
+
+
+def _undecodable_error(
+    name: str, items: list[Any], failed: list[bytes], first: Exception, failed_at: list[int]
+) -> ItemDecodeError:
+    """The error for items taken from queue ``name`` that did not unpickle (both
+    implementations: the compiled core calls this too)."""
+    return ItemDecodeError(
+        f"{len(failed)} of {len(items) + len(failed)} item(s) taken from SafeQueue "
+        f"{name!r} could not be unpickled (first: {type(first).__name__}: "
+        f"{first}); they are off the queue: the pickled bytes are in .undecodable"
+        + (f", the {len(items)} other item(s) in .items" if items else ""),
+        items,
+        failed,
+        failed_at,
+    )
 
 
 def _span_end(words: memoryview, head: int, tail: int, cap: int, max_items: int) -> tuple[int, int]:
