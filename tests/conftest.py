@@ -127,6 +127,23 @@ def remote() -> Iterator[Any]:
 
 
 def pytest_report_header() -> str:
+    import safeshm
     from tests._impls import IMPLEMENTATION, NATIVE_BUILT
 
-    return f"safeshm implementation: {IMPLEMENTATION} (compiled core built: {NATIVE_BUILT})"
+    return (
+        f"safeshm implementation: {IMPLEMENTATION} (compiled core built: {NATIVE_BUILT}), "
+        f"from {os.path.dirname(safeshm.__file__)}"
+    )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # CI runs the suite once per implementation and sets this, so that a pass meant for the
+    # compiled core cannot quietly test the ctypes fallback (a build that failed, an
+    # extension that does not load) and report success.
+    expected = os.environ.get("SAFESHM_EXPECT_IMPLEMENTATION")
+    if expected and expected != _compat.implementation():
+        pytest.exit(
+            f"SAFESHM_EXPECT_IMPLEMENTATION={expected}, but this process uses the "
+            f"{_compat.implementation()} implementation",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )

@@ -56,6 +56,7 @@ def test_all_is_the_documented_surface() -> None:
         "StoreTimeoutError",
         "Transaction",
         "__version__",
+        "implementation",
     }
     for name in safeshm.__all__:
         assert hasattr(safeshm, name)

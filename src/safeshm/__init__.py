@@ -98,11 +98,11 @@ __all__ = [
 
 
 def _adopt_public_classes() -> None:
-    """Public classes say ``safeshm.X`` in reprs, tracebacks and pickles, not
-    ``safeshm._counter.X``: the private module layout stays private."""
+    """Public classes (and functions) say ``safeshm.X`` in reprs, tracebacks, pickles and
+    ``help()``, not ``safeshm._counter.X``: the private module layout stays private."""
     for name in __all__:
         obj = globals()[name]
-        if isinstance(obj, type):
+        if callable(obj):  # the classes, and implementation()
             obj.__module__ = __name__
 
 

@@ -276,6 +276,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "in_use": entry.in_use,
         "created": _created(header.created_ns),
         "damaged": entry.damaged,
+        # This process's, not the segment's: processes of both kinds share every segment.
+        "implementation": _compat.implementation(),
         "statistics": stats,
     }
     if entry.summary and stats is None:  # why there are no statistics
@@ -287,6 +289,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if key == "statistics" and isinstance(value, dict):
             for k, v in value.items():
                 print(f"  {k:>16}: {v}")
+        elif key == "implementation":
+            print(f"{key:>18}: {value} (this process's; both kinds share every segment)")
         else:
             print(f"{key:>18}: {value}")
     return 0
@@ -497,6 +501,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo(workers: int, shared: _DemoShared) -> int:
     exact, sharded, _lock, under_lock, slots, jobs, store = shared
     failures = 0
+    print(f"  safeshm implementation: {_compat.implementation()} (this process and its workers)")
     print(f"  SafeCounter implementation: {exact.implementation}")
     total_procs = 0
     for ctx in (multiprocessing.get_context("spawn"), multiprocessing.get_context("fork")):
@@ -587,7 +592,11 @@ def _parser() -> argparse.ArgumentParser:
             "Inspect and manage safeshm shared-memory segments, run the demo or the benchmark."
         ),
     )
-    p.add_argument("--version", action="version", version=f"safeshm {__version__}")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"safeshm {__version__} ({_compat.implementation()} implementation)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("ls", help="list every safeshm segment on this machine")
