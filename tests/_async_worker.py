@@ -314,7 +314,12 @@ def _handle(kind: str, pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[
 
 def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:  # noqa: PLR0912
     warnings.simplefilter("ignore", safeshm.SafeShmWarning)
-    pool = concurrent.futures.ThreadPoolExecutor(1)
+    # SIGALRM goes to the main thread only: one delivered to the pool's thread is run by the
+    # main thread's next check for signals, which may come after the timer was disarmed --
+    # even after main() returned (seen once, under load, as an Alarm at module level).
+    pool = concurrent.futures.ThreadPoolExecutor(
+        1, initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, {signal.SIGALRM})
+    )
     with _handle(kind, pool) as h:
         mutexes = _mutexes(h)
         ops = _ops(kind, h)
