@@ -598,3 +598,31 @@ def test_a_bare_core_refuses_calls() -> None:
         with pytest.raises(ValueError, match="not initialised"):
             call()
     core.close()
+
+
+@native_here
+def test_a_failed_core_init_leaves_nothing_for_the_next(make: Any) -> None:
+    """A core whose __init__ failed part-way (here: a float typecode, then a range outside
+    the mapping) and is initialised again as a 'b' array works as a 'b' array: the first
+    attempt's element kind does not linger (it read 5 back as 0.0)."""
+    a = make("b", 4)
+    nstripes = len(a._stripes)
+    cls: Any = safeshm.SafeArray
+    shadow = object.__new__(type(a))
+    shadow.__dict__.update(a.__dict__)
+
+    def args(typecode: str, length: int) -> tuple[Any, ...]:
+        return (
+            a._seg.mm, "SafeArray 'x'", "closed", typecode, _array._CTL_OFFSET,
+            _array._STRIPES_OFFSET, nstripes, a._data_offset, length, shadow,
+            cls._py_getitem, cls._py_setitem, cls.add, cls.compare_and_set,
+        )  # fmt: skip
+
+    core = safeshm._native.Array.__new__(safeshm._native.Array)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="outside the mapping"):
+        core.__init__(*args("d", 1 << 40))
+    core.__init__(*args("b", 4))
+    core.set(0, 5)
+    assert core.get(0) == 5
+    assert a[0] == 5
+    del core

@@ -704,3 +704,29 @@ def test_reentry_and_not_held_messages_match_ctypes(lock: safeshm.SafeLock) -> N
     with pytest.raises(safeshm.LockNotHeldError) as ctypes_:
         _lock._c_release(lock._mutex, lock._seg)()
     assert str(native.value) == str(ctypes_.value)
+
+
+@needs_native
+def test_a_clevel_that_leads_back_to_itself_raises_recursion_error() -> None:
+    """A CLevel whose name reads itself (or a cycle of them) is a RecursionError, as a
+    property would give, not a C stack overflow (it was a segfault). In a subprocess: a
+    crash must not take the test run with it."""
+    code = (
+        "from safeshm import _native as N\n"
+        "class K:\n"
+        "    x = N.CLevel('x')\n"
+        "    y = N.CLevel('z')\n"
+        "    z = N.CLevel('y')\n"
+        "for attr in ('x', 'y'):\n"
+        "    try:\n"
+        "        getattr(K(), attr)\n"
+        "    except RecursionError:\n"
+        "        print('RecursionError', attr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env_for("native"), capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split("\n")[:2] == ["RecursionError x", "RecursionError y"]

@@ -358,6 +358,11 @@ static int Array_init(PyObject *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_RuntimeError, "safeshm._native: core initialised twice");
         return -1;
     }
+    /* A failed earlier __init__ may have set some of these: start from nothing. */
+    a->itemsize = 0;
+    a->is_float = a->is_unsigned = 0;
+    a->min = 0;
+    a->max = 0;
     switch (typecode) {
     case 'b': a->itemsize = 1; a->min = INT8_MIN; a->max = INT8_MAX; break;
     case 'B': a->itemsize = 1; a->max = UINT8_MAX; a->is_unsigned = 1; break;

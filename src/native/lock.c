@@ -330,7 +330,12 @@ static PyObject *CLevel_get(PyObject *op, PyObject *obj, PyObject *type) {
         return op;
     }
     if (((CLevel *)op)->bind) return PyCFunction_NewEx(&bound_def, obj, NULL);
-    return PyObject_GetAttr(obj, ((CLevel *)op)->name);
+    /* A name that leads back to a CLevel (itself, or a cycle of them) would recurse in C
+     * until the stack overflowed: a RecursionError instead, as a property would give. */
+    if (Py_EnterRecursiveCall(" while reading a CLevel attribute")) return NULL;
+    PyObject *result = PyObject_GetAttr(obj, ((CLevel *)op)->name);
+    Py_LeaveRecursiveCall();
+    return result;
 }
 
 static int CLevel_set(PyObject *op, PyObject *obj, PyObject *value) {

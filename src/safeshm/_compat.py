@@ -276,7 +276,9 @@ def _load_native() -> Any | None:
         return None
     try:
         return importlib.import_module("safeshm._native")
-    except ImportError:
+    # Any failure falls back, not only ImportError: an extension built from other sources
+    # (a stale in-place build) fails in its init with whatever it hit (AttributeError...).
+    except Exception:  # noqa: BLE001
         return None
 
 
