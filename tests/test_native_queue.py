@@ -926,3 +926,19 @@ def test_raw_bytes_likes_and_huge_counts(make: Any) -> None:
         q.get(timeout=fractions.Fraction(1, 100))
     q.put(b"a", timeout=1e300)  # beyond any clock: forever, and it fits at once
     assert q.get(timeout=2**100) == b"a"
+
+
+@native_here
+def test_a_damaged_wake_up_word_is_a_typed_error_with_the_ctypes_message(cleanup: Any) -> None:
+    """A wake-up sequence word above its mask (only damage puts it there): a waiting get
+    raises SegmentCorruptedError, with the ctypes path's message (the C message's format
+    once raised SystemError: PyUnicode_FromFormat has no '#' flag)."""
+    q = cleanup(safeshm.SafeQueue.create(4096))
+    q._fw[_queue._NE_SEQ] = 0x80000001
+    messages = []
+    for get in (q.get, functools.partial(type(q).get, q)):
+        with pytest.raises(safeshm.SegmentCorruptedError) as info:
+            get(timeout=0.01)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert "holds 0x80000001, above 0x7fffffff" in messages[0]

@@ -286,7 +286,7 @@ static int sleep_on(Queue *q, int which, double deadline, PyObject *timed_out) {
     if (seen > SEQ_MASK) {
         sn_mutex_release(q->mutex);
         PyErr_Format(sn_SegmentCorruptedError,
-                     "SafeQueue %R is damaged: a wake-up sequence word holds %#x, above %#x",
+                     "SafeQueue %R is damaged: a wake-up sequence word holds 0x%x, above 0x%x",
                      q->name, (unsigned)seen, (unsigned)SEQ_MASK);
         return WAIT_FAILED;
     }
