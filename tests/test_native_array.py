@@ -30,7 +30,7 @@ import safeshm
 from safeshm import _array
 
 from ._helpers import JOIN_TIMEOUT, PROMPT
-from ._impls import IMPLEMENTATION, env_for, needs_native, other
+from ._impls import IMPLEMENTATION, env_for, needs_native, other, skip_rss_under_asan
 
 TYPECODES = "bBhHiIlLqQfd"
 native_here = pytest.mark.skipif(
@@ -396,6 +396,7 @@ def test_errors_identical_at_every_boundary(tc: str, make: Any) -> None:
 
 # -- reference leaks ----------------------------------------------------------------------
 def _rss_kib() -> int:
+    skip_rss_under_asan()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 

@@ -31,7 +31,7 @@ import safeshm
 from safeshm import _compat
 
 from ._helpers import JOIN_TIMEOUT, PROMPT
-from ._impls import IMPLEMENTATION, env_for, needs_native
+from ._impls import IMPLEMENTATION, env_for, needs_native, skip_rss_under_asan
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 IMPLS = ("atomic", "locked")
@@ -744,6 +744,7 @@ def _waitpid(pid: int) -> None:
 
 # -- reference leaks -----------------------------------------------------------------------------
 def _rss() -> int:
+    skip_rss_under_asan()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

@@ -30,7 +30,7 @@ import safeshm
 from safeshm import _lock
 
 from ._helpers import JOIN_TIMEOUT, PROMPT
-from ._impls import IMPLEMENTATION, env_for, needs_native, other
+from ._impls import IMPLEMENTATION, env_for, needs_native, other, skip_rss_under_asan
 
 native_only = pytest.mark.skipif(
     IMPLEMENTATION != "native", reason="this process uses the ctypes implementation"
@@ -375,6 +375,7 @@ def test_operations_match_a_model_with_either_implementation(  # noqa: PLR0912 -
 
 # -- reference leaks -------------------------------------------------------------------------
 def _rss_kib() -> int:
+    skip_rss_under_asan()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
 

@@ -38,7 +38,7 @@ import safeshm
 from safeshm import _compat, _queue
 
 from ._helpers import JOIN_TIMEOUT, PROMPT
-from ._impls import IMPLEMENTATION, env_for, needs_native, other
+from ._impls import IMPLEMENTATION, env_for, needs_native, other, skip_rss_under_asan
 
 native_here = pytest.mark.skipif(
     IMPLEMENTATION != "native", reason="this process uses the ctypes implementation"
@@ -573,6 +573,7 @@ def _boom() -> None:
 
 # -- reference leaks ----------------------------------------------------------------------------
 def _rss() -> int:
+    skip_rss_under_asan()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
