@@ -97,6 +97,12 @@ class Kind(enum.IntEnum):
     LOCK = 3
     ARRAY = 4
     QUEUE = 5
+    EVENT = 6
+    SEMAPHORE = 7
+    BARRIER = 8
+    CONDITION = 9
+    RLOCK = 10
+    RWLOCK = 11
 
     @property
     def type_name(self) -> str:
@@ -109,6 +115,12 @@ _KIND_NAMES: Final = {
     Kind.LOCK: "SafeLock",
     Kind.ARRAY: "SafeArray",
     Kind.QUEUE: "SafeQueue",
+    Kind.EVENT: "SafeEvent",
+    Kind.SEMAPHORE: "SafeSemaphore",
+    Kind.BARRIER: "SafeBarrier",
+    Kind.CONDITION: "SafeCondition",
+    Kind.RLOCK: "SafeRLock",
+    Kind.RWLOCK: "SafeRWLock",
 }
 
 
