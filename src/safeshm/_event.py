@@ -9,6 +9,8 @@ from ._segment import Kind
 from ._sync import SyncPrimitive, _Timeout, deadline_of
 
 _FLAG: Final = 0  # state word: 1 while set
+_SETS: Final = 1  # state word: how many times set() set a clear flag (a wait that saw it
+#                   change returns True even if clear() came first: gh-57711)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,7 +48,7 @@ class SafeEvent(SyncPrimitive):
             SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             InvalidNameError: ``name`` is not a valid segment name.
         """
-        return cls._from_segment(cls._create_segment(name, (0,), processes=1))
+        return cls._from_segment(cls._create_segment(name, (0, 0), processes=1))
 
     @classmethod
     def attach(cls, name: str) -> Self:
@@ -70,8 +72,11 @@ class SafeEvent(SyncPrimitive):
     def set(self) -> None:
         """Set the flag and wake every waiter, in every process."""
         with self._section():
-            self._w[_FLAG] = 1
-            self._bump()
+            w = self._w
+            if not w[_FLAG]:
+                w[_FLAG] = 1  # first: a setter that dies here has still set it
+                w[_SETS] += 1
+                self._bump()
         self._wake_all()
 
     def clear(self) -> None:
@@ -97,7 +102,8 @@ class SafeEvent(SyncPrimitive):
 
     def _wait_set(self, deadline: float) -> bool:
         w = self._w
-        while not w[_FLAG]:
+        sets = w[_SETS]
+        while not w[_FLAG] and w[_SETS] == sets:
             if not self._sleep(deadline):
                 return False
         return True
