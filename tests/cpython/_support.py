@@ -48,7 +48,7 @@ def gc_collect() -> None:
         gc.collect()
 
 
-class threading_helper:  # noqa: N801 - the upstream module's name
+class threading_helper:
     @staticmethod
     def threading_setup() -> tuple[int]:
         return (threading.active_count(),)
