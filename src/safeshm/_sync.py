@@ -98,17 +98,17 @@ class _Timeout(Exception):
 
 
 def deadline_of(timeout: float | None) -> float:
-    """``time.monotonic()`` instant at which a call with ``timeout`` gives up (``inf``:
-    never). ``None`` and negative values (threading's ``-1``) mean "forever"."""
+    """``time.monotonic()`` instant at which a wait with ``timeout`` gives up (``inf``:
+    never), for ``wait()``-style calls: ``None`` waits forever, a negative timeout does
+    not wait at all (as :meth:`threading.Condition.wait`). ``acquire()``-style calls turn
+    threading's ``timeout=-1`` ("forever") into ``None`` first."""
     if timeout is None:
         return _NEVER
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
     if timeout != timeout:  # noqa: PLR0124 - NaN
         raise ValueError("timeout must not be NaN")
-    if timeout < 0:
-        return _NEVER
-    return time.monotonic() + timeout
+    return time.monotonic() + max(timeout, 0)
 
 
 _start_time_cache: dict[int, int] = {}
