@@ -305,3 +305,23 @@ class EventMachine(RuleBasedStateMachine):
 
 TestEventMachine = EventMachine.TestCase
 TestEventMachine.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
+
+
+def test_set_wakes_by_futex_not_by_the_slice(event: SafeEvent, monkeypatch: Any) -> None:
+    """With the waiters' slice stretched to a minute, only set()'s futex wake-up can
+    return the waiter within PROMPT: the wake-up is not the periodic re-check."""
+    import ctypes
+
+    from safeshm import _compat, _sync
+
+    monkeypatch.setattr(_sync, "_SLICE_TIMESPEC", ctypes.byref(_compat.Timespec(60, 0)))
+    results: list[bool] = []
+    t = threading.Thread(target=lambda: results.append(event.wait(JOIN_TIMEOUT)))
+    t.start()
+    _until_sleeping(event, 1)
+    time.sleep(0.05)  # asleep in the kernel, not between the count and the futex call
+    t0 = time.monotonic()
+    event.set()
+    t.join(PROMPT)
+    assert results == [True]
+    assert time.monotonic() - t0 < PROMPT
