@@ -36,6 +36,7 @@ import ctypes
 import functools
 import math
 import mmap
+import numbers
 import operator
 import struct
 import time
@@ -56,6 +57,7 @@ from ._lock import (
     init_mutex,
 )
 from ._segment import HEADER_SIZE, Segment, SharedStructure
+from ._timeout import check_timeout, deadline
 
 MUTEX_OFFSET: Final = HEADER_SIZE
 FUTEX_OFFSET: Final = HEADER_SIZE + MUTEX_BLOCK  # 256
@@ -100,15 +102,16 @@ class _Timeout(Exception):
 def deadline_of(timeout: float | None) -> float:
     """``time.monotonic()`` instant at which a wait with ``timeout`` gives up (``inf``:
     never), for ``wait()``-style calls: ``None`` waits forever, a negative timeout does
-    not wait at all (as :meth:`threading.Condition.wait`). ``acquire()``-style calls turn
-    threading's ``timeout=-1`` ("forever") into ``None`` first."""
-    if timeout is None:
-        return _NEVER
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
-    if timeout != timeout:  # noqa: PLR0124 - NaN
-        raise ValueError("timeout must not be NaN")
-    return time.monotonic() + max(timeout, 0)
+    not wait at all (as :meth:`threading.Condition.wait`); otherwise the library's one
+    validator (:func:`~safeshm._timeout.check_timeout`: its errors and messages).
+    ``acquire()``-style calls handle threading's ``timeout=-1`` ("forever") first."""
+    if (
+        isinstance(timeout, numbers.Real)
+        and not isinstance(timeout, bool)
+        and timeout < 0  # False for NaN, which check_timeout refuses
+    ):
+        timeout = 0
+    return deadline(check_timeout(timeout))
 
 
 _start_time_cache: dict[int, int] = {}
