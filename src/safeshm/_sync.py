@@ -99,7 +99,7 @@ class _Timeout(Exception):
     """Internal: the deadline passed while taking the internal mutex (a stuck holder)."""
 
 
-def deadline_of(timeout: float | None) -> float:
+def deadline_of(timeout: object) -> float:
     """``time.monotonic()`` instant at which a wait with ``timeout`` gives up (``inf``:
     never), for ``wait()``-style calls: ``None`` waits forever, a negative timeout does
     not wait at all (as :meth:`threading.Condition.wait`); otherwise the library's one
