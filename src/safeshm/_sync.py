@@ -36,7 +36,6 @@ import ctypes
 import functools
 import math
 import mmap
-import numbers
 import operator
 import struct
 import time
@@ -105,12 +104,8 @@ def deadline_of(timeout: object) -> float:
     not wait at all (as :meth:`threading.Condition.wait`); otherwise the library's one
     validator (:func:`~safeshm._timeout.check_timeout`: its errors and messages).
     ``acquire()``-style calls handle threading's ``timeout=-1`` ("forever") first."""
-    if (
-        isinstance(timeout, numbers.Real)
-        and not isinstance(timeout, bool)
-        and timeout < 0  # False for NaN, which check_timeout refuses
-    ):
-        timeout = 0
+    if isinstance(timeout, (int, float)) and type(timeout) is not bool and timeout < 0:
+        timeout = 0  # (NaN is not < 0: check_timeout refuses it)
     return deadline(check_timeout(timeout))
 
 
