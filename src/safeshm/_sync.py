@@ -277,6 +277,12 @@ class SyncPrimitive(SharedStructure):
         the same death if this process dies too: make it idempotent, or commit through
         the record itself (the default: clearing the counts is the whole effect)."""
 
+    def _holds(self, counts: tuple[int, ...]) -> bool:
+        """Whether a dead process whose record has ``counts`` held something (then
+        :meth:`_reap` warns with :class:`HolderDiedWarning`). Holding the mutex; called
+        before :meth:`_holder_died`. Default: any count is non-zero."""
+        return any(counts)
+
     def _recovered(self) -> None:
         """The internal mutex's previous holder died while holding it."""
         self._reap()
@@ -345,12 +351,13 @@ class SyncPrimitive(SharedStructure):
             if _compat.process_alive(owner, w[i + R_START], w[i + R_NS]):
                 continue
             counts = tuple(w[i + R_COUNTS : i + RECORD_WORDS])
+            held = self._holds(counts)
             self._holder_died(owner, counts)
             for c in range(R_COUNTS, RECORD_WORDS):
                 w[i + c] = 0
             w[i + R_PID] = 0
             died += 1
-            if any(counts):
+            if held:
                 warnings.warn(
                     f"{self._what}: process {owner} died holding "
                     f"{self._describe_counts(counts)}; released",
