@@ -37,6 +37,7 @@ import math
 import mmap
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final, Self
 
@@ -228,9 +229,6 @@ class SafeBarrier(SyncPrimitive):
         _check_action(action)
         _check_timeout(timeout)
 
-        def create() -> Self:
-            return cls.create(parties, action, timeout, name=name, processes=processes)
-
         def check(seg: Segment) -> None:
             (found,) = struct.unpack_from("=q", seg.mm, STATE_OFFSET + 8 * _PARTIES)
             nrec = struct.unpack_from("=I", seg.header.params)[0]
@@ -241,7 +239,11 @@ class SafeBarrier(SyncPrimitive):
                     + (f", processes={processes}" if processes is not None else "")
                 )
 
-        made = cls._open_segment(name, create, check)
+        made = cls._open_segment(
+            name,
+            lambda: cls.create(parties, action, timeout, name=name, processes=processes),
+            check,
+        )
         made._action = action
         made._timeout = timeout
         return made
@@ -287,9 +289,9 @@ class SafeBarrier(SyncPrimitive):
         """
         if timeout is None:
             timeout = self._timeout
-        elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout < 0:
-            timeout = 0.0
         deadline = deadline_of(timeout)
+        if timeout is not None and timeout < 0:  # threading: times out at once
+            deadline = time.monotonic()
         # Local references: a close() by another thread poisons the attributes, and the
         # break on the way out still needs the mapping (which these keep alive).
         w = self._w

@@ -1,0 +1,401 @@
+"""SafeBarrier: lifecycle, bad input, multi-process generations, dead parties, timeouts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+import warnings
+from typing import Any
+
+import pytest
+
+from safeshm import HolderDiedWarning, IncompatibleSegmentError, SafeArray, SegmentClosedError
+from safeshm._barrier import SafeBarrier
+from safeshm._event import SafeEvent
+
+from ._helpers import kill_and_reap, processes, run_all
+
+BrokenBarrierError = threading.BrokenBarrierError
+LONG = 30.0  # a timeout no passing test reaches
+fork = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def barrier2() -> Any:
+    with SafeBarrier.create(2) as b:
+        yield b
+
+
+# -- workers ----------------------------------------------------------------------------------
+def generations_worker(name: str, arr_name: str, generations: int) -> None:
+    b = SafeBarrier.attach(name)
+    arr = SafeArray.attach(arr_name)
+    parties = b.parties
+    for g in range(generations):
+        i = b.wait(LONG)
+        arr.add(g * parties + i, 1)
+    b.close()
+    arr.close()
+
+
+def action_worker(name: str, arr_name: str, generations: int) -> None:
+    arr = SafeArray.attach(arr_name)
+    b = SafeBarrier.attach(name, action=lambda: arr.add(0, 1))
+    for _ in range(generations):
+        b.wait(LONG)
+        # The action ran before anyone was released: exactly once per generation so far.
+    b.close()
+    arr.close()
+
+
+def wait_forever_worker(name: str) -> None:
+    b = SafeBarrier.attach(name)
+    b.wait()
+
+
+def action_forever_worker(name: str) -> None:
+    b = SafeBarrier.attach(name, action=lambda: time.sleep(3600))
+    b.wait()
+
+
+def wait_once_worker(name: str) -> None:
+    b = SafeBarrier.attach(name)
+    b.wait(LONG)
+    b.close()
+
+
+def stop_in_section_worker(name: str, ready_name: str) -> None:
+    b = SafeBarrier.attach(name)
+    ready = SafeEvent.attach(ready_name)
+    with b._section():
+        ready.set()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _wait_until(pred: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+# -- lifecycle and bad input ----------------------------------------------------------------
+def test_lifecycle_with_create_unlinks() -> None:
+    with SafeBarrier.create(1) as b:
+        name = b.name
+        assert b.wait(1.0) == 0
+        assert b.parties == 1
+    assert b.closed
+    with pytest.raises(FileNotFoundError):
+        SafeBarrier.attach(name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"parties": 0}, ValueError),
+        ({"parties": -1}, ValueError),
+        ({"parties": 1 << 40}, ValueError),
+        ({"parties": 2.0}, TypeError),
+        ({"parties": True}, TypeError),
+        ({"parties": "2"}, TypeError),
+        ({"parties": 2, "action": 3}, TypeError),
+        ({"parties": 2, "timeout": "1"}, TypeError),
+        ({"parties": 2, "timeout": True}, TypeError),
+        ({"parties": 2, "timeout": float("nan")}, ValueError),
+        ({"parties": 2, "timeout": -1}, ValueError),
+        ({"parties": 2, "processes": 0}, ValueError),
+        ({"parties": 2, "processes": 1.5}, TypeError),
+    ],
+)
+def test_bad_input_creates_nothing(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    name = f"bad-barrier-{os.getpid()}"
+    with pytest.raises(error):
+        SafeBarrier.create(**kwargs, name=name)
+    with pytest.raises(FileNotFoundError):
+        SafeBarrier.attach(name)
+    with pytest.raises(error):
+        SafeBarrier.open(name, **kwargs)
+    with pytest.raises(FileNotFoundError):
+        SafeBarrier.attach(name)
+
+
+def test_bad_wait_timeout_changes_nothing(barrier2: SafeBarrier) -> None:
+    with pytest.raises(TypeError):
+        barrier2.wait("1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NaN"):
+        barrier2.wait(float("nan"))
+    assert barrier2.n_waiting == 0
+    assert not barrier2.broken
+
+
+def test_negative_wait_timeout_times_out_at_once(barrier2: SafeBarrier) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(BrokenBarrierError):
+        barrier2.wait(-1)
+    assert time.monotonic() - t0 < 1.0
+    assert barrier2.broken
+
+
+def test_open_creates_or_attaches_and_checks_parties() -> None:
+    name = f"open-barrier-{os.getpid()}"
+    a = SafeBarrier.open(name, 2)
+    try:
+        b = SafeBarrier.open(name, 2, timeout=5.0)
+        assert b.parties == 2
+        with pytest.raises(IncompatibleSegmentError, match="parties=2"):
+            SafeBarrier.open(name, 3)
+        with pytest.raises(IncompatibleSegmentError):
+            SafeBarrier.open(name, 2, processes=7)
+        with pytest.raises(IncompatibleSegmentError):
+            SafeEvent.attach(name)
+        t = threading.Thread(target=b.wait)
+        t.start()
+        assert a.wait(LONG) in (0, 1)
+        t.join(LONG)
+        b.close()
+    finally:
+        a.close()
+        a.unlink()
+
+
+def test_pickling_by_reference_carries_timeout_not_action(barrier2: SafeBarrier) -> None:
+    h = SafeBarrier.attach(barrier2.name, action=lambda: None, timeout=0.05)
+    c = pickle.loads(pickle.dumps(h))
+    try:
+        assert c.name == barrier2.name
+        assert c._timeout == 0.05
+        assert c._action is None
+        t0 = time.monotonic()
+        with pytest.raises(BrokenBarrierError):
+            c.wait()  # its default timeout
+        assert time.monotonic() - t0 < 5.0
+        assert barrier2.broken
+    finally:
+        c.close()
+        h.close()
+    with pytest.raises(SegmentClosedError):
+        pickle.dumps(h)
+
+
+def test_statistics_and_repr(barrier2: SafeBarrier) -> None:
+    s = barrier2.statistics()
+    assert (s.parties, s.n_waiting, s.broken, s.generations, s.resets) == (2, 0, False, 0, 0)
+    assert "parties=2" in repr(barrier2)
+    t = threading.Thread(target=lambda: barrier2.wait(LONG))
+    t.start()
+    _wait_until(lambda: barrier2.n_waiting == 1)
+    assert barrier2.statistics().n_waiting == 1
+    barrier2.wait(LONG)
+    t.join(LONG)
+    barrier2.abort()
+    s = barrier2.statistics()
+    assert (s.broken, s.generations, s.n_waiting) == (True, 1, 0)
+    assert "broken=True" in repr(barrier2)
+    barrier2.reset()
+    assert barrier2.statistics().resets == 1
+
+
+# -- multi-process generations ----------------------------------------------------------------
+@pytest.mark.parametrize("parties", [2, 3])
+def test_every_generation_passed_by_exactly_parties(parties: int) -> None:
+    generations = 150
+    with (
+        SafeBarrier.create(parties) as b,
+        SafeArray.create("q", generations * parties) as arr,
+    ):
+        run_all("fork", generations_worker, [(b.name, arr.name, generations)] * parties, 60)
+        # Each generation's arrival indices are exactly 0 .. parties-1, once each.
+        assert list(arr) == [1] * (generations * parties)
+        assert b.statistics().generations == generations
+        assert not b.broken
+
+
+def test_action_runs_once_per_generation_in_one_process() -> None:
+    generations = 100
+    with SafeBarrier.create(3) as b, SafeArray.create("q", 1) as arr:
+        run_all("fork", action_worker, [(b.name, arr.name, generations)] * 3, 60)
+        assert arr[0] == generations
+
+
+# -- dead parties -----------------------------------------------------------------------------
+def test_sigkilled_waiter_breaks_the_barrier_at_once() -> None:
+    with SafeBarrier.create(3) as b:
+        with processes("fork", wait_forever_worker, [(b.name,)]) as (p,):
+            _wait_until(lambda: b.n_waiting == 1)
+            killed_at: list[float] = []
+
+            def killer() -> None:
+                _wait_until(lambda: b.n_waiting == 2)  # the child and this test wait
+                time.sleep(0.2)
+                killed_at.append(time.monotonic())
+                kill_and_reap(p)
+
+            k = threading.Thread(target=killer)
+            k.start()
+            try:
+                with (
+                    pytest.warns(HolderDiedWarning, match="generation 0"),
+                    pytest.raises(BrokenBarrierError),
+                ):
+                    b.wait(LONG)
+                elapsed = time.monotonic() - killed_at[0]
+            finally:
+                k.join(LONG)
+        assert elapsed < 1.0, elapsed  # a slice (0.1 s) plus scheduling, far below LONG
+        assert b.broken
+        # reset() makes it usable again, with new parties.
+        b.reset()
+        assert not b.broken
+        with processes("fork", wait_once_worker, [(b.name,), (b.name,)]) as procs:
+            assert b.wait(LONG) in (0, 1, 2)
+            for q in procs:
+                q.join(LONG)
+                assert q.exitcode == 0
+
+
+def test_party_killed_inside_the_action_breaks_the_barrier(barrier2: SafeBarrier) -> None:
+    killed_at: list[float] = []
+    procs: list[Any] = []
+
+    def arrive_last_then_kill() -> None:
+        _wait_until(lambda: barrier2.n_waiting == 1)  # this test's main thread waits
+        p = fork.Process(target=action_forever_worker, args=(barrier2.name,), daemon=True)
+        p.start()
+        procs.append(p)
+        _wait_until(lambda: barrier2.n_waiting == 2)  # the child runs the action
+        time.sleep(0.2)
+        killed_at.append(time.monotonic())
+        kill_and_reap(p)
+
+    k = threading.Thread(target=arrive_last_then_kill)
+    k.start()
+    try:
+        with pytest.warns(HolderDiedWarning), pytest.raises(BrokenBarrierError):
+            barrier2.wait(LONG)
+        elapsed = time.monotonic() - killed_at[0]
+    finally:
+        k.join(LONG)
+        for p in procs:
+            if p.is_alive():
+                kill_and_reap(p)
+    assert elapsed < 1.0, elapsed
+    assert barrier2.broken
+
+
+def test_a_party_that_passed_and_exited_is_not_a_dead_holder(barrier2: SafeBarrier) -> None:
+    with processes("fork", wait_once_worker, [(barrier2.name,)]) as (p,):
+        barrier2.wait(LONG)
+        p.join(LONG)
+        assert p.exitcode == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BrokenBarrierError):
+            barrier2.wait(0.3)  # reaps the exited process's stale record: no warning
+
+
+# -- actions, timeouts, abort, reset ------------------------------------------------------------
+def test_action_raising_breaks_the_barrier() -> None:
+    def boom() -> None:
+        raise KeyError("action")
+
+    with SafeBarrier.create(2, action=boom) as b:
+        other = SafeBarrier.attach(b.name)
+        got: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                other.wait(LONG)
+            except BaseException as e:  # noqa: BLE001
+                got.append(e)
+
+        t = threading.Thread(target=first)
+        t.start()
+        _wait_until(lambda: b.n_waiting == 1)
+        with pytest.raises(KeyError, match="action"):
+            b.wait(LONG)  # last to arrive: runs this handle's action
+        t.join(LONG)
+        assert len(got) == 1
+        assert isinstance(got[0], BrokenBarrierError)
+        assert b.broken
+        with pytest.raises(BrokenBarrierError):
+            other.wait(LONG)
+        b.reset()
+        other.close()
+
+
+def test_timeout_breaks_the_barrier(barrier2: SafeBarrier) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(BrokenBarrierError):
+        barrier2.wait(0.2)
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+    assert barrier2.broken
+    with pytest.raises(BrokenBarrierError):
+        barrier2.wait(LONG)  # broken: at once
+
+
+def test_stopped_section_holder_does_not_stretch_a_timeout(barrier2: SafeBarrier) -> None:
+    with (
+        SafeEvent.create() as ready,
+        processes("fork", stop_in_section_worker, [(barrier2.name, ready.name)]) as (p,),
+    ):
+        try:
+            assert ready.wait(LONG)
+            t0 = time.monotonic()
+            with pytest.raises(BrokenBarrierError):
+                barrier2.wait(0.3)
+            assert time.monotonic() - t0 < 1.5
+        finally:
+            kill_and_reap(p)
+    # The killed holder's mutex is recovered by the next user.
+    barrier2.reset()
+    assert not barrier2.broken
+
+
+def test_reset_wakes_waiters_with_broken_and_generation_logic(barrier2: SafeBarrier) -> None:
+    got: list[object] = []
+
+    def waiter() -> None:
+        try:
+            got.append(barrier2.wait(LONG))
+        except BrokenBarrierError as e:
+            got.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    _wait_until(lambda: barrier2.n_waiting == 1)
+    barrier2.reset()
+    t.join(LONG)
+    assert len(got) == 1
+    assert isinstance(got[0], BrokenBarrierError)
+    assert not barrier2.broken
+    assert barrier2.n_waiting == 0
+
+
+def test_close_from_another_thread_interrupts_a_waiter() -> None:
+    with SafeBarrier.create(2) as b:
+        h = SafeBarrier.attach(b.name)
+        got: list[BaseException] = []
+        done_at: list[float] = []
+
+        def waiter() -> None:
+            try:
+                h.wait(LONG)
+            except BaseException as e:  # noqa: BLE001
+                got.append(e)
+            done_at.append(time.monotonic())
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        _wait_until(lambda: b.n_waiting == 1)
+        t0 = time.monotonic()
+        h.close()
+        t.join(LONG)
+        assert isinstance(got[0], SegmentClosedError)
+        assert done_at[0] - t0 < 1.0
+        assert b.broken  # the party left: the others are told
