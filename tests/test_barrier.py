@@ -16,6 +16,7 @@ import pytest
 from safeshm import HolderDiedWarning, IncompatibleSegmentError, SafeArray, SegmentClosedError
 from safeshm._barrier import SafeBarrier
 from safeshm._event import SafeEvent
+from safeshm._sync import _Timeout
 
 from ._helpers import kill_and_reap, processes, run_all
 
@@ -66,6 +67,15 @@ def wait_once_worker(name: str) -> None:
     b = SafeBarrier.attach(name)
     b.wait(LONG)
     b.close()
+
+
+def wait_report_worker(name: str) -> None:
+    b = SafeBarrier.attach(name)
+    try:
+        b.wait(LONG)
+    except BrokenBarrierError:
+        os._exit(3)
+    os._exit(0)
 
 
 def stop_in_section_worker(name: str, ready_name: str) -> None:
@@ -399,3 +409,39 @@ def test_close_from_another_thread_interrupts_a_waiter() -> None:
         assert isinstance(got[0], SegmentClosedError)
         assert done_at[0] - t0 < 1.0
         assert b.broken  # the party left: the others are told
+
+
+def _stop_outside_section(b: SafeBarrier, pid: int) -> None:
+    """SIGSTOP ``pid`` (asleep in ``b.wait``) at a moment it does not hold the mutex."""
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        try:
+            with b._section(time.monotonic() + 0.05):
+                return
+        except _Timeout:
+            os.kill(pid, signal.SIGCONT)
+    raise AssertionError("could not stop the waiter outside the section")
+
+
+@pytest.mark.parametrize("order", ["pass-then-reset", "reset-then-pass"])
+def test_a_late_waker_tells_a_pass_from_a_reset(barrier2: SafeBarrier, order: str) -> None:
+    """A waiter that wakes only after its generation ended and a reset came: it passed iff
+    its generation passed before the reset (the reset_gen word)."""
+    with processes("fork", wait_report_worker, [(barrier2.name,)]) as (p,):
+        _wait_until(lambda: barrier2.n_waiting == 1)
+        _stop_outside_section(barrier2, p.pid)
+        try:
+            if order == "pass-then-reset":
+                assert barrier2.wait(LONG) == 1  # passes the child's generation
+                barrier2.reset()
+            else:
+                barrier2.reset()  # the child's generation is reset...
+                t = threading.Thread(target=barrier2.wait, args=(LONG,))
+                t.start()
+                assert barrier2.wait(LONG) in (0, 1)  # ...and the next one passes
+                t.join(LONG)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        p.join(LONG)
+        assert p.exitcode == (0 if order == "pass-then-reset" else 3)
