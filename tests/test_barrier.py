@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -12,6 +13,9 @@ import warnings
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from safeshm import HolderDiedWarning, IncompatibleSegmentError, SafeArray, SegmentClosedError
 from safeshm._barrier import SafeBarrier
@@ -445,3 +449,141 @@ def test_a_late_waker_tells_a_pass_from_a_reset(barrier2: SafeBarrier, order: st
             os.kill(p.pid, signal.SIGCONT)
         p.join(LONG)
         assert p.exitcode == (0 if order == "pass-then-reset" else 3)
+
+
+# -- a state machine against threading.Barrier ------------------------------------------------
+def _remote_waiter(name: str, conn: Any) -> None:
+    """Serve wait requests on a handle in this process: one thread per request, each
+    sending ``(waiter id, index or "broken")`` back when its wait ends."""
+    b = SafeBarrier.attach(name)
+    send_lock = threading.Lock()
+    threads = []
+
+    def one(wid: int) -> None:
+        try:
+            out: object = b.wait(LONG)
+        except BrokenBarrierError:
+            out = "broken"
+        with send_lock:
+            conn.send((wid, out))
+
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        t = threading.Thread(target=one, args=(msg,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(LONG)
+    b.close()
+
+
+class BarrierMachine(RuleBasedStateMachine):
+    """wait (in this process or another), abort and reset, one step at a time, against
+    ``threading.Barrier``: every wait's outcome (its index or broken), ``n_waiting`` and
+    ``broken`` agree once both have settled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: threading.Barrier | None = None
+        self.real: SafeBarrier | None = None
+        self.outcomes: dict[tuple[str, int], object] = {}
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.started: set[int] = set()
+        self.wid = 0
+
+    @initialize(parties=st.integers(1, 3))
+    def setup(self, parties: int) -> None:
+        self.model = threading.Barrier(parties)
+        self.real = SafeBarrier.create(parties)
+        self.conn, child = fork.Pipe()
+        self.proc = fork.Process(target=_remote_waiter, args=(self.real.name, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                wid, out = self.conn.recv()
+                with self.lock:
+                    self.outcomes["real", wid] = out
+
+    def _waiter(self, which: str, b: Any, wid: int) -> None:
+        try:
+            out: object = b.wait(LONG)
+        except BrokenBarrierError:
+            out = "broken"
+        with self.lock:
+            self.outcomes[which, wid] = out
+
+    def _settle(self) -> None:
+        assert self.model is not None and self.real is not None
+        deadline = time.monotonic() + LONG
+        while True:
+            with self.lock:
+                pend_model = sum(("model", w) not in self.outcomes for w in self.started)
+                pend_real = sum(("real", w) not in self.outcomes for w in self.started)
+            if pend_model == self.model.n_waiting and pend_real == self.real.n_waiting:
+                break
+            assert time.monotonic() < deadline, "did not settle"
+            time.sleep(0.002)
+        with self.lock:
+            for w in self.started:
+                assert self.outcomes.get(("model", w)) == self.outcomes.get(("real", w)), w
+        assert self.model.broken == self.real.broken
+        assert self.model.n_waiting == self.real.n_waiting
+
+    @rule(remote=st.booleans())
+    def wait(self, remote: bool) -> None:
+        self.wid += 1
+        wid = self.wid
+        self.started.add(wid)
+        t = threading.Thread(target=self._waiter, args=("model", self.model, wid))
+        t.start()
+        self.threads.append(t)
+        if remote:
+            self.conn.send(wid)
+        else:
+            t = threading.Thread(target=self._waiter, args=("real", self.real, wid))
+            t.start()
+            self.threads.append(t)
+        self._settle()
+
+    @rule()
+    def abort(self) -> None:
+        assert self.model is not None and self.real is not None
+        self.model.abort()
+        self.real.abort()
+        self._settle()
+
+    @rule()
+    def reset(self) -> None:
+        assert self.model is not None and self.real is not None
+        self.model.reset()
+        self.real.reset()
+        self._settle()
+
+    def teardown(self) -> None:
+        if self.real is None or self.model is None:
+            return
+        self.model.abort()
+        self.real.abort()
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        for t in self.threads:
+            t.join(LONG)
+        self.proc.join(LONG)
+        if self.proc.is_alive():  # pragma: no cover
+            kill_and_reap(self.proc)
+        self.conn.close()
+        self.reader.join(LONG)
+        self.real.close()
+        self.real.unlink()
+
+
+TestBarrierMachine = BarrierMachine.TestCase
+TestBarrierMachine.settings = settings(stateful_step_count=15)
