@@ -62,8 +62,9 @@ def wait_forever_worker(name: str) -> None:
     b.wait()
 
 
-def action_forever_worker(name: str) -> None:
+def action_forever_worker(name: str, go_name: str) -> None:
     b = SafeBarrier.attach(name, action=lambda: time.sleep(3600))
+    assert SafeEvent.attach(go_name).wait(LONG)
     b.wait()
 
 
@@ -275,29 +276,27 @@ def test_sigkilled_waiter_breaks_the_barrier_at_once() -> None:
 
 def test_party_killed_inside_the_action_breaks_the_barrier(barrier2: SafeBarrier) -> None:
     killed_at: list[float] = []
-    procs: list[Any] = []
+    with (
+        SafeEvent.create() as go,
+        processes("fork", action_forever_worker, [(barrier2.name, go.name)]) as (p,),
+    ):
 
-    def arrive_last_then_kill() -> None:
-        _wait_until(lambda: barrier2.n_waiting == 1)  # this test's main thread waits
-        p = fork.Process(target=action_forever_worker, args=(barrier2.name,), daemon=True)
-        p.start()
-        procs.append(p)
-        _wait_until(lambda: barrier2.n_waiting == 2)  # the child runs the action
-        time.sleep(0.2)
-        killed_at.append(time.monotonic())
-        kill_and_reap(p)
+        def arrive_last_then_kill() -> None:
+            _wait_until(lambda: barrier2.n_waiting == 1)  # this test's main thread waits
+            go.set()  # the child arrives last
+            _wait_until(lambda: barrier2.n_waiting == 2)  # the child runs the action
+            time.sleep(0.2)
+            killed_at.append(time.monotonic())
+            kill_and_reap(p)
 
-    k = threading.Thread(target=arrive_last_then_kill)
-    k.start()
-    try:
-        with pytest.warns(HolderDiedWarning), pytest.raises(BrokenBarrierError):
-            barrier2.wait(LONG)
-        elapsed = time.monotonic() - killed_at[0]
-    finally:
-        k.join(LONG)
-        for p in procs:
-            if p.is_alive():
-                kill_and_reap(p)
+        k = threading.Thread(target=arrive_last_then_kill)
+        k.start()
+        try:
+            with pytest.warns(HolderDiedWarning), pytest.raises(BrokenBarrierError):
+                barrier2.wait(LONG)
+            elapsed = time.monotonic() - killed_at[0]
+        finally:
+            k.join(LONG)
     assert elapsed < 1.0, elapsed
     assert barrier2.broken
 
