@@ -122,6 +122,25 @@ def my_start_time() -> int:
     return start
 
 
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` (in this pid namespace) has exited but not been waited for."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] in (b"Z", b"X")
+
+
+def holder_alive(pid: int, start: int, namespace: int) -> bool:
+    """:func:`_compat.process_alive`, and not a zombie: a dead process that its parent has
+    not waited for yet (a parent blocked in a wait of its own would never notice it)."""
+    if not _compat.process_alive(pid, start, namespace):
+        return False
+    return namespace != _compat.pid_namespace() or not _zombie(pid)
+
+
 class Section:
     """``with Section(prim, deadline):`` -- hold ``prim``'s internal mutex for a block.
 
@@ -348,7 +367,7 @@ class SyncPrimitive(SharedStructure):
             owner = w[i + R_PID]
             if not owner or owner == me:
                 continue
-            if _compat.process_alive(owner, w[i + R_START], w[i + R_NS]):
+            if holder_alive(owner, w[i + R_START], w[i + R_NS]):
                 continue
             counts = tuple(w[i + R_COUNTS : i + RECORD_WORDS])
             held = self._holds(counts)
@@ -377,7 +396,7 @@ class SyncPrimitive(SharedStructure):
         for k in range(self._nrec):
             i = STATE_WORDS + k * RECORD_WORDS
             owner = w[i + R_PID]
-            if owner and _compat.process_alive(owner, w[i + R_START], w[i + R_NS]):
+            if owner and holder_alive(owner, w[i + R_START], w[i + R_NS]):
                 out.append((int(owner), tuple(w[i + R_COUNTS : i + RECORD_WORDS])))
         return out
 
