@@ -83,6 +83,23 @@ def wait_report_worker(name: str) -> None:
     os._exit(0)
 
 
+def die_in_section_worker(name: str, where: str, go_name: str) -> None:
+    """Arrive, then SIGKILL this process holding the internal mutex: after the arrival is
+    stored (``await``) or before the last arrival's pass commits (``pass``)."""
+
+    def die(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "await":
+        SafeBarrier._await_outcome = die  # type: ignore[method-assign, assignment]
+    else:
+        SafeBarrier._pass = die  # type: ignore[method-assign, assignment]
+    b = SafeBarrier.attach(name)
+    if go_name:
+        assert SafeEvent.attach(go_name).wait(LONG)
+    b.wait(LONG)
+
+
 def stop_in_section_worker(name: str, ready_name: str) -> None:
     b = SafeBarrier.attach(name)
     ready = SafeEvent.attach(ready_name)
@@ -299,6 +316,42 @@ def test_party_killed_inside_the_action_breaks_the_barrier(barrier2: SafeBarrier
             k.join(LONG)
     assert elapsed < 1.0, elapsed
     assert barrier2.broken
+
+
+@pytest.mark.parametrize("where", ["await", "pass"])
+def test_party_killed_holding_the_internal_mutex(where: str) -> None:
+    """The worst moment: a party dies inside the critical section, after storing its
+    arrival (or, as the last party, before the pass commits). The mutex is recovered, the
+    dead party reaped and the barrier broken; reset() makes it usable again."""
+    parties = 3 if where == "await" else 2
+    with SafeBarrier.create(parties) as b:
+        if where == "pass":
+            with (
+                SafeEvent.create() as go,
+                processes("fork", die_in_section_worker, [(b.name, where, go.name)]) as (p,),
+            ):
+                threading.Timer(
+                    0.0, lambda: (_wait_until(lambda: b.n_waiting == 1), go.set())
+                ).start()
+                with pytest.warns(HolderDiedWarning), pytest.raises(BrokenBarrierError):
+                    b.wait(LONG)  # the child arrives last and dies before its pass commits
+                p.join(LONG)
+                assert p.exitcode == -signal.SIGKILL
+        else:
+            with processes("fork", die_in_section_worker, [(b.name, where, "")]) as (p,):
+                p.join(LONG)
+            assert p.exitcode == -signal.SIGKILL
+            with pytest.warns(HolderDiedWarning), pytest.raises(BrokenBarrierError):
+                b.wait(LONG)  # recovers the mutex, reaps the party: broken at once
+        assert b.broken
+        b.reset()
+        assert (b.broken, b.n_waiting) == (False, 0)
+        ts = [threading.Thread(target=b.wait, args=(LONG,)) for _ in range(parties - 1)]
+        for t in ts:
+            t.start()
+        assert b.wait(LONG) in range(parties)
+        for t in ts:
+            t.join(LONG)
 
 
 def test_a_party_that_passed_and_exited_is_not_a_dead_holder(barrier2: SafeBarrier) -> None:
