@@ -465,6 +465,10 @@ def test_close_from_another_thread_interrupts_a_waiter() -> None:
         assert isinstance(got[0], SegmentClosedError)
         assert done_at[0] - t0 < 1.0
         assert b.broken  # the party left: the others are told
+        with pytest.raises(SegmentClosedError):
+            h.wait(LONG)
+        with pytest.raises(SegmentClosedError):
+            h.reset()
 
 
 def _stop_outside_section(b: SafeBarrier, pid: int) -> None:
