@@ -120,6 +120,25 @@ def my_start_time() -> int:
     return start
 
 
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` (in this pid namespace) has exited but not been waited for."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] in (b"Z", b"X")
+
+
+def holder_alive(pid: int, start: int, namespace: int) -> bool:
+    """:func:`_compat.process_alive`, and not a zombie: a dead process that its parent has
+    not waited for yet (a parent blocked in a wait of its own would never notice it)."""
+    if not _compat.process_alive(pid, start, namespace):
+        return False
+    return namespace != _compat.pid_namespace() or not _zombie(pid)
+
+
 class Section:
     """``with Section(prim, deadline):`` -- hold ``prim``'s internal mutex for a block.
 
@@ -275,6 +294,12 @@ class SyncPrimitive(SharedStructure):
         the same death if this process dies too: make it idempotent, or commit through
         the record itself (the default: clearing the counts is the whole effect)."""
 
+    def _holds(self, counts: tuple[int, ...]) -> bool:
+        """Whether a dead process whose record has ``counts`` held something (then
+        :meth:`_reap` warns with :class:`HolderDiedWarning`). Holding the mutex; called
+        before :meth:`_holder_died`. Default: any count is non-zero."""
+        return any(counts)
+
     def _recovered(self) -> None:
         """The internal mutex's previous holder died while holding it."""
         self._reap()
@@ -340,15 +365,16 @@ class SyncPrimitive(SharedStructure):
             owner = w[i + R_PID]
             if not owner or owner == me:
                 continue
-            if _compat.process_alive(owner, w[i + R_START], w[i + R_NS]):
+            if holder_alive(owner, w[i + R_START], w[i + R_NS]):
                 continue
             counts = tuple(w[i + R_COUNTS : i + RECORD_WORDS])
+            held = self._holds(counts)
             self._holder_died(owner, counts)
             for c in range(R_COUNTS, RECORD_WORDS):
                 w[i + c] = 0
             w[i + R_PID] = 0
             died += 1
-            if any(counts):
+            if held:
                 warnings.warn(
                     f"{self._what}: process {owner} died holding "
                     f"{self._describe_counts(counts)}; released",
@@ -368,7 +394,7 @@ class SyncPrimitive(SharedStructure):
         for k in range(self._nrec):
             i = STATE_WORDS + k * RECORD_WORDS
             owner = w[i + R_PID]
-            if owner and _compat.process_alive(owner, w[i + R_START], w[i + R_NS]):
+            if owner and holder_alive(owner, w[i + R_START], w[i + R_NS]):
                 out.append((int(owner), tuple(w[i + R_COUNTS : i + RECORD_WORDS])))
         return out
 
