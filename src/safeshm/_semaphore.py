@@ -121,8 +121,8 @@ class SafeSemaphore(SyncPrimitive):
     free one that adds a permit, while the acquirer's record still counts the permit it
     took. Without deaths the value is exactly ``threading``'s. But if the acquirer then
     exits or dies without releasing, the permits its record still counts come back *as
-    well*: the value grows by what was handed off (a bounded semaphore never grows past
-    its bound: what would is dropped). The semaphore cannot tell a permit consumed for
+    well*: the value grows by what was handed off (a bounded semaphore's available plus
+    held permits are then capped at its bound). The semaphore cannot tell a permit consumed for
     good from one held: for counting items between processes, use a
     :class:`~safeshm.SafeQueue`.
 
@@ -395,8 +395,10 @@ class SafeBoundedSemaphore(SafeSemaphore):
     as :class:`threading.BoundedSemaphore`: a :meth:`release` that would exceed it raises
     ``ValueError("Semaphore released too many times")`` and releases nothing.
 
-    Permits that come back from a dead process never raise the value past the bound
-    either (see the hand-off note on :class:`SafeSemaphore`).
+    When a dead holder's permits come back, the permits available plus those held by
+    live processes are capped at the bound: releases that other processes made on a
+    holder's behalf (hand-offs, see :class:`SafeSemaphore`) are then matched against
+    the holders' permits, so each holder can still release its own.
 
     Example:
         >>> sem = SafeBoundedSemaphore.create(1)
@@ -409,13 +411,16 @@ class SafeBoundedSemaphore(SafeSemaphore):
 
     _BOUNDED = True
 
-    def _holder_died(self, pid: int, counts: tuple[int, ...]) -> None:
-        # Idempotent (the record still counts ``counts`` until it is cleared): lower the
-        # base so that freeing the record leaves the value at most the bound.
+    def _rederive(self) -> None:
+        # After a death (or a recovery): available plus held permits never exceed the
+        # bound -- unless more than the bound are held, after hand-offs; then none are
+        # available. Idempotent: a recomputation from the authoritative words.
         w = self._w
-        cap = w[_INITIAL] + self._held_total() - counts[0]
+        held = self._held_total()
+        cap = max(w[_INITIAL], held)
         if w[_BASE] > cap:
             w[_BASE] = cap
+        w[_VALUE] = w[_BASE] - held
 
     def _repr_fields(self) -> str:
         return f"value={self.value}/{self.initial_value}"
