@@ -107,7 +107,13 @@ def test_basics_and_statistics(cls: Any, cleanup: Any) -> None:
 
 @pytest.mark.parametrize(
     ("value", "exc"),
-    [(-1, ValueError), (1.5, TypeError), ("2", TypeError), (None, TypeError), (2**63, OverflowError)],
+    [
+        (-1, ValueError),
+        (1.5, TypeError),
+        ("2", TypeError),
+        (None, TypeError),
+        (2**63, OverflowError),
+    ],
 )
 def test_create_bad_value(cls: Any, name: str, value: Any, exc: type[Exception]) -> None:
     with pytest.raises(exc):
@@ -143,7 +149,10 @@ def test_acquire_messages_match_threading(cls: Any, cleanup: Any) -> None:
         cls.create(-1)
 
 
-@pytest.mark.parametrize(("n", "exc"), [(0, ValueError), (-3, ValueError), ("1", TypeError), (1.0, TypeError), (2**63, OverflowError)])
+@pytest.mark.parametrize(
+    ("n", "exc"),
+    [(0, ValueError), (-3, ValueError), ("1", TypeError), (1.0, TypeError), (2**63, OverflowError)],
+)
 def test_release_bad_input(cls: Any, cleanup: Any, n: Any, exc: Any) -> None:
     sem = cleanup(cls.create(1))
     sem.acquire()
@@ -214,7 +223,7 @@ def test_open(cls: Any, name: str, cleanup: Any) -> None:
     other = SafeSemaphore if cls is SafeBoundedSemaphore else SafeBoundedSemaphore
     with pytest.raises(IncompatibleSegmentError):
         other.open(name)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be >= 0"):
         cls.open(name, -1)
     a.release()
 
@@ -245,7 +254,9 @@ def test_close_from_another_thread_wakes_waiter(cls: Any, name: str) -> None:
 def test_killed_holder_permits_come_back(cls: Any, cleanup: Any) -> None:
     sem = cleanup(cls.create(3))
     ready = ctx.Event()
-    p = ctx.Process(target=_hold, args=(sem.name, cls is SafeBoundedSemaphore, 2, ready), daemon=True)
+    p = ctx.Process(
+        target=_hold, args=(sem.name, cls is SafeBoundedSemaphore, 2, ready), daemon=True
+    )
     p.start()
     try:
         assert ready.wait(JOIN_TIMEOUT)
@@ -320,7 +331,7 @@ def test_bounded_dead_handoff_never_exceeds_bound(cleanup: Any) -> None:
         assert not sem.acquire(False)  # reaps: the child's permit is not added again
     sem.release(2)
     assert sem.value == 2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="released too many times"):
         sem.release()
 
 

@@ -23,12 +23,12 @@ from ._errors import IncompatibleSegmentError
 from ._int64 import INT64_MAX, check_int64
 from ._segment import Kind, Segment
 from ._sync import (
+    _PARAMS,
     R_COUNTS,
     RECORD_WORDS,
     STATE_OFFSET,
     STATE_WORDS,
     WAIT_SLICE,
-    _PARAMS,
     ProcessTableFullError,
     SyncPrimitive,
     _Timeout,
@@ -194,9 +194,7 @@ class SafeSemaphore(SyncPrimitive):
         return target._from_segment(seg)
 
     @classmethod
-    def open(
-        cls, name: str, value: int | None = None, *, processes: int | None = None
-    ) -> Self:
+    def open(cls, name: str, value: int | None = None, *, processes: int | None = None) -> Self:
         """Attach to the semaphore ``name``, creating it first if needed (race-free).
 
         An existing semaphore must be what this call would create -- the rule of every
@@ -236,7 +234,9 @@ class SafeSemaphore(SyncPrimitive):
         if bounded and not exact:
             return SafeBoundedSemaphore  # type: ignore[return-value] # a subclass of cls
         have = "SafeBoundedSemaphore" if bounded else "SafeSemaphore (unbounded)"
-        raise IncompatibleSegmentError(f"segment {seg.name!r} is a {have}, expected a {cls.__name__}")
+        raise IncompatibleSegmentError(
+            f"segment {seg.name!r} is a {have}, expected a {cls.__name__}"
+        )
 
     # -- the operations ------------------------------------------------------------------
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
@@ -343,7 +343,7 @@ class SafeSemaphore(SyncPrimitive):
             self._bump()
         self._wake_all()
 
-    def __enter__(self) -> Self:  # type: ignore[override] # acquires, as threading's
+    def __enter__(self) -> Self:  # acquires, as threading's (not the lifecycle)
         self.acquire()
         return self
 
@@ -418,8 +418,7 @@ class SafeBoundedSemaphore(SafeSemaphore):
         w = self._w
         held = self._held_total()
         cap = max(w[_INITIAL], held)
-        if w[_BASE] > cap:
-            w[_BASE] = cap
+        w[_BASE] = min(w[_BASE], cap)
         w[_VALUE] = w[_BASE] - held
 
     def _repr_fields(self) -> str:
