@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import operator
 import struct
 import time
 from typing import Final, Self
 
-from ._errors import IncompatibleSegmentError
+from ._errors import IncompatibleSegmentError, SegmentClosedError
 from ._int64 import INT64_MAX, check_int64
 from ._segment import Kind, Segment
 from ._sync import (
@@ -30,6 +31,7 @@ from ._sync import (
     STATE_WORDS,
     WAIT_SLICE,
     ProcessTableFullError,
+    Section,
     SyncPrimitive,
     _Timeout,
 )
@@ -76,6 +78,21 @@ def _deadlines(blocking: bool, timeout: object) -> tuple[float, float]:
     now = _monotonic()
     deadline = now + timeout
     return deadline, max(deadline, now + _MUTEX_GRACE)
+
+
+class _ClosedSection:
+    """Stands in for a closed handle's section: entering raises."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def __enter__(self) -> None:
+        raise SegmentClosedError(self._message)
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - never entered
+        pass
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,6 +161,19 @@ class SafeSemaphore(SyncPrimitive):
     _KIND = Kind.SEMAPHORE
     _LAYOUT = 1
     _BOUNDED: bool = False
+    # One section object for every wait-forever entry of the internal mutex (a Section
+    # keeps no state between entries, so threads can share it): building one per call
+    # costs a good part of an acquire. Swapped for a stand-in at close() (the views'
+    # stand-in has no __exit__, which a ``with`` looks up first).
+    _sec: Section | _ClosedSection
+
+    def _bind(self, mm: mmap.mmap) -> None:
+        super()._bind(mm)
+        self._sec = Section(self)
+
+    def _before_close(self) -> None:
+        self._sec = _ClosedSection(f"{self._what} is closed on this handle")
+        super()._before_close()
 
     # -- building ----------------------------------------------------------------------
     @classmethod
@@ -258,10 +288,15 @@ class SafeSemaphore(SyncPrimitive):
             SegmentClosedError: the handle is closed (also by another thread while this
                 one waits: it wakes and raises).
         """
-        deadline, mutex_deadline = _deadlines(blocking, timeout)
+        if blocking is True and timeout is None:  # the common case, without a call
+            deadline = _NEVER
+            section = self._sec
+        else:
+            deadline, mutex_deadline = _deadlines(blocking, timeout)
+            section = self._sec if mutex_deadline == _NEVER else self._section(mutex_deadline)
         reaped = False
         try:
-            with self._section(mutex_deadline):
+            with section:
                 w = self._w
                 if w[_VALUE] > 0:
                     rec = self._record()
@@ -318,7 +353,7 @@ class SafeSemaphore(SyncPrimitive):
             raise ValueError("n must be one or more")
         if n > INT64_MAX:
             raise OverflowError(f"n {n} is outside the int64 range; nothing was released")
-        with self._section():
+        with self._sec:
             w = self._w
             try:
                 rec = self._record()
