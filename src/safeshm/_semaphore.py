@@ -388,7 +388,8 @@ class SafeSemaphore(SyncPrimitive):
     # -- introspection -------------------------------------------------------------------
     @property
     def value(self) -> int:
-        """Permits available now (a snapshot)."""
+        """Permits available now (a snapshot). Permits of a holder that died are not
+        counted until a call reaps it (the next :meth:`acquire` that finds none)."""
         return int(self._w[_VALUE])
 
     @property
