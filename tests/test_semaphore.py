@@ -229,6 +229,8 @@ def test_open(cls: Any, name: str, cleanup: Any) -> None:
         other.open(name)
     with pytest.raises(ValueError, match="must be >= 0"):
         cls.open(name, -1)
+    with pytest.raises(TypeError, match="processes must be an int"):
+        cls.open(name, processes="4")
     a.release()
 
 

@@ -235,6 +235,10 @@ class SafeSemaphore(SyncPrimitive):
         :class:`~safeshm.IncompatibleSegmentError` names what differs.
         """
         want = None if value is None else _check_value(value)
+        if processes is not None and (
+            isinstance(processes, bool) or not isinstance(processes, int)
+        ):
+            raise TypeError(f"processes must be an int, not {type(processes).__name__}")
 
         def check(seg: Segment) -> None:
             cls._class_of(seg, exact=True)
