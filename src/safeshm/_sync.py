@@ -356,10 +356,12 @@ class SyncPrimitive(SharedStructure):
     def _reap(self) -> int:
         """Free the records of dead processes (after :meth:`_holder_died`); how many.
         Holding the mutex. Warns with :class:`HolderDiedWarning` for each that held
-        something."""
+        something -- after running :meth:`_rederive`, so that a warning turned into an
+        exception (``-W error``) leaves the derived state consistent."""
         w = self._w
         me = _compat.pid
         died = 0
+        dead: list[tuple[int, tuple[int, ...]]] = []
         for k in range(self._nrec):
             i = STATE_WORDS + k * RECORD_WORDS
             owner = w[i + R_PID]
@@ -375,12 +377,16 @@ class SyncPrimitive(SharedStructure):
             w[i + R_PID] = 0
             died += 1
             if held:
-                warnings.warn(
-                    f"{self._what}: process {owner} died holding "
-                    f"{self._describe_counts(counts)}; released",
-                    HolderDiedWarning,
-                    stacklevel=4,
-                )
+                dead.append((int(owner), counts))
+        if died:
+            self._rederive()
+        for owner, counts in dead:
+            warnings.warn(
+                f"{self._what}: process {owner} died holding "
+                f"{self._describe_counts(counts)}; released",
+                HolderDiedWarning,
+                stacklevel=4,
+            )
         return died
 
     def _describe_counts(self, counts: tuple[int, ...]) -> str:
