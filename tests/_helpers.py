@@ -34,6 +34,10 @@ STRUCTURES = [
     safeshm.SafeLock,
     safeshm.SafeArray,
     safeshm.SafeQueue,
+    safeshm.SafeEvent,
+    safeshm.SafeSemaphore,
+    safeshm.SafeBoundedSemaphore,
+    safeshm.SafeBarrier,
 ]
 
 
@@ -43,6 +47,8 @@ def create(cls: Any, name: str | None = None) -> Any:
         return cls.create("q", 4, name=name)
     if cls is safeshm.SafeQueue:
         return cls.create(4096, name=name)
+    if cls is safeshm.SafeBarrier:
+        return cls.create(2, name=name)
     return cls.create(name=name)
 
 
@@ -52,6 +58,8 @@ def open_(cls: Any, name: str) -> Any:
         return cls.open(name, "q", 4)
     if cls is safeshm.SafeQueue:
         return cls.open(name, 4096)
+    if cls is safeshm.SafeBarrier:
+        return cls.open(name, 2)
     return cls.open(name)
 
 

@@ -310,6 +310,37 @@ def test_close_is_idempotent_and_later_use_raises(cls: Any, cleanup: Any) -> Non
             lambda: h.statistics(),
             lambda: h.full(),
         ],
+        safeshm.SafeEvent: [
+            lambda: h.set(),
+            lambda: h.clear(),
+            lambda: h.is_set(),
+            lambda: h.wait(0),
+            lambda: h.statistics(),
+        ],
+        safeshm.SafeSemaphore: [
+            lambda: h.acquire(),
+            lambda: h.acquire(False),
+            lambda: h.release(),
+            lambda: h.value,
+            lambda: h.__enter__(),
+            lambda: h.statistics(),
+        ],
+        safeshm.SafeBoundedSemaphore: [
+            lambda: h.acquire(),
+            lambda: h.release(),
+            lambda: h.value,
+            lambda: h.__enter__(),
+            lambda: h.statistics(),
+        ],
+        safeshm.SafeBarrier: [
+            lambda: h.wait(0),
+            lambda: h.reset(),
+            lambda: h.abort(),
+            lambda: h.n_waiting,
+            lambda: h.broken,
+            lambda: h.parties,
+            lambda: h.statistics(),
+        ],
     }[cls]
     for op in ops:
         with pytest.raises(safeshm.SegmentClosedError, match="closed"):

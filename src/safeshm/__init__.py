@@ -11,6 +11,7 @@ from __future__ import annotations
 # First: on an unsupported platform this raises a clear ImportError before anything else.
 from . import _compat  # noqa: F401
 from ._array import ArrayStatistics, SafeArray
+from ._barrier import BarrierStatistics, SafeBarrier
 from ._compat import implementation
 from ._counter import CounterStatistics, SafeCounter
 from ._errors import (
@@ -25,6 +26,7 @@ from ._errors import (
     LockNotHeldError,
     LockReentryError,
     LockTimeoutError,
+    ProcessTableFullError,
     QueueShutDown,
     SafeShmError,
     SafeShmWarning,
@@ -38,8 +40,10 @@ from ._errors import (
     StoreNotFoundError,
     StoreTimeoutError,
 )
+from ._event import EventStatistics, SafeEvent
 from ._lock import LockStatistics, SafeLock
 from ._queue import QueueStatistics, SafeQueue
+from ._semaphore import SafeBoundedSemaphore, SafeSemaphore, SemaphoreStatistics
 from ._sharded import ShardedCounter, ShardedCounterStatistics
 from ._store import (
     DamagedRecord,
@@ -54,8 +58,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ArrayStatistics",
+    "BarrierStatistics",
     "CounterStatistics",
     "DamagedRecord",
+    "EventStatistics",
     "HandleClosedError",
     "HolderDiedWarning",
     "IncompatibleSegmentError",
@@ -68,14 +74,19 @@ __all__ = [
     "LockStatistics",
     "LockTimeoutError",
     "LockedViewLeakedError",
+    "ProcessTableFullError",
     "QueueShutDown",
     "QueueStatistics",
     "RecoveryReport",
     "SafeArray",
+    "SafeBarrier",
+    "SafeBoundedSemaphore",
     "SafeCounter",
+    "SafeEvent",
     "SafeFileStore",
     "SafeLock",
     "SafeQueue",
+    "SafeSemaphore",
     "SafeShmError",
     "SafeShmWarning",
     "SegmentClosedError",
@@ -83,6 +94,7 @@ __all__ = [
     "SegmentExistsError",
     "SegmentNotFoundError",
     "SegmentPermissionError",
+    "SemaphoreStatistics",
     "Serializer",
     "ShardedCounter",
     "ShardedCounterStatistics",

@@ -95,10 +95,6 @@ def _check_parties(parties: int) -> int:
     return parties
 
 
-def _rebuild(name: str, timeout: float | None) -> SafeBarrier:
-    return SafeBarrier.attach(name, timeout=timeout)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class BarrierStatistics:
     """A snapshot of a :class:`SafeBarrier` (see :meth:`SafeBarrier.statistics`)."""
@@ -251,7 +247,14 @@ class SafeBarrier(SyncPrimitive):
     def __reduce__(self) -> tuple[Any, ...]:
         if self._seg.closed:
             self._raise_closed()
-        return (_rebuild, (self._seg.name, self._timeout))
+        if self._timeout is None:
+            return (type(self).attach, (self._seg.name,))
+        # A classmethod pickles as a reference to safeshm.SafeBarrier and its name.
+        return (type(self)._unpickle, (self._seg.name, self._timeout))
+
+    @classmethod
+    def _unpickle(cls, name: str, timeout: float | None) -> Self:
+        return cls.attach(name, timeout=timeout)
 
     # -- the barrier ---------------------------------------------------------------------
     @property

@@ -19,8 +19,10 @@ from typing import Any, Final, NamedTuple
 
 from . import _compat
 from ._array import SafeArray
+from ._barrier import SafeBarrier
 from ._counter import SafeCounter
 from ._errors import SafeShmError, SegmentCorruptedError
+from ._event import SafeEvent
 from ._lock import SafeLock
 from ._queue import SafeQueue
 from ._segment import (
@@ -34,6 +36,7 @@ from ._segment import (
     segment_path,
     validate_name,
 )
+from ._semaphore import SafeSemaphore
 from ._sharded import ShardedCounter
 from ._store import SafeFileStore
 from ._store_cli import add_store_parser
@@ -44,6 +47,9 @@ _CLASSES: dict[int, type[SharedStructure]] = {
     Kind.LOCK: SafeLock,
     Kind.ARRAY: SafeArray,
     Kind.QUEUE: SafeQueue,
+    Kind.EVENT: SafeEvent,
+    Kind.SEMAPHORE: SafeSemaphore,
+    Kind.BARRIER: SafeBarrier,
 }
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "LockReentryError",
     "LockTimeoutError",
     "LockedViewLeakedError",
+    "ProcessTableFullError",
     "QueueShutDown",
     "SafeShmError",
     "SafeShmWarning",
@@ -123,6 +124,12 @@ class LockNotHeldError(SafeShmError, RuntimeError):
 
 class LockTimeoutError(SafeShmError, TimeoutError):
     """A lock could not be acquired within the given timeout."""
+
+
+class ProcessTableFullError(SafeShmError, RuntimeError):
+    """A synchronization primitive (SafeSemaphore, SafeBarrier, SafeRWLock...) keeps one
+    record per process that uses it, to give back what a dead process held; every record
+    is owned by a live process. Create the primitive with a larger ``processes=``."""
 
 
 class LockedViewLeakedError(SafeShmError, BufferError):

@@ -43,7 +43,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from . import _compat
-from ._errors import HolderDiedWarning, SafeShmError, SegmentCorruptedError
+from ._errors import HolderDiedWarning, ProcessTableFullError, SegmentCorruptedError
 from ._lock import (
     _LIBC_GIL,
     EDEADLK,
@@ -88,10 +88,6 @@ _NEVER: Final = math.inf
 
 # The sleeper's timespec for a full slice, made once.
 _SLICE_TIMESPEC: Final = ctypes.byref(_compat.Timespec(0, int(WAIT_SLICE * 1e9)))
-
-
-class ProcessTableFullError(SafeShmError, RuntimeError):
-    """Every holder record of a primitive is owned by a live process (see ``processes=``)."""
 
 
 class _Timeout(Exception):
