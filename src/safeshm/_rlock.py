@@ -237,7 +237,7 @@ class SafeRLock(SharedStructure):
         # A held robust mutex must stay mapped while its thread lives (see SafeLock).
         weakref.finalize(self, _keep_mapping_if_held, mutex)
 
-    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:  # noqa: PLR0912 - inlined lock pattern
         """Acquire the lock, like :meth:`threading.RLock.acquire`; re-entrant.
 
         The owning thread gets it again at once (one more level). ``timeout=-1`` and
