@@ -31,7 +31,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from . import _compat
-from ._errors import HolderDiedWarning, SegmentCorruptedError
+from ._errors import HolderDiedWarning, SegmentClosedError, SegmentCorruptedError
 from ._lock import (
     _LIBC_GIL,
     _RECOVERIES_OFFSET,
@@ -56,6 +56,9 @@ _FUTEX_TID_MASK: Final = 0x3FFFFFFF
 _FUTEX_OWNER_DIED: Final = 0x40000000
 _FUTEX_WAITERS: Final = 0x80000000
 _NEVER: Final = math.inf
+WAIT_SLICE: Final = 0.1
+"""The longest single sleep in the kernel: a blocked acquire checks for signals and for
+``close()`` at least this often (a dead owner wakes it at once)."""
 _EAGAIN: Final = 11  # errno.EAGAIN on Linux: the recursion count would overflow
 
 _trylock: Final = _compat.mutex_trylock
@@ -110,9 +113,10 @@ def _recursive_kind() -> int:
 class _RecursiveMutex(RobustMutex):
     """A :class:`RobustMutex` view of a recursive mutex (its own type check)."""
 
-    __slots__ = ()
+    __slots__ = ("_seg",)
 
-    def __init__(self, mm: mmap.mmap, offset: int, what: str) -> None:
+    def __init__(self, mm: mmap.mmap, offset: int, what: str, seg: Segment) -> None:
+        self._seg = seg
         self._target = ctypes.c_char.from_buffer(mm, offset)
         self._p = ctypes.byref(self._target)
         self._words = memoryview(mm)[offset : offset + MUTEX_BLOCK].cast("q")
@@ -128,6 +132,30 @@ class _RecursiveMutex(RobustMutex):
                     f"{what} is damaged: its mutex (type {kind}, owner {tid}) is not a "
                     "robust recursive process-shared mutex"
                 )
+
+    def _wait(self, deadline: float) -> int:
+        # RobustMutex._wait, plus: a handle closed by another thread ends the wait at the
+        # next slice (SegmentClosedError), as the _sync primitives' waits do.
+        ts = _compat.Timespec()
+        pts = ctypes.byref(ts)
+        seg = self._seg
+        while True:
+            if seg.closed:
+                raise SegmentClosedError(f"{self._what} is closed on this handle")
+            now = time.monotonic()
+            if now >= deadline:
+                return _compat.ETIMEDOUT
+            wake = min(deadline, now + WAIT_SLICE)
+            if _compat.mutex_clocklock is not None:
+                frac, whole = math.modf(wake)
+                ts.tv_sec, ts.tv_nsec = int(whole), int(frac * 1e9)
+                rc: int = _compat.mutex_clocklock(self._p, _compat.CLOCK_MONOTONIC, pts)
+            else:  # pragma: no cover - musl / glibc < 2.30
+                frac, whole = math.modf(time.time() + (wake - now))
+                ts.tv_sec, ts.tv_nsec = int(whole), int(frac * 1e9)
+                rc = _compat.mutex_timedlock(self._p, pts)
+            if rc != _compat.ETIMEDOUT:
+                return rc
 
     def depth(self) -> int:
         """The recursion depth of the current holder (0: free; -1: unknown on this libc).
@@ -224,7 +252,7 @@ class SafeRLock(SharedStructure):
 
     def _bind(self, mm: mmap.mmap) -> None:
         what = f"SafeRLock {self._seg.name!r}"
-        mutex = _RecursiveMutex(mm, HEADER_SIZE, what)
+        mutex = _RecursiveMutex(mm, HEADER_SIZE, what, self._seg)
         self._mutex = self._unlocker = mutex
         self._hot = (mutex.pointer, mutex)
         release = _LIBC_GIL["pthread_mutex_unlock"]
