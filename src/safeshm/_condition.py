@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import mmap
 import operator
+import os
 import threading
 import time
 import warnings
@@ -57,6 +58,8 @@ WAITER_SLOTS: Final = 256
 SLOT_WORDS: Final = 4
 _INFO_SIZE: Final = 128
 _LAST_TICKET: Final = 0  # state word
+_HIGH: Final = 1  # state word: slots ever used (a bound for scans; raised before a slot's
+#                   commit, never lowered, so every taken slot lies below it)
 _NEVER: Final = float("inf")
 
 
@@ -157,7 +160,7 @@ class SafeCondition(SyncPrimitive):
                 words.release()
                 mm[offset + 24 : offset + 24 + len(lock_name)] = lock_name
 
-            seg = cls._create_segment(name, (0,), processes=processes, init_extra=init)
+            seg = cls._create_segment(name, (0, 0), processes=processes, init_extra=init)
         except BaseException:
             if owned:
                 the_lock.close()
@@ -328,6 +331,9 @@ class SafeCondition(SyncPrimitive):
         rec = self._record()
         slot = self._free_slot()
         ticket = w[_LAST_TICKET] + 1
+        high = (slot - self._slot0) // SLOT_WORDS + 1
+        if high > w[_HIGH]:  # noqa: PLR1730 - plain stores, no call (async-exception rule)
+            w[_HIGH] = high
         w[slot + 1] = rec
         w[slot + 2] = _compat.pid
         w[slot + 3] = threading.get_native_id()
@@ -357,7 +363,7 @@ class SafeCondition(SyncPrimitive):
         rec = w[i + 1]
         if not 0 <= rec < len(w) - R_NS or w[rec + R_PID] != pid:
             return False  # its record was reaped (or damaged): the process is gone
-        return _compat.process_alive(int(pid), int(w[rec + R_START]), int(w[rec + R_NS]))
+        return _alive(int(pid), int(w[rec + R_START]), int(w[rec + R_NS]))
 
     def _free_dead_slots(self) -> None:
         w = self._w
@@ -453,11 +459,8 @@ class SafeCondition(SyncPrimitive):
         """Mark the ``n`` oldest live waiting slots notified; free dead ones. Holding the
         internal mutex. How many were notified."""
         w = self._w
-        waiting = sorted(
-            (w[i], i)
-            for i in range(self._slot0, self._slot0 + WAITER_SLOTS * SLOT_WORDS, SLOT_WORDS)
-            if w[i] > 0
-        )
+        end = self._slot0 + min(WAITER_SLOTS, max(0, w[_HIGH])) * SLOT_WORDS
+        waiting = sorted((w[i], i) for i in range(self._slot0, end, SLOT_WORDS) if w[i] > 0)
         done = 0
         for ticket, i in waiting:
             if done >= n:
@@ -492,6 +495,34 @@ class SafeCondition(SyncPrimitive):
     def _repr_fields(self) -> str:
         s = self.statistics()
         return f"lock={s.lock_name!r}, waiters={s.waiters}"
+
+
+_verified: dict[tuple[int, int], float] = {}
+_REVERIFY: Final = 1.0
+
+
+def _alive(pid: int, start: int, ns: int) -> bool:
+    """``_compat.process_alive``, with the /proc start-time read done at most once a second
+    per process: in between, ``kill(pid, 0)`` alone (a pid is not reused within a second
+    of its process's death: Linux hands pids out cyclically)."""
+    key = (pid, start)
+    seen = _verified.get(key)
+    now = time.monotonic()
+    if seen is not None and now - seen < _REVERIFY:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            del _verified[key]
+            return False
+        except PermissionError:  # pragma: no cover
+            pass
+        return True
+    alive = _compat.process_alive(pid, start, ns)
+    if alive:
+        if len(_verified) > 1024:  # pragma: no cover - many processes over time
+            _verified.clear()
+        _verified[key] = now
+    return alive
 
 
 def _leave_held(w: memoryview, slot: int, ticket: int) -> bool:
