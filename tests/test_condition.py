@@ -343,3 +343,30 @@ def test_producers_and_consumers_across_processes(method: str, cond: SafeConditi
             assert [p.exitcode for p in procs] == [0] * len(procs)
         assert list(state) == [0, total, total, 0]
     assert cond.statistics().waiters == 0
+
+
+def test_open_creates_then_attaches_to_the_same_lock() -> None:
+    name = f"cond-open-{os.getpid()}"
+    a = SafeCondition.open(name)
+    b = SafeCondition.open(name)
+    try:
+        assert a.lock.name == b.lock.name and b.statistics().owns_lock
+        with a:
+            assert b.lock.locked()
+            assert b.acquire(False)  # the same thread: re-entrant
+            b.release()
+    finally:
+        b.close()
+        a.close()
+        a.unlink()
+    with pytest.raises(safeshm.SegmentNotFoundError):
+        SafeRLock.attach(a.lock.name)
+
+
+def test_negative_timeout_does_not_wait(cond: SafeCondition) -> None:
+    with cond:
+        t0 = time.monotonic()
+        assert cond.wait(-1) is False
+        assert cond.wait(0) is False
+        assert time.monotonic() - t0 < PROMPT / 5
+    assert cond.statistics().waiters == 0

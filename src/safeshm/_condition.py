@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import mmap
 import operator
 import os
@@ -37,10 +38,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 from . import _compat
-from ._errors import SegmentCorruptedError
+from ._errors import SegmentCorruptedError, SegmentNotFoundError
 from ._lock import SafeLock, _CLevel
 from ._rlock import SafeRLock
-from ._segment import NAME_MAX, Kind
+from ._segment import NAME_MAX, Kind, validate_name
 from ._sync import (
     R_NS,
     R_PID,
@@ -199,8 +200,24 @@ class SafeCondition(SyncPrimitive):
 
     @classmethod
     def open(cls, name: str) -> Self:
-        """Attach to the condition ``name``, creating it (over a new SafeRLock) if needed."""
-        return cls._open_segment(name, lambda: cls.create(name=name))
+        """Attach to the condition ``name``, creating it (over a new SafeRLock that it
+        owns) if needed. Race-free: the create is exclusive, and a loser attaches."""
+        validate_name(name)
+        for _ in range(100):
+            try:
+                made = cls.create(name=name)
+            except FileExistsError:
+                pass
+            else:
+                made._unlink_on_exit = False
+                return made
+            try:
+                return cls.attach(name)
+            except FileNotFoundError:  # unlinked in between (or its lock was): try again
+                continue
+        raise SegmentNotFoundError(  # pragma: no cover - pathological churn
+            errno.ENOENT, f"SafeCondition {name!r} kept vanishing while being opened"
+        )
 
     @classmethod
     def _from_segment(cls, seg: Any) -> Self:
@@ -310,6 +327,8 @@ class SafeCondition(SyncPrimitive):
                 held again on return).
         """
         deadline = deadline_of(timeout)
+        if timeout is not None and timeout < 0:
+            deadline = 0.0  # as threading: a negative timeout does not wait
         if not self._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
         slot = ticket = saved = 0
