@@ -58,13 +58,13 @@ class SafeConditionTests(lock_tests.ConditionTests):
         lock = self.made.lock()  # upstream: threading.Lock()
         cond = self.condtype(lock)
         cond.acquire()
-        self.assertFalse(_elsewhere(lock.acquire, False))
+        assert not _elsewhere(lock.acquire, False)
         cond.release()
-        self.assertTrue(lock.acquire(False))
-        self.assertFalse(_elsewhere(cond.acquire, False))
+        assert lock.acquire(False)
+        assert not _elsewhere(cond.acquire, False)
         lock.release()
         with cond:
-            self.assertFalse(_elsewhere(lock.acquire, False))
+            assert not _elsewhere(lock.acquire, False)
 
 
 def _elsewhere(f: Any, *args: Any) -> Any:

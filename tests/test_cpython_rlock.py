@@ -12,6 +12,8 @@ import contextlib
 import threading
 import time
 
+import pytest
+
 from safeshm._rlock import SafeRLock
 
 from .cpython import lock_tests
@@ -51,16 +53,18 @@ class SafeRLockTests(lock_tests.RLockTests):
 
     def test_timeout(self) -> None:
         lock = self.locktype()
-        self.assertRaises(ValueError, lock.acquire, False, 1)
-        self.assertRaises(ValueError, lock.acquire, timeout=-100)
+        with pytest.raises(ValueError, match="non-blocking"):
+            lock.acquire(False, 1)
+        with pytest.raises(ValueError, match="non-negative"):
+            lock.acquire(timeout=-100)
         # Upstream: OverflowError for 1e100 and TIMEOUT_MAX + 1. safeshm: forever.
-        self.assertTrue(lock.acquire(timeout=1e100))
+        assert lock.acquire(timeout=1e100)
         lock.release()
-        self.assertTrue(lock.acquire(timeout=threading.TIMEOUT_MAX))
+        assert lock.acquire(timeout=threading.TIMEOUT_MAX)
         lock.release()
         t1 = time.monotonic()
-        self.assertTrue(lock.acquire(timeout=5))
-        self.assertLess(time.monotonic() - t1, 5)
+        assert lock.acquire(timeout=5)
+        assert time.monotonic() - t1 < 5
         results: list[object] = []
 
         def f() -> None:
@@ -70,5 +74,5 @@ class SafeRLockTests(lock_tests.RLockTests):
 
         with lock_tests.Bunch(f, 1):
             pass
-        self.assertFalse(results[0])
+        assert not results[0]
         self.assertTimeout(results[1], 0.5)

@@ -26,6 +26,7 @@ inside ``wait()`` never swallows a notification meant for the living.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import mmap
@@ -34,13 +35,13 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 from . import _compat
 from ._errors import SegmentCorruptedError, SegmentNotFoundError
 from ._lock import SafeLock, _CLevel
-from ._rlock import SafeRLock
+from ._rlock import SafeRLock, unlock_n
 from ._segment import NAME_MAX, Kind, validate_name
 from ._sync import (
     R_NS,
@@ -297,12 +298,18 @@ class SafeCondition(SyncPrimitive):
             return lock._is_owned()
         return lock._mutex.held_here()
 
-    def _release_save(self) -> int:
+    def _depth(self) -> int:
         lock = self._lock
         if isinstance(lock, SafeRLock):
-            return lock._release_save()
-        lock.release()
+            return lock._mutex.depth()
         return 1
+
+    def _release_all(self, depth: int) -> None:
+        lock = self._lock
+        if isinstance(lock, SafeRLock):
+            unlock_n([lock._mutex.pointer] * depth)  # one C call
+        else:
+            lock.release()
 
     def _acquire_restore(self, saved: int) -> None:
         lock = self._lock
@@ -331,19 +338,35 @@ class SafeCondition(SyncPrimitive):
             deadline = 0.0  # as threading: a negative timeout does not wait
         if not self._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
-        slot = ticket = saved = 0
+        # Async-exception safe (first order: one exception per call, as _lock's rule):
+        # - the lock's owner word, not a variable set after a call, tells the finally
+        #   whether the lock must be taken back; if so, it is taken back at full depth in
+        #   ONE C-level call (``list`` over a prepared ``map`` of lock calls), so that an
+        #   exception that cut the normal restore short cannot leave it free;
+        # - the slot is found by (pid, thread) when an exception came between its claim
+        #   and ``slot, ticket = `` (see _forget).
+        depth = self._depth()
+        mutex = self._lock._mutex
+        owner, me = mutex.owner, threading.get_native_id()
+        relock = _lock_calls(mutex.pointer, depth)
+        slot = ticket = 0
         try:
             with self._section():
                 slot, ticket = self._enqueue()
-            saved = self._release_save()
+            self._release_all(depth)
             try:
                 with self._section(deadline):
-                    return self._await(slot, ticket, deadline)
+                    got = self._await(slot, ticket, deadline)
             except _Timeout:  # a stopped process holds the internal mutex past our deadline
-                return self._leave(slot, ticket)
+                got = self._leave(slot, ticket)
+            self._acquire_restore(depth)  # interruptible (Ctrl-C while the lock is busy)
+            return got
         finally:
-            if saved:
-                self._acquire_restore(saved)
+            if owner[0] & _FUTEX_TID_MASK != me:
+                rcs = list(relock)
+                if rcs[0] == _compat.EOWNERDEAD:
+                    mutex._recover()
+            self._forget(slot, ticket)
 
     def _enqueue(self) -> tuple[int, int]:
         w = self._w
@@ -408,6 +431,19 @@ class SafeCondition(SyncPrimitive):
         while w[slot] == ticket:
             if not self._sleep(deadline):
                 return
+
+    def _forget(self, slot: int, ticket: int) -> None:
+        """After a wait: make sure its slot is free (normally it is already)."""
+        if self._seg.closed:
+            return  # _await freed it on its way out (see there)
+        if slot:
+            t = self._w[slot]
+            if t in (ticket, -ticket):
+                self._leave(slot, ticket)
+            return
+        # The exception came between the claim and its result's store: find ours.
+        with self._section():
+            _free_mine(self._w, self._slot0, threading.get_native_id())
 
     def _leave(self, slot: int, ticket: int) -> bool:
         with self._section():
@@ -514,6 +550,31 @@ class SafeCondition(SyncPrimitive):
     def _repr_fields(self) -> str:
         s = self.statistics()
         return f"lock={s.lock_name!r}, waiters={s.waiters}"
+
+
+_FUTEX_TID_MASK: Final = 0x3FFFFFFF
+_FOREVER: Final = ctypes.byref(_compat.Timespec(2**31 - 1, 0))
+_FOREVER_REALTIME: Final = ctypes.byref(_compat.Timespec(2**62, 0))
+
+
+def _lock_calls(p: Any, depth: int) -> Iterator[int]:
+    """A lazy ``map`` that locks the mutex at ``p`` ``depth`` times, waiting as long as it
+    takes (the first call blocks, the others re-enter); run with ``list()``: one C call."""
+    clock = _compat.CLOCK_MONOTONIC
+    if _compat.mutex_clocklock is not None:
+        return map(_compat.mutex_clocklock, [p] * depth, [clock] * depth, [_FOREVER] * depth)
+    return map(  # pragma: no cover - glibc < 2.30
+        _compat.mutex_timedlock, [p] * depth, [_FOREVER_REALTIME] * depth
+    )
+
+
+def _free_mine(w: memoryview, slot0: int, tid: int) -> None:
+    """Free the slot of thread ``tid`` of this process, if one is taken (holding the
+    internal mutex)."""
+    end = slot0 + min(WAITER_SLOTS, max(0, w[_HIGH])) * SLOT_WORDS
+    for i in range(slot0, end, SLOT_WORDS):
+        if w[i] and w[i + 2] == _compat.pid and w[i + 3] == tid:
+            w[i] = 0
 
 
 _verified: dict[tuple[int, int], float] = {}
