@@ -301,7 +301,13 @@ class SafeCondition(SyncPrimitive):
     def _depth(self) -> int:
         lock = self._lock
         if isinstance(lock, SafeRLock):
-            return lock._mutex.depth()
+            depth = lock._mutex.depth()
+            if depth < 0:  # pragma: no cover - not glibc
+                raise NotImplementedError(
+                    "SafeCondition over a SafeRLock needs the C library's recursion count "
+                    "(glibc); use a SafeLock"
+                )
+            return depth
         return 1
 
     def _release_all(self, depth: int) -> None:

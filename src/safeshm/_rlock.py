@@ -391,6 +391,8 @@ Raises:
         if not mutex.held_here():
             raise RuntimeError("cannot release un-acquired lock")
         depth = mutex.depth()
+        if depth < 0:  # pragma: no cover - not glibc
+            raise NotImplementedError("the recursion depth is unknown on this C library")
         unlock_n([p] * depth)
         return depth
 
