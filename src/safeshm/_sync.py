@@ -40,6 +40,7 @@ import operator
 import struct
 import time
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from . import _compat
@@ -220,6 +221,10 @@ class SyncPrimitive(SharedStructure):
     _exit_c: Any
     _nrec: int
     _mine: tuple[int, int]  # (pid, word index of this process's record), (0, -1): none yet
+    _EXTRA_SIZE: ClassVar[int] = 0
+    """Bytes a subclass keeps after the holder records (its own region, fixed per class;
+    it starts at ``self._extra_offset``)."""
+    _extra_offset: int
 
     # -- building ----------------------------------------------------------------------
     @classmethod
@@ -230,9 +235,12 @@ class SyncPrimitive(SharedStructure):
         *,
         processes: int | None = None,
         flags: int = 0,
+        init_extra: Callable[[mmap.mmap, int], None] | None = None,
     ) -> Segment:
         """A new segment with ``state`` in the first state words and ``processes``
-        holder records (default :data:`DEFAULT_PROCESSES`)."""
+        holder records (default :data:`DEFAULT_PROCESSES`); ``init_extra(mm, offset)``
+        fills the subclass's region (``_EXTRA_SIZE`` bytes at ``offset``) before the
+        segment is published."""
         nrec = DEFAULT_PROCESSES if processes is None else processes
         if isinstance(nrec, bool) or not isinstance(nrec, int):
             raise TypeError(f"processes must be an int, not {type(nrec).__name__}")
@@ -244,12 +252,14 @@ class SyncPrimitive(SharedStructure):
         def init(mm: mmap.mmap) -> None:
             init_mutex(mm, MUTEX_OFFSET)
             struct.pack_into(f"={len(state)}q", mm, STATE_OFFSET, *state)
+            if init_extra is not None:
+                init_extra(mm, RECORDS_OFFSET + nrec * RECORD_SIZE)
 
         return Segment.create(
             name,
             kind=cls._KIND,
             layout=cls._LAYOUT,
-            payload_size=RECORDS_OFFSET - HEADER_SIZE + nrec * RECORD_SIZE,
+            payload_size=RECORDS_OFFSET - HEADER_SIZE + nrec * RECORD_SIZE + cls._EXTRA_SIZE,
             init=init,
             params=_PARAMS.pack(nrec),
             flags=flags,
@@ -258,13 +268,14 @@ class SyncPrimitive(SharedStructure):
     def _bind(self, mm: mmap.mmap) -> None:
         (nrec,) = _PARAMS.unpack_from(self._seg.header.params)
         if not 1 <= nrec <= MAX_PROCESSES or (
-            RECORDS_OFFSET + nrec * RECORD_SIZE != self._seg.header.total_size
+            RECORDS_OFFSET + nrec * RECORD_SIZE + self._EXTRA_SIZE != self._seg.header.total_size
         ):
             raise SegmentCorruptedError(
                 f"{self._what} is damaged: {nrec} holder records do not fit its "
                 f"{self._seg.header.total_size} bytes"
             )
         self._nrec = nrec
+        self._extra_offset = RECORDS_OFFSET + nrec * RECORD_SIZE
         self._mutex = RobustMutex(mm, MUTEX_OFFSET, self._what, held=False)
         self._exit_c = _section_exit(self._mutex, self._what)
         self._w = memoryview(mm)[STATE_OFFSET:].cast("q")
