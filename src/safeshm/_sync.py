@@ -332,11 +332,13 @@ class SyncPrimitive(SharedStructure):
 
     def _reap(self) -> int:
         """Free the records of dead processes (after :meth:`_holder_died`); how many.
-        Holding the mutex. Warns with :class:`HolderDiedWarning` for each that held
-        something."""
+        Holding the mutex. Runs :meth:`_rederive` when any died, then warns with
+        :class:`HolderDiedWarning` for each that held something (last: a warning turned
+        into an error leaves every dead record freed and the derived words right)."""
         w = self._w
         me = _compat.pid
         died = 0
+        told: list[str] = []
         for k in range(self._nrec):
             i = STATE_WORDS + k * RECORD_WORDS
             owner = w[i + R_PID]
@@ -351,12 +353,16 @@ class SyncPrimitive(SharedStructure):
             w[i + R_PID] = 0
             died += 1
             if any(counts):
-                warnings.warn(
+                told.append(
                     f"{self._what}: process {owner} died holding "
-                    f"{self._describe_counts(counts)}; released",
-                    HolderDiedWarning,
-                    stacklevel=4,
+                    f"{self._describe_counts(counts)}; released"
                 )
+        if died:
+            # Before any warning: one turned into an error must not leave the derived
+            # words counting the dead (the caller's own _rederive would be skipped).
+            self._rederive()
+        for message in told:
+            warnings.warn(message, HolderDiedWarning, stacklevel=4)
         return died
 
     def _describe_counts(self, counts: tuple[int, ...]) -> str:
