@@ -247,9 +247,12 @@ class SafeRWLock(SyncPrimitive):
         try:
             with self._section(max(deadline, time.monotonic() + _GRACE)):
                 rec = self._record()
-                if not mine and (w[_WPID] or w[_WWAIT]):
-                    if deadline <= time.monotonic() or not self._wait_read(rec, deadline):
-                        return False
+                if (
+                    not mine
+                    and (w[_WPID] or w[_WWAIT])
+                    and not self._wait(rec, deadline, _free_for_reader, _C_RWAIT, _RWAIT)
+                ):
+                    return False
                 # Commit (the record's count), then the derived total and this thread's
                 # count: plain stores, which no signal handler can interrupt.
                 w[rec + _C_READ] += 1
@@ -263,21 +266,6 @@ class SafeRWLock(SyncPrimitive):
                 self._release_read(reads, key)
             raise
         return True
-
-    def _wait_read(self, rec: int, deadline: float) -> bool:
-        w = self._w
-        w[rec + _C_RWAIT] += 1
-        w[_RWAIT] += 1
-        tid = threading.get_native_id()
-        owner = self._mutex.owner
-        try:
-            return self._wait_until(_free_for_reader, deadline)
-        finally:
-            if owner[0] & _FUTEX_TID_MASK == tid:
-                w[rec + _C_RWAIT] -= 1
-                w[_RWAIT] -= 1
-            else:  # the relock gave up at the deadline: undo once the mutex is free
-                self._undo_later(rec + _C_RWAIT, _RWAIT)
 
     def release_read(self) -> None:
         """Give back one read hold of the calling thread.
@@ -349,9 +337,10 @@ class SafeRWLock(SyncPrimitive):
         try:
             with self._section(max(deadline, time.monotonic() + _GRACE)):
                 rec = self._record()
-                if w[_WPID] or w[_READERS]:
-                    if deadline <= time.monotonic() or not self._wait_write(rec, deadline):
-                        return False
+                if (w[_WPID] or w[_READERS]) and not self._wait(
+                    rec, deadline, _free_for_writer, _C_WWAIT, _WWAIT
+                ):
+                    return False
                 w[_WTID] = tid
                 w[_WPID] = pid
                 w[rec + _C_WRITE] = 1  # the commit (a dead writer's record releases it)
@@ -363,29 +352,6 @@ class SafeRWLock(SyncPrimitive):
                 self._release_write()
             raise
         return True
-
-    def _wait_write(self, rec: int, deadline: float) -> bool:
-        w = self._w
-        w[rec + _C_WWAIT] += 1
-        w[_WWAIT] += 1
-        tid = threading.get_native_id()
-        owner = self._mutex.owner
-        seq = self._seq
-        ok = False
-        try:
-            ok = self._wait_until(_free_for_writer, deadline)
-            return ok
-        finally:
-            if owner[0] & _FUTEX_TID_MASK == tid:
-                w[rec + _C_WWAIT] -= 1
-                w[_WWAIT] -= 1
-                # The last waiting writer gave up (a timeout, an exception): readers that
-                # waited behind it may go.
-                if not ok and not w[_WWAIT] and w[_RWAIT] and not w[_WPID]:
-                    seq[0] = (seq[0] + 1) & _SEQ_MASK
-                    self._wake_all()
-            else:
-                self._undo_later(rec + _C_WWAIT, _WWAIT)
 
     def release_write(self) -> None:
         """Release the write lock held by the calling thread.
@@ -435,23 +401,60 @@ class SafeRWLock(SyncPrimitive):
         return _Hold(self, True, timeout)
 
     # -- waiting and recovery ------------------------------------------------------------------
-    def _wait_until(self, free: Any, deadline: float) -> bool:
-        """Sleep until ``free(words)``; reap dead holders first and once per slice.
-        Holding the mutex (again on return, unless the relock raised ``_Timeout``)."""
+    def _wait(self, rec: int, deadline: float, free: Any, mine: int, total: int) -> bool:
+        """Wait (holding the mutex) until ``free(words)`` or ``deadline``; whether it is.
+
+        Reaps dead holders first (also for ``blocking=False``: a dead holder never keeps a
+        try-acquire out), then registers as a waiter (count word ``mine`` of the record,
+        derived total ``total``: waiting writers are what keeps new readers out) and
+        sleeps, reaping again at least once per slice. Holds the mutex on return, unless
+        the relock raised ``_Timeout``.
+        """
         w = self._w
-        reaped = -_NEVER
+        self._reap_dead()
+        if free(w):
+            return True
+        if deadline <= time.monotonic():
+            return False
+        tid = threading.get_native_id()
+        owner = self._mutex.owner
+        seq = self._seq
+        ok = False
+        w[rec + mine] += 1  # the commit
+        w[total] += 1
+        try:
+            ok = self._wait_until(free, deadline)
+            return ok
+        finally:
+            if owner[0] & _FUTEX_TID_MASK == tid:
+                w[rec + mine] -= 1
+                w[total] -= 1
+                # The last waiting writer gave up (a timeout, an exception): readers that
+                # waited behind it may go.
+                if not ok and total == _WWAIT and not w[_WWAIT] and w[_RWAIT] and not w[_WPID]:
+                    seq[0] = (seq[0] + 1) & _SEQ_MASK
+                    self._wake_all()
+            else:  # the relock gave up at the deadline: undo once the mutex is free
+                self._undo_later(rec + mine, total)
+
+    def _reap_dead(self) -> None:
+        if self._reap():
+            self._rederive()
+            self._bump()
+            self._wake_all()  # others may go too (woken threads queue on the mutex)
+
+    def _wait_until(self, free: Any, deadline: float) -> bool:
+        w = self._w
+        reaped = time.monotonic()
         while True:
+            if not self._sleep(deadline):
+                return False
             now = time.monotonic()
             if now - reaped >= WAIT_SLICE:
                 reaped = now
-                if self._reap():
-                    self._rederive()
-                    self._bump()
-                    self._wake_all()  # others may go too (woken threads queue on the mutex)
+                self._reap_dead()
             if free(w):
                 return True
-            if not self._sleep(deadline):
-                return False
 
     def _undo_later(self, record_word: int, total_word: int) -> None:
         """A wait ended without the mutex (its relock gave up at the deadline, a stuck
