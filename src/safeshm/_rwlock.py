@@ -28,6 +28,7 @@ belongs to the thread that took it. Re-entrancy:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
@@ -35,8 +36,8 @@ import time
 from typing import Any, Final, Self
 
 from . import _compat
-from ._errors import LockNotHeldError, LockReentryError, LockTimeoutError
-from ._lock import _FUTEX_TID_MASK
+from ._errors import LockNotHeldError, LockReentryError, LockTimeoutError, SafeShmError
+from ._lock import _FUTEX_TID_MASK, RECOVERED
 from ._segment import Kind
 from ._sync import (
     _SEQ_MASK,
@@ -457,22 +458,28 @@ class SafeRWLock(SyncPrimitive):
                 return True
 
     def _undo_later(self, record_word: int, total_word: int) -> None:
-        """A wait ended without the mutex (its relock gave up at the deadline, a stuck
-        holder): take back its registration once the mutex is free, in a thread of its own,
-        so that the caller's timeout is not stretched."""
+        """A wait ended without the mutex (its relock gave up at the deadline: a stuck
+        holder): take back its registration once the mutex is free, in a thread of its
+        own, so that the caller's timeout is not stretched. Uses the views as they are
+        now, so that it also works if the handle is closed meanwhile."""
+        m = self._mutex
         w = self._w
-        pid = _compat.pid
+        seq = self._seq
+        sleepers = self._sleepers
+        seq_ptr = self._seq_ptr
 
         def undo() -> None:
+            if m.acquire() == RECOVERED:
+                with contextlib.suppress(SafeShmError):  # closed meanwhile
+                    self._recovered()
             try:
-                with self._section():
-                    if self._mine[0] == pid:  # not reaped meanwhile (it cannot be: we live)
-                        w[record_word] -= 1
-                        w[total_word] -= 1
-                        self._bump()
-                self._wake_all()
-            except Exception:  # noqa: BLE001 - closed meanwhile: nothing left to do
-                pass
+                w[record_word] -= 1  # this process lives: its record is still its own
+                w[total_word] -= 1
+                seq[0] = (seq[0] + 1) & _SEQ_MASK
+            finally:
+                m.release()
+            if sleepers[0]:
+                _compat.futex_wake_call(_compat.SYS_FUTEX, seq_ptr, _compat.FUTEX_WAKE, 0x7FFFFFFF)
 
         threading.Thread(target=undo, name="safeshm-rwlock-undo", daemon=True).start()
 
