@@ -59,7 +59,7 @@ def _in_thread(fn: Any, *args: Any) -> Any:
     return value
 
 
-# -- basics --------------------------------------------------------------------------------------
+# -- basics ----------------------------------------------------------------------------------------
 def test_many_readers_or_one_writer(rw: SafeRWLock) -> None:
     assert rw.acquire_read()
     assert _in_thread(rw.acquire_read, False)  # a second reader (another thread)
@@ -112,7 +112,7 @@ def _enter_raises(cm: Any) -> bool:
         return True
 
 
-# -- re-entrancy and ownership ----------------------------------------------------------------------
+# -- re-entrancy and ownership ---------------------------------------------------------------------
 def test_reentry_is_an_error_not_a_deadlock(rw: SafeRWLock, cleanup: Any) -> None:
     other = cleanup(SafeRWLock.attach(rw.name))  # another handle: same thread, same lock
     with rw.write():
@@ -189,16 +189,16 @@ def test_fork_child_holds_nothing(rw: SafeRWLock) -> None:
         assert rw.statistics().readers == 1
 
 
-# -- bad input ---------------------------------------------------------------------------------------
+# -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["acquire_read", "acquire_write"])
 def test_bad_input_is_refused_and_changes_nothing(rw: SafeRWLock, method: str) -> None:
     before = rw.statistics()
     fn = getattr(rw, method)
     with pytest.raises(ValueError, match="non-blocking"):
         fn(False, 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="non-negative"):
         fn(True, -2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="non-negative"):
         fn(timeout=float("nan"))
     with pytest.raises(TypeError):
         fn(timeout="1")
@@ -206,7 +206,7 @@ def test_bad_input_is_refused_and_changes_nothing(rw: SafeRWLock, method: str) -
         fn(timeout=True)
     with pytest.raises(TypeError):
         rw.read("1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="non-negative"):
         rw.write(-1.0)
     assert rw.statistics() == before
 
@@ -243,7 +243,7 @@ def test_attach_wrong_kind(cleanup: Any) -> None:
         SafeRWLock.attach(lock.name)
 
 
-# -- lifecycle ---------------------------------------------------------------------------------------
+# -- lifecycle -------------------------------------------------------------------------------------
 def test_attach_open_and_pickle_by_reference(rw: SafeRWLock, cleanup: Any, name: str) -> None:
     same = cleanup(pickle.loads(pickle.dumps(rw)))
     assert isinstance(same, SafeRWLock)
@@ -271,7 +271,7 @@ def test_close_from_another_thread_wakes_the_waiter(rw: SafeRWLock, cleanup: Any
         with getattr(other, blocker)():
             box: list[Any] = []
 
-            def wait(h: SafeRWLock = waiting, m: str = waiter) -> None:
+            def wait(h: SafeRWLock = waiting, m: str = waiter, box: list[Any] = box) -> None:
                 try:
                     box.append(getattr(h, m)())
                 except SegmentClosedError as e:
@@ -289,7 +289,7 @@ def test_close_from_another_thread_wakes_the_waiter(rw: SafeRWLock, cleanup: Any
         assert (s.waiting_readers, s.waiting_writers, s.readers, s.writer_pid) == (0, 0, 0, None)
 
 
-# -- timeouts ----------------------------------------------------------------------------------------
+# -- timeouts --------------------------------------------------------------------------------------
 def test_timeouts(rw: SafeRWLock) -> None:
     with rw.read():
         t0 = time.monotonic()
@@ -359,7 +359,7 @@ def _until(cond: Any, timeout: float = PROMPT) -> None:
         time.sleep(0.005)
 
 
-# -- death of a holder -------------------------------------------------------------------------------
+# -- death of a holder -----------------------------------------------------------------------------
 def _take_and_report(rw: SafeRWLock, how: str, conn: Any) -> None:
     if how == "read":
         rw.acquire_read()
@@ -467,7 +467,7 @@ def test_warning_as_error_leaves_the_lock_consistent(rw: SafeRWLock) -> None:
         pass
 
 
-# -- multi-process stress ------------------------------------------------------------------------------
+# -- multi-process stress --------------------------------------------------------------------------
 # Shared counters (a SafeArray of int64): in-read, in-write, violations, then the pattern.
 _IN_READ, _IN_WRITE, _BAD = 0, 1, 2
 _PATTERN = 3
@@ -570,7 +570,7 @@ def _hand_over(rw: SafeRWLock, n: int, conn: Any) -> None:
 def test_no_lost_wakeups(rw: SafeRWLock) -> None:
     # Two processes hand the lock back and forth as fast as they can; a lost wake-up
     # would show as a wait of a whole 0.1 s slice, and 300 of them would not fit.
-    r, w = CTX.Pipe(duplex=False)
+    _r, w = CTX.Pipe(duplex=False)
     procs = [CTX.Process(target=_hand_over, args=(rw, 300, w), daemon=True) for _ in range(2)]
     t0 = time.monotonic()
     for p in procs:
@@ -581,7 +581,7 @@ def test_no_lost_wakeups(rw: SafeRWLock) -> None:
     assert time.monotonic() - t0 < 15
 
 
-# -- a state machine against a plain model, with a handle in another process ----------------------------
+# -- a state machine against a plain model, with a handle in another process -----------------------
 def _serve_rw(conn: multiprocessing.connection.Connection) -> None:
     handles: dict[str, SafeRWLock] = {}
     while True:

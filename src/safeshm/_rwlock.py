@@ -116,7 +116,7 @@ class RWLockStatistics:
     creator_pid: int
 
 
-class _Hold:
+class RWLockHold:
     """``with rw.read():`` / ``with rw.write(timeout=1.0):`` (see :meth:`SafeRWLock.read`)."""
 
     __slots__ = ("_acquire", "_release", "_rw", "_timeout", "_what")
@@ -166,8 +166,8 @@ class SafeRWLock(SyncPrimitive):
     _LAYOUT = 1
 
     _key: tuple[int, int]
-    _read_cm: _Hold
-    _write_cm: _Hold
+    _read_cm: RWLockHold
+    _write_cm: RWLockHold
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -205,8 +205,8 @@ class SafeRWLock(SyncPrimitive):
     def _bind(self, mm: Any) -> None:
         super()._bind(mm)
         self._key = self._seg.dev_ino
-        self._read_cm = _Hold(self, False, None)
-        self._write_cm = _Hold(self, True, None)
+        self._read_cm = RWLockHold(self, False, None)
+        self._write_cm = RWLockHold(self, True, None)
 
     # -- reading ---------------------------------------------------------------------------
     def acquire_read(self, blocking: bool = True, timeout: float | None = -1) -> bool:
@@ -377,7 +377,7 @@ class SafeRWLock(SyncPrimitive):
         self._wake_all()
 
     # -- context managers --------------------------------------------------------------------
-    def read(self, timeout: float | None = None) -> _Hold:
+    def read(self, timeout: float | None = None) -> RWLockHold:
         """``with rw.read():`` -- hold a read lock for a block; ``with rw.read(2.0):``
         waits at most 2 seconds.
 
@@ -387,9 +387,9 @@ class SafeRWLock(SyncPrimitive):
         if timeout is None:
             return self._read_cm
         check_timeout(timeout)
-        return _Hold(self, False, timeout)
+        return RWLockHold(self, False, timeout)
 
-    def write(self, timeout: float | None = None) -> _Hold:
+    def write(self, timeout: float | None = None) -> RWLockHold:
         """``with rw.write():`` -- hold the write lock for a block; ``with
         rw.write(2.0):`` waits at most 2 seconds.
 
@@ -399,7 +399,7 @@ class SafeRWLock(SyncPrimitive):
         if timeout is None:
             return self._write_cm
         check_timeout(timeout)
-        return _Hold(self, True, timeout)
+        return RWLockHold(self, True, timeout)
 
     # -- waiting and recovery ------------------------------------------------------------------
     def _wait(self, rec: int, deadline: float, free: Any, mine: int, total: int) -> bool:
@@ -557,4 +557,4 @@ def _free_for_writer(w: Any) -> bool:
     return not w[_WPID] and not w[_READERS]
 
 
-__all__ = ["RWLockStatistics", "SafeRWLock"]
+__all__ = ["RWLockHold", "RWLockStatistics", "SafeRWLock"]
