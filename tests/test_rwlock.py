@@ -30,6 +30,7 @@ from safeshm._rwlock import SafeRWLock
 from safeshm._sync import ProcessTableFullError
 
 from ._helpers import JOIN_TIMEOUT, PROMPT, Remote, kill_and_reap
+from .cpython import lock_tests
 
 CTX = multiprocessing.get_context("fork")
 
@@ -692,3 +693,62 @@ class RWLockMachine(RuleBasedStateMachine):
 
 
 TestRWLockMachine = RWLockMachine.TestCase
+
+
+# -- CPython's lock_tests, against the write side -------------------------------------------------
+class _WriteSide:
+    """The write side of a SafeRWLock as a plain lock, for CPython's BaseLockTests."""
+
+    def __init__(self, rw: SafeRWLock) -> None:
+        self.rw = rw
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self.rw.acquire_write(blocking, timeout)
+
+    def release(self) -> None:
+        self.rw.release_write()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class TestCPythonBaseLockTestsOnTheWriteSide(lock_tests.BaseLockTests):
+    """There is no read-write lock in CPython's suite; its BaseLockTests hold for the write
+    side (one holder at a time, threading's acquire signature and timeouts). LockTests'
+    own tests do not apply: they re-acquire from the holding thread (a LockReentryError
+    here) or release from another thread (the write lock is owned: LockNotHeldError)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        made: list[SafeRWLock] = []
+
+        def cleanup() -> None:
+            for h in made:
+                with contextlib.suppress(Exception):
+                    h.close()
+                h.unlink()
+
+        self.addCleanup(cleanup)
+
+        def make() -> _WriteSide:
+            made.append(SafeRWLock.create())
+            return _WriteSide(made[-1])
+
+        self.locktype = make  # type: ignore[method-assign]
+
+    def test_repr(self) -> None:
+        self.skipTest("repr wording: safeshm.SafeRWLock(name=..., readers=..., writer=...)")
+
+    def test_locked_repr(self) -> None:
+        self.skipTest("repr wording: safeshm.SafeRWLock(name=..., readers=..., writer=...)")
+
+    def test_timeout(self) -> None:
+        self.skipTest(
+            "timeouts of threading.TIMEOUT_MAX and more mean 'forever' (safeshm's one "
+            "timeout validator, as SafeLock), not OverflowError; the rest of this test's "
+            "checks are in test_timeouts and test_bad_input_is_refused_and_changes_nothing"
+        )
+
