@@ -37,7 +37,7 @@ from typing import Any, Final, Self
 
 from . import _compat
 from ._errors import LockNotHeldError, LockReentryError, LockTimeoutError, SafeShmError
-from ._lock import _FUTEX_TID_MASK, RECOVERED
+from ._lock import _FUTEX_TID_MASK, EDEADLK, RECOVERED, TIMED_OUT, RobustMutex
 from ._segment import Kind
 from ._sync import (
     _SEQ_MASK,
@@ -50,6 +50,10 @@ from ._sync import (
     _Timeout,
 )
 from ._timeout import check_timeout
+
+_trylock: Final = _compat.mutex_trylock
+_unlock: Final = _compat.mutex_unlock
+_consistent: Final = _compat.mutex_consistent
 
 # State words (derived ones are recomputed by _rederive).
 _READERS: Final = 0  # derived: read holds, all processes
@@ -165,7 +169,10 @@ class SafeRWLock(SyncPrimitive):
     _KIND = Kind.RWLOCK
     _LAYOUT = 1
 
+    _MAPPED = (*SyncPrimitive._MAPPED, "_hot")
+
     _key: tuple[int, int]
+    _hot: tuple[Any, memoryview, RobustMutex]  # (pointer, owner word, the mutex)
     _read_cm: RWLockHold
     _write_cm: RWLockHold
 
@@ -205,11 +212,12 @@ class SafeRWLock(SyncPrimitive):
     def _bind(self, mm: Any) -> None:
         super()._bind(mm)
         self._key = self._seg.dev_ino
+        self._hot = (self._mutex.pointer, self._mutex.owner, self._mutex)
         self._read_cm = RWLockHold(self, False, None)
         self._write_cm = RWLockHold(self, True, None)
 
     # -- reading ---------------------------------------------------------------------------
-    def acquire_read(self, blocking: bool = True, timeout: float | None = -1) -> bool:
+    def acquire_read(self, blocking: bool = True, timeout: float | None = -1) -> bool:  # noqa: PLR0912 - inlined lock pattern
         """Take a read hold, like :meth:`threading.Lock.acquire`'s signature.
 
         Waits while a writer holds the lock or waits for it (unless this thread already
@@ -244,10 +252,23 @@ class SafeRWLock(SyncPrimitive):
         reads = _reads()
         key = (self._key, pid)
         mine = reads.get(key, 0)
+        p, owner, mutex = self._hot
         got = False
+        # The internal mutex is taken and released inline (the pattern in _lock's comment):
+        # a Section object costs more than the rest of an uncontended read.
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
         try:
-            with self._section(max(deadline, time.monotonic() + _GRACE)):
-                rec = self._record()
+            try:
+                rc = _trylock(p)
+                if rc:
+                    rc = self._lock_slow(rc, deadline)
+                    if rc:
+                        return False
+                mpid, rec = self._mine
+                if mpid != pid:
+                    rec = self._record()
                 if (
                     not mine
                     and (w[_WPID] or w[_WWAIT])
@@ -260,13 +281,32 @@ class SafeRWLock(SyncPrimitive):
                 w[_READERS] += 1
                 reads[key] = mine + 1
                 got = True
+            finally:
+                if not rc:
+                    _unlock(p)  # EPERM (ignored) after a wait's relock gave up
+                elif rc != EDEADLK:
+                    try:
+                        _consistent(p)
+                    finally:
+                        _unlock(p)
         except _Timeout:
-            return got  # the wait's relock gave up at the deadline (with the hold: never)
+            return False  # the wait's relock gave up at the deadline (never with the hold)
         except BaseException:
             if got:  # held, but the caller will not know: give it back
                 self._release_read(reads, key)
             raise
         return True
+
+    def _lock_slow(self, rc: int, deadline: float) -> int:
+        """The internal mutex's trylock returned ``rc``: wait for it (a short grace even
+        for ``blocking=False``: see :data:`_GRACE`). 0: held; ``EDEADLK``: not held (timed
+        out). Runs the recovery when its last holder died."""
+        got = self._hot[2].finish_acquire(rc, max(deadline, time.monotonic() + _GRACE))
+        if got == TIMED_OUT:
+            return EDEADLK
+        if got == RECOVERED:
+            self._recovered()
+        return 0
 
     def release_read(self) -> None:
         """Give back one read hold of the calling thread.
@@ -281,11 +321,21 @@ class SafeRWLock(SyncPrimitive):
         self._release_read(reads, key)
 
     def _release_read(self, reads: dict[tuple[Any, ...], int], key: tuple[Any, ...]) -> None:
+        p, owner, mutex = self._hot
+        w = self._w
+        seq = self._seq
+        pid = _compat.pid
         wake = False
-        with self._section():
-            rec = self._record()
-            w = self._w
-            seq = self._seq
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                rc = self._lock_slow(rc, _NEVER)
+            mpid, rec = self._mine
+            if mpid != pid:
+                rec = self._record()
             mine = reads[key]
             w[rec + _C_READ] -= 1  # the commit
             w[_READERS] -= 1
@@ -293,11 +343,19 @@ class SafeRWLock(SyncPrimitive):
             if not w[_READERS] and w[_WWAIT]:
                 seq[0] = (seq[0] + 1) & _SEQ_MASK
                 wake = True
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
         if wake:
             self._wake_all()
 
     # -- writing ---------------------------------------------------------------------------
-    def acquire_write(self, blocking: bool = True, timeout: float | None = -1) -> bool:
+    def acquire_write(self, blocking: bool = True, timeout: float | None = -1) -> bool:  # noqa: PLR0912 - inlined lock pattern
         """Take the write lock (no readers, no other writer), like
         :meth:`threading.Lock.acquire`'s signature.
 
@@ -334,10 +392,21 @@ class SafeRWLock(SyncPrimitive):
                 f"{self._what}: this thread holds a read lock; upgrading to the write "
                 "lock would deadlock (release the read hold first)"
             )
+        p, owner, mutex = self._hot
         got = False
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
         try:
-            with self._section(max(deadline, time.monotonic() + _GRACE)):
-                rec = self._record()
+            try:
+                rc = _trylock(p)
+                if rc:
+                    rc = self._lock_slow(rc, deadline)
+                    if rc:
+                        return False
+                mpid, rec = self._mine
+                if mpid != pid:
+                    rec = self._record()
                 if (w[_WPID] or w[_READERS]) and not self._wait(
                     rec, deadline, _free_for_writer, _C_WWAIT, _WWAIT
                 ):
@@ -346,8 +415,16 @@ class SafeRWLock(SyncPrimitive):
                 w[_WPID] = pid
                 w[rec + _C_WRITE] = 1  # the commit (a dead writer's record releases it)
                 got = True
+            finally:
+                if not rc:
+                    _unlock(p)
+                elif rc != EDEADLK:
+                    try:
+                        _consistent(p)
+                    finally:
+                        _unlock(p)
         except _Timeout:
-            return got
+            return False
         except BaseException:
             if got:
                 self._release_write()
@@ -366,14 +443,32 @@ class SafeRWLock(SyncPrimitive):
         self._release_write()
 
     def _release_write(self) -> None:
-        with self._section():
-            rec = self._record()
-            w = self._w
-            seq = self._seq
+        p, owner, mutex = self._hot
+        w = self._w
+        seq = self._seq
+        pid = _compat.pid
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                rc = self._lock_slow(rc, _NEVER)
+            mpid, rec = self._mine
+            if mpid != pid:
+                rec = self._record()
             w[rec + _C_WRITE] = 0  # the commit
             w[_WPID] = 0
             w[_WTID] = 0
             seq[0] = (seq[0] + 1) & _SEQ_MASK
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
         self._wake_all()
 
     # -- context managers --------------------------------------------------------------------
