@@ -26,7 +26,8 @@ from safeshm import (
     LockTimeoutError,
     SegmentClosedError,
 )
-from safeshm._rwlock import SafeRWLock
+from safeshm._rwlock import _C_READ, SafeRWLock
+from safeshm._rwlock import _READERS as _READERS_WORD
 from safeshm._sync import ProcessTableFullError
 
 from ._helpers import JOIN_TIMEOUT, PROMPT, Remote, kill_and_reap
@@ -455,6 +456,36 @@ def test_waiting_writer_killed_lets_readers_in(rw: SafeRWLock) -> None:
     assert (s.readers, s.waiting_writers, s.recoveries) == (0, 0, 0)
 
 
+def _die_inside_the_internal_mutex(rw: SafeRWLock, step: str) -> None:
+    # Half of a read acquire, then SIGKILL while holding the internal mutex.
+    w = rw._w
+    with rw._section():
+        rec = rw._record()
+        if step == "record":
+            w[rec + _C_READ] += 1  # the commit, but not the derived total
+        else:
+            w[_READERS_WORD] += 1  # the derived total only
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("step", ["record", "total"])
+def test_killed_inside_the_internal_mutex(rw: SafeRWLock, step: str) -> None:
+    p = CTX.Process(target=_die_inside_the_internal_mutex, args=(rw, step))
+    p.start()
+    p.join(JOIN_TIMEOUT)
+    assert p.exitcode == -signal.SIGKILL
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.monotonic()
+        assert rw.acquire_write(timeout=PROMPT)
+        assert time.monotonic() - t0 < PROMPT
+        rw.release_write()
+    told = [w for w in caught if issubclass(w.category, HolderDiedWarning)]
+    assert len(told) == (1 if step == "record" else 0)
+    s = rw.statistics()
+    assert (s.readers, s.writer_pid, s.waiting_readers, s.waiting_writers) == (0, None, 0, 0)
+
+
 def test_warning_as_error_leaves_the_lock_consistent(rw: SafeRWLock) -> None:
     with _child(rw, "write") as p:
         kill_and_reap(p)
@@ -751,4 +782,3 @@ class TestCPythonBaseLockTestsOnTheWriteSide(lock_tests.BaseLockTests):
             "timeout validator, as SafeLock), not OverflowError; the rest of this test's "
             "checks are in test_timeouts and test_bad_input_is_refused_and_changes_nothing"
         )
-
