@@ -540,7 +540,7 @@ def test_stress_writers_never_overlap(rw: SafeRWLock, cleanup: Any, nproc: int) 
     arr = cleanup(safeshm.SafeArray.create("q", _PATTERN + _WIDTH))
     go = CTX.Event()
     procs = [
-        CTX.Process(target=_stress_worker, args=(rw, arr, s + 1, 400, go), daemon=True)
+        CTX.Process(target=_stress_worker, args=(rw, arr, s + 1, 1500, go), daemon=True)
         for s in range(nproc)
     ]
     for p in procs:
