@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import threading
 import time
 from typing import Any, Final, Self
@@ -74,18 +75,30 @@ _GRACE: Final = 0.005
 is held for microseconds at a time: a free lock is never refused for that alone."""
 _NEVER: Final = math.inf
 
-_tls = threading.local()
+
+class _ThisThread(threading.local):
+    """Per thread: its native id (a system call to ask each time) and its read holds,
+    ``{(segment dev/inode, pid): holds}`` (the pid: a forked child holds nothing)."""
+
+    def __init__(self) -> None:
+        self.tid = threading.get_native_id()
+        self.reads: dict[tuple[Any, ...], int] = {}
+
+
+_tls = _ThisThread()
+
+
+def _after_fork_in_child() -> None:
+    global _tls  # noqa: PLW0603 - the forking thread's locals name the parent's thread
+    _tls = _ThisThread()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reads() -> dict[tuple[Any, ...], int]:
-    """The calling thread's read holds: ``{(segment dev/inode, pid): holds}``. The pid
-    makes a forked child (which inherits its parent's thread's locals) hold nothing."""
-    try:
-        return _tls.reads  # type: ignore[no-any-return]
-    except AttributeError:
-        d: dict[tuple[Any, ...], int] = {}
-        _tls.reads = d
-        return d
+    """The calling thread's read holds (see :class:`_ThisThread`)."""
+    return _tls.reads
 
 
 def _deadline(blocking: bool, timeout: float | None) -> float:
@@ -242,14 +255,15 @@ class SafeRWLock(SyncPrimitive):
         """
         deadline = _deadline(blocking, timeout)
         w = self._w
-        tid = threading.get_native_id()
+        me = _tls
+        tid = me.tid
         pid = _compat.pid
         if w[_WTID] == tid and w[_WPID] == pid:
             raise LockReentryError(
                 f"{self._what}: this thread holds the write lock; taking a read hold too "
                 "would deadlock (release the write lock first)"
             )
-        reads = _reads()
+        reads = me.reads
         key = (self._key, pid)
         mine = reads.get(key, 0)
         p, owner, mutex = self._hot
@@ -380,14 +394,15 @@ class SafeRWLock(SyncPrimitive):
         """
         deadline = _deadline(blocking, timeout)
         w = self._w
-        tid = threading.get_native_id()
+        me = _tls
+        tid = me.tid
         pid = _compat.pid
         if w[_WTID] == tid and w[_WPID] == pid:
             raise LockReentryError(
                 f"{self._what}: this thread already holds the write lock; it is not "
                 "reentrant, so acquiring it again would deadlock"
             )
-        if _reads().get((self._key, pid)):
+        if me.reads.get((self._key, pid)):
             raise LockReentryError(
                 f"{self._what}: this thread holds a read lock; upgrading to the write "
                 "lock would deadlock (release the read hold first)"
@@ -438,7 +453,7 @@ class SafeRWLock(SyncPrimitive):
             LockNotHeldError: the calling thread does not hold it (a ``RuntimeError``).
         """
         w = self._w
-        if w[_WTID] != threading.get_native_id() or w[_WPID] != _compat.pid:
+        if w[_WTID] != _tls.tid or w[_WPID] != _compat.pid:
             raise LockNotHeldError(f"{self._what}: this thread does not hold the write lock")
         self._release_write()
 
@@ -512,7 +527,7 @@ class SafeRWLock(SyncPrimitive):
             return True
         if deadline <= time.monotonic():
             return False
-        tid = threading.get_native_id()
+        tid = _tls.tid
         owner = self._mutex.owner
         seq = self._seq
         ok = False
