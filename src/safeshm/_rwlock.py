@@ -10,9 +10,12 @@ holder record holds its own read holds, its write hold and its waiting readers/w
 A record's count is the store that commits each step, so when a process dies -- holding
 reads, holding the write lock, or waiting for it -- reaping its record undoes exactly what
 it held, and :meth:`SafeRWLock._rederive` recomputes the totals from the live records.
-Waiters reap dead records when they start to wait and then at least once per
-:data:`~safeshm._sync.WAIT_SLICE` (0.1 s), so a dead holder's lock passes to a waiter
-within one slice of its death; whoever reaps it gets a :class:`HolderDiedWarning`.
+A blocked attempt (also ``blocking=False``) and every waiter, at each wake-up, look for
+dead holders when nobody in any process has for :data:`~safeshm._sync.WAIT_SLICE`
+(0.1 s), and at once when the writer's process is gone; waiters wake at least once per
+slice. So a dead holder's lock passes to a waiter within about one slice of its death
+(a try-acquire sees a dead *writer* at once, dead readers within a slice); whoever
+reaps it gets a :class:`HolderDiedWarning`, once per dead process.
 
 Ownership: a read hold belongs to the thread that took it (per thread, per process and per
 lock -- any handle of the same lock in that process can release it); the write hold
@@ -63,6 +66,7 @@ _WTID: Final = 2  # the writer's native thread id
 _WWAIT: Final = 3  # derived: writers waiting
 _RWAIT: Final = 4  # derived: readers waiting
 _RECOVERIES: Final = 5  # dead holders whose holds were released
+_REAPED: Final = 6  # time.monotonic_ns() of the last look for dead holders (any process)
 
 # Count words of a holder record (offsets in the record).
 _C_READ: Final = R_COUNTS + 0  # read holds of this process (the commit of a read step)
@@ -74,6 +78,17 @@ _GRACE: Final = 0.005
 """How long any call (also ``blocking=False``) may wait for the *internal* mutex, which
 is held for microseconds at a time: a free lock is never refused for that alone."""
 _NEVER: Final = math.inf
+_SLICE_NS: Final = int(WAIT_SLICE * 1e9)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        pass
+    return True
 
 
 class _ThisThread(threading.local):
@@ -515,14 +530,14 @@ class SafeRWLock(SyncPrimitive):
     def _wait(self, rec: int, deadline: float, free: Any, mine: int, total: int) -> bool:
         """Wait (holding the mutex) until ``free(words)`` or ``deadline``; whether it is.
 
-        Reaps dead holders first (also for ``blocking=False``: a dead holder never keeps a
-        try-acquire out), then registers as a waiter (count word ``mine`` of the record,
-        derived total ``total``: waiting writers are what keeps new readers out) and
-        sleeps, reaping again at least once per slice. Holds the mutex on return, unless
+        Looks for dead holders first (see :meth:`_reap_due`; also for ``blocking=False``),
+        then registers as a waiter (count word ``mine`` of the record, derived total
+        ``total``: waiting writers are what keeps new readers out) and sleeps, looking
+        again at each wake-up. Holds the mutex on return, unless
         the relock raised ``_Timeout``.
         """
         w = self._w
-        self._reap_dead()
+        self._reap_due(w)
         if free(w):
             return True
         if deadline <= time.monotonic():
@@ -548,22 +563,25 @@ class SafeRWLock(SyncPrimitive):
             else:  # the relock gave up at the deadline: undo once the mutex is free
                 self._undo_later(rec + mine, total)
 
-    def _reap_dead(self) -> None:
-        if self._reap():
-            self._rederive()
-            self._bump()
-            self._wake_all()  # others may go too (woken threads queue on the mutex)
+    def _reap_due(self, w: memoryview) -> None:
+        """Look for dead holders if nobody (in any process) has for a slice, or at once
+        if the writer's process is gone: each look costs a pass over the records and a
+        check per live process, too much for every blocked attempt under contention."""
+        now = time.monotonic_ns()
+        writer = w[_WPID]
+        if not 0 <= now - w[_REAPED] < _SLICE_NS or (writer and not _pid_exists(writer)):
+            w[_REAPED] = now
+            if self._reap():
+                self._rederive()
+                self._bump()
+                self._wake_all()  # others may go too (woken threads queue on the mutex)
 
     def _wait_until(self, free: Any, deadline: float) -> bool:
         w = self._w
-        reaped = time.monotonic()
         while True:
             if not self._sleep(deadline):
                 return False
-            now = time.monotonic()
-            if now - reaped >= WAIT_SLICE:
-                reaped = now
-                self._reap_dead()
+            self._reap_due(w)
             if free(w):
                 return True
 
