@@ -368,7 +368,10 @@ class SafeRWLock(SyncPrimitive):
             mine = reads[key]
             w[rec + _C_READ] -= 1  # the commit
             w[_READERS] -= 1
-            reads[key] = mine - 1
+            if mine == 1:
+                del reads[key]  # no entry left behind per lock ever read
+            else:
+                reads[key] = mine - 1
             if not w[_READERS] and w[_WWAIT]:
                 seq[0] = (seq[0] + 1) & _SEQ_MASK
                 wake = True
