@@ -782,3 +782,96 @@ class TestCPythonBaseLockTestsOnTheWriteSide(lock_tests.BaseLockTests):
             "timeout validator, as SafeLock), not OverflowError; the rest of this test's "
             "checks are in test_timeouts and test_bad_input_is_refused_and_changes_nothing"
         )
+
+
+# -- asynchronous exceptions -----------------------------------------------------------------------
+class _Alarm(Exception):
+    pass
+
+
+def _interrupted_worker(rw: SafeRWLock, conn: Any, wanted: int) -> None:
+    """Run acquire/release under a 0.3 ms SIGALRM whose handler raises; after every
+    interrupt, check that the internal mutex is free and that the shared words agree with
+    what this thread's own accounting says it holds."""
+    import random
+
+    from safeshm import _rwlock
+
+    armed = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if armed[0]:
+            raise _Alarm
+
+    signal.signal(signal.SIGALRM, handler)
+    w = rw._w
+    key = (rw._key, os.getpid())
+    tid = threading.get_native_id()
+    rnd = random.Random(7)
+    problems: list[str] = []
+    landed = 0
+
+    def check(where: str) -> None:
+        if rw._mutex.held_here():
+            problems.append(f"internal mutex left held after {where}")
+            rw._mutex.release()
+        mine = _rwlock._tls.reads.get(key, 0)
+        rec = rw._mine[1]
+        writing = w[_rwlock._WTID] == tid
+        if w[_rwlock._READERS] != mine or (rec >= 0 and w[rec + _C_READ] != mine):
+            problems.append(f"{where}: read holds {mine}, shared {w[_rwlock._READERS]}")
+        if writing != (w[_rwlock._WPID] == os.getpid()) or (
+            rec >= 0 and w[rec + _rwlock._C_WRITE] != writing
+        ):
+            problems.append(f"{where}: write hold inconsistent")
+
+    deadline = time.monotonic() + 20
+    signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+    try:
+        while True:
+            op = "?"
+            if landed >= wanted or problems or time.monotonic() > deadline:
+                break
+            try:
+                # Alarms raise only between these two stores (the loop's own backward
+                # jump, outside the try, is a place where a signal handler runs too).
+                armed[0] = True
+                if w[_rwlock._WTID] == tid:
+                    op = "release_write"
+                    rw.release_write()
+                elif _rwlock._tls.reads.get(key, 0):
+                    if rnd.random() < 0.6:
+                        op = "release_read"
+                        rw.release_read()
+                    else:
+                        op = "nested acquire_read"
+                        rw.acquire_read(timeout=1.0)
+                elif rnd.random() < 0.5:
+                    op = "acquire_read"
+                    rw.acquire_read(timeout=1.0)
+                else:
+                    op = "acquire_write"
+                    rw.acquire_write(timeout=1.0)
+                armed[0] = False
+            except _Alarm:
+                armed[0] = False  # a store: no alarm can land before it
+                landed += 1
+                check(op)
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    check("the end")
+    conn.send((landed, problems))
+
+
+def test_interrupts_leave_the_lock_consistent(rw: SafeRWLock) -> None:
+    r, w = CTX.Pipe(duplex=False)
+    p = CTX.Process(target=_interrupted_worker, args=(rw, w, 1500), daemon=True)
+    p.start()
+    try:
+        assert r.poll(JOIN_TIMEOUT), "the interrupted worker hung"
+        landed, problems = r.recv()
+    finally:
+        p.join(JOIN_TIMEOUT)
+    assert problems == []
+    assert landed >= 50
