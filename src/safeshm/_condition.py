@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 from . import _compat
-from ._errors import SegmentCorruptedError, SegmentNotFoundError
+from ._errors import SegmentCorruptedError, SegmentNotFoundError, TooManyWaitersError
 from ._lock import SafeLock, _CLevel
 from ._rlock import SafeRLock, unlock_n
 from ._segment import NAME_MAX, Kind, validate_name
@@ -63,10 +63,6 @@ _LAST_TICKET: Final = 0  # state word
 _HIGH: Final = 1  # state word: slots ever used (a bound for scans; raised before a slot's
 #                   commit, never lowered, so every taken slot lies below it)
 _NEVER: Final = float("inf")
-
-
-class TooManyWaitersError(RuntimeError):
-    """All :data:`WAITER_SLOTS` waiter slots of a condition are taken by live waiters."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

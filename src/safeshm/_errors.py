@@ -39,6 +39,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreNotFoundError",
     "StoreTimeoutError",
+    "TooManyWaitersError",
 ]
 
 
@@ -130,6 +131,11 @@ class ProcessTableFullError(SafeShmError, RuntimeError):
     """A synchronization primitive (SafeSemaphore, SafeBarrier, SafeRWLock...) keeps one
     record per process that uses it, to give back what a dead process held; every record
     is owned by a live process. Create the primitive with a larger ``processes=``."""
+
+
+class TooManyWaitersError(SafeShmError, RuntimeError):
+    """Every waiter slot of a :class:`~safeshm.SafeCondition` (256) is taken by a live
+    waiter: one more ``wait()`` is refused instead of being left unnotifiable."""
 
 
 class LockedViewLeakedError(SafeShmError, BufferError):

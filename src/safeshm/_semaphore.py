@@ -20,7 +20,7 @@ import struct
 import time
 from typing import Final, Self
 
-from ._errors import IncompatibleSegmentError, SegmentClosedError
+from ._errors import IncompatibleSegmentError, ProcessTableFullError, SegmentClosedError
 from ._int64 import INT64_MAX, check_int64
 from ._segment import Kind, Segment
 from ._sync import (
@@ -30,7 +30,6 @@ from ._sync import (
     STATE_OFFSET,
     STATE_WORDS,
     WAIT_SLICE,
-    ProcessTableFullError,
     Section,
     SyncPrimitive,
     _Timeout,

@@ -439,20 +439,26 @@ class SyncPrimitive(SharedStructure):
         seen = self._seq[0]
         sleepers = self._sleepers
         sleepers[0] += 1
-        p = self._mutex.pointer
-        _unlock(p)
+        # The views are taken before sleeping: close() in another thread meanwhile swaps
+        # the handle's attributes for stand-ins, and the relock must still retake this
+        # mutex (the caller's cleanup runs holding it; its section's exit unlocks it).
+        m = self._mutex
+        seq_ptr = self._seq_ptr
+        _unlock(m.pointer)
         try:
-            _compat.futex_wait_call(_compat.SYS_FUTEX, self._seq_ptr, _compat.FUTEX_WAIT, seen, pts)
+            _compat.futex_wait_call(_compat.SYS_FUTEX, seq_ptr, _compat.FUTEX_WAIT, seen, pts)
         finally:
-            self._relock(deadline)
+            self._relock(deadline, m)
             sleepers[0] = max(0, sleepers[0] - 1)
         if self._seg.closed:  # by another thread while this one slept
             self._raise_closed()
         return True
 
-    def _relock(self, deadline: float) -> None:
-        """Retake the mutex that :meth:`_sleep` released (the caller's section unlocks)."""
-        m = self._mutex
+    def _relock(self, deadline: float, m: RobustMutex | None = None) -> None:
+        """Retake the mutex that :meth:`_sleep` released (the caller's section unlocks);
+        ``m``: the handle's mutex, as :meth:`_sleep` saw it before sleeping."""
+        if m is None:
+            m = self._mutex
         p = m.pointer
         rc = -1
         try:
