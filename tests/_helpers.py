@@ -38,6 +38,9 @@ STRUCTURES = [
     safeshm.SafeSemaphore,
     safeshm.SafeBoundedSemaphore,
     safeshm.SafeBarrier,
+    safeshm.SafeRLock,
+    safeshm.SafeCondition,
+    safeshm.SafeRWLock,
 ]
 
 

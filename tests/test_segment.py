@@ -341,6 +341,31 @@ def test_close_is_idempotent_and_later_use_raises(cls: Any, cleanup: Any) -> Non
             lambda: h.parties,
             lambda: h.statistics(),
         ],
+        safeshm.SafeRLock: [
+            lambda: h.acquire(),
+            lambda: h.release(),
+            lambda: h.locked(),
+            lambda: h.__enter__(),
+            lambda: h.statistics(),
+        ],
+        safeshm.SafeCondition: [
+            lambda: h.acquire(),
+            lambda: h.release(),
+            lambda: h.wait(0),
+            lambda: h.notify(),
+            lambda: h.notify_all(),
+            lambda: h.__enter__(),
+            lambda: h.statistics(),
+        ],
+        safeshm.SafeRWLock: [
+            lambda: h.acquire_read(),
+            lambda: h.release_read(),
+            lambda: h.acquire_write(),
+            lambda: h.release_write(),
+            lambda: h.read().__enter__(),
+            lambda: h.write().__enter__(),
+            lambda: h.statistics(),
+        ],
     }[cls]
     for op in ops:
         with pytest.raises(safeshm.SegmentClosedError, match="closed"):
@@ -463,6 +488,11 @@ def test_unlink_after_close(cleanup: Any) -> None:
 
 
 def test_no_descriptor_leak() -> None:
+    import gc
+
+    # Handles of earlier tests that sit in reference cycles (a lock's ctypes unlockers)
+    # close their descriptors when the cyclic GC runs: let it run now, not mid-loop.
+    gc.collect()
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(50):
         c = safeshm.SafeCounter.create()

@@ -13,6 +13,7 @@ from . import _compat  # noqa: F401
 from ._array import ArrayStatistics, SafeArray
 from ._barrier import BarrierStatistics, SafeBarrier
 from ._compat import implementation
+from ._condition import ConditionStatistics, SafeCondition
 from ._counter import CounterStatistics, SafeCounter
 from ._errors import (
     HandleClosedError,
@@ -39,10 +40,13 @@ from ._errors import (
     StoreCorruptedError,
     StoreNotFoundError,
     StoreTimeoutError,
+    TooManyWaitersError,
 )
 from ._event import EventStatistics, SafeEvent
 from ._lock import LockStatistics, SafeLock
 from ._queue import QueueStatistics, SafeQueue
+from ._rlock import RLockStatistics, SafeRLock
+from ._rwlock import RWLockStatistics, SafeRWLock
 from ._semaphore import SafeBoundedSemaphore, SafeSemaphore, SemaphoreStatistics
 from ._sharded import ShardedCounter, ShardedCounterStatistics
 from ._store import (
@@ -59,6 +63,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ArrayStatistics",
     "BarrierStatistics",
+    "ConditionStatistics",
     "CounterStatistics",
     "DamagedRecord",
     "EventStatistics",
@@ -77,15 +82,20 @@ __all__ = [
     "ProcessTableFullError",
     "QueueShutDown",
     "QueueStatistics",
+    "RLockStatistics",
+    "RWLockStatistics",
     "RecoveryReport",
     "SafeArray",
     "SafeBarrier",
     "SafeBoundedSemaphore",
+    "SafeCondition",
     "SafeCounter",
     "SafeEvent",
     "SafeFileStore",
     "SafeLock",
     "SafeQueue",
+    "SafeRLock",
+    "SafeRWLock",
     "SafeSemaphore",
     "SafeShmError",
     "SafeShmWarning",
@@ -103,6 +113,7 @@ __all__ = [
     "StoreNotFoundError",
     "StoreStatistics",
     "StoreTimeoutError",
+    "TooManyWaitersError",
     "Transaction",
     "__version__",
     "implementation",

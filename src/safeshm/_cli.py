@@ -20,11 +20,14 @@ from typing import Any, Final, NamedTuple
 from . import _compat
 from ._array import SafeArray
 from ._barrier import SafeBarrier
+from ._condition import SafeCondition
 from ._counter import SafeCounter
 from ._errors import SafeShmError, SegmentCorruptedError
 from ._event import SafeEvent
 from ._lock import SafeLock
 from ._queue import SafeQueue
+from ._rlock import SafeRLock
+from ._rwlock import SafeRWLock
 from ._segment import (
     HEADER_SIZE,
     Header,
@@ -50,6 +53,9 @@ _CLASSES: dict[int, type[SharedStructure]] = {
     Kind.EVENT: SafeEvent,
     Kind.SEMAPHORE: SafeSemaphore,
     Kind.BARRIER: SafeBarrier,
+    Kind.CONDITION: SafeCondition,
+    Kind.RLOCK: SafeRLock,
+    Kind.RWLOCK: SafeRWLock,
 }
 
 

@@ -342,7 +342,11 @@ class SafeRWLock(SyncPrimitive):
 
         Raises:
             LockNotHeldError: the calling thread holds no read hold (a ``RuntimeError``).
+            SegmentClosedError: this handle is closed (release through another handle of
+                the same lock, or let the process end).
         """
+        if self._seg.closed:
+            self._raise_closed()
         reads = _reads()
         key = (self._key, _compat.pid)
         if not reads.get(key):
@@ -469,6 +473,8 @@ class SafeRWLock(SyncPrimitive):
 
         Raises:
             LockNotHeldError: the calling thread does not hold it (a ``RuntimeError``).
+            SegmentClosedError: this handle is closed (release through another handle of
+                the same lock, or let the process end).
         """
         w = self._w
         if w[_WTID] != _tls.tid or w[_WPID] != _compat.pid:

@@ -209,15 +209,24 @@ class SyncPrimitive(SharedStructure):
     docstring). Subclasses set ``_KIND``/``_LAYOUT``, build their segment with
     :meth:`_create_segment`, and override :meth:`_rederive` and :meth:`_holder_died`."""
 
-    _MAPPED: ClassVar[tuple[str, ...]] = ("_mutex", "_w", "_seq", "_sleepers", "_seq_ptr")
+    _MAPPED: ClassVar[tuple[str, ...]] = (
+        "_mutex",
+        "_w",
+        "_seq",
+        "_sleepers",
+        "_seq_ptr",
+        "_exit_c",
+    )
 
     _mutex: RobustMutex
     _w: memoryview  # int64 words from STATE_OFFSET: state words, then the records
     _seq: memoryview  # the uint32 futex sequence word
     _sleepers: memoryview  # one int64
     _seq_ptr: Any  # byref of the sequence word, for futex calls
-    # Never poisoned at close(): a thread inside a section can always leave it (it keeps
-    # the mutex, and with it the mapping) even after another thread closed the handle.
+    # Poisoned at close() like the views: a Section takes its own reference when it is
+    # made, so a thread inside one can always leave it (the reference keeps the mutex,
+    # and with it the mapping), while a closed handle keeps no export that would hold
+    # the mapping -- and, before 3.13, mmap's duplicate of the descriptor -- open.
     _exit_c: Any
     _nrec: int
     _mine: tuple[int, int]  # (pid, word index of this process's record), (0, -1): none yet
