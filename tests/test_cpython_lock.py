@@ -94,11 +94,9 @@ class _SafeLockMixin(_TestCase):
             del self.assertRaises
 
 
-class SafeLockBaseLockTests(_SafeLockMixin, lock_tests.BaseLockTests):
-    pass
-
-
 class SafeLockLockTests(_SafeLockMixin, lock_tests.LockTests):
+    """LockTests: every BaseLockTests test, and those of non-recursive locks."""
+
     def test_reacquire(self) -> None:
         self.skipTest(
             "owned lock: acquiring it again from the holding thread raises "
