@@ -7,10 +7,12 @@ vendored CPython tests import these instead; each mirrors the upstream helper's 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 SHORT_TIMEOUT = 30.0
@@ -48,7 +50,43 @@ def gc_collect() -> None:
         gc.collect()
 
 
+class import_helper:
+    @staticmethod
+    def import_fresh_module(
+        name: str,
+        fresh: Sequence[str] = (),
+        blocked: Sequence[str] = (),
+    ) -> Any:
+        """A fresh import of ``name``, with ``fresh`` modules imported anew too and the
+        ``blocked`` ones made unimportable (``None`` when that import fails, as upstream).
+        ``sys.modules`` is left as it was."""
+        names = [name, *fresh, *blocked]
+        saved = {n: sys.modules[n] for n in names if n in sys.modules}
+        try:
+            for n in names:
+                sys.modules.pop(n, None)
+            for n in blocked:
+                sys.modules[n] = None  # type: ignore[assignment]
+            try:
+                for n in fresh:
+                    importlib.import_module(n)
+                return importlib.import_module(name)
+            except ImportError:
+                return None
+        finally:
+            for n in names:
+                sys.modules.pop(n, None)
+            sys.modules.update(saved)
+
+
 class threading_helper:
+    @staticmethod
+    def requires_working_threading(*, module: bool = False) -> Any:
+        """Threads always work where safeshm runs (Linux): nothing to skip."""
+        if module:
+            return None
+        return lambda f: f
+
     @staticmethod
     def threading_setup() -> tuple[int]:
         return (threading.active_count(),)

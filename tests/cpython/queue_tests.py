@@ -14,7 +14,7 @@ import threading
 import time
 import unittest
 import weakref
-from ._support import gc_collect, threading_helper
+from ._support import gc_collect, import_helper, threading_helper
 
 # queue module depends on threading primitives
 threading_helper.requires_working_threading(module=True)
