@@ -205,8 +205,9 @@ def test_threading_lock_semantics(lock: safeshm.SafeLock) -> None:
     lock.release()
     assert lock.acquire_nowait() is True
     lock.release()
-    assert lock.acquire(timeout=float("inf")) is True
-    lock.release()
+    with pytest.raises(OverflowError):  # as threading.Lock: beyond TIMEOUT_MAX
+        lock.acquire(timeout=float("inf"))
+    assert not lock.locked()
 
 
 def test_acquired_context(lock: safeshm.SafeLock) -> None:

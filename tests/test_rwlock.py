@@ -776,13 +776,6 @@ class TestCPythonBaseLockTestsOnTheWriteSide(lock_tests.BaseLockTests):
     def test_locked_repr(self) -> None:
         self.skipTest("repr wording: safeshm.SafeRWLock(name=..., readers=..., writer=...)")
 
-    def test_timeout(self) -> None:
-        self.skipTest(
-            "timeouts of threading.TIMEOUT_MAX and more mean 'forever' (safeshm's one "
-            "timeout validator, as SafeLock), not OverflowError; the rest of this test's "
-            "checks are in test_timeouts and test_bad_input_is_refused_and_changes_nothing"
-        )
-
 
 # -- asynchronous exceptions -----------------------------------------------------------------------
 class _Alarm(Exception):

@@ -34,6 +34,14 @@ MUTEX_AT = {
     "SafeLock": 128,
     "SafeArray": 192,
     "SafeQueue": 256,
+    # The synchronization primitives (_sync.MUTEX_OFFSET; SafeRLock's own mutex).
+    "SafeEvent": 128,
+    "SafeSemaphore": 128,
+    "SafeBoundedSemaphore": 128,
+    "SafeBarrier": 128,
+    "SafeRLock": 128,
+    "SafeCondition": 128,
+    "SafeRWLock": 128,
 }
 
 

@@ -155,7 +155,7 @@ static PyObject *Lock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t na
             deadline = SN_FOREVER;
         } else {
             double seconds;
-            if (sn_timeout(timeout, &seconds) < 0) return NULL;
+            if (sn_lock_timeout(timeout, &seconds) < 0) return NULL;
             deadline = sn_deadline(seconds);
         }
     } else if (forever) {

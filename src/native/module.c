@@ -85,11 +85,8 @@ PyObject *sn_core_close(PyObject *self, PyObject *unused) {
 }
 
 /* -- arguments ----------------------------------------------------------------------- */
-int sn_timeout(PyObject *timeout, double *seconds) {
-    if (timeout == Py_None) {
-        *seconds = SN_FOREVER;
-        return 0;
-    }
+/* The checks of check_timeout() on a timeout that is not None: its seconds in ``*s``. */
+static int timeout_value(PyObject *timeout, double *out) {
     double s;
     if (PyFloat_CheckExact(timeout)) {
         s = PyFloat_AsDouble(timeout);
@@ -114,6 +111,35 @@ int sn_timeout(PyObject *timeout, double *seconds) {
         PyErr_Format(PyExc_ValueError,
                      "timeout must be a non-negative number of seconds or None, got %R",
                      timeout);
+        return -1;
+    }
+    *out = s;
+    return 0;
+}
+
+
+int sn_timeout(PyObject *timeout, double *seconds) {
+    if (timeout == Py_None) {
+        *seconds = SN_FOREVER;
+        return 0;
+    }
+    double s;
+    if (timeout_value(timeout, &s) < 0) return -1;
+    *seconds = s < timeout_max ? s : SN_FOREVER;
+    return 0;
+}
+
+/* sn_timeout() for the acquire() of a lock, as threading.Lock.acquire: a timeout beyond
+ * threading.TIMEOUT_MAX is an OverflowError there (_timeout.check_lock_timeout). */
+int sn_lock_timeout(PyObject *timeout, double *seconds) {
+    if (timeout == Py_None) {
+        *seconds = SN_FOREVER;
+        return 0;
+    }
+    double s;
+    if (timeout_value(timeout, &s) < 0) return -1;
+    if (s > timeout_max) {
+        PyErr_SetString(PyExc_OverflowError, "timeout value is too large");
         return -1;
     }
     *seconds = s < timeout_max ? s : SN_FOREVER;

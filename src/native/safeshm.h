@@ -110,6 +110,7 @@ PyObject *sn_core_close(PyObject *self, PyObject *unused);
  * (bool refused) -> seconds (anything from threading.TIMEOUT_MAX up -> SN_FOREVER).
  * 0, or -1 with TypeError/ValueError and the ctypes path's messages. */
 int sn_timeout(PyObject *timeout, double *seconds);
+int sn_lock_timeout(PyObject *timeout, double *seconds);
 
 /* Parse a METH_FASTCALL|METH_KEYWORDS call against ``names`` (NULL-terminated), of which
  * the first ``nrequired`` are required; the first ``npositional`` may be passed by

@@ -42,7 +42,7 @@ from ._errors import (
     SegmentCorruptedError,
 )
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
-from ._timeout import check_timeout
+from ._timeout import check_lock_timeout
 
 MUTEX_BLOCK: Final = 128
 """Bytes a :class:`RobustMutex` occupies: the pthread mutex (64), a recovery count (8),
@@ -263,7 +263,12 @@ def _glibc_kind() -> int:
     return _reference_kind
 
 
-def check_mutex(words: memoryview, what: str) -> None:
+def check_mutex(
+    words: memoryview,
+    what: str,
+    kind: int | None = None,
+    description: str = "a robust process-shared mutex",
+) -> None:
     """Refuse a mutex whose bytes cannot be a robust mutex of ours (glibc only).
 
     Read from shared memory when a handle binds to it, so that damage is a typed error
@@ -271,17 +276,20 @@ def check_mutex(words: memoryview, what: str) -> None:
     being robust (a damaged ``__kind`` can turn it into a plain mutex), or a lock held
     forever by a thread that cannot exist.
 
+    ``kind``: glibc's type word of the mutex expected (default: ours, see
+    :func:`init_mutex`), which ``description`` names.
+
     Raises:
         SegmentCorruptedError: the mutex's type, futex word or owner is not possible.
     """
     if not _compat.GLIBC:  # pragma: no cover - musl lays the mutex out differently
         return
+    expected = _glibc_kind() if kind is None else kind
     ints = words.cast("B").cast("i")
-    kind = ints[_GLIBC_KIND_WORD]
-    if kind != _glibc_kind():
+    found = ints[_GLIBC_KIND_WORD]
+    if found != expected:
         raise SegmentCorruptedError(
-            f"{what} is damaged: its mutex has type {kind}, not a robust process-shared "
-            f"mutex ({_glibc_kind()})"
+            f"{what} is damaged: its mutex has type {found}, not {description} ({expected})"
         )
     word = ints[0]
     tid = word & _FUTEX_TID_MASK
@@ -774,7 +782,7 @@ class SafeLock(SharedStructure):
             if timeout is None or timeout == -1:
                 deadline = _NEVER
             else:
-                deadline = time.monotonic() + check_timeout(timeout)  # type: ignore[operator]
+                deadline = time.monotonic() + check_lock_timeout(timeout)  # type: ignore[operator]
         elif timeout is None or timeout == -1:
             deadline = 0.0
         else:

@@ -31,7 +31,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from . import _compat
-from ._errors import HolderDiedWarning, SegmentClosedError, SegmentCorruptedError
+from ._errors import HolderDiedWarning, SegmentClosedError
 from ._lock import (
     _LIBC_GIL,
     _RECOVERIES_OFFSET,
@@ -44,10 +44,11 @@ from ._lock import (
     _check,
     _keep_mapping_if_held,
     _UnlockResult,
+    check_mutex,
     tid_to_pid,
 )
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
-from ._timeout import check_timeout
+from ._timeout import check_lock_timeout
 
 PTHREAD_MUTEX_RECURSIVE: Final = 1
 _GLIBC_COUNT_WORD: Final = 1  # glibc's pthread_mutex_t: unsigned __count (recursion depth)
@@ -123,15 +124,12 @@ class _RecursiveMutex(RobustMutex):
         self.owner = memoryview(mm)[offset + 4 * OWNER_WORD : offset + 4 * OWNER_WORD + 4].cast("i")
         self._what = what
         self.exit_c = None
-        if _compat.GLIBC:
-            ints = self._words.cast("B").cast("i")
-            kind = ints[_GLIBC_KIND_WORD]
-            tid = ints[0] & _FUTEX_TID_MASK
-            if kind != _recursive_kind() or tid >= _compat.PID_MAX_LIMIT:
-                raise SegmentCorruptedError(
-                    f"{what} is damaged: its mutex (type {kind}, owner {tid}) is not a "
-                    "robust recursive process-shared mutex"
-                )
+        check_mutex(
+            self._words,
+            what,
+            _recursive_kind(),
+            "a robust recursive process-shared mutex",
+        )
 
     def _wait(self, deadline: float) -> int:
         # RobustMutex._wait, plus: a handle closed by another thread ends the wait at the
@@ -289,7 +287,7 @@ class SafeRLock(SharedStructure):
             if timeout is None or timeout == -1:
                 deadline = _NEVER
             else:
-                deadline = time.monotonic() + check_timeout(timeout)  # type: ignore[operator]
+                deadline = time.monotonic() + check_lock_timeout(timeout)  # type: ignore[operator]
         elif timeout is None or timeout == -1:
             deadline = 0.0
         else:

@@ -53,7 +53,7 @@ from ._sync import (
     SyncPrimitive,
     _Timeout,
 )
-from ._timeout import check_timeout
+from ._timeout import check_lock_timeout, check_timeout
 
 _trylock: Final = _compat.mutex_trylock
 _unlock: Final = _compat.mutex_unlock
@@ -120,7 +120,7 @@ def _deadline(blocking: bool, timeout: float | None) -> float:
     if blocking:
         if timeout is None or timeout == -1:
             return _NEVER
-        return time.monotonic() + check_timeout(timeout)  # type: ignore[operator]
+        return time.monotonic() + check_lock_timeout(timeout)  # type: ignore[operator]
     if timeout is None or timeout == -1:
         return 0.0
     raise ValueError("can't specify a timeout for a non-blocking call")

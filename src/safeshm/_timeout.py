@@ -43,3 +43,19 @@ def check_timeout(timeout: object) -> float | None:
 def deadline(timeout: float | None) -> float:
     """The ``time.monotonic()`` instant a checked timeout ends at (``inf``: never)."""
     return math.inf if timeout is None else time.monotonic() + timeout
+
+
+def check_lock_timeout(timeout: object) -> float | None:
+    """:func:`check_timeout` for the ``acquire()`` of a lock, as
+    :meth:`threading.Lock.acquire` takes it: a timeout beyond ``threading.TIMEOUT_MAX``
+    (about 292 years) is an ``OverflowError`` there, not "forever" (CPython's own lock
+    tests check it), so code ported from threading sees the same error.
+
+    Raises:
+        OverflowError: beyond ``threading.TIMEOUT_MAX``.
+        TypeError, ValueError: as :func:`check_timeout`.
+    """
+    seconds = check_timeout(timeout)
+    if seconds == math.inf and float(timeout) > threading.TIMEOUT_MAX:  # type: ignore[arg-type]
+        raise OverflowError("timeout value is too large")
+    return seconds
