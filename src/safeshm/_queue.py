@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import math
@@ -13,7 +14,7 @@ import struct
 import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
@@ -57,7 +58,7 @@ T = TypeVar("T")
 #          dead process's record is reaped (join() while it waits, a claim that finds the
 #          table full): its count stops counting as unfinished.
 _STATE_OFFSET: Final = HEADER_SIZE
-_HEAD, _TAIL, _PUTS, _GETS, _SHUT, _HELD, _CREDIT = range(7)
+_HEAD, _TAIL, _PUTS, _GETS, _SHUT, _HELD, _CREDIT, _LEASE_SEQ = range(8)
 _FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
 _NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP, _JOIN_SEQ, _JOIN_SLEEP = range(6)
 # _futex_ptrs[seq >> 1] is a seq's byref
@@ -80,7 +81,12 @@ long enough for a holder descheduled on a loaded machine, short enough not to bl
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
 _SHUTDOWN: Final = 1
 _SHUTDOWN_NOW: Final = 2
-_PARAMS: Final = struct.Struct("=QQII")  # capacity, maxsize, raw, consumer records
+_PARAMS: Final = struct.Struct("=QQIIII")  # capacity, maxsize, raw, records, leases, lease size
+# Lease slots (after the consumer records): _SLOT_WORDS int64 words, then the payload.
+_S_STATE, _S_ID, _S_PID, _S_START, _S_NS, _S_DEADLINE, _S_LEN = range(7)
+_SLOT_WORDS: Final = 8
+_ACTIVE: Final = 1
+MAX_LEASES: Final = 1 << 12
 _HEADER_WORD: Final = struct.Struct("=Q")  # a record header, as the ring's 8-byte words hold it
 _PADDING: Final = bytes(8)
 _WAIT_SLICE: Final = 0.1  # see _lock._WAIT_SLICE: lets Ctrl-C in, never delays a wake-up
@@ -175,6 +181,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         "_futex_ptrs",
         "_core",
         "_recs",
+        "_slots",
         "put",
         "put_nowait",
         "put_many",
@@ -197,6 +204,9 @@ class SafeQueue(SharedStructure, Generic[T]):
     _recs: memoryview  # the consumer records, int64 words
     _nrec: int
     _mine: tuple[int, int]  # (pid, word index of this process's count), (0, -1): none yet
+    _slots: memoryview  # the lease slots, bytes
+    _nleases: int
+    _lease_size: int
 
     # -- construction ----------------------------------------------------------------------
     @overload
@@ -209,6 +219,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int = 0,
         raw: Literal[False] = False,
         processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[Any]: ...
     @overload
     @classmethod
@@ -220,6 +232,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int = 0,
         raw: Literal[True],
         processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[bytes]: ...
     @overload
     @classmethod
@@ -231,6 +245,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int = 0,
         raw: bool,
         processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[Any]: ...
 
     @classmethod
@@ -242,6 +258,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int = 0,
         raw: bool = False,
         processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[Any]:
         """Create a new, empty queue.
 
@@ -252,6 +270,9 @@ class SafeQueue(SharedStructure, Generic[T]):
             name: the name to attach by; a random one when ``None``.
             maxsize: if positive, also at most this many items.
             raw: items are ``bytes``, stored as they are (no pickling).
+            leases: how many items can be out on a lease at once (:meth:`get_leased`);
+                0: none (at-least-once consumption not used).
+            lease_size: the largest item (pickled bytes) that can be leased.
             processes: how many consumer processes task tracking can follow at once
                 (one record each, claimed at a process's first ``get``, freed when it
                 dies): a ``get`` in one more live process raises
@@ -269,6 +290,12 @@ class SafeQueue(SharedStructure, Generic[T]):
             raise ValueError(f"capacity must be at least {MIN_CAPACITY} bytes, got {capacity}")
         capacity = (capacity + 7) & ~7
         nrec = _check_processes(processes)
+        nleases = _check_count("leases", leases)
+        lease_size = (_check_count("lease_size", lease_size) + 7) & ~7
+        if nleases > MAX_LEASES or (nleases and lease_size > capacity):
+            raise ValueError(
+                f"leases must be at most {MAX_LEASES}, and lease_size at most the capacity"
+            )
 
         def init(mm: mmap.mmap) -> None:
             init_mutex(mm, _MUTEX_OFFSET)
@@ -277,9 +304,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             name,
             kind=cls._KIND,
             layout=cls._LAYOUT,
-            payload_size=_RING_OFFSET - HEADER_SIZE + capacity + 8 * _REC_WORDS * nrec,
+            payload_size=_RING_OFFSET
+            - HEADER_SIZE
+            + capacity
+            + 8 * _REC_WORDS * nrec
+            + nleases * (8 * _SLOT_WORDS + lease_size),
             init=init,
-            params=_PARAMS.pack(capacity, maxsize, int(bool(raw)), nrec),
+            params=_PARAMS.pack(capacity, maxsize, int(bool(raw)), nrec, nleases, lease_size),
         )
         return cls._from_segment(seg)
 
@@ -352,7 +383,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             processes = _check_processes(processes)
 
         def check(seg: Segment) -> None:
-            have_capacity, have_maxsize, have_raw, have_nrec = _PARAMS.unpack_from(
+            have_capacity, have_maxsize, have_raw, have_nrec, _, _ = _PARAMS.unpack_from(
                 seg.header.params
             )
             diffs = []
@@ -388,12 +419,19 @@ class SafeQueue(SharedStructure, Generic[T]):
                 f"SafeQueue needs the futex system call, whose number safeshm does not know "
                 f"on this architecture ({os.uname().machine})"
             )
-        capacity, maxsize, raw, nrec = _PARAMS.unpack_from(self._seg.header.params)
+        capacity, maxsize, raw, nrec, nleases, lease_size = _PARAMS.unpack_from(
+            self._seg.header.params
+        )
+        leases_bytes = nleases * (8 * _SLOT_WORDS + lease_size)
         if (
             capacity < MIN_CAPACITY
             or capacity % 8
             or not 1 <= nrec <= MAX_PROCESSES
-            or (_RING_OFFSET + capacity + 8 * _REC_WORDS * nrec != self._seg.header.total_size)
+            or lease_size % 8
+            or (
+                _RING_OFFSET + capacity + 8 * _REC_WORDS * nrec + leases_bytes
+                != self._seg.header.total_size
+            )
         ):
             raise SegmentCorruptedError(
                 f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring and {nrec} "
@@ -418,7 +456,11 @@ class SafeQueue(SharedStructure, Generic[T]):
         self._mutex = RobustMutex(mm, _MUTEX_OFFSET, f"SafeQueue {self._seg.name!r}")
         ring = whole[_RING_OFFSET : _RING_OFFSET + capacity]
         self._nrec = nrec
-        self._recs = whole[_RING_OFFSET + capacity :].cast("q")
+        recs_end = _RING_OFFSET + capacity + 8 * _REC_WORDS * nrec
+        self._recs = whole[_RING_OFFSET + capacity : recs_end].cast("q")
+        self._nleases = nleases
+        self._lease_size = lease_size
+        self._slots = whole[recs_end:]  # lease slots: bytes (see the layout)
         self._mine = (0, -1)
         self._futex_ptrs = (
             ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NE_SEQ)),
@@ -1136,7 +1178,10 @@ class SafeQueue(SharedStructure, Generic[T]):
     def _wait_joined(self, deadline: float, died: list[tuple[int, int]]) -> bool:
         """join()'s wait, holding the mutex (returns holding it)."""
         state = self._state
+        lost: list[int] = []
         while True:
+            if self._nleases:  # before reaping: a dead holder's leased item is queued again
+                self._redeliver(lost)
             died += self._reap_locked()
             if _unfinished(state) <= 0:
                 return True
@@ -1206,6 +1251,201 @@ class SafeQueue(SharedStructure, Generic[T]):
             died += self._reap_locked()
             i = _find_record(recs, self._nrec)
         return i
+
+    # -- at-least-once consumption (leases) -----------------------------------------------
+    # A leased get copies the item into a lease slot (committed: the slot's state word)
+    # before it takes it from the ring (committed: head). An item whose holder died, or
+    # whose lease expired, is put back in front of head (the ring's free space is there)
+    # by the next get_leased()/leased()/release in any process (a blocked one checks every
+    # slice): the next get of any kind returns it first.
+    def get_leased(self, timeout: float | None = None, *, lease: float = 30.0) -> tuple[T, Lease]:
+        """Take the item at the front with a lease: it is delivered again (at the front)
+        if this process dies, or ``lease`` seconds pass, before :meth:`Lease.ack`.
+
+        Returns:
+            ``(item, lease)``; call ``lease.ack()`` once the item is handled.
+
+        Raises:
+            queue.Empty: no item within ``timeout`` (``None``: wait forever; 0: at once).
+            ValueError: a negative or NaN ``lease``/``timeout``; the queue was created
+                without ``leases=``; the item is larger than ``lease_size`` (nothing taken).
+            LeaseTableFullError: every lease slot is in use (nothing taken).
+            QueueShutDown: the queue was shut down and is empty.
+        """
+        seconds = check_timeout(lease)
+        if seconds is None or seconds <= 0:
+            raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
+        if not self._nleases:
+            raise ValueError(
+                f"SafeQueue {self._seg.name!r} was created without leases= (no lease slots)"
+            )
+        wait = check_timeout(timeout)
+        deadline = _NEVER if wait is None else time.monotonic() + wait
+        mine, ci = self._mine
+        if mine != _compat.pid:
+            ci = self._claim(deadline)
+        p = self._hot[4]
+        died: list[int] = []
+        rc = -1
+        if self._hot[6][0]:
+            self._mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, deadline, queue.Empty)
+            data, slot, lease_id = self._take_leased(deadline, ci, seconds, died)
+            fw = self._fw
+            sleepers = fw[_NF_SLEEP]
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+        self._warn_redelivered(died)
+        if sleepers:
+            self._wake(_NF_SEQ, 1, sleepers)
+        item: T = data if self._raw else _loads(data)  # type: ignore[assignment]
+        return item, Lease(self, slot, lease_id)
+
+    @contextlib.contextmanager
+    def leased(self, timeout: float | None = None, *, lease: float = 30.0) -> Iterator[T]:
+        """``with q.leased() as item:`` -- :meth:`get_leased`, acknowledged when the block
+        ends normally; on an exception the item is released at once (delivered again, at
+        the front) and the exception propagates."""
+        item, handle = self.get_leased(timeout, lease=lease)
+        try:
+            yield item
+        except BaseException:
+            handle.release()
+            raise
+        handle.ack()
+
+    def reclaim_leases(self) -> int:
+        """Deliver again now the items whose holder died or whose lease expired (any
+        get_leased() does this first); how many."""
+        died: list[int] = []
+        with self._mutex_held():
+            n = self._redeliver(died)
+        self._warn_redelivered(died)
+        return n
+
+    def _take_leased(
+        self, deadline: float, ci: int, seconds: float, died: list[int]
+    ) -> tuple[bytes, int, int]:
+        """get_leased()'s section (holding the mutex)."""
+        state = self._state
+        while True:
+            self._redeliver(died)
+            head, tail = state[_HEAD], state[_TAIL]
+            if head != tail:
+                break
+            if state[_SHUT]:
+                raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down and empty")
+            if not self._sleep(_NE_SEQ, deadline, queue.Empty):
+                raise queue.Empty
+            if self._seg.closed:
+                self._raise_closed()
+        end, taken = _span_end(self._hot[3], head, tail, self._capacity, 1)
+        if taken != 1:
+            raise self._damaged(end)
+        cap = self._capacity
+        n = (self._hot[3][(head % cap) >> 3]) & _LEN_MASK
+        if n > self._lease_size:
+            raise ValueError(
+                f"SafeQueue {self._seg.name!r}: the item at the front is {n} bytes, larger "
+                f"than lease_size {self._lease_size}; nothing was taken"
+            )
+        slot = _free_slot(self._slots, self._nleases, self._lease_size)
+        if slot < 0:
+            raise LeaseTableFullError(
+                f"SafeQueue {self._seg.name!r}: all {self._nleases} lease slots are in use; "
+                "nothing was taken"
+            )
+        data = _ring_read(self._hot[2], cap, head + 8, n)
+        lease_id = state[_LEASE_SEQ] + 1
+        state[_LEASE_SEQ] = lease_id
+        _fill_slot(
+            self._slots,
+            slot,
+            self._lease_size,
+            data,
+            lease_id=lease_id,
+            deadline=time.monotonic_ns() + int(seconds * 1e9),
+        )
+        state[_HEAD] = end  # the commit: taken (and leased: the slot is filled)
+        self._recs[ci] += 1
+        state[_HELD] += 1
+        state[_GETS] += 1
+        fw = self._fw
+        fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
+        return data, slot, lease_id
+
+    def _redeliver(self, died: list[int]) -> int:
+        """Put back in front of head the items of expired or orphaned leases, newest
+        first (so the oldest ends up at the front). Holding the mutex."""
+        due = _due_slots(self._slots, self._nleases, self._lease_size)
+        moved = 0
+        for _, slot, dead in due:  # a function call per slot: see _span_end
+            if self._put_back(slot, dead, died):
+                moved += 1
+        if moved:
+            fw = self._fw
+            fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
+            fw[_JOIN_SEQ] = (fw[_JOIN_SEQ] + 1) & _SEQ_MASK
+        return moved
+
+    def _put_back(self, slot: int, dead: bool, died: list[int]) -> bool:
+        state = self._state
+        words = _slot_words(self._slots, slot, self._lease_size)
+        n = words[_S_LEN]
+        need = (n + 15) & ~7
+        head, tail = state[_HEAD], state[_TAIL]
+        if self._capacity - (tail - head) < need or head < need:
+            return False  # no room now: retried by the next get_leased
+        at = head - need
+        start = slot * (8 * _SLOT_WORDS + self._lease_size) + 8 * _SLOT_WORDS
+        _ring_write(self._hot[2], self._capacity, at, n, self._slots[start : start + n])
+        holder = words[_S_PID]
+        state[_HEAD] = at  # the commit: in the queue again, at the front
+        words[_S_STATE] = 0  # the lease is gone (a death between: delivered twice)
+        state[_GETS] -= 1
+        if not dead:  # expired: its live holder no longer holds it as a task
+            _drop_task(state, self._recs, self._nrec, holder)
+        else:
+            died.append(int(holder))
+        return True
+
+    def _warn_redelivered(self, died: list[int]) -> None:
+        for pid in died:
+            warnings.warn(
+                f"SafeQueue {self._seg.name!r}: process {pid} died holding a leased item; "
+                "it is delivered again",
+                HolderDiedWarning,
+                stacklevel=3,
+            )
+
+    def _end_lease(self, slot: int, lease_id: int, redeliver: bool) -> None:
+        died: list[int] = []
+        with self._mutex_held():
+            words = _slot_words(self._slots, slot, self._lease_size)
+            ok = words[_S_STATE] == _ACTIVE and words[_S_ID] == lease_id
+            if ok:
+                if redeliver:
+                    words[_S_DEADLINE] = 0
+                    self._redeliver(died)
+                else:
+                    words[_S_STATE] = 0  # the commit: acknowledged
+        if not ok:
+            raise LeaseExpiredError(
+                f"SafeQueue {self._seg.name!r}: lease {lease_id} ended before this "
+                f"{'release' if redeliver else 'ack'} (expired, or already acknowledged): "
+                "the item was or will be delivered again; nothing was changed"
+            )
+        if redeliver:
+            self._wake(_NE_SEQ, 1, self._fw[_NE_SLEEP] or 1)
 
     def _before_close(self) -> None:
         # Wake the joiners (of every process: a spare wake-up for the others) so that
@@ -1311,6 +1551,114 @@ def _deadline(block: bool, timeout: float | None) -> float | None:
     if not block:
         return None
     return math.inf if seconds is None else time.monotonic() + seconds
+
+
+class LeaseExpiredError(SafeShmError):
+    """A lease was acknowledged after it had ended (it expired, or its item was released
+    or acknowledged already): the item was, or will be, delivered again."""
+
+
+class LeaseTableFullError(SafeShmError, RuntimeError):
+    """Every lease slot of a queue is in use (see ``leases=``)."""
+
+
+class Lease:
+    """The acknowledgement handle of an item taken with :meth:`SafeQueue.get_leased`."""
+
+    __slots__ = ("_id", "_q", "_slot")
+
+    def __init__(self, q: SafeQueue[Any], slot: int, lease_id: int) -> None:
+        self._q = q
+        self._slot = slot
+        self._id = lease_id
+
+    def ack(self) -> None:
+        """The item is handled: it is never delivered again.
+
+        Raises:
+            LeaseExpiredError: the lease had ended (expired and delivered again, or
+                acknowledged already); nothing changed.
+        """
+        self._q._end_lease(self._slot, self._id, redeliver=False)
+
+    def release(self) -> None:
+        """Give the item back now: it is delivered again at the front of the queue."""
+        self._q._end_lease(self._slot, self._id, redeliver=True)
+
+    def __repr__(self) -> str:
+        return f"<safeshm.Lease {self._id} of {self._q.name!r}>"
+
+
+def _slot_words(slots: memoryview, slot: int, size: int) -> memoryview:
+    base = slot * (8 * _SLOT_WORDS + size)
+    return slots[base : base + 8 * _SLOT_WORDS].cast("q")
+
+
+def _free_slot(slots: memoryview, nleases: int, size: int) -> int:
+    for k in range(nleases):
+        if not _slot_words(slots, k, size)[_S_STATE]:
+            return k
+    return -1
+
+
+def _fill_slot(
+    slots: memoryview, slot: int, size: int, data: bytes, *, lease_id: int, deadline: int
+) -> None:
+    base = slot * (8 * _SLOT_WORDS + size)
+    slots[base + 8 * _SLOT_WORDS : base + 8 * _SLOT_WORDS + len(data)] = data
+    w = _slot_words(slots, slot, size)
+    w[_S_ID] = lease_id
+    w[_S_PID] = _compat.pid
+    w[_S_START] = my_start_time()
+    w[_S_NS] = _compat.pid_namespace()
+    w[_S_DEADLINE] = deadline
+    w[_S_LEN] = len(data)
+    w[_S_STATE] = _ACTIVE  # the commit: leased
+
+
+def _due_slots(slots: memoryview, nleases: int, size: int) -> list[tuple[int, int, bool]]:
+    """``(lease id, slot, holder dead)`` of the leases to deliver again, newest first."""
+    now = time.monotonic_ns()
+    out = []
+    for k in range(nleases):
+        w = _slot_words(slots, k, size)
+        if w[_S_STATE] != _ACTIVE:
+            continue
+        dead = not _compat.process_alive(w[_S_PID], w[_S_START], w[_S_NS])
+        if dead or w[_S_DEADLINE] <= now:
+            out.append((int(w[_S_ID]), k, dead))
+    out.sort(reverse=True)
+    return out
+
+
+def _drop_task(state: memoryview, recs: memoryview, nrec: int, pid: int) -> None:
+    """An expired lease's live holder no longer counts the item as its task."""
+    for k in range(nrec):
+        i = k * _REC_WORDS
+        if recs[i + _R_PID] == pid and recs[i + _R_COUNT] > 0:
+            recs[i + _R_COUNT] -= 1
+            state[_HELD] -= 1
+            return
+
+
+def _ring_read(ring: memoryview, cap: int, at: int, n: int) -> bytes:
+    pos = at % cap
+    if pos + n <= cap:
+        return ring[pos : pos + n].tobytes()
+    return ring[pos:].tobytes() + ring[: pos + n - cap].tobytes()
+
+
+def _ring_write(ring: memoryview, cap: int, at: int, n: int, data: memoryview) -> None:
+    """Write a record (header and payload) at ring counter ``at``."""
+    pos = at % cap
+    ring[pos : pos + 8] = _HEADER_WORD.pack(n | ((n ^ _MARK_KEY) << 32))
+    start = (pos + 8) % cap
+    if start + n <= cap:
+        ring[start : start + n] = data
+    else:
+        split = cap - start
+        ring[start:] = data[:split]
+        ring[: n - split] = data[split:]
 
 
 class _JoinTimeout(Exception):
