@@ -175,3 +175,65 @@ def test_many_kills_every_item_acked(make: Any) -> None:
                     kill_and_reap(p)
             q.join(timeout=0.01)
     assert all(c == 1 for c in acked), [i for i, c in enumerate(acked) if c != 1]
+
+
+def test_several_redelivered_keep_their_order(make: Any) -> None:
+    q = make(4096)
+    q.put_many(["a", "b", "c", "d"])
+    leases = [q.get_leased(timeout=0, lease=0.05)[1] for _ in range(3)]
+    time.sleep(0.1)
+    assert q.reclaim_leases() == 3
+    assert q.get_many(10) == ["a", "b", "c", "d"]
+    for lease in leases:
+        with pytest.raises(LeaseExpiredError):
+            lease.ack()
+
+
+def test_mixed_implementations_redelivery(make: Any) -> None:
+    """A subprocess of the other implementation leases an item and is killed: this
+    process gets it again first; then a plain get there sees a released item first."""
+    import os
+    import subprocess
+    import sys
+
+    from ._impls import env_for, other
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    q = make(4096)
+    q.put_many(["a", "b", "c"])
+    code = (
+        "import sys, time\n"
+        "from safeshm._queue import SafeQueue\n"
+        f"q = SafeQueue.attach({q.name!r})\n"
+        "if sys.argv[1] == 'lease':\n"
+        "    print(q.get_leased(timeout=10)[0], flush=True)\n"
+        "    time.sleep(60)\n"
+        "else:\n"
+        "    print(q.get(timeout=10), flush=True)\n"
+    )
+    env = {**env_for(other()), "PYTHONPATH": src}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "lease"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "a"
+    finally:
+        proc.kill()
+        proc.wait(JOIN_TIMEOUT)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    with pytest.warns(HolderDiedWarning):
+        item, lease = q.get_leased(timeout=1)
+    assert item == "a"
+    lease.release()  # back at the front, for a plain get of the other implementation
+    out = subprocess.run(
+        [sys.executable, "-c", code, "get"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT,
+        check=True,
+    )
+    assert out.stdout.strip() == "a"
+    assert [q.get_nowait(), q.get_nowait()] == ["b", "c"]
