@@ -1154,6 +1154,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         deadline = _NEVER if seconds is None else time.monotonic() + seconds
         p = self._hot[4]
         died: list[tuple[int, int]] = []
+        lost: list[int] = []
         rc = -1
         if self._hot[6][0]:
             self._mutex.check_not_mine()
@@ -1161,7 +1162,7 @@ class SafeQueue(SharedStructure, Generic[T]):
             rc = _trylock(p)
             if rc:
                 self._finish_acquire(rc, deadline, _JoinTimeout)
-            done = self._wait_joined(deadline, died)
+            done = self._wait_joined(deadline, died, lost)
         except _JoinTimeout:
             done = False
         finally:
@@ -1172,13 +1173,13 @@ class SafeQueue(SharedStructure, Generic[T]):
                     _consistent(p)
                 finally:
                     _unlock(p)
+        self._warn_redelivered(lost)
         self._warn_died(died)
         return done
 
-    def _wait_joined(self, deadline: float, died: list[tuple[int, int]]) -> bool:
+    def _wait_joined(self, deadline: float, died: list[tuple[int, int]], lost: list[int]) -> bool:
         """join()'s wait, holding the mutex (returns holding it)."""
         state = self._state
-        lost: list[int] = []
         while True:
             if self._nleases:  # before reaping: a dead holder's leased item is queued again
                 self._redeliver(lost)
