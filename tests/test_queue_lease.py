@@ -3,6 +3,7 @@ holder dies (or whose lease expires) before the ack is delivered again, at the f
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import queue
 import time
@@ -10,11 +11,14 @@ import warnings
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from safeshm._errors import HolderDiedWarning
-from safeshm._queue import LeaseExpiredError, LeaseTableFullError, SafeQueue
+from safeshm._queue import Lease, LeaseExpiredError, LeaseTableFullError, SafeQueue
 
-from ._helpers import JOIN_TIMEOUT, kill_and_reap, processes
+from ._helpers import JOIN_TIMEOUT, Remote, kill_and_reap, processes
 
 
 @pytest.fixture
@@ -237,3 +241,123 @@ def test_mixed_implementations_redelivery(make: Any) -> None:
     )
     assert out.stdout.strip() == "a"
     assert [q.get_nowait(), q.get_nowait()] == ["b", "c"]
+
+
+# -- a model-based state machine ----------------------------------------------------------------
+class LeaseMachine(RuleBasedStateMachine):
+    """Leases against a deque: acked items never come back, released and expired ones come
+    back at the front (oldest first), a late ack changes nothing; plain puts and gets also
+    from a handle in a server process (the other side of the ring protocol)."""
+
+    remote: Remote | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q: SafeQueue[int] | None = None
+        self.model: collections.deque[int] = collections.deque()
+        self.out: dict[int, tuple[int, Lease]] = {}  # lease id -> (item, handle)
+        self.expired: list[int] = []  # lease ids whose lease ran out (not yet put back)
+        self.ended: list[Lease] = []
+        self.n = 0
+
+    @initialize()
+    def create(self) -> None:
+        self.q = SafeQueue.create(4096, leases=8, lease_size=64)
+        assert self.remote is not None
+        self.remote.attach("SafeQueue", self.q.name)
+
+    def _put_back_expired(self) -> None:
+        for lid in sorted(self.expired, reverse=True):
+            item, handle = self.out.pop(lid)
+            self.model.appendleft(item)
+            self.ended.append(handle)
+        self.expired.clear()
+
+    @precondition(lambda self: len(self.model) < 20)
+    @rule(remote=st.booleans())
+    def put(self, remote: bool) -> None:
+        assert self.q is not None and self.remote is not None
+        if remote:
+            self.remote.call(self.q.name, "put_nowait", self.n)
+        else:
+            self.q.put_nowait(self.n)
+        self.model.append(self.n)
+        self.n += 1
+
+    @rule(remote=st.booleans())
+    def get(self, remote: bool) -> None:
+        assert self.q is not None and self.remote is not None
+        if not self.model:
+            with pytest.raises(queue.Empty):
+                self.q.get_nowait()
+            return
+        got = self.remote.call(self.q.name, "get_nowait") if remote else self.q.get_nowait()
+        assert got == self.model.popleft()
+
+    @precondition(lambda self: len(self.out) < 8)
+    @rule(short=st.booleans())
+    def get_leased(self, short: bool) -> None:
+        assert self.q is not None
+        self._put_back_expired()
+        if not self.model:
+            with pytest.raises(queue.Empty):
+                self.q.get_leased(timeout=0)
+            return
+        item, handle = self.q.get_leased(timeout=0, lease=0.001 if short else 60)
+        assert item == self.model.popleft()
+        self.out[handle._id] = (item, handle)
+        if short:
+            time.sleep(0.002)
+            self.expired.append(handle._id)
+
+    @precondition(lambda self: len(self.out) > len(self.expired))
+    @rule(data=st.data(), release=st.booleans())
+    def end(self, data: st.DataObject, release: bool) -> None:
+        live = sorted(set(self.out) - set(self.expired))
+        lid = data.draw(st.sampled_from(live))
+        item, handle = self.out.pop(lid)
+        if release:
+            handle.release()  # puts back the expired ones too: oldest lease in front
+            self.out[lid] = (item, handle)
+            self.expired.append(lid)
+            self._put_back_expired()
+        else:
+            handle.ack()
+            self.ended.append(handle)
+
+    @precondition(lambda self: self.ended)
+    @rule(data=st.data())
+    def late_ack(self, data: st.DataObject) -> None:
+        assert self.q is not None
+        handle = data.draw(st.sampled_from(self.ended))
+        before = bytes(self.q._state)
+        with pytest.raises(LeaseExpiredError):
+            handle.ack()
+        assert bytes(self.q._state) == before
+
+    @rule()
+    def reclaim(self) -> None:
+        assert self.q is not None
+        assert self.q.reclaim_leases() == len(self.expired)
+        self._put_back_expired()
+
+    @invariant()
+    def agree(self) -> None:
+        if self.q is not None:
+            assert self.q.qsize() == len(self.model)
+
+    def teardown(self) -> None:
+        if self.q is not None:
+            assert self.remote is not None
+            self.remote.detach(self.q.name)
+            self.q.close()
+            self.q.unlink()
+
+
+def test_state_machine(remote: Remote) -> None:
+    LeaseMachine.remote = remote
+    try:
+        LeaseMachine.TestCase.settings = settings(stateful_step_count=30, max_examples=40)
+        LeaseMachine.TestCase().runTest()
+    finally:
+        LeaseMachine.remote = None
