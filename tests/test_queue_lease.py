@@ -56,7 +56,9 @@ def test_ack_and_no_redelivery(make: Any) -> None:
     q.put_many(["a", "b"])
     item, lease = q.get_leased(timeout=1)
     assert item == "a"
+    assert (q.statistics().leased, q.statistics().leases) == (1, 8)
     lease.ack()
+    assert q.statistics().leased == 0
     assert q.get_nowait() == "b"
     assert q.reclaim_leases() == 0
     with pytest.raises(queue.Empty):

@@ -138,6 +138,10 @@ class QueueStatistics:
     """Consumer records in use (processes that got an item and have not been reaped)."""
     processes: int = 0
     """The size of the consumer record table."""
+    leased: int = 0
+    """Items out on a lease (taken with ``get_leased``, not yet acknowledged)."""
+    leases: int = 0
+    """The number of lease slots (``leases=``)."""
 
 
 class SafeQueue(SharedStructure, Generic[T]):
@@ -1480,6 +1484,12 @@ class SafeQueue(SharedStructure, Generic[T]):
             unfinished_tasks=self.unfinished_tasks,
             consumers=sum(1 for k in range(self._nrec) if self._recs[k * _REC_WORDS]),
             processes=self._nrec,
+            leased=sum(
+                1
+                for k in range(self._nleases)
+                if _slot_words(self._slots, k, self._lease_size)[_S_STATE] == _ACTIVE
+            ),
+            leases=self._nleases,
         )
 
     def _repr_fields(self) -> str:
