@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, assert_type
 
-from safeshm._queue import QueueStatistics, SafeQueue
+from safeshm._queue import Lease, QueueStatistics, SafeQueue
 
 
 def tasks() -> None:
@@ -22,3 +22,16 @@ def tasks() -> None:
     assert_type(s.unfinished_tasks, int)
     assert_type(s.consumers, int)
     assert_type(s.processes, int)
+
+
+def leases() -> None:
+    q: SafeQueue[int] = SafeQueue.create(4096, leases=8, lease_size=256)
+    item, lease = q.get_leased(timeout=1.0, lease=30.0)
+    assert_type(item, int)
+    assert_type(lease, Lease)
+    assert_type(lease.ack(), None)
+    assert_type(lease.release(), None)
+    with q.leased(timeout=None) as got:
+        assert_type(got, int)
+    assert_type(q.reclaim_leases(), int)
+    assert_type(q.statistics().leased, int)
