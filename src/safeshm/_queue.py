@@ -57,6 +57,11 @@ T = TypeVar("T")
 #          adds to its process's count in the critical section that takes the item; a
 #          dead process's record is reaped (join() while it waits, a claim that finds the
 #          table full): its count stops counting as unfinished.
+#   then    lease slots (layout 3), ``leases`` of _SLOT_WORDS int64 words (state, lease id,
+#          holder pid, start time, pid namespace, deadline in CLOCK_MONOTONIC ns, payload
+#          length) and ``lease_size`` payload bytes. Only the Python code uses them (the
+#          compiled core never sees a lease): an item put back is an ordinary record in
+#          front of head, so every get of either implementation returns it first.
 _STATE_OFFSET: Final = HEADER_SIZE
 _HEAD, _TAIL, _PUTS, _GETS, _SHUT, _HELD, _CREDIT, _LEASE_SEQ = range(8)
 _FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
