@@ -1193,7 +1193,10 @@ class SafeQueue(SharedStructure, Generic[T]):
             if self._nleases:  # before reaping: a dead holder's leased item is queued again
                 self._redeliver(lost)
             died += self._reap_locked()
-            if _unfinished(state) <= 0:
+            if _unfinished(state) <= 0 and not (
+                # a dead holder's leased item that found no room in the ring yet
+                self._nleases and _due_slots(self._slots, self._nleases, self._lease_size)
+            ):
                 return True
             if not self._sleep(_JOIN_SEQ, deadline, _JoinTimeout):
                 return False
