@@ -1,7 +1,7 @@
 /* safeshm._native: queue (see safeshm.h).
  *
  * SafeQueue's ring operations -- put, put_nowait, put_many, get, get_nowait, get_many --
- * on exactly the layout (2) and the protocol of src/safeshm/_queue.py, so that processes
+ * on exactly the layout (3) and the protocol of src/safeshm/_queue.py, so that processes
  * of both kinds share one queue at the same time:
  *
  *  - the state line (head, tail, puts, gets, shutdown) changes only under the robust
@@ -21,7 +21,14 @@
  *    same tokens);
  *  - a consumer that finds the ring empty watches tail for a few microseconds before it
  *    sleeps (only when another CPU may run the producer); producers never spin;
- *  - non-blocking calls wait at most NOWAIT_GRACE for the mutex (then Full/Empty).
+ *  - non-blocking calls wait at most NOWAIT_GRACE for the mutex (then Full/Empty);
+ *  - task tracking (layout 3): a get adds the items it takes to this process's consumer
+ *    record count and to the held word, in the critical section that moves head. The
+ *    record is claimed by the Python side (_queue.SafeQueue._claim, called through a weak
+ *    reference before the mutex is taken, with the get's deadline); its index is cached per core and forgotten in
+ *    a forked child (a pthread_atfork generation). repair() recomputes held from the
+ *    records and lowers the credit as _queue._rederive_tasks does. Reaping dead
+ *    consumers, task_done and join are Python's (not hot).
  *
  * Pickling stays Python's (pickle.dumps/loads, called from here, outside the mutex).
  * Every critical section is C only: no Python code runs while the mutex is held (the
@@ -44,8 +51,9 @@
 #define FUTEX_OFFSET 192
 #define MUTEX_OFFSET 256
 #define RING_OFFSET (MUTEX_OFFSET + SN_MUTEX_BLOCK)
-enum { HEAD, TAIL, PUTS, GETS, SHUT };
-enum { NE_SEQ, NE_SLEEP, NF_SEQ, NF_SLEEP };
+enum { HEAD, TAIL, PUTS, GETS, SHUT, HELD, CREDIT };
+enum { NE_SEQ, NE_SLEEP, NF_SEQ, NF_SLEEP, JOIN_SEQ, JOIN_SLEEP };
+enum { R_PID, R_START, R_NS, R_COUNT, REC_WORDS };
 #define MARK_KEY 0x51ED51EDu
 #define LEN_MASK 0xFFFFFFFFu
 #define SEQ_MASK 0x7FFFFFFFu
@@ -60,6 +68,11 @@ static double wait_slice = SN_WAIT_SLICE;
 
 static PyObject *pickle_dumps, *pickle_loads, *pickle_protocol;
 
+/* Bumped in every forked child: a core's cached record index is this process's only if
+ * it was found in the same generation. */
+static long fork_generation;
+static void after_fork_in_child(void) { fork_generation++; }
+
 typedef struct {
     sn_core head;
     int64_t *state;
@@ -71,6 +84,11 @@ typedef struct {
     int raw;
     PyObject *name;       /* the segment's name, for messages */
     PyObject *encode_raw; /* _queue._encode_raw: a raw item that is not exactly bytes */
+    int64_t *recs;        /* the consumer records (layout 3) */
+    int64_t nrec;
+    PyObject *claim;      /* weakref.WeakMethod of the handle's _claim */
+    long rec_generation;  /* fork_generation when rec_count was found; -1: never */
+    int64_t rec_count;    /* word index (in recs) of this process's count */
 } Queue;
 
 /* -- small helpers --------------------------------------------------------------------- */
@@ -203,6 +221,18 @@ static int repair(Queue *q, int64_t *bad_at) {
         count++;
     }
     st(&q->state[GETS], (int64_t)((uint64_t)ld(&q->state[PUTS]) - (uint64_t)count));
+    /* _queue._rederive_tasks */
+    int64_t held = 0;
+    for (int64_t k = 0; k < q->nrec; k++) {
+        int64_t *r = q->recs + k * REC_WORDS;
+        if (ld(&r[R_PID])) held = add64(held, ld(&r[R_COUNT]));
+    }
+    st(&q->state[HELD], held);
+    int64_t base = add64((int64_t)((uint64_t)ld(&q->state[PUTS]) - (uint64_t)ld(&q->state[GETS])),
+                         held);
+    if (ld(&q->state[CREDIT]) > base) st(&q->state[CREDIT], base > 0 ? base : 0);
+    bump(q, JOIN_SEQ);
+    syscall(SYS_futex, &q->fw[JOIN_SEQ], FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0);
     bump(q, NE_SEQ);
     syscall(SYS_futex, &q->fw[NE_SEQ], FUTEX_WAKE, 0x7FFFFFFF, NULL, NULL, 0);
     bump(q, NF_SEQ);
@@ -672,10 +702,44 @@ static PyObject *loads(PyObject *data) {
     return PyObject_CallFunctionObjArgs(pickle_loads, data, NULL);
 }
 
+/* This process's count word in the consumer records (claimed through the handle's
+ * _claim when not cached); -1 with an exception. Called without the mutex. */
+static int64_t my_count(Queue *q, const Wait *w) {
+    if (q->rec_generation == fork_generation) return q->rec_count;
+    PyObject *method = PyObject_CallNoArgs(q->claim);
+    if (method == NULL) return -1;
+    if (method == Py_None) {
+        Py_DECREF(method);
+        PyErr_SetObject(sn_SegmentClosedError, q->head.closed_msg); /* handle is gone */
+        return -1;
+    }
+    PyObject *d = PyFloat_FromDouble(w->wait ? w->deadline : -1.0);
+    if (d == NULL) {
+        Py_DECREF(method);
+        return -1;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(method, d, NULL);
+    Py_DECREF(d);
+    Py_DECREF(method);
+    if (r == NULL) return -1;
+    long long index = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    if (index == -1 && PyErr_Occurred()) return -1;
+    if (index < 0 || index >= q->nrec * REC_WORDS || index % REC_WORDS != R_COUNT) {
+        PyErr_SetString(PyExc_SystemError, "SafeQueue: bad consumer record index");
+        return -1;
+    }
+    q->rec_count = index;
+    q->rec_generation = fork_generation;
+    return index;
+}
+
 static PyObject *do_get(Queue *q, PyObject *block, PyObject *timeout) {
     if (sn_check_open(&q->head) < 0) return NULL;
     Wait w;
     if (parse_wait(block, timeout, &w) < 0) return NULL;
+    int64_t ci = my_count(q, &w);
+    if (ci < 0) return NULL;
     if (lock_for(q, &w, sn_Empty) != LOCK_HELD) return NULL;
     int64_t *state = q->state;
     int64_t head = ld(&state[HEAD]), tail = ld(&state[TAIL]);
@@ -706,6 +770,8 @@ static PyObject *do_get(Queue *q, PyObject *block, PyObject *timeout) {
                 if (start == q->cap) start = 0;
                 ring_read(q, start, PyBytes_AsString(data), (int64_t)n);
                 st(&state[HEAD], add64(head, need)); /* the commit: the item is taken */
+                st(&q->recs[ci], add64(ld(&q->recs[ci]), 1)); /* one more unfinished task */
+                st(&state[HELD], add64(ld(&state[HELD]), 1));
                 st(&state[GETS], add64(ld(&state[GETS]), 1));
                 bump(q, NF_SEQ);
                 sleepers = ld32(&q->fw[NF_SLEEP]);
@@ -866,6 +932,8 @@ static PyObject *do_get_many(Queue *q, PyObject *max_obj, PyObject *block, PyObj
     }
     Wait w;
     if (parse_wait(block, timeout, &w) < 0) return NULL;
+    int64_t ci = my_count(q, &w);
+    if (ci < 0) return NULL;
     if (lock_for(q, &w, sn_Empty) != LOCK_HELD) return NULL;
     int64_t *state = q->state;
     int64_t head = ld(&state[HEAD]), tail = ld(&state[TAIL]);
@@ -890,6 +958,8 @@ static PyObject *do_get_many(Queue *q, PyObject *max_obj, PyObject *block, PyObj
             } else {
                 ring_read(q, pos_of(head, q->cap), span, end - head);
                 st(&state[HEAD], end); /* the commit: all of them are taken at once */
+                st(&q->recs[ci], add64(ld(&q->recs[ci]), taken));
+                st(&state[HELD], add64(ld(&state[HELD]), taken));
                 st(&state[GETS], add64(ld(&state[GETS]), taken));
                 bump(q, NF_SEQ);
                 sleepers = ld32(&q->fw[NF_SLEEP]);
@@ -919,16 +989,16 @@ static PyObject *Queue_get_many(PyObject *self, PyObject *const *args, Py_ssize_
 
 /* -- the type ------------------------------------------------------------------------- */
 static PyObject *Queue_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *mm, *what, *closed_msg, *name, *encode_raw;
-    long long capacity, maxsize;
+    PyObject *mm, *what, *closed_msg, *name, *encode_raw, *claim;
+    long long capacity, maxsize, nrec;
     int raw;
-    static char *kwlist[] = {"mm",      "what", "closed_msg", "name", "capacity",
-                             "maxsize", "raw",  "encode_raw", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OUUULLpO:Queue", kwlist, &mm, &what,
+    static char *kwlist[] = {"mm",      "what", "closed_msg", "name",  "capacity",
+                             "maxsize", "raw",  "encode_raw", "processes", "claim", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OUUULLpOLO:Queue", kwlist, &mm, &what,
                                      &closed_msg, &name, &capacity, &maxsize, &raw,
-                                     &encode_raw))
+                                     &encode_raw, &nrec, &claim))
         return NULL;
-    if (capacity < 16 || capacity % 8 || maxsize < 0) {
+    if (capacity < 16 || capacity % 8 || maxsize < 0 || nrec < 1 || nrec > (1 << 16)) {
         PyErr_SetString(PyExc_ValueError, "safeshm._native.Queue: bad capacity or maxsize");
         return NULL;
     }
@@ -936,7 +1006,9 @@ static PyObject *Queue_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Queue *self = (Queue *)alloc(type, 0);
     if (self == NULL) return NULL;
     if (sn_core_init(&self->head, mm, what, closed_msg) < 0 ||
-        sn_map_check(&self->head.map, 0, RING_OFFSET + (Py_ssize_t)capacity) < 0) {
+        sn_map_check(&self->head.map, 0,
+                     RING_OFFSET + (Py_ssize_t)capacity + (Py_ssize_t)nrec * 8 * REC_WORDS) <
+            0) {
         Py_DECREF(self);
         return NULL;
     }
@@ -957,6 +1029,12 @@ static PyObject *Queue_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->name = name;
     Py_INCREF(encode_raw);
     self->encode_raw = encode_raw;
+    self->recs = (int64_t *)(base + RING_OFFSET + capacity);
+    self->nrec = nrec;
+    Py_INCREF(claim);
+    self->claim = claim;
+    self->rec_generation = -1;
+    self->rec_count = -1;
     return (PyObject *)self;
 }
 
@@ -964,6 +1042,7 @@ static void Queue_dealloc(PyObject *self) {
     Queue *q = (Queue *)self;
     Py_CLEAR(q->name);
     Py_CLEAR(q->encode_raw);
+    Py_CLEAR(q->claim);
     sn_core_dealloc(self);
 }
 
@@ -990,7 +1069,8 @@ static PyType_Slot Queue_slots[] = {
     {Py_tp_new, Queue_new},
     {Py_tp_dealloc, Queue_dealloc},
     {Py_tp_methods, Queue_methods},
-    {Py_tp_doc, "Queue(mm, what, closed_msg, name, capacity, maxsize, raw, encode_raw)\n--\n\n"
+    {Py_tp_doc, "Queue(mm, what, closed_msg, name, capacity, maxsize, raw, encode_raw, "
+                "processes, claim)\n--\n\n"
                 "The compiled core of a SafeQueue handle (see safeshm._queue)."},
     {0, NULL},
 };
@@ -1039,5 +1119,9 @@ int sn_register_queue(PyObject *module) {
     Py_DECREF(pickle);
     if (pickle_dumps == NULL || pickle_loads == NULL || pickle_protocol == NULL) return -1;
     if (PyModule_AddFunctions(module, queue_functions) < 0) return -1;
+    if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "safeshm._native: pthread_atfork failed");
+        return -1;
+    }
     return sn_add_type(module, &Queue_spec, NULL);
 }

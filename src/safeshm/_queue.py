@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import math
@@ -11,11 +12,14 @@ import pickle
 import queue
 import struct
 import time
-from collections.abc import Iterable
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
 from ._errors import (
+    HolderDiedWarning,
     IncompatibleSegmentError,
     ItemDecodeError,
     QueueShutDown,
@@ -25,6 +29,7 @@ from ._errors import (
 from ._int64 import INT64_MAX
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
+from ._sync import ProcessTableFullError, my_start_time
 from ._timeout import check_timeout
 
 T = TypeVar("T")
@@ -34,16 +39,38 @@ T = TypeVar("T")
 #          head, tail  -- byte counters that only grow; position = counter % capacity
 #          puts, gets  -- items ever put / taken; the queue holds puts - gets items
 #          shutdown    -- 0, or _SHUTDOWN / _SHUTDOWN_NOW
-#   192  futex line, uint32 words: not-empty sequence and "sleepers" token, then not-full
+#          held        -- the sum of the consumer records' counts (derived: recomputed by
+#                         _repair and after reaping; kept so that task_done need not sum)
+#          credit      -- task_done() calls not matched by an item any process held
+#                         (queue.Queue allows put(); task_done() without a get)
+#        unfinished tasks = puts - gets + held - credit (as queue.Queue.unfinished_tasks)
+#   192  futex line, uint32 words: not-empty sequence and "sleepers" token, then not-full,
+#        then join (task_done's "all done" and a reaped consumer; layout 3)
 #   256  robust mutex block
 #   384  the ring: capacity bytes of records, each an 8-byte header (payload length in
 #        the low 32 bits, the length XOR _MARK_KEY in the high 32: layout 2) and the
 #        payload, padded to 8 bytes; a payload may wrap around the end of the ring (a
 #        header never does).
+#   384 + capacity  consumer records (layout 3), ``processes`` of _REC_WORDS int64 words:
+#          +0 owner pid (0: free; written last when claiming), +1 its start time, +2 its
+#          pid namespace, +3 count: items this process got and has not marked done. A get
+#          adds to its process's count in the critical section that takes the item; a
+#          dead process's record is reaped (join() while it waits, a claim that finds the
+#          table full): its count stops counting as unfinished.
+#   then    lease slots (layout 3), ``leases`` of _SLOT_WORDS int64 words (state, lease id,
+#          holder pid, start time, pid namespace, deadline in CLOCK_MONOTONIC ns, payload
+#          length) and ``lease_size`` payload bytes. Only the Python code uses them (the
+#          compiled core never sees a lease): an item put back is an ordinary record in
+#          front of head, so every get of either implementation returns it first.
 _STATE_OFFSET: Final = HEADER_SIZE
-_HEAD, _TAIL, _PUTS, _GETS, _SHUT = range(5)
+_HEAD, _TAIL, _PUTS, _GETS, _SHUT, _HELD, _CREDIT, _LEASE_SEQ = range(8)
 _FUTEX_OFFSET: Final = HEADER_SIZE + CACHE_LINE
-_NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP = range(4)  # _futex_ptrs[seq >> 1] is a seq's byref
+_NE_SEQ, _NE_SLEEP, _NF_SEQ, _NF_SLEEP, _JOIN_SEQ, _JOIN_SLEEP = range(6)
+# _futex_ptrs[seq >> 1] is a seq's byref
+_R_PID, _R_START, _R_NS, _R_COUNT = range(4)
+_REC_WORDS: Final = 4
+DEFAULT_PROCESSES: Final = 128
+MAX_PROCESSES: Final = 1 << 16
 _MUTEX_OFFSET: Final = HEADER_SIZE + 2 * CACHE_LINE
 _RING_OFFSET: Final = _MUTEX_OFFSET + MUTEX_BLOCK
 _RECORD_HEADER: Final = 8
@@ -59,7 +86,12 @@ long enough for a holder descheduled on a loaded machine, short enough not to bl
 _SEQ_MASK: Final = 0x7FFFFFFF  # futex values travel through ctypes as C ints
 _SHUTDOWN: Final = 1
 _SHUTDOWN_NOW: Final = 2
-_PARAMS: Final = struct.Struct("=QQI")  # capacity, maxsize, raw
+_PARAMS: Final = struct.Struct("=QQIIII")  # capacity, maxsize, raw, records, leases, lease size
+# Lease slots (after the consumer records): _SLOT_WORDS int64 words, then the payload.
+_S_STATE, _S_ID, _S_PID, _S_START, _S_NS, _S_DEADLINE, _S_LEN = range(7)
+_SLOT_WORDS: Final = 8
+_ACTIVE: Final = 1
+MAX_LEASES: Final = 1 << 12
 _HEADER_WORD: Final = struct.Struct("=Q")  # a record header, as the ring's 8-byte words hold it
 _PADDING: Final = bytes(8)
 _WAIT_SLICE: Final = 0.1  # see _lock._WAIT_SLICE: lets Ctrl-C in, never delays a wake-up
@@ -104,6 +136,17 @@ class QueueStatistics:
     """Items ever taken."""
     shutdown: bool
     creator_pid: int
+    unfinished_tasks: int = 0
+    """Items put and not yet marked done (:meth:`SafeQueue.task_done`), as
+    ``queue.Queue.unfinished_tasks``."""
+    consumers: int = 0
+    """Consumer records in use (processes that got an item and have not been reaped)."""
+    processes: int = 0
+    """The size of the consumer record table."""
+    leased: int = 0
+    """Items out on a lease (taken with ``get_leased``, not yet acknowledged)."""
+    leases: int = 0
+    """The number of lease slots (``leases=``)."""
 
 
 class SafeQueue(SharedStructure, Generic[T]):
@@ -137,7 +180,8 @@ class SafeQueue(SharedStructure, Generic[T]):
     """
 
     _KIND = Kind.QUEUE
-    _LAYOUT = 2  # 2: record headers carry a check of their length (1: a constant marker)
+    _LAYOUT = 3  # 3: consumer records for task tracking, join futex, held/credit words
+    #              2: record headers carry a check of their length (1: a constant marker)
     _MAPPED = (
         "_hot",
         "_state",
@@ -145,6 +189,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         "_mutex",
         "_futex_ptrs",
         "_core",
+        "_recs",
+        "_slots",
         "put",
         "put_nowait",
         "put_many",
@@ -160,10 +206,16 @@ class SafeQueue(SharedStructure, Generic[T]):
     _state: memoryview
     _fw: memoryview
     _mutex: RobustMutex
-    _futex_ptrs: tuple[Any, Any]  # byrefs of the not-empty and not-full sequence words
+    _futex_ptrs: tuple[Any, Any, Any]  # byrefs of the not-empty, not-full, join sequence words
     _capacity: int
     _maxsize: int
     _raw: bool
+    _recs: memoryview  # the consumer records, int64 words
+    _nrec: int
+    _mine: tuple[int, int]  # (pid, word index of this process's count), (0, -1): none yet
+    _slots: memoryview  # the lease slots, bytes
+    _nleases: int
+    _lease_size: int
 
     # -- construction ----------------------------------------------------------------------
     @overload
@@ -175,21 +227,48 @@ class SafeQueue(SharedStructure, Generic[T]):
         name: str | None = None,
         maxsize: int = 0,
         raw: Literal[False] = False,
+        processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[Any]: ...
     @overload
     @classmethod
     def create(
-        cls, capacity: int, *, name: str | None = None, maxsize: int = 0, raw: Literal[True]
+        cls,
+        capacity: int,
+        *,
+        name: str | None = None,
+        maxsize: int = 0,
+        raw: Literal[True],
+        processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[bytes]: ...
     @overload
     @classmethod
     def create(
-        cls, capacity: int, *, name: str | None = None, maxsize: int = 0, raw: bool
+        cls,
+        capacity: int,
+        *,
+        name: str | None = None,
+        maxsize: int = 0,
+        raw: bool,
+        processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[Any]: ...
 
     @classmethod
     def create(
-        cls, capacity: int, *, name: str | None = None, maxsize: int = 0, raw: bool = False
+        cls,
+        capacity: int,
+        *,
+        name: str | None = None,
+        maxsize: int = 0,
+        raw: bool = False,
+        processes: int = DEFAULT_PROCESSES,
+        leases: int = 0,
+        lease_size: int = 0,
     ) -> SafeQueue[Any]:
         """Create a new, empty queue.
 
@@ -200,9 +279,17 @@ class SafeQueue(SharedStructure, Generic[T]):
             name: the name to attach by; a random one when ``None``.
             maxsize: if positive, also at most this many items.
             raw: items are ``bytes``, stored as they are (no pickling).
+            leases: how many items can be out on a lease at once (:meth:`get_leased`);
+                0: none (at-least-once consumption not used).
+            lease_size: the largest item (pickled bytes) that can be leased.
+            processes: how many consumer processes task tracking can follow at once
+                (one record each, claimed at a process's first ``get``, freed when it
+                dies): a ``get`` in one more live process raises
+                :class:`~safeshm.ProcessTableFullError` (nothing taken).
 
         Raises:
-            ValueError: ``capacity`` below 16, or negative ``maxsize``.
+            ValueError: ``capacity`` below 16, negative ``maxsize``, ``processes``
+                outside 1..65536.
             SegmentExistsError: a segment with this name exists (a ``FileExistsError``).
             OSError: not enough room in /dev/shm (ENOSPC).
         """
@@ -211,6 +298,13 @@ class SafeQueue(SharedStructure, Generic[T]):
         if capacity < MIN_CAPACITY:
             raise ValueError(f"capacity must be at least {MIN_CAPACITY} bytes, got {capacity}")
         capacity = (capacity + 7) & ~7
+        nrec = _check_processes(processes)
+        nleases = _check_count("leases", leases)
+        lease_size = (_check_count("lease_size", lease_size) + 7) & ~7
+        if nleases > MAX_LEASES or (nleases and lease_size > capacity):
+            raise ValueError(
+                f"leases must be at most {MAX_LEASES}, and lease_size at most the capacity"
+            )
 
         def init(mm: mmap.mmap) -> None:
             init_mutex(mm, _MUTEX_OFFSET)
@@ -219,9 +313,13 @@ class SafeQueue(SharedStructure, Generic[T]):
             name,
             kind=cls._KIND,
             layout=cls._LAYOUT,
-            payload_size=_RING_OFFSET - HEADER_SIZE + capacity,
+            payload_size=_RING_OFFSET
+            - HEADER_SIZE
+            + capacity
+            + 8 * _REC_WORDS * nrec
+            + nleases * (8 * _SLOT_WORDS + lease_size),
             init=init,
-            params=_PARAMS.pack(capacity, maxsize, int(bool(raw))),
+            params=_PARAMS.pack(capacity, maxsize, int(bool(raw)), nrec, nleases, lease_size),
         )
         return cls._from_segment(seg)
 
@@ -238,37 +336,65 @@ class SafeQueue(SharedStructure, Generic[T]):
     @overload
     @classmethod
     def open(
-        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: Literal[False] = False
+        cls,
+        name: str,
+        capacity: int,
+        *,
+        maxsize: int | None = None,
+        raw: Literal[False] = False,
+        processes: int | None = None,
     ) -> SafeQueue[Any]: ...
     @overload
     @classmethod
     def open(
-        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: Literal[True]
+        cls,
+        name: str,
+        capacity: int,
+        *,
+        maxsize: int | None = None,
+        raw: Literal[True],
+        processes: int | None = None,
     ) -> SafeQueue[bytes]: ...
     @overload
     @classmethod
     def open(
-        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: bool
+        cls,
+        name: str,
+        capacity: int,
+        *,
+        maxsize: int | None = None,
+        raw: bool,
+        processes: int | None = None,
     ) -> SafeQueue[Any]: ...
 
     @classmethod
     def open(
-        cls, name: str, capacity: int, *, maxsize: int | None = None, raw: bool = False
+        cls,
+        name: str,
+        capacity: int,
+        *,
+        maxsize: int | None = None,
+        raw: bool = False,
+        processes: int | None = None,
     ) -> SafeQueue[Any]:
         """Attach to ``name``, creating it first if needed (race-free).
 
         An existing queue must be what this call would create: the same ``capacity``
         (after rounding up to a multiple of 8) and mode (``raw``), and the same
-        ``maxsize`` if one is given (``None``: 0 when creating, any when attaching) --
-        the rule of every ``open()``. Otherwise :class:`~safeshm.IncompatibleSegmentError`
-        names what differs.
+        ``maxsize`` and ``processes`` if given (``None``: the default when creating, any
+        when attaching) -- the rule of every ``open()``. Otherwise
+        :class:`~safeshm.IncompatibleSegmentError` names what differs.
         """
         want_capacity = (_check_count("capacity", capacity) + 7) & ~7
         if maxsize is not None:
             maxsize = _check_count("maxsize", maxsize)
+        if processes is not None:
+            processes = _check_processes(processes)
 
         def check(seg: Segment) -> None:
-            have_capacity, have_maxsize, have_raw = _PARAMS.unpack_from(seg.header.params)
+            have_capacity, have_maxsize, have_raw, have_nrec, _, _ = _PARAMS.unpack_from(
+                seg.header.params
+            )
             diffs = []
             if have_capacity != want_capacity:
                 diffs.append(f"capacity {have_capacity}, expected {want_capacity}")
@@ -279,11 +405,21 @@ class SafeQueue(SharedStructure, Generic[T]):
                     f"{'raw (bytes)' if have_raw else 'pickling'}, expected "
                     f"{'raw (bytes)' if raw else 'pickling'}"
                 )
+            if processes is not None and have_nrec != processes:
+                diffs.append(f"{have_nrec} consumer records, expected {processes}")
             if diffs:
                 raise IncompatibleSegmentError(f"SafeQueue {name!r} has " + "; ".join(diffs))
 
         return cls._open_segment(
-            name, lambda: cls.create(capacity, name=name, maxsize=maxsize or 0, raw=raw), check
+            name,
+            lambda: cls.create(
+                capacity,
+                name=name,
+                maxsize=maxsize or 0,
+                raw=raw,
+                processes=DEFAULT_PROCESSES if processes is None else processes,
+            ),
+            check,
         )
 
     def _bind(self, mm: mmap.mmap) -> None:
@@ -292,15 +428,23 @@ class SafeQueue(SharedStructure, Generic[T]):
                 f"SafeQueue needs the futex system call, whose number safeshm does not know "
                 f"on this architecture ({os.uname().machine})"
             )
-        capacity, maxsize, raw = _PARAMS.unpack_from(self._seg.header.params)
+        capacity, maxsize, raw, nrec, nleases, lease_size = _PARAMS.unpack_from(
+            self._seg.header.params
+        )
+        leases_bytes = nleases * (8 * _SLOT_WORDS + lease_size)
         if (
             capacity < MIN_CAPACITY
             or capacity % 8
-            or (_RING_OFFSET + capacity != self._seg.header.total_size)
+            or not 1 <= nrec <= MAX_PROCESSES
+            or lease_size % 8
+            or (
+                _RING_OFFSET + capacity + 8 * _REC_WORDS * nrec + leases_bytes
+                != self._seg.header.total_size
+            )
         ):
             raise SegmentCorruptedError(
-                f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring does not fit "
-                f"its {self._seg.header.total_size} bytes"
+                f"SafeQueue {self._seg.name!r} is damaged: a {capacity}-byte ring and {nrec} "
+                f"consumer records do not fit its {self._seg.header.total_size} bytes"
             )
         if raw not in (0, 1) or maxsize > INT64_MAX:
             raise SegmentCorruptedError(
@@ -320,9 +464,17 @@ class SafeQueue(SharedStructure, Generic[T]):
         self._fw = whole[_FUTEX_OFFSET : _FUTEX_OFFSET + CACHE_LINE].cast("I")
         self._mutex = RobustMutex(mm, _MUTEX_OFFSET, f"SafeQueue {self._seg.name!r}")
         ring = whole[_RING_OFFSET : _RING_OFFSET + capacity]
+        self._nrec = nrec
+        recs_end = _RING_OFFSET + capacity + 8 * _REC_WORDS * nrec
+        self._recs = whole[_RING_OFFSET + capacity : recs_end].cast("q")
+        self._nleases = nleases
+        self._lease_size = lease_size
+        self._slots = whole[recs_end:]  # lease slots: bytes (see the layout)
+        self._mine = (0, -1)
         self._futex_ptrs = (
             ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NE_SEQ)),
             ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _NF_SEQ)),
+            ctypes.byref(ctypes.c_uint32.from_buffer(mm, _FUTEX_OFFSET + 4 * _JOIN_SEQ)),
         )
         self._hot = (
             self._state,
@@ -347,6 +499,8 @@ class SafeQueue(SharedStructure, Generic[T]):
                 maxsize,
                 bool(raw),
                 _encode_raw,
+                nrec,
+                weakref.WeakMethod(self._claim),
             )
             self._core = core
             d = self.__dict__
@@ -566,7 +720,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         )
 
     # -- get -----------------------------------------------------------------------------------
-    def get(self, block: bool = True, timeout: float | None = None) -> T:  # noqa: PLR0912 - inlined lock pattern
+    def get(self, block: bool = True, timeout: float | None = None) -> T:  # noqa: PLR0912, PLR0915 - inlined lock pattern
         """Remove and return the item at the front of the queue, waiting for one if needed.
 
         Raises:
@@ -578,6 +732,10 @@ class SafeQueue(SharedStructure, Generic[T]):
         """
         deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
         state, fw, ring, words, p, cap, owner = self._hot
+        mine, ci = self._mine
+        if mine != _compat.pid:
+            ci = self._claim(-1.0 if deadline is None else deadline)
+        recs = self._recs
         rc = -1
         if owner[0]:
             self._mutex.check_not_mine()
@@ -607,6 +765,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             else:
                 data = ring[start:].tobytes() + ring[: end - cap].tobytes()
             state[_HEAD] = head + need  # the commit: the item is taken
+            recs[ci] += 1  # one more unfinished task of this process (see the layout)
+            state[_HELD] += 1
             state[_GETS] += 1
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
@@ -656,6 +816,10 @@ class SafeQueue(SharedStructure, Generic[T]):
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         deadline = _NEVER if timeout is None and block else _deadline(block, timeout)
         state, fw, ring, words, p, cap, owner = self._hot
+        mine, ci = self._mine
+        if mine != _compat.pid:
+            ci = self._claim(-1.0 if deadline is None else deadline)
+        recs = self._recs
         rc = -1
         if owner[0]:
             self._mutex.check_not_mine()
@@ -680,6 +844,8 @@ class SafeQueue(SharedStructure, Generic[T]):
             else:
                 span = ring[start:].tobytes() + ring[: stop - cap].tobytes()
             state[_HEAD] = end  # the commit: all of them are taken at once
+            recs[ci] += taken
+            state[_HELD] += taken
             state[_GETS] += taken
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
@@ -899,8 +1065,9 @@ class SafeQueue(SharedStructure, Generic[T]):
             at += (n + 15) & ~7
             count += 1
         state[_GETS] = state[_PUTS] - count
+        _rederive_tasks(state, self._recs, self._nrec)
         fw = self._fw
-        for which in (_NE_SEQ, _NF_SEQ):
+        for which in (_NE_SEQ, _NF_SEQ, _JOIN_SEQ):
             fw[which] = (fw[which] + 1) & _SEQ_MASK
             ptr = self._futex_ptrs[which >> 1]
             _compat.futex_wake_call(_SYS_FUTEX, ptr, _compat.FUTEX_WAKE, 0x7FFFFFFF)
@@ -920,13 +1087,384 @@ class SafeQueue(SharedStructure, Generic[T]):
             if immediate:
                 state[_HEAD] = state[_TAIL]
                 state[_GETS] = state[_PUTS]
+                # The discarded items are no longer unfinished tasks (as queue.Queue).
+                _rederive_tasks(state, self._recs, self._nrec)
             fw = self._fw
             # Written out, not a loop: see _span_end.
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
-            tokens = ((_NE_SEQ, fw[_NE_SEQ + 1]), (_NF_SEQ, fw[_NF_SEQ + 1]))
+            fw[_JOIN_SEQ] = (fw[_JOIN_SEQ] + 1) & _SEQ_MASK
+            tokens = (
+                (_NE_SEQ, fw[_NE_SEQ + 1]),
+                (_NF_SEQ, fw[_NF_SEQ + 1]),
+                (_JOIN_SEQ, fw[_JOIN_SEQ + 1]),
+            )
         for which, token in tokens:
             self._wake(which, 0x7FFFFFFF, token)
+
+    # -- task tracking ---------------------------------------------------------------------
+    # queue.Queue's task_done()/join(), across processes: every get adds to its process's
+    # record count in the section that takes the item (a process killed right after its
+    # get has either not taken the item or has counted it); task_done lowers it. The
+    # records of dead processes are reaped by join() while it waits (and by a claim that
+    # finds the table full): their counts stop counting, and join() warns.
+    @property
+    def unfinished_tasks(self) -> int:
+        """Items put and not yet marked done with :meth:`task_done` (a snapshot, as
+        ``queue.Queue.unfinished_tasks``). A dead consumer's tasks count until a
+        :meth:`join` (or a new consumer that needs its record) reaps it."""
+        return max(0, _unfinished(self._state))
+
+    def task_done(self) -> None:
+        """Mark one item got from the queue as processed (``queue.Queue.task_done``).
+
+        Counted against this process's items; a process that got none (an item handed
+        over from another process) marks one of another process's done, or -- as
+        ``queue.Queue`` allows -- one still in the queue.
+
+        Raises:
+            ValueError: called more times than there were items put (nothing changed).
+        """
+        mine, ci = self._mine
+        if mine != _compat.pid:
+            ci = -1
+        with self._mutex_held():
+            left = _mark_done(self._state, self._recs, self._nrec, ci)
+            token = 0
+            if left == 0:
+                fw = self._fw
+                fw[_JOIN_SEQ] = (fw[_JOIN_SEQ] + 1) & _SEQ_MASK
+                token = fw[_JOIN_SLEEP]
+        if left < 0:
+            raise ValueError("task_done() called too many times")
+        if token:
+            self._wake(_JOIN_SEQ, 0x7FFFFFFF, token)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until every item put has been got and marked done (``queue.Queue.join``,
+        plus a timeout).
+
+        A consumer process that died with unfinished tasks does not leave it waiting:
+        while it waits, ``join`` checks for dead consumers at least every 0.1 s, drops
+        their counts and warns (:class:`~safeshm.HolderDiedWarning`).
+
+        Args:
+            timeout: wait at most this many seconds (``None``: until done).
+
+        Returns:
+            ``True`` when no task is unfinished, ``False`` if ``timeout`` passed first.
+
+        Raises:
+            ValueError: a negative timeout.
+            SegmentClosedError: this handle was closed (also by another thread while
+                ``join`` waited).
+        """
+        seconds = check_timeout(timeout)
+        deadline = _NEVER if seconds is None else time.monotonic() + seconds
+        p = self._hot[4]
+        died: list[tuple[int, int]] = []
+        lost: list[int] = []
+        rc = -1
+        if self._hot[6][0]:
+            self._mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, deadline, _JoinTimeout)
+            done = self._wait_joined(deadline, died, lost)
+        except _JoinTimeout:
+            done = False
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+        self._warn_redelivered(lost)
+        self._warn_died(died)
+        return done
+
+    def _wait_joined(self, deadline: float, died: list[tuple[int, int]], lost: list[int]) -> bool:
+        """join()'s wait, holding the mutex (returns holding it)."""
+        state = self._state
+        while True:
+            if self._nleases:  # before reaping: a dead holder's leased item is queued again
+                self._redeliver(lost)
+            died += self._reap_locked()
+            if _unfinished(state) <= 0 and not (
+                # a dead holder's leased item that found no room in the ring yet
+                self._nleases and _due_slots(self._slots, self._nleases, self._lease_size)
+            ):
+                return True
+            if not self._sleep(_JOIN_SEQ, deadline, _JoinTimeout):
+                return False
+            if self._seg.closed:  # by another thread while this one slept
+                self._raise_closed()
+
+    def _reap_locked(self) -> list[tuple[int, int]]:
+        """Free the records of dead consumers (holding the mutex); ``(pid, count)`` of
+        those that had unfinished tasks. Wakes joiners if any was freed."""
+        died = _reap_records(self._recs, self._nrec)
+        if died:
+            _rederive_tasks(self._state, self._recs, self._nrec)
+            fw = self._fw
+            fw[_JOIN_SEQ] = (fw[_JOIN_SEQ] + 1) & _SEQ_MASK
+        return [d for d in died if d[1]]
+
+    def _warn_died(self, died: list[tuple[int, int]]) -> None:
+        for pid, count in died:
+            warnings.warn(
+                f"SafeQueue {self._seg.name!r}: consumer process {pid} died with {count} "
+                f"unfinished task(s); they no longer count for join()",
+                HolderDiedWarning,
+                stacklevel=3,
+            )
+
+    def _claim(self, deadline: float = _NEVER) -> int:
+        """Word index (in ``_recs``) of this process's count, claiming a record if needed
+        (a get's first; the compiled core calls this too, through a weak reference).
+        ``deadline``: the get's (negative: a non-blocking get); past it, ``queue.Empty``.
+        """
+        mine, ci = self._mine
+        if mine == _compat.pid:
+            return ci
+        died: list[tuple[int, int]] = []
+        p = self._hot[4]
+        rc = -1
+        if self._hot[6][0]:
+            self._mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, None if deadline < 0 else deadline, queue.Empty)
+            i = self._claim_locked(died)
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+        self._warn_died(died)
+        if i < 0:
+            raise ProcessTableFullError(
+                f"SafeQueue {self._seg.name!r}: all {self._nrec} consumer records are "
+                "owned by live processes; create it with a larger processes="
+            )
+        self._mine = (_compat.pid, i + _R_COUNT)
+        return i + _R_COUNT
+
+    def _claim_locked(self, died: list[tuple[int, int]]) -> int:
+        recs = self._recs
+        i = _find_record(recs, self._nrec)
+        if i < 0:
+            died += self._reap_locked()
+            i = _find_record(recs, self._nrec)
+        return i
+
+    # -- at-least-once consumption (leases) -----------------------------------------------
+    # A leased get copies the item into a lease slot (committed: the slot's state word)
+    # before it takes it from the ring (committed: head). An item whose holder died, or
+    # whose lease expired, is put back in front of head (the ring's free space is there)
+    # by the next get_leased()/leased()/release in any process (a blocked one checks every
+    # slice): the next get of any kind returns it first.
+    def get_leased(self, timeout: float | None = None, *, lease: float = 30.0) -> tuple[T, Lease]:
+        """Take the item at the front with a lease: it is delivered again (at the front)
+        if this process dies, or ``lease`` seconds pass, before :meth:`Lease.ack`.
+
+        Returns:
+            ``(item, lease)``; call ``lease.ack()`` once the item is handled.
+
+        Raises:
+            queue.Empty: no item within ``timeout`` (``None``: wait forever; 0: at once).
+            ValueError: a negative or NaN ``lease``/``timeout``; the queue was created
+                without ``leases=``; the item is larger than ``lease_size`` (nothing taken).
+            LeaseTableFullError: every lease slot is in use (nothing taken).
+            QueueShutDown: the queue was shut down and is empty.
+        """
+        seconds = check_timeout(lease)
+        if seconds is None or seconds <= 0:
+            raise ValueError(f"lease must be a positive number of seconds, got {lease!r}")
+        if not self._nleases:
+            raise ValueError(
+                f"SafeQueue {self._seg.name!r} was created without leases= (no lease slots)"
+            )
+        wait = check_timeout(timeout)
+        deadline = _NEVER if wait is None else time.monotonic() + wait
+        mine, ci = self._mine
+        if mine != _compat.pid:
+            ci = self._claim(deadline)
+        p = self._hot[4]
+        died: list[int] = []
+        rc = -1
+        if self._hot[6][0]:
+            self._mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                self._finish_acquire(rc, deadline, queue.Empty)
+            data, slot, lease_id = self._take_leased(deadline, ci, seconds, died)
+            fw = self._fw
+            sleepers = fw[_NF_SLEEP]
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+        self._warn_redelivered(died)
+        if sleepers:
+            self._wake(_NF_SEQ, 1, sleepers)
+        item: T = data if self._raw else _loads(data)  # type: ignore[assignment]
+        return item, Lease(self, slot, lease_id)
+
+    @contextlib.contextmanager
+    def leased(self, timeout: float | None = None, *, lease: float = 30.0) -> Iterator[T]:
+        """``with q.leased() as item:`` -- :meth:`get_leased`, acknowledged when the block
+        ends normally; on an exception the item is released at once (delivered again, at
+        the front) and the exception propagates."""
+        item, handle = self.get_leased(timeout, lease=lease)
+        try:
+            yield item
+        except BaseException:
+            handle.release()
+            raise
+        handle.ack()
+
+    def reclaim_leases(self) -> int:
+        """Deliver again now the items whose holder died or whose lease expired (any
+        get_leased() does this first); how many."""
+        died: list[int] = []
+        with self._mutex_held():
+            n = self._redeliver(died)
+        self._warn_redelivered(died)
+        return n
+
+    def _take_leased(
+        self, deadline: float, ci: int, seconds: float, died: list[int]
+    ) -> tuple[bytes, int, int]:
+        """get_leased()'s section (holding the mutex)."""
+        state = self._state
+        while True:
+            self._redeliver(died)
+            head, tail = state[_HEAD], state[_TAIL]
+            if head != tail:
+                break
+            if state[_SHUT]:
+                raise QueueShutDown(f"SafeQueue {self._seg.name!r} is shut down and empty")
+            if not self._sleep(_NE_SEQ, deadline, queue.Empty):
+                raise queue.Empty
+            if self._seg.closed:
+                self._raise_closed()
+        end, taken = _span_end(self._hot[3], head, tail, self._capacity, 1)
+        if taken != 1:
+            raise self._damaged(end)
+        cap = self._capacity
+        n = (self._hot[3][(head % cap) >> 3]) & _LEN_MASK
+        if n > self._lease_size:
+            raise ValueError(
+                f"SafeQueue {self._seg.name!r}: the item at the front is {n} bytes, larger "
+                f"than lease_size {self._lease_size}; nothing was taken"
+            )
+        slot = _free_slot(self._slots, self._nleases, self._lease_size)
+        if slot < 0:
+            raise LeaseTableFullError(
+                f"SafeQueue {self._seg.name!r}: all {self._nleases} lease slots are in use; "
+                "nothing was taken"
+            )
+        data = _ring_read(self._hot[2], cap, head + 8, n)
+        lease_id = state[_LEASE_SEQ] + 1
+        state[_LEASE_SEQ] = lease_id
+        _fill_slot(
+            self._slots,
+            slot,
+            self._lease_size,
+            data,
+            lease_id=lease_id,
+            deadline=time.monotonic_ns() + int(seconds * 1e9),
+        )
+        state[_HEAD] = end  # the commit: taken (and leased: the slot is filled)
+        self._recs[ci] += 1
+        state[_HELD] += 1
+        state[_GETS] += 1
+        fw = self._fw
+        fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
+        return data, slot, lease_id
+
+    def _redeliver(self, died: list[int]) -> int:
+        """Put back in front of head the items of expired or orphaned leases, newest
+        first (so the oldest ends up at the front). Holding the mutex."""
+        due = _due_slots(self._slots, self._nleases, self._lease_size)
+        moved = 0
+        for _, slot, dead in due:  # a function call per slot: see _span_end
+            if self._put_back(slot, dead, died):
+                moved += 1
+        if moved:
+            fw = self._fw
+            fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
+            fw[_JOIN_SEQ] = (fw[_JOIN_SEQ] + 1) & _SEQ_MASK
+        return moved
+
+    def _put_back(self, slot: int, dead: bool, died: list[int]) -> bool:
+        state = self._state
+        words = _slot_words(self._slots, slot, self._lease_size)
+        n = words[_S_LEN]
+        need = (n + 15) & ~7
+        head, tail = state[_HEAD], state[_TAIL]
+        if self._capacity - (tail - head) < need or head < need:
+            return False  # no room now: retried by the next get_leased
+        at = head - need
+        start = slot * (8 * _SLOT_WORDS + self._lease_size) + 8 * _SLOT_WORDS
+        _ring_write(self._hot[2], self._capacity, at, n, self._slots[start : start + n])
+        holder = words[_S_PID]
+        state[_HEAD] = at  # the commit: in the queue again, at the front
+        words[_S_STATE] = 0  # the lease is gone (a death between: delivered twice)
+        state[_GETS] -= 1
+        if not dead:  # expired: its live holder no longer holds it as a task
+            _drop_task(state, self._recs, self._nrec, holder)
+        else:
+            died.append(int(holder))
+        return True
+
+    def _warn_redelivered(self, died: list[int]) -> None:
+        for pid in died:
+            warnings.warn(
+                f"SafeQueue {self._seg.name!r}: process {pid} died holding a leased item; "
+                "it is delivered again",
+                HolderDiedWarning,
+                stacklevel=3,
+            )
+
+    def _end_lease(self, slot: int, lease_id: int, redeliver: bool) -> None:
+        died: list[int] = []
+        with self._mutex_held():
+            words = _slot_words(self._slots, slot, self._lease_size)
+            ok = words[_S_STATE] == _ACTIVE and words[_S_ID] == lease_id
+            if ok:
+                if redeliver:
+                    words[_S_DEADLINE] = 0
+                    self._redeliver(died)
+                else:
+                    words[_S_STATE] = 0  # the commit: acknowledged
+        if not ok:
+            raise LeaseExpiredError(
+                f"SafeQueue {self._seg.name!r}: lease {lease_id} ended before this "
+                f"{'release' if redeliver else 'ack'} (expired, or already acknowledged): "
+                "the item was or will be delivered again; nothing was changed"
+            )
+        if redeliver:
+            self._wake(_NE_SEQ, 1, self._fw[_NE_SLEEP] or 1)
+
+    def _before_close(self) -> None:
+        # Wake the joiners (of every process: a spare wake-up for the others) so that
+        # this process's see the handle closed at once.
+        if not self._seg.closed:
+            _futex_wake(_SYS_FUTEX, self._futex_ptrs[2], _FUTEX_WAKE, 0x7FFFFFFF)
 
     @property
     def is_shutdown(self) -> bool:
@@ -951,6 +1489,15 @@ class SafeQueue(SharedStructure, Generic[T]):
             gets=state[_GETS],
             shutdown=bool(state[_SHUT]),
             creator_pid=self._seg.header.creator_pid,
+            unfinished_tasks=self.unfinished_tasks,
+            consumers=sum(1 for k in range(self._nrec) if self._recs[k * _REC_WORDS]),
+            processes=self._nrec,
+            leased=sum(
+                1
+                for k in range(self._nleases)
+                if _slot_words(self._slots, k, self._lease_size)[_S_STATE] == _ACTIVE
+            ),
+            leases=self._nleases,
         )
 
     def _repr_fields(self) -> str:
@@ -1023,6 +1570,206 @@ def _deadline(block: bool, timeout: float | None) -> float | None:
     if not block:
         return None
     return math.inf if seconds is None else time.monotonic() + seconds
+
+
+class LeaseExpiredError(SafeShmError):
+    """A lease was acknowledged after it had ended (it expired, or its item was released
+    or acknowledged already): the item was, or will be, delivered again."""
+
+
+class LeaseTableFullError(SafeShmError, RuntimeError):
+    """Every lease slot of a queue is in use (see ``leases=``)."""
+
+
+class Lease:
+    """The acknowledgement handle of an item taken with :meth:`SafeQueue.get_leased`."""
+
+    __slots__ = ("_id", "_q", "_slot")
+
+    def __init__(self, q: SafeQueue[Any], slot: int, lease_id: int) -> None:
+        self._q = q
+        self._slot = slot
+        self._id = lease_id
+
+    def ack(self) -> None:
+        """The item is handled: it is never delivered again.
+
+        Raises:
+            LeaseExpiredError: the lease had ended (expired and delivered again, or
+                acknowledged already); nothing changed.
+        """
+        self._q._end_lease(self._slot, self._id, redeliver=False)
+
+    def release(self) -> None:
+        """Give the item back now: it is delivered again at the front of the queue."""
+        self._q._end_lease(self._slot, self._id, redeliver=True)
+
+    def __repr__(self) -> str:
+        return f"<safeshm.Lease {self._id} of {self._q.name!r}>"
+
+
+def _slot_words(slots: memoryview, slot: int, size: int) -> memoryview:
+    base = slot * (8 * _SLOT_WORDS + size)
+    return slots[base : base + 8 * _SLOT_WORDS].cast("q")
+
+
+def _free_slot(slots: memoryview, nleases: int, size: int) -> int:
+    for k in range(nleases):
+        if not _slot_words(slots, k, size)[_S_STATE]:
+            return k
+    return -1
+
+
+def _fill_slot(
+    slots: memoryview, slot: int, size: int, data: bytes, *, lease_id: int, deadline: int
+) -> None:
+    base = slot * (8 * _SLOT_WORDS + size)
+    slots[base + 8 * _SLOT_WORDS : base + 8 * _SLOT_WORDS + len(data)] = data
+    w = _slot_words(slots, slot, size)
+    w[_S_ID] = lease_id
+    w[_S_PID] = _compat.pid
+    w[_S_START] = my_start_time()
+    w[_S_NS] = _compat.pid_namespace()
+    w[_S_DEADLINE] = deadline
+    w[_S_LEN] = len(data)
+    w[_S_STATE] = _ACTIVE  # the commit: leased
+
+
+def _due_slots(slots: memoryview, nleases: int, size: int) -> list[tuple[int, int, bool]]:
+    """``(lease id, slot, holder dead)`` of the leases to deliver again, newest first."""
+    now = time.monotonic_ns()
+    out = []
+    for k in range(nleases):
+        w = _slot_words(slots, k, size)
+        if w[_S_STATE] != _ACTIVE:
+            continue
+        dead = not _compat.process_alive(w[_S_PID], w[_S_START], w[_S_NS])
+        if dead or w[_S_DEADLINE] <= now:
+            out.append((int(w[_S_ID]), k, dead))
+    out.sort(reverse=True)
+    return out
+
+
+def _drop_task(state: memoryview, recs: memoryview, nrec: int, pid: int) -> None:
+    """An expired lease's live holder no longer counts the item as its task."""
+    for k in range(nrec):
+        i = k * _REC_WORDS
+        if recs[i + _R_PID] == pid and recs[i + _R_COUNT] > 0:
+            recs[i + _R_COUNT] -= 1
+            state[_HELD] -= 1
+            return
+
+
+def _ring_read(ring: memoryview, cap: int, at: int, n: int) -> bytes:
+    pos = at % cap
+    if pos + n <= cap:
+        return ring[pos : pos + n].tobytes()
+    return ring[pos:].tobytes() + ring[: pos + n - cap].tobytes()
+
+
+def _ring_write(ring: memoryview, cap: int, at: int, n: int, data: memoryview) -> None:
+    """Write a record (header and payload) at ring counter ``at``."""
+    pos = at % cap
+    ring[pos : pos + 8] = _HEADER_WORD.pack(n | ((n ^ _MARK_KEY) << 32))
+    start = (pos + 8) % cap
+    if start + n <= cap:
+        ring[start : start + n] = data
+    else:
+        split = cap - start
+        ring[start:] = data[:split]
+        ring[: n - split] = data[split:]
+
+
+class _JoinTimeout(Exception):
+    """Internal: join()'s deadline passed while it retook the mutex."""
+
+
+def _unfinished(state: memoryview) -> int:
+    n: int = state[_PUTS] - state[_GETS] + state[_HELD] - state[_CREDIT]
+    return n
+
+
+def _rederive_tasks(state: memoryview, recs: memoryview, nrec: int) -> None:
+    """Recompute the held word from the records, and lower the credit so that the
+    unfinished count is never below 0 (holding the mutex: after a recovery, a reap or an
+    immediate shutdown)."""
+    held = 0
+    for k in range(nrec):
+        i = k * _REC_WORDS
+        if recs[i + _R_PID]:
+            held += recs[i + _R_COUNT]
+    state[_HELD] = held
+    base = state[_PUTS] - state[_GETS] + held
+    if state[_CREDIT] > base:
+        state[_CREDIT] = max(0, base)
+
+
+def _find_record(recs: memoryview, nrec: int) -> int:
+    """This process's record (claimed if free); -1 if the table is full. Holding the
+    mutex."""
+    me = _compat.pid
+    start = my_start_time()
+    free = -1
+    for k in range(nrec):
+        i = k * _REC_WORDS
+        owner = recs[i + _R_PID]
+        if owner == me and recs[i + _R_START] == start:
+            return i
+        if owner == 0 and free < 0:
+            free = i
+    if free >= 0:
+        recs[free + _R_COUNT] = 0
+        recs[free + _R_START] = start
+        recs[free + _R_NS] = _compat.pid_namespace()
+        recs[free + _R_PID] = me  # the commit
+    return free
+
+
+def _reap_records(recs: memoryview, nrec: int) -> list[tuple[int, int]]:
+    """Free the records of dead processes (holding the mutex); their ``(pid, count)``."""
+    me = _compat.pid
+    out = []
+    for k in range(nrec):
+        i = k * _REC_WORDS
+        owner = recs[i + _R_PID]
+        if not owner or owner == me:
+            continue
+        if _compat.process_alive(owner, recs[i + _R_START], recs[i + _R_NS]):
+            continue
+        out.append((int(owner), int(recs[i + _R_COUNT])))
+        recs[i + _R_COUNT] = 0
+        recs[i + _R_PID] = 0
+    return out
+
+
+def _mark_done(state: memoryview, recs: memoryview, nrec: int, ci: int) -> int:
+    """task_done()'s update (holding the mutex): the unfinished count left, or -1 (and
+    nothing changed) if none was unfinished. Lowers this process's count (word ``ci``,
+    -1: none), else another process's, else adds a credit against an item still queued."""
+    left = _unfinished(state)
+    if left <= 0:
+        return -1
+    if ci < 0 or recs[ci] <= 0:
+        ci = -1
+        for k in range(nrec):
+            i = k * _REC_WORDS
+            if recs[i + _R_PID] and recs[i + _R_COUNT] > 0:
+                ci = i + _R_COUNT
+                break
+    if ci >= 0:
+        recs[ci] -= 1
+        state[_HELD] -= 1
+    else:
+        state[_CREDIT] += 1
+    return left - 1
+
+
+def _check_processes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"processes must be an int, not {type(value).__name__}")
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(f"processes must be between 1 and {MAX_PROCESSES}, got {value}")
+    return value
 
 
 def _check_count(what: str, value: Any) -> int:
