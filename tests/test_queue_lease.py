@@ -15,8 +15,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from safeshm import Lease, LeaseExpiredError, LeaseTableFullError, SafeQueue
 from safeshm._errors import HolderDiedWarning
-from safeshm._queue import Lease, LeaseExpiredError, LeaseTableFullError, SafeQueue
 
 from ._helpers import JOIN_TIMEOUT, Remote, kill_and_reap, processes
 

@@ -23,6 +23,8 @@ from ._errors import (
     InsecureDirectoryError,
     InvalidNameError,
     ItemDecodeError,
+    LeaseExpiredError,
+    LeaseTableFullError,
     LockedViewLeakedError,
     LockNotHeldError,
     LockReentryError,
@@ -44,7 +46,7 @@ from ._errors import (
 )
 from ._event import EventStatistics, SafeEvent
 from ._lock import LockStatistics, SafeLock
-from ._queue import QueueStatistics, SafeQueue
+from ._queue import Lease, QueueStatistics, SafeQueue
 from ._rlock import RLockStatistics, SafeRLock
 from ._rwlock import RWLockStatistics, SafeRWLock
 from ._semaphore import SafeBoundedSemaphore, SafeSemaphore, SemaphoreStatistics
@@ -74,6 +76,9 @@ __all__ = [
     "InsecureDirectoryError",
     "InvalidNameError",
     "ItemDecodeError",
+    "Lease",
+    "LeaseExpiredError",
+    "LeaseTableFullError",
     "LockNotHeldError",
     "LockReentryError",
     "LockStatistics",

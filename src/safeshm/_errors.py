@@ -22,6 +22,8 @@ __all__ = [
     "InsecureDirectoryError",
     "InvalidNameError",
     "ItemDecodeError",
+    "LeaseExpiredError",
+    "LeaseTableFullError",
     "LockNotHeldError",
     "LockReentryError",
     "LockTimeoutError",
@@ -125,6 +127,17 @@ class LockNotHeldError(SafeShmError, RuntimeError):
 
 class LockTimeoutError(SafeShmError, TimeoutError):
     """A lock could not be acquired within the given timeout."""
+
+
+class LeaseExpiredError(SafeShmError):
+    """A :class:`~safeshm.Lease` was acknowledged after it had ended (it expired, or its
+    item was released or acknowledged already): the item was, or will be, delivered
+    again; the acknowledgement changed nothing."""
+
+
+class LeaseTableFullError(SafeShmError, RuntimeError):
+    """Every lease slot of a :class:`~safeshm.SafeQueue` is in use (see ``leases=``):
+    the leased get took nothing."""
 
 
 class ProcessTableFullError(SafeShmError, RuntimeError):

@@ -22,6 +22,9 @@ from ._errors import (
     HolderDiedWarning,
     IncompatibleSegmentError,
     ItemDecodeError,
+    LeaseExpiredError,
+    LeaseTableFullError,
+    ProcessTableFullError,
     QueueShutDown,
     SafeShmError,
     SegmentCorruptedError,
@@ -29,7 +32,7 @@ from ._errors import (
 from ._int64 import INT64_MAX
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
-from ._sync import ProcessTableFullError, my_start_time
+from ._sync import my_start_time
 from ._timeout import check_timeout
 
 T = TypeVar("T")
@@ -1570,15 +1573,6 @@ def _deadline(block: bool, timeout: float | None) -> float | None:
     if not block:
         return None
     return math.inf if seconds is None else time.monotonic() + seconds
-
-
-class LeaseExpiredError(SafeShmError):
-    """A lease was acknowledged after it had ended (it expired, or its item was released
-    or acknowledged already): the item was, or will be, delivered again."""
-
-
-class LeaseTableFullError(SafeShmError, RuntimeError):
-    """Every lease slot of a queue is in use (see ``leases=``)."""
 
 
 class Lease:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, assert_type
 
-from safeshm._queue import Lease, QueueStatistics, SafeQueue
+from safeshm import Lease, QueueStatistics, SafeQueue
 
 
 def tasks() -> None:
