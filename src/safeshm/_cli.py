@@ -449,9 +449,15 @@ class _DemoShared(NamedTuple):
     slots: SafeArray[int]
     jobs: SafeQueue[tuple[int, int]]
     store: SafeFileStore[Any]
+    start: SafeEvent
+    gate: SafeSemaphore
+    inside: SafeCounter
+    peak: SafeCounter
 
 
 _DEMO_ITEMS = 500
+_DEMO_GATE = 2  # workers allowed inside the gated section at once
+_DEMO_GATED = 50  # times each worker passes through it
 _DEMO_STORE_OPS = 20
 _DEMO_ACCOUNTS = 4
 
@@ -466,8 +472,26 @@ def _demo_store_work(store: SafeFileStore[Any], method: str, worker: int) -> Non
     store[f"worker:{method}:{worker}"] = {"pid": os.getpid(), "ops": _DEMO_STORE_OPS}
 
 
+def _demo_gated(gate: SafeSemaphore, inside: SafeCounter, peak: SafeCounter) -> None:
+    """Pass through a section that at most ``_DEMO_GATE`` workers may be in at once,
+    recording the most ever seen inside together."""
+    for _ in range(_DEMO_GATED):
+        with gate:
+            now = inside.add(1)
+            while True:  # peak = max(peak, now), lock-free
+                seen = peak.value
+                if now <= seen or peak.compare_and_set(seen, now):
+                    break
+            time.sleep(0.001)  # long enough for the others to queue up at the gate
+            inside.add(-1)
+
+
 def _demo_worker(shared: _DemoShared, worker: int, method: str) -> None:
-    exact, sharded, lock, under_lock, slots, jobs, store = shared
+    exact, sharded, lock, under_lock, slots, jobs, store, start, gate, inside, peak = shared
+    # Every worker starts at the same moment: the parent sets the event once all run.
+    if not start.wait(timeout=120):
+        sys.exit(3)
+    _demo_gated(gate, inside, peak)
     _demo_store_work(store, method, worker)
     for seq in range(_DEMO_ITEMS):
         jobs.put((worker, seq), timeout=60)
@@ -488,7 +512,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workers = args.workers
     print(
         f"safeshm demo: {workers} worker processes per start method, sharing counters, "
-        "an array, a queue, a lock and a durable store"
+        "an array, a queue, a lock, an event, a semaphore and a durable store"
     )
     with contextlib.ExitStack() as stack:
         # Every segment is unlinked and the store's directory removed, whatever happens.
@@ -507,11 +531,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stack.callback(shutil.rmtree, directory, ignore_errors=True)
         store = stack.enter_context(SafeFileStore(os.path.join(directory, "store")))
         store.update({f"account:{i}": 100 for i in range(_DEMO_ACCOUNTS)})
-        return _demo(workers, _DemoShared(exact, sharded, lock, under_lock, slots, jobs, store))
+        start = segment(SafeEvent.create())
+        gate = segment(SafeSemaphore.create(_DEMO_GATE))
+        inside = segment(SafeCounter.create())
+        peak = segment(SafeCounter.create())
+        return _demo(
+            workers,
+            _DemoShared(
+                exact, sharded, lock, under_lock, slots, jobs, store, start, gate, inside, peak
+            ),
+        )
 
 
 def _demo(workers: int, shared: _DemoShared) -> int:
-    exact, sharded, _lock, under_lock, slots, jobs, store = shared
+    exact, sharded, _lock, under_lock, slots, jobs, store, start, gate, inside, peak = shared
     failures = 0
     print(f"  safeshm implementation: {_compat.implementation()} (this process and its workers)")
     print(f"  SafeCounter implementation: {exact.implementation}")
@@ -522,8 +555,10 @@ def _demo(workers: int, shared: _DemoShared) -> int:
         procs = [ctx.Process(target=_demo_worker, args=(shared, w, method)) for w in range(workers)]
         for p in procs:
             p.start()
+        start.set()  # the workers wait for this: they all start together
         for p in procs:
             p.join(timeout=120)
+        start.clear()
         bad = [p.exitcode for p in procs if p.exitcode != 0]
         for p in procs:
             if p.is_alive():
@@ -568,6 +603,12 @@ def _demo(workers: int, shared: _DemoShared) -> int:
             "SafeFileStore workers' own keys",
             len([k for k in store if k.startswith("worker:")]),
             total_procs,
+        ),
+        (
+            f"SafeSemaphore({_DEMO_GATE}) gate: never more than {_DEMO_GATE} workers "
+            f"inside (most seen: {peak.value}), none left inside, every permit back",
+            (peak.value <= _DEMO_GATE, inside.value, gate.value),
+            (True, 0, _DEMO_GATE),
         ),
     ]
     for label, got, want in checks:
