@@ -45,8 +45,8 @@ def test_demo_runs_and_checks(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
-    # 4 totals, 3 store checks, and the queue after each start method.
-    assert proc.stdout.count("[ok]") == 9
+    # 4 totals, 3 store checks, the semaphore gate, and the queue after each start method.
+    assert proc.stdout.count("[ok]") == 10
     assert "FAIL" not in proc.stdout
     assert list(tmp_path.iterdir()) == []  # the store's directory is gone too
 
