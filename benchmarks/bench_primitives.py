@@ -25,6 +25,7 @@ primitive cannot report a fast time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import multiprocessing
@@ -32,7 +33,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import safeshm
@@ -162,6 +163,17 @@ def _run(targets: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> list[flo
     return list(out)
 
 
+@contextlib.contextmanager
+def _made(handle: Any) -> Iterator[Any]:
+    """Close and unlink ``handle`` after the block. (Not ``with X.create():`` -- on the
+    lock-like primitives ``with`` acquires, as in threading.)"""
+    try:
+        yield handle
+    finally:
+        handle.close()
+        handle.unlink()
+
+
 def _best(repeat: int, once: Callable[[], float]) -> float:
     return min(once() for _ in range(repeat))
 
@@ -192,7 +204,7 @@ def bench_semaphore(n: int, repeat: int, procs: int) -> tuple[float, float]:
         return one(CTX.Semaphore(1))
 
     def safe() -> float:
-        with safeshm.SafeSemaphore.create(1) as sem:
+        with _made(safeshm.SafeSemaphore.create(1)) as sem:
             return one(sem)
 
     return _best(repeat, mp), _best(repeat, safe)
@@ -219,7 +231,7 @@ def bench_rlock(n: int, repeat: int) -> tuple[float, float]:
         return _run([(_rlock_loop, (CTX.RLock(), n))])[0] / n
 
     def safe() -> float:
-        with safeshm.SafeRLock.create() as lock:
+        with _made(safeshm.SafeRLock.create()) as lock:
             return _run([(_rlock_loop, (lock, n))])[0] / n
 
     return _best(repeat, mp), _best(repeat, safe)
@@ -237,7 +249,7 @@ def bench_condition(n: int, repeat: int) -> tuple[float, float]:
 
     def safe() -> float:
         turn = CTX.RawValue(ctypes.c_longlong, 0)
-        with safeshm.SafeCondition.create() as cond:
+        with _made(safeshm.SafeCondition.create()) as cond:
             t = max(_run([(_cond_player, ((cond, turn, me, n),)) for me in (0, 1)]))
         if turn.value != 2 * n:
             raise RuntimeError(f"SafeCondition: {turn.value} turns, not {2 * n}")
