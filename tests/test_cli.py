@@ -109,6 +109,39 @@ def test_inspect(capsys: pytest.CaptureFixture[str], cleanup: Any, name: str) ->
     assert "value: 9" in capsys.readouterr().out
 
 
+def test_inspect_shows_the_primitives_state(cleanup: Any, unique: Any) -> None:
+    """Holders, waiters, permits, parties: what `safeshm inspect` says of each primitive."""
+    sem = cleanup(safeshm.SafeSemaphore.create(3, name=unique()))
+    assert sem.acquire()
+    barrier = cleanup(safeshm.SafeBarrier.create(4, name=unique()))
+    rw = cleanup(safeshm.SafeRWLock.create(name=unique()))
+    assert rw.acquire_read()
+    rlock = cleanup(safeshm.SafeRLock.create(name=unique()))
+    assert rlock.acquire() and rlock.acquire()
+    event = cleanup(safeshm.SafeEvent.create(name=unique()))
+    event.set()
+    try:
+        expect = {
+            sem.name: {"value": 2, "initial_value": 3, "holders": {str(os.getpid()): 1}},
+            barrier.name: {"parties": 4, "n_waiting": 0, "broken": False},
+            rw.name: {"readers": 1, "readers_by_pid": {str(os.getpid()): 1}},
+            rlock.name: {"locked": True, "owner_pid": os.getpid(), "depth": 2},
+            event.name: {"is_set": True, "waiters": 0},
+        }
+        for name, fields in expect.items():
+            # From another process, as it is used (closing a handle in the thread that
+            # holds a lock releases it, as SafeLock's close() does).
+            proc = run_cli("inspect", name, "--json")
+            assert proc.returncode == 0, proc.stderr
+            stats = json.loads(proc.stdout)["statistics"]
+            assert {k: stats[k] for k in fields} == fields, (name, stats)
+    finally:
+        sem.release()
+        rw.release_read()
+        rlock.release()
+        rlock.release()
+
+
 def test_inspect_missing(capsys: pytest.CaptureFixture[str], name: str) -> None:
     assert main(["inspect", name]) == 1
     assert "no segment" in capsys.readouterr().err
@@ -383,6 +416,8 @@ def test_demo_help_lists_every_structure_it_uses() -> None:
         "SafeArray",
         "SafeQueue",
         "SafeFileStore",
+        "SafeEvent",
+        "SafeSemaphore",
     ):
         assert cls in text
 

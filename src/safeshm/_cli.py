@@ -690,7 +690,8 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes sharing every structure, checked at the end",
         description="Start worker processes (with spawn, then fork) that share a SafeCounter, "
         "a ShardedCounter, a SafeLock guarding a read-modify-write, a SafeArray, "
-        "a SafeQueue and a SafeFileStore, then check every total exactly. "
+        "a SafeQueue, a SafeFileStore, a SafeEvent that starts them together and a "
+        "SafeSemaphore gating a section, then check every total exactly. "
         "Everything it creates is removed at the end.",
     )
     demo.add_argument(
