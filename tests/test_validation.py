@@ -13,6 +13,8 @@ import os
 import struct
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -301,3 +303,31 @@ def test_a_mutex_naming_a_live_thread_that_does_not_map_it(name: str) -> None:
         bystander.kill()
         bystander.wait(JOIN_TIMEOUT)
         os.unlink(path_of(name))
+
+
+def test_a_holder_marked_dead_while_checked_is_not_stuck(cleanup: Any) -> None:
+    """check_mutex reads the futex word, then looks for the holder: a holder that exits in
+    between is marked dead by the kernel before its thread id disappears, so the second
+    look must see the mark and not call the mutex stuck (a race seen in CI: a thread of
+    CPython's RLockTests ended holding the lock while the cleanup attached)."""
+    from safeshm import _lock
+
+    lock = cleanup(safeshm.SafeLock.create())
+    gone: list[int] = []
+    t = threading.Thread(target=lambda: gone.append(threading.get_native_id()))
+    t.start()
+    t.join(timeout=10)
+    tid = gone[0]
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while os.path.exists(f"/proc/{tid}"):  # the OS thread ends just after join() returns
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    words = lock._mutex._words
+    ints = words.cast("B").cast("i")
+    ints[0] = tid  # held by a vanished thread, never marked dead: stuck
+    try:
+        assert _lock._held_forever(words, tid)
+        ints[0] = tid | _lock._FUTEX_OWNER_DIED  # what the kernel leaves at its exit
+        assert not _lock._held_forever(words, tid)
+    finally:
+        ints[0] = 0

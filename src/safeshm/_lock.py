@@ -342,7 +342,11 @@ def _held_forever(words: memoryview, tid: int) -> bool:
                     return False
     except OSError:  # pragma: no cover - no /proc: cannot tell
         return False
-    return True
+    # Read the word again now that the thread is gone: a holder exiting while we looked
+    # (its word read before the kernel marked it dead, its id gone after) was marked dead
+    # before its id disappeared, so it shows here -- not stuck, the next acquirer recovers.
+    word = ints[0]
+    return word & _FUTEX_TID_MASK == tid and not word & _FUTEX_OWNER_DIED
 
 
 def _mapped_file(address: int) -> str | None:
