@@ -63,17 +63,17 @@ def _check_value(value: object) -> int:
     return v
 
 
-def _check_release(n: Any) -> int:
+def _check_release(n: object) -> int:
     """``release()``'s count, validated."""
     try:
-        n = operator.index(n)
+        count = operator.index(n)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"n must be an int, not {type(n).__name__}") from None
-    if n < 1:
+    if count < 1:
         raise ValueError("n must be one or more")
-    if n > INT64_MAX:
-        raise OverflowError(f"n {n} is outside the int64 range; nothing was released")
-    return n
+    if count > INT64_MAX:
+        raise OverflowError(f"n {count} is outside the int64 range; nothing was released")
+    return count
 
 
 def _deadlines(blocking: bool, timeout: object) -> tuple[float, float]:
