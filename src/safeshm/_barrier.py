@@ -43,11 +43,13 @@ from typing import Any, Final, Self
 
 from . import _compat
 from ._errors import IncompatibleSegmentError
+from ._lock import RobustMutex
 from ._segment import Kind, Segment
 from ._sync import (
     _SEQ_MASK,
     R_COUNTS,
     STATE_OFFSET,
+    WAIT_SLICE,
     SyncPrimitive,
     _Timeout,
     deadline_of,
@@ -69,6 +71,14 @@ _R_EPOCH: Final = R_COUNTS + 1
 MAX_PARTIES: Final = (1 << 31) - 1
 
 BrokenBarrierError = threading.BrokenBarrierError
+
+
+def _recoveries(mutex: RobustMutex) -> int:
+    """The internal mutex's recovery count (-1 once the handle is closed)."""
+    try:
+        return mutex.recoveries
+    except Exception:  # noqa: BLE001 - closed by another thread meanwhile
+        return -1
 
 
 def _check_timeout(timeout: float | None) -> float | None:
@@ -300,10 +310,17 @@ class SafeBarrier(SyncPrimitive):
         w = self._w
         seq = self._seq
         arrived: list[int] = []  # [epoch, gen, index] once this call has arrived
+        # [True] once this call has only watched others pass or break the generation (it
+        # changed nothing, so it wakes nobody: a wake-up would only send the next
+        # generation's first sleeper round its loop) -- unless the internal mutex was
+        # recovered meanwhile (the recovery's changes are this call's to announce).
+        quiet = [False]
+        mutex = self._mutex
+        recoveries = mutex.recoveries
         try:
             with self._section(deadline):
                 try:
-                    outcome = self._arrive_and_wait(w, arrived, deadline)
+                    outcome = self._arrive_and_wait(w, arrived, deadline, quiet)
                 except _Timeout:
                     raise
                 except BaseException:
@@ -318,14 +335,17 @@ class SafeBarrier(SyncPrimitive):
                 self._break_in(w, seq, arrived[0], arrived[1])
             raise BrokenBarrierError from None
         finally:
-            self._wake(seq)
+            if not quiet[0] or _recoveries(mutex) != recoveries:
+                self._wake(seq)
         if outcome is None:
             return self._run_action(w, seq, arrived)
         if outcome < 0:
             raise BrokenBarrierError
         return outcome
 
-    def _arrive_and_wait(self, w: memoryview, arrived: list[int], deadline: float) -> int | None:
+    def _arrive_and_wait(
+        self, w: memoryview, arrived: list[int], deadline: float, quiet: list[bool]
+    ) -> int | None:
         """Holding the mutex: wait to enter (while an action runs), arrive, and wait for
         the outcome. The index on a pass, -1 when broken, ``None`` when this call is the
         last party and must run an action."""
@@ -353,19 +373,31 @@ class SafeBarrier(SyncPrimitive):
             self._pass(w, k)
             return index
         w[_COUNT] = index + 1
-        return self._await_outcome(w, e, k, index, deadline)
+        return self._await_outcome(w, e, k, index, deadline, quiet)
 
-    def _await_outcome(self, w: memoryview, e: int, k: int, index: int, deadline: float) -> int:
+    def _await_outcome(  # noqa: PLR0917 - internal, positional (tests stand in for it)
+        self, w: memoryview, e: int, k: int, index: int, deadline: float, quiet: list[bool]
+    ) -> int:
+        reaped = False
+        reaped_at = -math.inf
         while True:
             if w[_GEN] != k or w[_EPOCH] != e:
+                quiet[0] = not reaped
                 return index if self._passed(w, e, k) else -1
             if w[_BROKEN]:
+                quiet[0] = not reaped
                 return -1
             if not self._sleep(deadline):
                 self._break_in(w, self._seq, e, k)
                 return -1
             if w[_GEN] == k and w[_EPOCH] == e and not w[_BROKEN]:
-                self._reap()  # a dead party of this generation breaks it
+                # A dead party of this generation breaks it. Looked for once a slice
+                # (and on the first wake-up): each look reads /proc for every process.
+                now = time.monotonic()
+                if now - reaped_at >= WAIT_SLICE:
+                    reaped_at = now
+                    if self._reap():
+                        reaped = True
 
     @staticmethod
     def _passed(w: memoryview, e: int, k: int) -> bool:

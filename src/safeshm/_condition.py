@@ -485,7 +485,7 @@ class SafeCondition(SyncPrimitive):
             raise TypeError(f"n must be an int, not {type(n).__name__}")
         if not self._is_owned():
             raise RuntimeError("cannot notify on un-acquired lock")
-        if n <= 0:
+        if n <= 0 or not self._anyone_waiting():
             return
         with self._section():
             woke = self._grant(n)
@@ -500,6 +500,8 @@ class SafeCondition(SyncPrimitive):
         """
         if not self._is_owned():
             raise RuntimeError("cannot notify on un-acquired lock")
+        if not self._anyone_waiting():
+            return
         with self._section():
             woke = self._grant(WAITER_SLOTS)
         if woke:
@@ -511,6 +513,16 @@ class SafeCondition(SyncPrimitive):
             "notifyAll() is deprecated, use notify_all() instead", DeprecationWarning, stacklevel=2
         )
         self.notify_all()
+
+    def _anyone_waiting(self) -> bool:
+        """Whether some slot holds a waiter not yet notified, read without the internal
+        mutex. The caller holds the lock, and a waiter claims its slot before it releases
+        the lock, so every waiter that a notify must see is seen; a slot freed meanwhile
+        (a timeout) reads either way, and a notify needs no waiter that left."""
+        w = self._w
+        slot0 = self._slot0
+        end = slot0 + min(WAITER_SLOTS, max(0, w[_HIGH])) * SLOT_WORDS
+        return any(w[i] > 0 for i in range(slot0, end, SLOT_WORDS))
 
     def _grant(self, n: int) -> int:
         """Mark the ``n`` oldest live waiting slots notified; free dead ones. Holding the

@@ -18,13 +18,16 @@ import mmap
 import operator
 import struct
 import time
-from typing import Final, Self
+from typing import Any, Final, Self
 
+from . import _compat
 from ._errors import IncompatibleSegmentError, ProcessTableFullError, SegmentClosedError
 from ._int64 import INT64_MAX, check_int64
+from ._lock import EDEADLK, RECOVERED, TIMED_OUT, RobustMutex
 from ._segment import Kind, Segment
 from ._sync import (
     _PARAMS,
+    _SEQ_MASK,
     R_COUNTS,
     RECORD_WORDS,
     STATE_OFFSET,
@@ -32,7 +35,10 @@ from ._sync import (
     WAIT_SLICE,
     Section,
     SyncPrimitive,
+    _consistent,
     _Timeout,
+    _trylock,
+    _unlock,
 )
 
 _BASE: Final = 0  # authoritative: initial value + free releases (- a bound's clamp)
@@ -55,6 +61,19 @@ def _check_value(value: object) -> int:
     if v < 0:
         raise ValueError("semaphore initial value must be >= 0")
     return v
+
+
+def _check_release(n: object) -> int:
+    """``release()``'s count, validated."""
+    try:
+        count = operator.index(n)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"n must be an int, not {type(n).__name__}") from None
+    if count < 1:
+        raise ValueError("n must be one or more")
+    if count > INT64_MAX:
+        raise OverflowError(f"n {count} is outside the int64 range; nothing was released")
+    return count
 
 
 def _deadlines(blocking: bool, timeout: object) -> tuple[float, float]:
@@ -159,7 +178,9 @@ class SafeSemaphore(SyncPrimitive):
 
     _KIND = Kind.SEMAPHORE
     _LAYOUT = 1
+    _MAPPED = (*SyncPrimitive._MAPPED, "_hot")
     _BOUNDED: bool = False
+    _hot: tuple[Any, memoryview, RobustMutex]  # (pointer, owner word, the internal mutex)
     # One section object for every wait-forever entry of the internal mutex (a Section
     # keeps no state between entries, so threads can share it): building one per call
     # costs a good part of an acquire. Swapped for a stand-in at close() (the views'
@@ -169,6 +190,8 @@ class SafeSemaphore(SyncPrimitive):
     def _bind(self, mm: mmap.mmap) -> None:
         super()._bind(mm)
         self._sec = Section(self)
+        m = self._mutex
+        self._hot = (m.pointer, m.owner, m)
 
     def _before_close(self) -> None:
         self._sec = _ClosedSection(f"{self._what} is closed on this handle")
@@ -272,7 +295,7 @@ class SafeSemaphore(SyncPrimitive):
         )
 
     # -- the operations ------------------------------------------------------------------
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:  # noqa: PLR0912 - inlined lock pattern
         """Take a permit, waiting for one if there is none -- as
         :meth:`threading.Semaphore.acquire`.
 
@@ -292,27 +315,74 @@ class SafeSemaphore(SyncPrimitive):
                 one waits: it wakes and raises).
         """
         if blocking is True and timeout is None:  # the common case, without a call
-            deadline = _NEVER
-            section = self._sec
+            deadline = mutex_deadline = _NEVER
         else:
             deadline, mutex_deadline = _deadlines(blocking, timeout)
-            section = self._sec if mutex_deadline == _NEVER else self._section(mutex_deadline)
-        reaped = False
+        # The internal mutex is taken and released inline (the pattern in _lock's comment;
+        # a Section costs more than the rest of an uncontended acquire): one trylock, the
+        # commit in plain stores, one unlock. Waiting, claiming this process's record and
+        # reaping happen in functions called from the try.
+        p, owner, mutex = self._hot
+        w = self._w
+        got = reaped = False
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
         try:
-            with section:
-                w = self._w
-                if w[_VALUE] > 0:
-                    rec = self._record()
+            try:
+                rc = _trylock(p)
+                if rc:
+                    rc = self._lock_slow(rc, mutex_deadline)
+                    if rc:
+                        return False  # the internal mutex stayed taken (a stuck holder)
+                mpid, rec = self._mine
+                if mpid == _compat.pid and w[_VALUE] > 0:
                     w[rec + _HELD] += 1  # the commit
                     w[_VALUE] -= 1
-                    return True
-                got, reaped = self._acquire_slow(deadline)
+                    got = True
+                else:
+                    got, reaped = self._acquire_slow(deadline)
+            finally:
+                if not rc:
+                    _unlock(p)  # EPERM (ignored) after a wait's relock gave up
+                elif rc != EDEADLK:
+                    try:
+                        _consistent(p)
+                    finally:
+                        _unlock(p)
         except _Timeout:
-            return False
-        finally:
-            if reaped:
-                self._wake_all()
+            return False  # a wait's relock gave up at the deadline (never with the permit)
+        except BaseException:
+            if got:  # taken, but the caller will not know: give it back
+                self._undo_acquire()
+            raise
+        if reaped:
+            self._wake_all()
         return got
+
+    def _lock_slow(self, rc: int, deadline: float) -> int:
+        """The internal mutex's trylock returned ``rc``: wait for it until ``deadline``.
+        0: held; ``EDEADLK``: not held (timed out). Runs the recovery when its last
+        holder died."""
+        got = self._hot[2].finish_acquire(rc, deadline)
+        if got == TIMED_OUT:
+            return EDEADLK
+        if got == RECOVERED:
+            self._recovered()
+        return 0
+
+    def _undo_acquire(self) -> None:
+        """Give back a permit this process's record holds (an acquire that an exception
+        cut short after it took the permit)."""
+        with self._sec:
+            w = self._w
+            rec = self._record()
+            held = w[rec + _HELD]
+            if held > 0:
+                w[rec + _HELD] = held - 1  # the commit
+                w[_VALUE] += 1
+                self._bump()
+        self._wake_all()
 
     def _acquire_slow(self, deadline: float) -> tuple[bool, bool]:
         """Wait for a permit and take it, holding the mutex: ``(taken, reaped)``. Reaps
@@ -348,45 +418,139 @@ class SafeSemaphore(SyncPrimitive):
             TypeError: ``n`` is not an int.
             OverflowError: the count would overflow 64 bits (nothing is released).
         """
+        if n.__class__ is not int or n != 1:
+            n = _check_release(n)
+        p, owner, mutex = self._hot
+        w = self._w
+        seq = self._seq
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
         try:
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError(f"n must be an int, not {type(n).__name__}") from None
-        if n < 1:
-            raise ValueError("n must be one or more")
-        if n > INT64_MAX:
-            raise OverflowError(f"n {n} is outside the int64 range; nothing was released")
-        with self._sec:
-            w = self._w
-            try:
-                rec = self._record()
-            except ProcessTableFullError:
-                rec = -1  # holds nothing: a free release needs no record
-            held = w[rec + _HELD] if rec >= 0 else 0
-            value = w[_VALUE] + n
-            if self._BOUNDED and value > w[_INITIAL]:
-                raise ValueError("Semaphore released too many times")
-            own = min(held, n)
-            base = w[_BASE] + (n - own)
-            if base > INT64_MAX:
-                raise OverflowError(
-                    f"{self._what}: releasing {n} would overflow its count; nothing was released"
-                )
-            # Base first: if this process dies between the two stores, its record (and
-            # with it the count not yet lowered) is reaped, which is what lowering it does.
-            w[_BASE] = base
-            if own:
-                w[rec + _HELD] = held - own
-            w[_VALUE] = value
-            self._bump()
-        self._wake_all()
+            rc = _trylock(p)
+            if rc:
+                rc = self._lock_slow(rc, _NEVER)
+            mpid, rec = self._mine
+            if (
+                n == 1
+                and mpid == _compat.pid
+                and w[rec + _HELD] > 0
+                and not (self._BOUNDED and w[_VALUE] >= w[_INITIAL])
+            ):
+                # One of this process's own permits back: the record's count is the commit.
+                w[rec + _HELD] -= 1
+                w[_VALUE] += 1
+                seq[0] = (seq[0] + 1) & _SEQ_MASK
+            else:
+                self._release_locked(n)
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+        if self._sleepers[0]:
+            self._wake_all()
+
+    def _release_locked(self, n: int) -> None:
+        """:meth:`release`'s general case, holding the mutex: computes, then stores."""
+        w = self._w
+        try:
+            rec = self._record()
+        except ProcessTableFullError:
+            rec = -1  # holds nothing: a free release needs no record
+        held = w[rec + _HELD] if rec >= 0 else 0
+        value = w[_VALUE] + n
+        if self._BOUNDED and value > w[_INITIAL]:
+            raise ValueError("Semaphore released too many times")
+        own = min(held, n)
+        base = w[_BASE] + (n - own)
+        if base > INT64_MAX:
+            raise OverflowError(
+                f"{self._what}: releasing {n} would overflow its count; nothing was released"
+            )
+        # Base first: if this process dies between the two stores, its record (and
+        # with it the count not yet lowered) is reaped, which is what lowering it does.
+        w[_BASE] = base
+        if own:
+            w[rec + _HELD] = held - own
+        w[_VALUE] = value
+        self._bump()
 
     def __enter__(self) -> Self:  # acquires, as threading's (not the lifecycle)
-        self.acquire()
+        # acquire()'s body for the wait-forever case, inline: a call to acquire() would
+        # cost a frame, and an exception right after it returned would keep the permit
+        # with nobody to release it (the with statement covers only what follows the
+        # return of __enter__).
+        p, owner, mutex = self._hot
+        w = self._w
+        got = reaped = False
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
+        try:
+            try:
+                rc = _trylock(p)
+                if rc:
+                    rc = self._lock_slow(rc, _NEVER)
+                mpid, rec = self._mine
+                if mpid == _compat.pid and w[_VALUE] > 0:
+                    w[rec + _HELD] += 1  # the commit
+                    w[_VALUE] -= 1
+                    got = True
+                else:
+                    got, reaped = self._acquire_slow(_NEVER)
+            finally:
+                if not rc:
+                    _unlock(p)
+                elif rc != EDEADLK:
+                    try:
+                        _consistent(p)
+                    finally:
+                        _unlock(p)
+        except BaseException:
+            if got:
+                self._undo_acquire()
+            raise
+        if reaped:
+            self._wake_all()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.release()
+        # release(1)'s body, inline (a frame less).
+        p, owner, mutex = self._hot
+        w = self._w
+        seq = self._seq
+        rc = -1
+        if owner[0]:
+            mutex.check_not_mine()
+        try:
+            rc = _trylock(p)
+            if rc:
+                rc = self._lock_slow(rc, _NEVER)
+            mpid, rec = self._mine
+            if (
+                mpid == _compat.pid
+                and w[rec + _HELD] > 0
+                and not (self._BOUNDED and w[_VALUE] >= w[_INITIAL])
+            ):
+                w[rec + _HELD] -= 1  # the commit
+                w[_VALUE] += 1
+                seq[0] = (seq[0] + 1) & _SEQ_MASK
+            else:
+                self._release_locked(1)
+        finally:
+            if not rc:
+                _unlock(p)
+            elif rc != EDEADLK:
+                try:
+                    _consistent(p)
+                finally:
+                    _unlock(p)
+        if self._sleepers[0]:
+            self._wake_all()
 
     # -- introspection -------------------------------------------------------------------
     @property
