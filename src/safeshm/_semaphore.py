@@ -297,22 +297,40 @@ class SafeSemaphore(SyncPrimitive):
         else:
             deadline, mutex_deadline = _deadlines(blocking, timeout)
             section = self._sec if mutex_deadline == _NEVER else self._section(mutex_deadline)
-        reaped = False
+        got = reaped = False
         try:
-            with section:
-                w = self._w
-                if w[_VALUE] > 0:
-                    rec = self._record()
-                    w[rec + _HELD] += 1  # the commit
-                    w[_VALUE] -= 1
-                    return True
-                got, reaped = self._acquire_slow(deadline)
+            try:
+                with section:
+                    w = self._w
+                    if w[_VALUE] > 0:
+                        rec = self._record()
+                        w[rec + _HELD] += 1  # the commit
+                        w[_VALUE] -= 1
+                        got = True
+                        return True
+                    got, reaped = self._acquire_slow(deadline)
+            finally:
+                if reaped:
+                    self._wake_all()
         except _Timeout:
             return False
-        finally:
-            if reaped:
-                self._wake_all()
+        except BaseException:
+            # An exception from a signal handler can land after the commit (at the
+            # section's exit, a call): the caller will not know it holds the permit.
+            if got:
+                self._give_back()
+            raise
         return got
+
+    def _give_back(self) -> None:
+        """Undo this process's acquire whose caller got an exception instead of ``True``."""
+        with self._sec:
+            w = self._w
+            rec = self._record()
+            w[rec + _HELD] -= 1  # the commit
+            w[_VALUE] += 1
+            self._bump()
+        self._wake_all()
 
     def _acquire_slow(self, deadline: float) -> tuple[bool, bool]:
         """Wait for a permit and take it, holding the mutex: ``(taken, reaped)``. Reaps
