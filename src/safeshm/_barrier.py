@@ -342,7 +342,7 @@ class SafeBarrier(SyncPrimitive):
             # The last arrival: a party that died waiting while nobody slept here to reap
             # it must break the generation, not pass it (once per generation).
             self._reap()
-            if w[_BROKEN]:
+            if self.broken:  # (not w[_BROKEN]: mypy holds it false since the loop)
                 return -1
         e = int(w[_EPOCH])
         k = int(w[_GEN])
