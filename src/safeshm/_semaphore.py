@@ -20,7 +20,12 @@ import struct
 import time
 from typing import Final, Self
 
-from ._errors import IncompatibleSegmentError, ProcessTableFullError, SegmentClosedError
+from ._errors import (
+    IncompatibleSegmentError,
+    ProcessTableFullError,
+    SafeShmError,
+    SegmentClosedError,
+)
 from ._int64 import INT64_MAX, check_int64
 from ._segment import Kind, Segment
 from ._sync import (
@@ -374,6 +379,10 @@ class SafeSemaphore(SyncPrimitive):
             raise ValueError("n must be one or more")
         if n > INT64_MAX:
             raise OverflowError(f"n {n} is outside the int64 range; nothing was released")
+        self._release(n, [False])
+
+    def _release(self, n: int, done: list[bool]) -> None:
+        """:meth:`release` of a checked ``n``; ``done[0]`` is set once it committed."""
         with self._sec:
             w = self._w
             try:
@@ -396,6 +405,7 @@ class SafeSemaphore(SyncPrimitive):
             if own:
                 w[rec + _HELD] = held - own
             w[_VALUE] = value
+            done[0] = True
             self._bump()
         self._wake_all()
 
@@ -404,7 +414,18 @@ class SafeSemaphore(SyncPrimitive):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.release()
+        done = [False]
+        try:
+            self._release(1, done)
+        except (SafeShmError, ValueError, OverflowError):
+            raise
+        except BaseException:
+            # An exception from a signal handler before the release committed: the block
+            # is left all the same, so the permit goes back (first order, as everywhere:
+            # one such exception per call).
+            if not done[0]:
+                self._release(1, done)
+            raise
 
     # -- introspection -------------------------------------------------------------------
     @property
