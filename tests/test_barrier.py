@@ -291,6 +291,31 @@ def test_sigkilled_waiter_breaks_the_barrier_at_once() -> None:
                 assert q.exitcode == 0
 
 
+def test_a_party_killed_before_the_others_arrive_breaks_the_barrier() -> None:
+    # Nobody else waited when it died, so no sleeper reaped it: the last arrival must not
+    # pass the generation with a dead party (it did, returning an index to every survivor).
+    with SafeBarrier.create(3) as b:
+        with processes("fork", wait_forever_worker, [(b.name,)]) as (p,):
+            _wait_until(lambda: b.n_waiting == 1)
+            kill_and_reap(p)
+        got: list[object] = []
+
+        def arrive() -> None:
+            try:
+                got.append(b.wait(LONG))
+            except BrokenBarrierError as e:
+                got.append(type(e))
+
+        other = threading.Thread(target=arrive)
+        other.start()
+        _wait_until(lambda: b.n_waiting == 2)
+        with pytest.warns(HolderDiedWarning, match="generation 0"):
+            arrive()
+        other.join(LONG)
+        assert got == [BrokenBarrierError, BrokenBarrierError]
+        assert b.broken
+
+
 def test_party_killed_inside_the_action_breaks_the_barrier(barrier2: SafeBarrier) -> None:
     killed_at: list[float] = []
     with (

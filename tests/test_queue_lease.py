@@ -100,6 +100,19 @@ def test_leased_context_acks_or_releases(make: Any) -> None:
     assert q.empty()
 
 
+@pytest.mark.parametrize("forever", [float("inf"), 1e300, 2**70, 1e10, 9.2233e9])
+def test_a_lease_beyond_any_clock_never_expires(make: Any, forever: float) -> None:
+    # As every timeout= here: inf (or beyond threading.TIMEOUT_MAX) is "forever". It raised
+    # OverflowError("cannot convert float infinity to integer").
+    q = make(4096)
+    q.put("x")
+    item, lease = q.get_leased(timeout=0, lease=forever)
+    assert item == "x"
+    assert q.reclaim_leases() == 0
+    lease.ack()
+    assert q.empty()
+
+
 def test_bad_input_changes_nothing(make: Any, cleanup: Any) -> None:
     q = make(4096, lease_size=16)
     q.put("x" * 100)

@@ -868,3 +868,32 @@ def test_interrupts_leave_the_lock_consistent(rw: SafeRWLock) -> None:
         p.join(JOIN_TIMEOUT)
     assert problems == []
     assert landed >= 50
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_with_block_whose_release_is_interrupted_still_releases(
+    rw: SafeRWLock, write: bool
+) -> None:
+    """An exception from a signal handler inside the block's exit, before the release's
+    commit: the block is left, so the hold must go (it stayed until the process exited,
+    and every writer of every process waited), and the exception still propagates."""
+    real = rw._record
+    interrupts: list[int] = []
+
+    def interrupted_once() -> int:
+        if not interrupts:
+            interrupts.append(1)
+            raise _Alarm
+        return real()  # type: ignore[no-any-return]
+
+    def interrupt_the_release() -> None:
+        rw._mine = (0, -1)  # the release looks its record up again ...
+        rw._record = interrupted_once  # type: ignore[method-assign] # ... interrupted there
+
+    with pytest.raises(_Alarm), rw.write() if write else rw.read():
+        interrupt_the_release()  # before the release's commit
+    assert interrupts == [1]
+    stats = rw.statistics()
+    assert (stats.readers, stats.writer_pid) == (0, None)
+    assert rw.acquire_write(timeout=1)
+    rw.release_write()

@@ -543,3 +543,82 @@ class BoundedSemaphoreMachine(SemaphoreMachine):
 def test_state_machine(machine: Any) -> None:
     machine.TestCase.settings = settings(max_examples=10, stateful_step_count=15, deadline=None)
     machine.TestCase().runTest()
+
+
+# -- asynchronous exceptions --------------------------------------------------------------------
+class _Alarm(Exception):
+    pass
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_an_acquire_interrupted_by_a_signal_handler_holds_no_permit(bounded: bool) -> None:
+    """An exception from a signal handler that ends acquire() leaves no permit taken (it
+    could land after the commit, at the internal section's exit: the permit was held
+    while the caller got the exception -- leaked until the process exits)."""
+    sem = (SafeBoundedSemaphore if bounded else SafeSemaphore).create(2)
+    armed = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if armed[0]:
+            armed[0] = False  # first order: one exception per call (the library's rule)
+            raise _Alarm
+
+    old = signal.signal(signal.SIGALRM, handler)
+    held = landed = 0
+    problems: list[tuple[int, int, int]] = []
+    deadline = time.monotonic() + 3
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        while landed < 300 and not problems and time.monotonic() < deadline:
+            try:
+                armed[0] = True
+                got = sem.acquire(timeout=1)
+                held += got  # no call between the return and this store: no alarm
+                armed[0] = False
+                if got:
+                    sem.release()  # unarmed: always done
+                    held -= 1
+            except _Alarm:
+                armed[0] = False
+                landed += 1
+                record = sem.statistics().holders.get(os.getpid(), 0)
+                if record != held:
+                    problems.append((landed, held, record))
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+        sem.close()
+        sem.unlink()
+    assert problems == []
+    assert landed >= 50
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_with_block_whose_release_is_interrupted_still_returns_the_permit(cls: Any) -> None:
+    """An exception from a signal handler inside ``__exit__``'s release, before its commit:
+    the block is left, so the permit must go back all the same (it was leaked until the
+    process exited), and the exception still propagates."""
+    sem = cls.create(1)
+    try:
+        real = sem._record
+        interrupts: list[int] = []
+
+        def interrupted_once() -> int:
+            if not interrupts:
+                interrupts.append(1)
+                raise _Alarm
+            return real()  # type: ignore[no-any-return]
+
+        def hit_inside() -> None:
+            sem._record = interrupted_once
+            sem._mine = (0, -1)  # no cached record: the release looks it up, and is hit
+
+        with pytest.raises(_Alarm), sem:
+            hit_inside()
+        assert interrupts == [1]
+        assert sem.value == 1
+        assert sem.statistics().holders == {}
+    finally:
+        sem.close()
+        sem.unlink()

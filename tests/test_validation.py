@@ -198,6 +198,10 @@ def test_a_slot_owner_pid_beyond_any_pid_is_dead_not_a_crash(name: str) -> None:
         (MUTEX_KIND, 0, "mutex has type 0"),  # would make it a plain, non-robust mutex
         (MUTEX_KIND, 999, "mutex has type 999"),  # EINVAL on every lock
         (0, 0x3FFFFFFF, "owner thread"),  # a holder tid no Linux thread can have
+        # "Waiters" with no owner, not marked dead: never a state of a robust mutex (an
+        # unlock stores 0, a death adds FUTEX_OWNER_DIED); every acquire without a
+        # timeout would wait forever on it.
+        (0, -0x80000000, "no owner"),
     ],
 )
 def test_damaged_mutex_is_refused_at_attach(

@@ -358,6 +358,12 @@ class SafeBarrier(SyncPrimitive):
             if not self._sleep(deadline):
                 return -1  # timed out before entering: nothing to break
             self._reap()
+        if w[_COUNT] and w[_COUNT] + 1 == w[_PARTIES]:
+            # The last arrival: a party that died waiting while nobody slept here to reap
+            # it must break the generation, not pass it (once per generation).
+            self._reap()
+            if self.broken:  # (not w[_BROKEN]: mypy holds it false since the loop)
+                return -1
         e = int(w[_EPOCH])
         k = int(w[_GEN])
         index = int(w[_COUNT])

@@ -60,6 +60,7 @@ does not delay the hand-over, which the unlocking thread's futex wake-up drives.
 
 _FUTEX_TID_MASK: Final = 0x3FFFFFFF
 _FUTEX_OWNER_DIED: Final = 0x40000000
+_FUTEX_WAITERS: Final = 0x80000000
 # glibc's pthread_mutex_t, the same on x86_64 and aarch64: int __lock (the robust futex
 # word: owner tid | FUTEX_WAITERS | FUTEX_OWNER_DIED), unsigned __count, int __owner,
 # unsigned __nusers, int __kind.
@@ -300,6 +301,13 @@ def check_mutex(
         raise SegmentCorruptedError(
             f"{what} is damaged: its mutex names owner thread {tid} / {owner}, which no "
             "Linux thread id can be"
+        )
+    if not tid and word & _FUTEX_WAITERS and not word & _FUTEX_OWNER_DIED:
+        # Never a robust mutex's state: an unlock stores 0 and a death sets OWNER_DIED;
+        # glibc would wait forever for this word to change.
+        raise SegmentCorruptedError(
+            f"{what} is damaged: its mutex's futex word {word & 0xFFFFFFFF:#x} has waiters "
+            "but no owner, which no robust mutex can have"
         )
     if tid and not word & _FUTEX_OWNER_DIED and _held_forever(words, tid):
         raise SegmentCorruptedError(

@@ -1276,7 +1276,8 @@ class SafeQueue(SharedStructure, Generic[T]):
     # slice): the next get of any kind returns it first.
     def get_leased(self, timeout: float | None = None, *, lease: float = 30.0) -> tuple[T, Lease]:
         """Take the item at the front with a lease: it is delivered again (at the front)
-        if this process dies, or ``lease`` seconds pass, before :meth:`Lease.ack`.
+        if this process dies, or ``lease`` seconds pass, before :meth:`Lease.ack`
+        (``math.inf``, or anything from ``threading.TIMEOUT_MAX`` up: never expires).
 
         Returns:
             ``(item, lease)``; call ``lease.ack()`` once the item is handled.
@@ -1389,7 +1390,10 @@ class SafeQueue(SharedStructure, Generic[T]):
             self._lease_size,
             data,
             lease_id=lease_id,
-            deadline=time.monotonic_ns() + int(seconds * 1e9),
+            # inf (check_timeout's "forever", from threading.TIMEOUT_MAX up): never due.
+            deadline=INT64_MAX
+            if seconds == _NEVER
+            else min(INT64_MAX, time.monotonic_ns() + int(seconds * 1e9)),
         )
         state[_HEAD] = end  # the commit: taken (and leased: the slot is filled)
         self._recs[ci] += 1

@@ -168,7 +168,33 @@ class RWLockHold:
         return self._rw
 
     def __exit__(self, *exc_info: object) -> None:
-        self._release()
+        rw = self._rw
+        write = self._what == "write"
+        before = -1
+        try:
+            if not write:
+                # No call until the store (a signal handler runs at calls): the count
+                # this thread holds, to tell afterwards whether the release committed.
+                key = (rw._key, _compat.pid)
+                reads = _tls.reads
+                before = reads[key] if key in reads else 0  # noqa: SIM401 - no call
+            self._release()
+        except SafeShmError:
+            raise
+        except BaseException:
+            # An exception from a signal handler before the release committed (its
+            # stores, the thread's own count included, are all or nothing): the block is
+            # left all the same, so the hold goes (first order: one such exception).
+            if write:
+                w = rw._w
+                if w[_WTID] == _tls.tid and w[_WPID] == _compat.pid:
+                    rw._release_write()
+            elif before > 0:
+                reads = _reads()
+                key = (rw._key, _compat.pid)
+                if reads.get(key, 0) == before:
+                    rw._release_read(reads, key)
+            raise
 
 
 class SafeRWLock(SyncPrimitive):

@@ -21,7 +21,12 @@ import time
 from typing import Any, Final, Self
 
 from . import _compat
-from ._errors import IncompatibleSegmentError, ProcessTableFullError, SegmentClosedError
+from ._errors import (
+    IncompatibleSegmentError,
+    ProcessTableFullError,
+    SafeShmError,
+    SegmentClosedError,
+)
 from ._int64 import INT64_MAX, check_int64
 from ._lock import EDEADLK, RECOVERED, TIMED_OUT, RobustMutex
 from ._segment import Kind, Segment
@@ -454,8 +459,9 @@ class SafeSemaphore(SyncPrimitive):
         if self._sleepers[0]:
             self._wake_all()
 
-    def _release_locked(self, n: int) -> None:
-        """:meth:`release`'s general case, holding the mutex: computes, then stores."""
+    def _release_locked(self, n: int, done: list[bool] | None = None) -> None:
+        """:meth:`release`'s general case, holding the mutex: computes, then stores;
+        ``done[0]`` is set right after the last store (no check for signals between)."""
         w = self._w
         try:
             rec = self._record()
@@ -477,6 +483,8 @@ class SafeSemaphore(SyncPrimitive):
         if own:
             w[rec + _HELD] = held - own
         w[_VALUE] = value
+        if done is not None:
+            done[0] = True
         self._bump()
 
     def __enter__(self) -> Self:  # acquires, as threading's (not the lifecycle)
@@ -523,32 +531,44 @@ class SafeSemaphore(SyncPrimitive):
         p, owner, mutex = self._hot
         w = self._w
         seq = self._seq
+        done = [False]
         rc = -1
-        if owner[0]:
-            mutex.check_not_mine()
         try:
-            rc = _trylock(p)
-            if rc:
-                rc = self._lock_slow(rc, _NEVER)
-            mpid, rec = self._mine
-            if (
-                mpid == _compat.pid
-                and w[rec + _HELD] > 0
-                and not (self._BOUNDED and w[_VALUE] >= w[_INITIAL])
-            ):
-                w[rec + _HELD] -= 1  # the commit
-                w[_VALUE] += 1
-                seq[0] = (seq[0] + 1) & _SEQ_MASK
-            else:
-                self._release_locked(1)
-        finally:
-            if not rc:
-                _unlock(p)
-            elif rc != EDEADLK:
-                try:
-                    _consistent(p)
-                finally:
+            if owner[0]:
+                mutex.check_not_mine()
+            try:
+                rc = _trylock(p)
+                if rc:
+                    rc = self._lock_slow(rc, _NEVER)
+                mpid, rec = self._mine
+                if (
+                    mpid == _compat.pid
+                    and w[rec + _HELD] > 0
+                    and not (self._BOUNDED and w[_VALUE] >= w[_INITIAL])
+                ):
+                    w[rec + _HELD] -= 1  # the commit
+                    w[_VALUE] += 1
+                    done[0] = True
+                    seq[0] = (seq[0] + 1) & _SEQ_MASK
+                else:
+                    self._release_locked(1, done)
+            finally:
+                if not rc:
                     _unlock(p)
+                elif rc != EDEADLK:
+                    try:
+                        _consistent(p)
+                    finally:
+                        _unlock(p)
+        except (SafeShmError, ValueError, OverflowError):
+            raise
+        except BaseException:
+            # An exception from a signal handler before the release committed: the block
+            # is left all the same, so the permit goes back (first order, as everywhere:
+            # one such exception per call).
+            if not done[0]:
+                self.release()
+            raise
         if self._sleepers[0]:
             self._wake_all()
 
