@@ -325,3 +325,11 @@ def test_set_wakes_by_futex_not_by_the_slice(event: SafeEvent, monkeypatch: Any)
     t.join(PROMPT)
     assert results == [True]
     assert time.monotonic() - t0 < PROMPT
+
+
+def test_isset_is_threadings_deprecated_alias(event: SafeEvent) -> None:
+    with pytest.warns(DeprecationWarning, match="is_set"):
+        assert event.isSet() is False
+    event.set()
+    with pytest.warns(DeprecationWarning, match="is_set"):
+        assert event.isSet() is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Final, Self
 
 from ._segment import Kind
@@ -68,6 +69,13 @@ class SafeEvent(SyncPrimitive):
     def is_set(self) -> bool:
         """Whether the flag is set (a snapshot)."""
         return bool(self._w[_FLAG])
+
+    def isSet(self) -> bool:
+        """Deprecated alias of :meth:`is_set` (as threading's)."""
+        warnings.warn(
+            "isSet() is deprecated, use is_set() instead", DeprecationWarning, stacklevel=2
+        )
+        return self.is_set()
 
     def set(self) -> None:
         """Set the flag and wake every waiter, in every process."""
