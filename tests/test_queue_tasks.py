@@ -271,6 +271,25 @@ def test_join_waiting_notices_a_death_within_a_slice(make: Any) -> None:
     assert result == [True, True]
 
 
+def test_join_notices_a_dead_consumer_its_parent_has_not_reaped(make: Any) -> None:
+    """The parent waits in join() and so never reaps its SIGKILLed consumer child: the
+    child is a zombie, which must count as dead (or join() waits for ever)."""
+    import signal
+
+    q = make(4096)
+    q.put("a")
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    with processes("fork", _get_and_hold, [(q.name, 1, ready)]) as (p,):
+        assert ready.wait(JOIN_TIMEOUT)
+        os.kill(p.pid, signal.SIGKILL)  # not reaped: a zombie until processes() joins it
+        t0 = time.monotonic()
+        with pytest.warns(HolderDiedWarning, match=r"died with 1 unfinished task"):
+            assert q.join(timeout=PROMPT + 5)
+        assert time.monotonic() - t0 < PROMPT
+    assert q.unfinished_tasks == 0
+
+
 def test_forked_child_gets_its_own_record(make: Any) -> None:
     """The parent's record (and the compiled core's cached index of it) is not the
     child's: a child that dies holding a task takes only its own count with it."""

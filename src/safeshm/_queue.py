@@ -32,7 +32,7 @@ from ._errors import (
 from ._int64 import INT64_MAX
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
-from ._sync import my_start_time
+from ._sync import holder_alive, my_start_time
 from ._timeout import check_timeout
 
 T = TypeVar("T")
@@ -1641,7 +1641,7 @@ def _due_slots(slots: memoryview, nleases: int, size: int) -> list[tuple[int, in
         w = _slot_words(slots, k, size)
         if w[_S_STATE] != _ACTIVE:
             continue
-        dead = not _compat.process_alive(w[_S_PID], w[_S_START], w[_S_NS])
+        dead = not holder_alive(w[_S_PID], w[_S_START], w[_S_NS])
         if dead or w[_S_DEADLINE] <= now:
             out.append((int(w[_S_ID]), k, dead))
     out.sort(reverse=True)
@@ -1732,7 +1732,7 @@ def _reap_records(recs: memoryview, nrec: int) -> list[tuple[int, int]]:
         owner = recs[i + _R_PID]
         if not owner or owner == me:
             continue
-        if _compat.process_alive(owner, recs[i + _R_START], recs[i + _R_NS]):
+        if holder_alive(owner, recs[i + _R_START], recs[i + _R_NS]):
             continue
         out.append((int(owner), int(recs[i + _R_COUNT])))
         recs[i + _R_COUNT] = 0

@@ -117,23 +117,47 @@ def my_start_time() -> int:
     return start
 
 
-def _zombie(pid: int) -> bool:
-    """Whether ``pid`` (in this pid namespace) has exited but not been waited for."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    end = stat.rfind(b")")
-    return stat[end + 2 : end + 3] in (b"Z", b"X")
+_namespace: tuple[int, int] = (0, 0)  # (pid, pid namespace of that process)
+
+
+def _my_namespace() -> int:
+    """:func:`_compat.pid_namespace`, read once per process (a system call otherwise)."""
+    global _namespace  # noqa: PLW0603 - a per-process constant
+    pid, ns = _namespace
+    if pid != _compat.pid:
+        _namespace = (_compat.pid, _compat.pid_namespace())
+        pid, ns = _namespace
+    return ns
 
 
 def holder_alive(pid: int, start: int, namespace: int) -> bool:
-    """:func:`_compat.process_alive`, and not a zombie: a dead process that its parent has
-    not waited for yet (a parent blocked in a wait of its own would never notice it)."""
-    if not _compat.process_alive(pid, start, namespace):
+    """Whether the process that was ``(pid, start)`` in ``namespace`` lives: as
+    :func:`_compat.process_alive`, and a zombie -- a process that exited but that its
+    parent has not waited for yet (a parent blocked in a wait of its own never would) --
+    counts as dead. One read of ``/proc/PID/stat`` (a reap checks every record: this is
+    its cost).
+
+    Errs on the side of "alive" as process_alive does: another pid namespace, or a
+    process we cannot inspect.
+    """
+    if not 0 < pid < _compat.PID_MAX_LIMIT:  # also a pid read from a damaged segment
         return False
-    return namespace != _compat.pid_namespace() or not _zombie(pid)
+    if namespace != _my_namespace():
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:  # pragma: no cover - /proc unreadable: cannot tell
+        return True
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # field 3, the state: exited
+        return False
+    now = int(fields[19])  # field 22: the start time
+    # 0 on either side means "unknown": assume it is the same process.
+    return start == 0 or now in (0, start)
 
 
 class Section:
