@@ -335,3 +335,88 @@ def test_a_holder_marked_dead_while_checked_is_not_stuck(cleanup: Any) -> None:
         assert not _lock._held_forever(words, tid)
     finally:
         ints[0] = 0
+
+
+# The synchronization primitives' words (_sync's layout): the sleepers hint, then state words.
+SYNC_SLEEPERS, SYNC_STATE = 264, 320
+INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
+
+
+def _put_word(handle: Any, offset: int, value: int) -> None:
+    struct.pack_into("=q", handle._seg.mm, offset, value)
+
+
+@pytest.mark.parametrize(
+    ("cls", "offset"),
+    [
+        ("SafeEvent", SYNC_SLEEPERS),
+        ("SafeEvent", SYNC_STATE + 8),  # the count of sets
+        ("SafeCondition", SYNC_SLEEPERS),
+        ("SafeCondition", SYNC_STATE),  # the last ticket
+        ("SafeRWLock", SYNC_STATE),  # the derived count of read holds
+        ("SafeRWLock", SYNC_STATE + 24),  # the derived count of waiting writers
+    ],
+)
+def test_a_counter_at_the_int64_limit_is_not_a_builtin_error(
+    name: str, cleanup: Any, cls: str, offset: int
+) -> None:
+    """A shared counter that only damage can take to the int64 limit: the operation that
+    raises it works (a hint, a wrapping count, a derived total recomputed) -- it used to be
+    ``ValueError: memoryview: invalid value for format 'q'`` from inside."""
+    h = cleanup(getattr(safeshm, cls).create(name=name))
+    _put_word(h, offset, INT64_MAX)
+    if cls == "SafeEvent":
+        assert not h.wait(0.01)
+        h.set()
+        assert h.wait(0.01)
+    elif cls == "SafeCondition":
+        with h:
+            assert not h.wait(0.01)
+        with h:
+            h.notify_all()
+    else:
+        with h.read(timeout=1):
+            assert h.statistics().readers == 1
+        with h.write(timeout=1):
+            pass
+
+
+@pytest.mark.parametrize("word", ["generation", "reset count"])
+def test_a_barrier_counter_at_the_int64_limit_is_a_typed_error(
+    name: str, cleanup: Any, word: str
+) -> None:
+    b = cleanup(safeshm.SafeBarrier.create(2, name=name))
+    _put_word(b, SYNC_STATE + (16 if word == "generation" else 24), INT64_MAX)
+    with pytest.raises(safeshm.SegmentCorruptedError, match=word):
+        b.wait(0.01) if word == "generation" else b.reset()
+
+
+@pytest.mark.parametrize("value", [-1, INT64_MIN])
+def test_a_damaged_semaphore_value_does_not_keep_a_waiter_from_a_free_permit(
+    name: str, cleanup: Any, value: int
+) -> None:
+    """The value is a cache of the permits (the initial value, minus those held): a waiter
+    recomputes it at each slice of its wait -- it used to wait forever."""
+    s = cleanup(safeshm.SafeSemaphore.create(2, name=name))
+    _put_word(s, SYNC_STATE + 8, value)
+    assert s.acquire(timeout=5)
+    assert s.value == 1
+
+
+def test_a_damaged_semaphore_base_is_a_typed_error_for_a_waiter(name: str, cleanup: Any) -> None:
+    s = cleanup(safeshm.SafeSemaphore.create(0, name=name))
+    _put_word(s, SYNC_STATE, -5)
+    with pytest.raises(safeshm.SegmentCorruptedError, match="permit count is -5"):
+        s.acquire(timeout=1)
+
+
+@pytest.mark.parametrize("cls", ["SafeSemaphore", "SafeBoundedSemaphore"])
+def test_a_negative_initial_value_is_refused_at_attach(name: str, cls: str) -> None:
+    s = getattr(safeshm, cls).create(2, name=name)
+    try:
+        _put_word(s, SYNC_STATE + 16, -1)
+        with pytest.raises(safeshm.SegmentCorruptedError, match="initial value is -1"):
+            getattr(safeshm, cls).attach(name)
+    finally:
+        s.unlink()
+        s.close()

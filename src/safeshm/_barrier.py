@@ -366,6 +366,8 @@ class SafeBarrier(SyncPrimitive):
                 return -1
         e = int(w[_EPOCH])
         k = int(w[_GEN])
+        self._check_counter(e, "reset count")
+        self._check_counter(k, "generation")
         index = int(w[_COUNT])
         parties = int(w[_PARTIES])
         rec = self._record()
@@ -463,8 +465,10 @@ class SafeBarrier(SyncPrimitive):
         raise :class:`threading.BrokenBarrierError`, and it is no longer broken."""
         with self._section():
             w = self._w
+            epoch = w[_EPOCH]
+            self._check_counter(epoch, "reset count")
             w[_RESET_GEN] = w[_GEN]
-            w[_EPOCH] += 1  # the commit for waiters
+            w[_EPOCH] = epoch + 1  # the commit for waiters
             w[_COUNT] = 0
             w[_BROKEN] = 0
             self._bump()

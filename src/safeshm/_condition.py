@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 from . import _compat
 from ._errors import SegmentCorruptedError, SegmentNotFoundError, TooManyWaitersError
+from ._int64 import INT64_MAX
 from ._lock import SafeLock, _CLevel
 from ._rlock import SafeRLock, unlock_n
 from ._segment import NAME_MAX, Kind, validate_name
@@ -374,7 +375,9 @@ class SafeCondition(SyncPrimitive):
         w = self._w
         rec = self._record()
         slot = self._free_slot()
-        ticket = w[_LAST_TICKET] + 1
+        last = w[_LAST_TICKET]
+        # > 0 (a waiting ticket); wraps past the int64 limit, which only damage reaches.
+        ticket = last + 1 if 0 <= last < INT64_MAX else 1
         high = (slot - self._slot0) // SLOT_WORDS + 1
         if high > w[_HIGH]:  # noqa: PLR1730 - plain stores, no call (async-exception rule)
             w[_HIGH] = high

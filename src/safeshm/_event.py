@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 from typing import Final, Self
 
+from ._int64 import INT64_MAX
 from ._segment import Kind
 from ._sync import SyncPrimitive, _Timeout, deadline_of
 
@@ -82,8 +83,9 @@ class SafeEvent(SyncPrimitive):
         with self._section():
             w = self._w
             if not w[_FLAG]:
+                sets = w[_SETS]  # compared for equality only: wraps (at a damaged value)
                 w[_FLAG] = 1  # first: a setter that dies here has still set it
-                w[_SETS] += 1
+                w[_SETS] = sets + 1 if sets < INT64_MAX else 0
                 self._bump()
         self._wake_all()
 

@@ -41,6 +41,7 @@ from typing import Any, Final, Self
 
 from . import _compat
 from ._errors import LockNotHeldError, LockReentryError, LockTimeoutError, SafeShmError
+from ._int64 import INT64_MAX
 from ._lock import _FUTEX_TID_MASK, EDEADLK, RECOVERED, TIMED_OUT, RobustMutex
 from ._segment import Kind
 from ._sync import (
@@ -330,6 +331,8 @@ class SafeRWLock(SyncPrimitive):
                     and not self._wait(rec, deadline, _free_for_reader, _C_RWAIT, _RWAIT)
                 ):
                     return False
+                if w[_READERS] >= INT64_MAX:  # only damage: the total is derived
+                    self._rederive()
                 # Commit (the record's count), then the derived total and this thread's
                 # count: plain stores, which no signal handler can interrupt.
                 w[rec + _C_READ] += 1
@@ -581,6 +584,8 @@ class SafeRWLock(SyncPrimitive):
         owner = self._mutex.owner
         seq = self._seq
         ok = False
+        if w[total] >= INT64_MAX:  # only damage: the total is derived
+            self._rederive()
         w[rec + mine] += 1  # the commit
         w[total] += 1
         try:
@@ -610,6 +615,8 @@ class SafeRWLock(SyncPrimitive):
                 self._rederive()
                 self._bump()
                 self._wake_all()  # others may go too (woken threads queue on the mutex)
+            else:
+                self._rederive()  # the derived words, as the records say (heals damage)
 
     def _wait_until(self, free: Any, deadline: float) -> bool:
         w = self._w

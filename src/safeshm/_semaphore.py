@@ -26,6 +26,7 @@ from ._errors import (
     ProcessTableFullError,
     SafeShmError,
     SegmentClosedError,
+    SegmentCorruptedError,
 )
 from ._int64 import INT64_MAX, check_int64
 from ._lock import EDEADLK, RECOVERED, TIMED_OUT, RobustMutex
@@ -194,6 +195,10 @@ class SafeSemaphore(SyncPrimitive):
 
     def _bind(self, mm: mmap.mmap) -> None:
         super()._bind(mm)
+        if self._w[_INITIAL] < 0:  # a constant, from create(): never negative
+            raise SegmentCorruptedError(
+                f"{self._what} is damaged: its initial value is {self._w[_INITIAL]}"
+            )
         self._sec = Section(self)
         m = self._mutex
         self._hot = (m.pointer, m.owner, m)
@@ -402,6 +407,15 @@ class SafeSemaphore(SyncPrimitive):
                 if self._reap():  # which rederives
                     self._bump()
                     reaped = True
+                    continue
+                # The value is a cache (see the module docstring): recompute it, so that
+                # a damaged one cannot keep a waiter from a free permit.
+                if w[_BASE] < 0:
+                    raise SegmentCorruptedError(
+                        f"{self._what} is damaged: its permit count is {w[_BASE]}"
+                    )
+                self._rederive()
+                if w[_VALUE] > 0:
                     continue
             if not self._sleep(deadline):
                 return False, reaped

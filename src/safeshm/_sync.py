@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from . import _compat
 from ._errors import HolderDiedWarning, ProcessTableFullError, SegmentCorruptedError
+from ._int64 import INT64_MAX
 from ._lock import (
     _LIBC_GIL,
     EDEADLK,
@@ -89,6 +90,7 @@ _NEVER: Final = math.inf
 
 # The sleeper's timespec for a full slice, made once.
 _SLICE_TIMESPEC: Final = ctypes.byref(_compat.Timespec(0, int(WAIT_SLICE * 1e9)))
+_SLEEPERS_HIGH: Final = 1 << 62  # the sleepers hint never goes above (see _sleep)
 
 
 class _Timeout(Exception):
@@ -445,6 +447,12 @@ class SyncPrimitive(SharedStructure):
         return out
 
     # -- waiting -------------------------------------------------------------------------
+    def _check_counter(self, value: int, what: str) -> None:
+        """Raise :class:`SegmentCorruptedError` unless ``value`` -- a shared counter about to
+        be raised by one -- can be: only damage takes one to the int64 limit."""
+        if not 0 <= value < INT64_MAX:
+            raise SegmentCorruptedError(f"{self._what} is damaged: its {what} is {value}")
+
     def _bump(self) -> None:
         """Change the sequence word (holding the mutex): sleepers that read it before will
         not sleep, and :meth:`_wake_all` after the section wakes those already asleep."""
@@ -471,7 +479,9 @@ class SyncPrimitive(SharedStructure):
                 pts = ctypes.byref(_compat.Timespec(int(whole), int(frac * 1e9)))
         seen = self._seq[0]
         sleepers = self._sleepers
-        sleepers[0] += 1
+        n = sleepers[0]
+        # A hint (see the layout): a damaged count stays high, which only costs wake-ups.
+        sleepers[0] = n + 1 if n < _SLEEPERS_HIGH else _SLEEPERS_HIGH
         # The views are taken before sleeping: close() in another thread meanwhile swaps
         # the handle's attributes for stand-ins, and the relock must still retake this
         # mutex (the caller's cleanup runs holding it; its section's exit unlocks it).
