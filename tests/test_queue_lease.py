@@ -15,7 +15,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from safeshm import Lease, LeaseExpiredError, LeaseTableFullError, SafeQueue
+from safeshm import (
+    IncompatibleSegmentError,
+    Lease,
+    LeaseExpiredError,
+    LeaseTableFullError,
+    SafeQueue,
+)
 from safeshm._errors import HolderDiedWarning
 
 from ._helpers import JOIN_TIMEOUT, Remote, kill_and_reap, processes
@@ -63,8 +69,49 @@ def test_ack_and_no_redelivery(make: Any) -> None:
     assert q.reclaim_leases() == 0
     with pytest.raises(queue.Empty):
         q.get_nowait()
-    with pytest.raises(LeaseExpiredError):
+    with pytest.raises(LeaseExpiredError, match=r"already ended by ack\(\) on this handle"):
         lease.ack()  # twice: nothing changes
+    with pytest.raises(LeaseExpiredError, match=r"already ended by ack\(\)"):
+        lease.release()
+    assert q.qsize() == 0
+
+
+def test_a_released_lease_cannot_be_acked(make: Any) -> None:
+    q = make(4096)
+    q.put("a")
+    _, lease = q.get_leased(timeout=1)
+    lease.release()
+    with pytest.raises(LeaseExpiredError, match=r"already ended by release\(\)"):
+        lease.ack()
+    assert q.get_nowait() == "a"  # delivered again once, and only once
+
+
+def test_lease_size_defaults_to_the_largest_item_up_to_64_kib(cleanup: Any) -> None:
+    small = cleanup(SafeQueue.create(4096, leases=2))
+    assert small._lease_size == 4088
+    small.put(b"x" * 4000)
+    assert small.get_leased(timeout=1)[0] == b"x" * 4000
+    big = cleanup(SafeQueue.create(1 << 20, leases=2))
+    assert big._lease_size == 1 << 16
+    with pytest.raises(ValueError, match="lease_size needs leases="):
+        SafeQueue.create(4096, lease_size=64)
+    with pytest.raises(ValueError, match="lease_size must be 1 to the capacity"):
+        SafeQueue.create(4096, leases=2, lease_size=8192)
+
+
+def test_open_checks_and_creates_lease_slots(unique: Any, cleanup: Any) -> None:
+    name = unique()
+    q = cleanup(SafeQueue.open(name, 4096, leases=4, lease_size=100))
+    assert (q._nleases, q._lease_size) == (4, 104)
+    again = cleanup(SafeQueue.open(name, 4096, leases=4))  # lease_size=None: any
+    assert again._nleases == 4
+    cleanup(SafeQueue.open(name, 4096))  # leases=None: any
+    with pytest.raises(IncompatibleSegmentError, match="4 lease slots, expected 2"):
+        SafeQueue.open(name, 4096, leases=2, lease_size=100)
+    with pytest.raises(IncompatibleSegmentError, match="lease_size 104, expected 200"):
+        SafeQueue.open(name, 4096, leases=4, lease_size=200)
+    with pytest.raises(ValueError, match="lease_size needs leases="):
+        SafeQueue.open(name, 4096, lease_size=200)
 
 
 def test_expired_lease_is_delivered_again_at_the_front(make: Any) -> None:

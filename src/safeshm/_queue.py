@@ -95,6 +95,7 @@ _S_STATE, _S_ID, _S_PID, _S_START, _S_NS, _S_DEADLINE, _S_LEN = range(7)
 _SLOT_WORDS: Final = 8
 _ACTIVE: Final = 1
 MAX_LEASES: Final = 1 << 12
+DEFAULT_LEASE_SIZE: Final = 1 << 16  # create()'s lease_size=None, at most
 _HEADER_WORD: Final = struct.Struct("=Q")  # a record header, as the ring's 8-byte words hold it
 _PADDING: Final = bytes(8)
 _WAIT_SLICE: Final = 0.1  # see _lock._WAIT_SLICE: lets Ctrl-C in, never delays a wake-up
@@ -232,7 +233,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         raw: Literal[False] = False,
         processes: int = DEFAULT_PROCESSES,
         leases: int = 0,
-        lease_size: int = 0,
+        lease_size: int | None = None,
     ) -> SafeQueue[Any]: ...
     @overload
     @classmethod
@@ -245,7 +246,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         raw: Literal[True],
         processes: int = DEFAULT_PROCESSES,
         leases: int = 0,
-        lease_size: int = 0,
+        lease_size: int | None = None,
     ) -> SafeQueue[bytes]: ...
     @overload
     @classmethod
@@ -258,7 +259,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         raw: bool,
         processes: int = DEFAULT_PROCESSES,
         leases: int = 0,
-        lease_size: int = 0,
+        lease_size: int | None = None,
     ) -> SafeQueue[Any]: ...
 
     @classmethod
@@ -271,7 +272,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         raw: bool = False,
         processes: int = DEFAULT_PROCESSES,
         leases: int = 0,
-        lease_size: int = 0,
+        lease_size: int | None = None,
     ) -> SafeQueue[Any]:
         """Create a new, empty queue.
 
@@ -284,7 +285,9 @@ class SafeQueue(SharedStructure, Generic[T]):
             raw: items are ``bytes``, stored as they are (no pickling).
             leases: how many items can be out on a lease at once (:meth:`get_leased`);
                 0: none (at-least-once consumption not used).
-            lease_size: the largest item (pickled bytes) that can be leased.
+            lease_size: the largest item (pickled bytes) that can be leased; each lease
+                slot holds a copy of its item. ``None``: the largest item the ring holds
+                (``capacity - 8``), up to 64 KiB.
             processes: how many consumer processes task tracking can follow at once
                 (one record each, claimed at a process's first ``get``, freed when it
                 dies): a ``get`` in one more live process raises
@@ -303,11 +306,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         capacity = (capacity + 7) & ~7
         nrec = _check_processes(processes)
         nleases = _check_count("leases", leases)
-        lease_size = (_check_count("lease_size", lease_size) + 7) & ~7
-        if nleases > MAX_LEASES or (nleases and lease_size > capacity):
-            raise ValueError(
-                f"leases must be at most {MAX_LEASES}, and lease_size at most the capacity"
-            )
+        lease_size = _lease_size(nleases, lease_size, capacity)
 
         def init(mm: mmap.mmap) -> None:
             init_mutex(mm, _MUTEX_OFFSET)
@@ -346,6 +345,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int | None = None,
         raw: Literal[False] = False,
         processes: int | None = None,
+        leases: int | None = None,
+        lease_size: int | None = None,
     ) -> SafeQueue[Any]: ...
     @overload
     @classmethod
@@ -357,6 +358,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int | None = None,
         raw: Literal[True],
         processes: int | None = None,
+        leases: int | None = None,
+        lease_size: int | None = None,
     ) -> SafeQueue[bytes]: ...
     @overload
     @classmethod
@@ -368,6 +371,8 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int | None = None,
         raw: bool,
         processes: int | None = None,
+        leases: int | None = None,
+        lease_size: int | None = None,
     ) -> SafeQueue[Any]: ...
 
     @classmethod
@@ -379,24 +384,35 @@ class SafeQueue(SharedStructure, Generic[T]):
         maxsize: int | None = None,
         raw: bool = False,
         processes: int | None = None,
+        leases: int | None = None,
+        lease_size: int | None = None,
     ) -> SafeQueue[Any]:
         """Attach to ``name``, creating it first if needed (race-free).
 
         An existing queue must be what this call would create: the same ``capacity``
         (after rounding up to a multiple of 8) and mode (``raw``), and the same
-        ``maxsize`` and ``processes`` if given (``None``: the default when creating, any
-        when attaching) -- the rule of every ``open()``. Otherwise
-        :class:`~safeshm.IncompatibleSegmentError` names what differs.
+        ``maxsize``, ``processes``, ``leases`` and ``lease_size`` if given (``None``: the
+        default when creating, any when attaching) -- the rule of every ``open()``.
+        Otherwise :class:`~safeshm.IncompatibleSegmentError` names what differs.
         """
         want_capacity = (_check_count("capacity", capacity) + 7) & ~7
         if maxsize is not None:
             maxsize = _check_count("maxsize", maxsize)
         if processes is not None:
             processes = _check_processes(processes)
+        # Bad input is refused whether or not the queue exists (lease_size needs leases).
+        _lease_size(
+            0 if leases is None else _check_count("leases", leases),
+            lease_size,
+            max(want_capacity, MIN_CAPACITY),
+        )
+        want_size = (
+            None if lease_size is None else (_check_count("lease_size", lease_size) + 7) & ~7
+        )
 
         def check(seg: Segment) -> None:
-            have_capacity, have_maxsize, have_raw, have_nrec, _, _ = _PARAMS.unpack_from(
-                seg.header.params
+            have_capacity, have_maxsize, have_raw, have_nrec, have_leases, have_size = (
+                _PARAMS.unpack_from(seg.header.params)
             )
             diffs = []
             if have_capacity != want_capacity:
@@ -410,6 +426,10 @@ class SafeQueue(SharedStructure, Generic[T]):
                 )
             if processes is not None and have_nrec != processes:
                 diffs.append(f"{have_nrec} consumer records, expected {processes}")
+            if leases is not None and have_leases != leases:
+                diffs.append(f"{have_leases} lease slots, expected {leases}")
+            if want_size is not None and have_size != want_size:
+                diffs.append(f"lease_size {have_size}, expected {want_size}")
             if diffs:
                 raise IncompatibleSegmentError(f"SafeQueue {name!r} has " + "; ".join(diffs))
 
@@ -421,6 +441,8 @@ class SafeQueue(SharedStructure, Generic[T]):
                 maxsize=maxsize or 0,
                 raw=raw,
                 processes=DEFAULT_PROCESSES if processes is None else processes,
+                leases=leases or 0,
+                lease_size=lease_size,
             ),
             check,
         )
@@ -1567,6 +1589,22 @@ def _span_end(words: memoryview, head: int, tail: int, cap: int, max_items: int)
     return end, taken
 
 
+def _lease_size(nleases: int, lease_size: int | None, capacity: int) -> int:
+    """create()'s lease slot payload size (``capacity``: rounded already), validated."""
+    if nleases > MAX_LEASES:
+        raise ValueError(f"leases must be at most {MAX_LEASES}, got {nleases}")
+    if not nleases:
+        if lease_size:
+            raise ValueError("lease_size needs leases= (how many lease slots)")
+        return 0
+    if lease_size is None:
+        return min(capacity - 8, DEFAULT_LEASE_SIZE)
+    size = (_check_count("lease_size", lease_size) + 7) & ~7
+    if not 0 < size <= capacity:
+        raise ValueError(f"lease_size must be 1 to the capacity ({capacity}), got {lease_size}")
+    return size
+
+
 def _deadline(block: bool, timeout: float | None) -> float | None:
     """``None`` for "do not wait", ``math.inf`` for "wait forever", else a monotonic time.
 
@@ -1582,25 +1620,40 @@ def _deadline(block: bool, timeout: float | None) -> float | None:
 class Lease:
     """The acknowledgement handle of an item taken with :meth:`SafeQueue.get_leased`."""
 
-    __slots__ = ("_id", "_q", "_slot")
+    __slots__ = ("_ended", "_id", "_q", "_slot")
 
     def __init__(self, q: SafeQueue[Any], slot: int, lease_id: int) -> None:
         self._q = q
         self._slot = slot
         self._id = lease_id
+        self._ended = ""  # "ack" or "release" once this handle ended it
 
     def ack(self) -> None:
         """The item is handled: it is never delivered again.
 
         Raises:
             LeaseExpiredError: the lease had ended (expired and delivered again, or
-                acknowledged already); nothing changed.
+                acknowledged or released already); nothing changed.
         """
-        self._q._end_lease(self._slot, self._id, redeliver=False)
+        self._end(redeliver=False)
 
     def release(self) -> None:
-        """Give the item back now: it is delivered again at the front of the queue."""
-        self._q._end_lease(self._slot, self._id, redeliver=True)
+        """Give the item back now: it is delivered again at the front of the queue.
+
+        Raises:
+            LeaseExpiredError: as :meth:`ack`.
+        """
+        self._end(redeliver=True)
+
+    def _end(self, *, redeliver: bool) -> None:
+        doing = "release" if redeliver else "ack"
+        if self._ended:
+            raise LeaseExpiredError(
+                f"SafeQueue {self._q.name!r}: lease {self._id} was already ended by "
+                f"{self._ended}() on this handle; this {doing}() changed nothing"
+            )
+        self._q._end_lease(self._slot, self._id, redeliver=redeliver)
+        self._ended = doing
 
     def __repr__(self) -> str:
         return f"<safeshm.Lease {self._id} of {self._q.name!r}>"
