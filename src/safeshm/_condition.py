@@ -77,9 +77,9 @@ class ConditionStatistics:
     owns_lock: bool
     """The condition made its lock (``create(lock=None)``): ``unlink()`` removes both."""
     waiters: int
-    """Threads waiting and not yet notified (any process; dead ones not yet freed count)."""
+    """Threads waiting and not yet notified, in live processes (any)."""
     notified: int
-    """Threads notified that have not yet woken and left ``wait()``."""
+    """Threads notified that have not yet woken and left ``wait()``, in live processes."""
     creator_pid: int
 
 
@@ -551,7 +551,9 @@ class SafeCondition(SyncPrimitive):
         """A snapshot of the condition's state (never blocks)."""
         w = self._w
         tickets = [
-            w[i] for i in range(self._slot0, self._slot0 + WAITER_SLOTS * SLOT_WORDS, SLOT_WORDS)
+            w[i]
+            for i in range(self._slot0, self._slot0 + WAITER_SLOTS * SLOT_WORDS, SLOT_WORDS)
+            if w[i] and self._slot_alive(i)
         ]
         kind, lock_name = self._lock_info()
         return ConditionStatistics(
