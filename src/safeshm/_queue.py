@@ -29,7 +29,7 @@ from ._errors import (
     SafeShmError,
     SegmentCorruptedError,
 )
-from ._int64 import INT64_MAX
+from ._int64 import INT64_MAX, INT64_MIN
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 from ._sync import holder_alive, my_start_time
@@ -626,8 +626,9 @@ class SafeQueue(SharedStructure, Generic[T]):
                 view = memoryview(data)
                 ring[start:] = view[:split]
                 ring[: end - cap] = view[split:]
+            puts = state[_PUTS]  # counters wrap, as the compiled core's (only damage gets there)
             state[_TAIL] = tail + need  # the commit: one store makes the item visible
-            state[_PUTS] += 1
+            state[_PUTS] = puts + 1 if puts < INT64_MAX else INT64_MIN
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NE_SLEEP]
         finally:
@@ -714,8 +715,9 @@ class SafeQueue(SharedStructure, Generic[T]):
                 view = memoryview(blob)
                 ring[pos:] = view[:split]
                 ring[: end - cap] = view[split:]
+            puts = _wrap64(state[_PUTS] + k)  # computed first: no call after the commit
             state[_TAIL] = tail + total  # the commit: the whole batch becomes visible at once
-            state[_PUTS] += k
+            state[_PUTS] = puts
             fw[_NE_SEQ] = (fw[_NE_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NE_SLEEP]
         finally:
@@ -789,10 +791,13 @@ class SafeQueue(SharedStructure, Generic[T]):
                 data = ring[start:end].tobytes()
             else:
                 data = ring[start:].tobytes() + ring[: end - cap].tobytes()
+            count, held, gets = recs[ci], state[_HELD], state[_GETS]
             state[_HEAD] = head + need  # the commit: the item is taken
-            recs[ci] += 1  # one more unfinished task of this process (see the layout)
-            state[_HELD] += 1
-            state[_GETS] += 1
+            # One more unfinished task of this process (see the layout). Counters wrap, as
+            # the compiled core's: only damage takes one to the limit.
+            recs[ci] = count + 1 if count < INT64_MAX else INT64_MIN
+            state[_HELD] = held + 1 if held < INT64_MAX else INT64_MIN
+            state[_GETS] = gets + 1 if gets < INT64_MAX else INT64_MIN
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
         finally:
@@ -816,7 +821,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         """``get(block=False)``."""
         return self.get(False)
 
-    def get_many(  # noqa: PLR0912 - inlined lock pattern
+    def get_many(  # noqa: PLR0912, PLR0915 - inlined lock pattern
         self,
         max_items: int,
         block: bool = True,
@@ -868,10 +873,15 @@ class SafeQueue(SharedStructure, Generic[T]):
                 span = ring[start:stop].tobytes()
             else:
                 span = ring[start:].tobytes() + ring[: stop - cap].tobytes()
+            count, held, gets = (
+                _wrap64(recs[ci] + taken),  # computed first: no call after the commit
+                _wrap64(state[_HELD] + taken),
+                _wrap64(state[_GETS] + taken),
+            )
             state[_HEAD] = end  # the commit: all of them are taken at once
-            recs[ci] += taken
-            state[_HELD] += taken
-            state[_GETS] += taken
+            recs[ci] = count
+            state[_HELD] = held
+            state[_GETS] = gets
             fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
             sleepers = fw[_NF_SLEEP]
         finally:
@@ -1404,7 +1414,8 @@ class SafeQueue(SharedStructure, Generic[T]):
                 "nothing was taken"
             )
         data = _ring_read(self._hot[2], cap, head + 8, n)
-        lease_id = state[_LEASE_SEQ] + 1
+        last = state[_LEASE_SEQ]
+        lease_id = last + 1 if 0 <= last < INT64_MAX else 1  # > 0; wraps, at damage only
         state[_LEASE_SEQ] = lease_id
         _fill_slot(
             self._slots,
@@ -1417,10 +1428,12 @@ class SafeQueue(SharedStructure, Generic[T]):
             if seconds == _NEVER
             else min(INT64_MAX, time.monotonic_ns() + int(seconds * 1e9)),
         )
+        recs = self._recs
+        count, held, gets = recs[ci], state[_HELD], state[_GETS]
         state[_HEAD] = end  # the commit: taken (and leased: the slot is filled)
-        self._recs[ci] += 1
-        state[_HELD] += 1
-        state[_GETS] += 1
+        recs[ci] = count + 1 if count < INT64_MAX else INT64_MIN
+        state[_HELD] = held + 1 if held < INT64_MAX else INT64_MIN
+        state[_GETS] = gets + 1 if gets < INT64_MAX else INT64_MIN
         fw = self._fw
         fw[_NF_SEQ] = (fw[_NF_SEQ] + 1) & _SEQ_MASK
         return data, slot, lease_id
@@ -1706,9 +1719,15 @@ def _drop_task(state: memoryview, recs: memoryview, nrec: int, pid: int) -> None
     for k in range(nrec):
         i = k * _REC_WORDS
         if recs[i + _R_PID] == pid and recs[i + _R_COUNT] > 0:
+            held = state[_HELD]
             recs[i + _R_COUNT] -= 1
-            state[_HELD] -= 1
+            state[_HELD] = held - 1 if held > INT64_MIN else INT64_MAX
             return
+
+
+def _wrap64(value: int) -> int:
+    """``value`` wrapped into int64, as the compiled core's unsigned additions wrap."""
+    return ((value + (1 << 63)) & ((1 << 64) - 1)) - (1 << 63)
 
 
 def _ring_read(ring: memoryview, cap: int, at: int, n: int) -> bytes:
@@ -1808,10 +1827,12 @@ def _mark_done(state: memoryview, recs: memoryview, nrec: int, ci: int) -> int:
                 ci = i + _R_COUNT
                 break
     if ci >= 0:
+        held = state[_HELD]
         recs[ci] -= 1
-        state[_HELD] -= 1
+        state[_HELD] = held - 1 if held > INT64_MIN else INT64_MAX
     else:
-        state[_CREDIT] += 1
+        credit = state[_CREDIT]
+        state[_CREDIT] = credit + 1 if credit < INT64_MAX else INT64_MIN
     return left - 1
 
 
