@@ -309,10 +309,12 @@ def test_a_party_killed_before_the_others_arrive_breaks_the_barrier() -> None:
         other = threading.Thread(target=arrive)
         other.start()
         _wait_until(lambda: b.n_waiting == 2)
-        with pytest.warns(HolderDiedWarning, match="generation 0"):
+        with pytest.warns(HolderDiedWarning, match="generation 0") as caught:
             arrive()
         other.join(LONG)
         assert got == [BrokenBarrierError, BrokenBarrierError]
+        # The warning names the user's call, not a line inside safeshm.
+        assert {w.filename for w in caught if w.category is HolderDiedWarning} == {__file__}
         assert b.broken
 
 

@@ -453,3 +453,45 @@ def _wait0(cond: SafeCondition) -> None:
 def _notify(cond: SafeCondition) -> None:
     with cond:
         cond.notify()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
+
+
+def test_a_killed_waiter_its_parent_has_not_reaped_never_swallows_a_notify(
+    cond: SafeCondition,
+) -> None:
+    """A zombie (killed, not yet waited for: a pool's parent blocked elsewhere never waits)
+    is dead, as for every primitive: a notify() went to its slot and the live waiter
+    slept on (found by a review)."""
+    ctx = multiprocessing.get_context("fork")
+    waiting = ctx.Event()
+    result: list[bool] = []
+
+    def waiter() -> None:
+        with cond:
+            result.append(cond.wait(JOIN_TIMEOUT))
+
+    with processes("fork", _wait_forever_worker, [(cond.name, waiting)]) as (p,):
+        assert waiting.wait(JOIN_TIMEOUT)
+        _wait_for_waiters(cond, 1)  # the dead one will be the oldest waiter
+        t = threading.Thread(target=waiter)
+        t.start()
+        _wait_for_waiters(cond, 2)
+        os.kill(p.pid, signal.SIGKILL)
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while not _zombie(p.pid):
+            assert time.monotonic() < deadline, "the killed waiter never became a zombie"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with cond:
+            cond.notify(1)
+        t.join(JOIN_TIMEOUT)
+        assert result == [True]
+        assert time.monotonic() - t0 < PROMPT

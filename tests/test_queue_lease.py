@@ -24,7 +24,7 @@ from safeshm import (
 )
 from safeshm._errors import HolderDiedWarning
 
-from ._helpers import JOIN_TIMEOUT, Remote, kill_and_reap, processes
+from ._helpers import JOIN_TIMEOUT, PROMPT, Remote, kill_and_reap, processes
 
 
 @pytest.fixture
@@ -423,3 +423,29 @@ def test_state_machine(remote: Remote) -> None:
         LeaseMachine.TestCase().runTest()
     finally:
         LeaseMachine.remote = None
+
+
+def test_a_dead_holders_redelivered_item_is_one_task_not_two(make: Any) -> None:
+    """The item goes back in the queue (a task as any queued item): the dead holder's count
+    of it must go, or unfinished_tasks counted it twice and an extra task_done() passed
+    (found by a review)."""
+    q = make(4096)
+    q.put("job")
+    ready = multiprocessing.get_context("fork").Event()
+    with processes("fork", _lease_and_hold, [(q.name, 1, ready)]) as (p,):
+        assert ready.wait(JOIN_TIMEOUT)
+        kill_and_reap(p)
+    with pytest.warns(HolderDiedWarning, match="delivered again") as caught:
+        assert q.reclaim_leases() == 1
+    assert caught[0].filename == __file__  # the user's call, not a line inside safeshm
+    assert q.unfinished_tasks == 1
+    item, lease = q.get_leased(timeout=1)
+    assert item == "job"
+    lease.ack()
+    q.task_done()
+    assert q.unfinished_tasks == 0
+    with pytest.raises(ValueError, match="too many times"):
+        q.task_done()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "died with 1 unfinished task" for a delivered item
+        assert q.join(timeout=PROMPT)

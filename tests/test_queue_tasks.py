@@ -483,3 +483,23 @@ def test_state_machine(remote: Remote) -> None:
 def test_public_type_is_the_same() -> None:
     assert safeshm.SafeQueue is SafeQueue
     assert signal.SIGKILL  # (the kill tests above use it through kill_and_reap)
+
+
+def test_task_done_for_another_process_never_lands_on_a_dead_consumer(make: Any) -> None:
+    """A task_done() from a process that got nothing marks a live consumer's item done: it
+    landed on the first record with a count, a dead consumer's not yet reaped, and join()
+    then waited for the live consumer's item, already done (found by a review)."""
+    q = make(4096)
+    q.put_many(["a", "b"])
+    ctx = multiprocessing.get_context("fork")
+    got_a, got_b = ctx.Event(), ctx.Event()
+    with processes("fork", _get_and_hold, [(q.name, 1, got_a)]) as (dead,):
+        assert got_a.wait(JOIN_TIMEOUT)  # the dead one takes the first record
+        with processes("fork", _get_and_hold, [(q.name, 1, got_b)]) as (live,):
+            assert got_b.wait(JOIN_TIMEOUT)
+            kill_and_reap(dead)
+            with pytest.warns(HolderDiedWarning, match="1 unfinished task"):
+                q.task_done()  # the live consumer handed its item over: done
+            assert q.unfinished_tasks == 0
+            assert q.join(timeout=PROMPT)
+            kill_and_reap(live)

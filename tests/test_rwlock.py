@@ -425,7 +425,9 @@ def test_holder_killed_next_acquirer_recovers_and_is_told(rw: SafeRWLock, how: s
     with pytest.warns(HolderDiedWarning) as caught:
         assert rw.acquire_write(False)  # even a try-acquire recovers it
     rw.release_write()
-    assert len([w for w in caught if issubclass(w.category, HolderDiedWarning)]) == 1
+    told = [w for w in caught if issubclass(w.category, HolderDiedWarning)]
+    assert len(told) == 1
+    assert told[0].filename == __file__  # the user's call, not a line inside safeshm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with rw.read():

@@ -273,6 +273,7 @@ def test_killed_holder_permits_come_back(cls: Any, cleanup: Any) -> None:
     with pytest.warns(HolderDiedWarning, match=f"process {p.pid} died holding 2 permits") as ws:
         assert sem.acquire(False)  # finds none: reaps
     assert len(ws) == 1
+    assert ws[0].filename == __file__  # the user's call, not a line inside safeshm
     assert sem.value == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reaped once: no second warning

@@ -31,7 +31,6 @@ import dataclasses
 import errno
 import mmap
 import operator
-import os
 import threading
 import time
 import warnings
@@ -52,6 +51,7 @@ from ._sync import (
     SyncPrimitive,
     _Timeout,
     deadline_of,
+    holder_alive,
 )
 
 _T = TypeVar("_T")
@@ -279,7 +279,7 @@ class SafeCondition(SyncPrimitive):
 
         def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool: ...
         def release(self) -> None: ...
-        def __enter__(self) -> Any: ...
+        def __enter__(self) -> LockLike: ...  # type: ignore[override] # the lock's: the lock
         def __exit__(self, *exc_info: object) -> None: ...
     else:
         # The lock's own bound methods, found by a C-level getter (no Python frame between
@@ -410,7 +410,9 @@ class SafeCondition(SyncPrimitive):
         rec = w[i + 1]
         if not 0 <= rec < len(w) - R_NS or w[rec + R_PID] != pid:
             return False  # its record was reaped (or damaged): the process is gone
-        return _alive(int(pid), int(w[rec + R_START]), int(w[rec + R_NS]))
+        # One /proc read: a zombie (killed, its parent not waiting for it) is dead, as for
+        # every primitive -- kill(pid, 0) alone would let a notify() go to its slot.
+        return holder_alive(int(pid), int(w[rec + R_START]), int(w[rec + R_NS]))
 
     def _free_dead_slots(self) -> None:
         w = self._w
@@ -594,34 +596,6 @@ def _free_mine(w: memoryview, slot0: int, tid: int) -> None:
     for i in range(slot0, end, SLOT_WORDS):
         if w[i] and w[i + 2] == _compat.pid and w[i + 3] == tid:
             w[i] = 0
-
-
-_verified: dict[tuple[int, int], float] = {}
-_REVERIFY: Final = 1.0
-
-
-def _alive(pid: int, start: int, ns: int) -> bool:
-    """``_compat.process_alive``, with the /proc start-time read done at most once a second
-    per process: in between, ``kill(pid, 0)`` alone (a pid is not reused within a second
-    of its process's death: Linux hands pids out cyclically)."""
-    key = (pid, start)
-    seen = _verified.get(key)
-    now = time.monotonic()
-    if seen is not None and now - seen < _REVERIFY:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            del _verified[key]
-            return False
-        except PermissionError:  # pragma: no cover
-            pass
-        return True
-    alive = _compat.process_alive(pid, start, ns)
-    if alive:
-        if len(_verified) > 1024:  # pragma: no cover - many processes over time
-            _verified.clear()
-        _verified[key] = now
-    return alive
 
 
 def _leave_held(w: memoryview, slot: int, ticket: int) -> bool:

@@ -231,7 +231,7 @@ class _UnlockResult(dict[int, None]):
     def __missing__(self, rc: int) -> None:
         seg = None if self._seg is None else self._seg()
         if rc == _compat.EPERM and seg is not None and seg.closed:
-            raise SegmentClosedError(f"SafeLock {seg.name!r} is closed on this handle")
+            raise SegmentClosedError(f"{self._what} is closed on this handle")
         _release_failed(self._what, rc)
 
 

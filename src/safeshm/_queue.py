@@ -32,7 +32,7 @@ from ._errors import (
 from ._int64 import INT64_MAX, INT64_MIN
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
-from ._sync import holder_alive, my_start_time
+from ._sync import holder_alive, my_start_time, user_stacklevel
 from ._timeout import check_timeout
 
 T = TypeVar("T")
@@ -1163,17 +1163,23 @@ class SafeQueue(SharedStructure, Generic[T]):
         mine, ci = self._mine
         if mine != _compat.pid:
             ci = -1
+        died: list[tuple[int, int]] = []
         with self._mutex_held():
+            if ci < 0 or self._recs[ci] <= 0:
+                # Another process's item: a dead consumer's count must not take it (its
+                # tasks stop counting; a live one's item would stay unfinished).
+                died = self._reap_locked()
             left = _mark_done(self._state, self._recs, self._nrec, ci)
             token = 0
             if left == 0:
                 fw = self._fw
                 fw[_JOIN_SEQ] = (fw[_JOIN_SEQ] + 1) & _SEQ_MASK
                 token = fw[_JOIN_SLEEP]
-        if left < 0:
-            raise ValueError("task_done() called too many times")
         if token:
             self._wake(_JOIN_SEQ, 0x7FFFFFFF, token)
+        self._warn_died(died)
+        if left < 0:
+            raise ValueError("task_done() called too many times")
 
     def join(self, timeout: float | None = None) -> bool:
         """Block until every item put has been got and marked done (``queue.Queue.join``,
@@ -1254,7 +1260,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 f"SafeQueue {self._seg.name!r}: consumer process {pid} died with {count} "
                 f"unfinished task(s); they no longer count for join()",
                 HolderDiedWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     def _claim(self, deadline: float = _NEVER) -> int:
@@ -1463,13 +1469,15 @@ class SafeQueue(SharedStructure, Generic[T]):
         at = head - need
         start = slot * (8 * _SLOT_WORDS + self._lease_size) + 8 * _SLOT_WORDS
         _ring_write(self._hot[2], self._capacity, at, n, self._slots[start : start + n])
-        holder = words[_S_PID]
+        holder, start = words[_S_PID], words[_S_START]
+        gets = state[_GETS]
         state[_HEAD] = at  # the commit: in the queue again, at the front
         words[_S_STATE] = 0  # the lease is gone (a death between: delivered twice)
-        state[_GETS] -= 1
-        if not dead:  # expired: its live holder no longer holds it as a task
-            _drop_task(state, self._recs, self._nrec, holder)
-        else:
+        state[_GETS] = gets - 1 if gets > INT64_MIN else INT64_MAX
+        # Its holder (live: expired; dead: not reaped yet) no longer holds it as a task:
+        # queued again, it counts as one there.
+        _drop_task(state, self._recs, self._nrec, holder, start)
+        if dead:
             died.append(int(holder))
         return True
 
@@ -1479,7 +1487,7 @@ class SafeQueue(SharedStructure, Generic[T]):
                 f"SafeQueue {self._seg.name!r}: process {pid} died holding a leased item; "
                 "it is delivered again",
                 HolderDiedWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     def _end_lease(self, slot: int, lease_id: int, redeliver: bool) -> None:
@@ -1714,11 +1722,12 @@ def _due_slots(slots: memoryview, nleases: int, size: int) -> list[tuple[int, in
     return out
 
 
-def _drop_task(state: memoryview, recs: memoryview, nrec: int, pid: int) -> None:
-    """An expired lease's live holder no longer counts the item as its task."""
+def _drop_task(state: memoryview, recs: memoryview, nrec: int, pid: int, start: int) -> None:
+    """A put-back lease's holder (``pid`` started at ``start``) no longer counts the item
+    as its task (a reaped holder's record is gone already, and with it the count)."""
     for k in range(nrec):
         i = k * _REC_WORDS
-        if recs[i + _R_PID] == pid and recs[i + _R_COUNT] > 0:
+        if recs[i + _R_PID] == pid and recs[i + _R_START] == start and recs[i + _R_COUNT] > 0:
             held = state[_HELD]
             recs[i + _R_COUNT] -= 1
             state[_HELD] = held - 1 if held > INT64_MIN else INT64_MAX

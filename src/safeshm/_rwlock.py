@@ -687,9 +687,9 @@ class SafeRWLock(SyncPrimitive):
         if counts[1]:
             parts.append("the write lock")
         if counts[2]:
-            parts.append(f"{counts[2]} waiting writer(s)")
+            parts.append(f"{counts[2]} place(s) in line for the write lock")
         if counts[3]:
-            parts.append(f"{counts[3]} waiting reader(s)")
+            parts.append(f"{counts[3]} place(s) in line for a read lock")
         return ", ".join(parts) or "nothing"
 
     # -- inspection --------------------------------------------------------------------------

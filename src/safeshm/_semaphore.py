@@ -151,7 +151,7 @@ class SafeSemaphore(SyncPrimitive):
     every 0.1 s; any :meth:`acquire` that finds no permit does so at once) frees its
     record: its permits are available again, and that call warns with
     :class:`~safeshm.HolderDiedWarning`, once per death. A process counts as dead once
-    it is gone or reaped by its parent (a zombie still counts as alive).
+    it is gone, or has exited and is waiting for its parent to reap it (a zombie).
 
     Permits are held by processes, not threads: a thread that ends holding permits in a
     live process keeps them held (as with :class:`threading.Semaphore`), and a permit one

@@ -37,8 +37,11 @@ import functools
 import math
 import mmap
 import operator
+import os
 import struct
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -130,6 +133,21 @@ def _my_namespace() -> int:
         _namespace = (_compat.pid, _compat.pid_namespace())
         pid, ns = _namespace
     return ns
+
+
+_PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn`, called right here, that names the
+    first frame outside safeshm: a warning points at the user's call, whichever of the
+    library's paths (of any depth) found what it warns about."""
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == _PACKAGE_DIR:
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def holder_alive(pid: int, start: int, namespace: int) -> bool:
@@ -427,7 +445,7 @@ class SyncPrimitive(SharedStructure):
                 f"{self._what}: process {owner} died holding "
                 f"{self._describe_counts(counts)}; released",
                 HolderDiedWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         return died
 
