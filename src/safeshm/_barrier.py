@@ -118,7 +118,8 @@ class BarrierStatistics:
     """Generations passed since the barrier was created."""
     resets: int
     waiters: int
-    """Threads sleeping in the barrier right now (any process)."""
+    """Threads sleeping in the barrier (any process): a hint that wake-ups use, which a
+    thread killed while asleep leaves counted (``n_waiting`` is exact)."""
     processes: int
     """Live processes that have used the barrier."""
     creator_pid: int

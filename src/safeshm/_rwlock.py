@@ -141,7 +141,11 @@ class RWLockStatistics:
     writer_tid: int | None
     """Its thread (native id)."""
     waiting_readers: int
+    """Threads waiting for a read lock (any process). A dead waiter's count goes at the
+    next look for dead holders (at least every 0.1 s while anyone waits)."""
     waiting_writers: int
+    """Threads waiting for the write lock (as ``waiting_readers``). A dead one's place in
+    line keeps new readers out until then: up to about 0.1 s."""
     recoveries: int
     """How many dead processes' holds (read or write) were released."""
     processes: int
@@ -369,18 +373,35 @@ class SafeRWLock(SyncPrimitive):
     def release_read(self) -> None:
         """Give back one read hold of the calling thread.
 
+        A release completes even when a signal handler's exception (``KeyboardInterrupt``)
+        lands inside it; the exception then propagates.
+
         Raises:
             LockNotHeldError: the calling thread holds no read hold (a ``RuntimeError``).
             SegmentClosedError: this handle is closed (release through another handle of
                 the same lock, or let the process end).
         """
-        if self._seg.closed:
-            self._raise_closed()
-        reads = _reads()
-        key = (self._key, _compat.pid)
-        if not reads.get(key):
-            raise LockNotHeldError(f"{self._what}: this thread holds no read lock")
-        self._release_read(reads, key)
+        before = -1
+        try:
+            if self._seg.closed:
+                self._raise_closed()
+            reads = _reads()
+            key = (self._key, _compat.pid)
+            before = reads.get(key, 0)
+            if not before:
+                raise LockNotHeldError(f"{self._what}: this thread holds no read lock")
+            self._release_read(reads, key)
+        except SafeShmError:
+            raise
+        except BaseException:
+            # A signal handler's exception before the release committed (its stores, the
+            # thread's count included, are all or nothing): complete it, then propagate.
+            reads = _reads()
+            key = (self._key, _compat.pid)
+            held = reads.get(key, 0)
+            if held and (before < 0 or held == before):
+                self._release_read(reads, key)
+            raise
 
     def _release_read(self, reads: dict[tuple[Any, ...], int], key: tuple[Any, ...]) -> None:
         p, owner, mutex = self._hot
@@ -500,6 +521,9 @@ class SafeRWLock(SyncPrimitive):
     def release_write(self) -> None:
         """Release the write lock held by the calling thread.
 
+        A release completes even when a signal handler's exception (``KeyboardInterrupt``)
+        lands inside it; the exception then propagates.
+
         Raises:
             LockNotHeldError: the calling thread does not hold it (a ``RuntimeError``).
             SegmentClosedError: this handle is closed (release through another handle of
@@ -508,7 +532,16 @@ class SafeRWLock(SyncPrimitive):
         w = self._w
         if w[_WTID] != _tls.tid or w[_WPID] != _compat.pid:
             raise LockNotHeldError(f"{self._what}: this thread does not hold the write lock")
-        self._release_write()
+        try:
+            self._release_write()
+        except SafeShmError:
+            raise
+        except BaseException:
+            # A signal handler's exception before the release committed (its stores are
+            # all or nothing): complete it, then propagate.
+            if w[_WTID] == _tls.tid and w[_WPID] == _compat.pid:
+                self._release_write()
+            raise
 
     def _release_write(self) -> None:
         p, owner, mutex = self._hot

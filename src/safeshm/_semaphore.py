@@ -424,12 +424,15 @@ class SafeSemaphore(SyncPrimitive):
         w[_VALUE] -= 1
         return True, reaped
 
-    def release(self, n: int = 1) -> None:
+    def release(self, n: int = 1) -> None:  # noqa: PLR0912 - inlined lock pattern
         """Return ``n`` permits, waking waiters -- as :meth:`threading.Semaphore.release`.
 
         The calling process's own permits are returned first; the rest (or all, for a
         process holding none) are free releases that add permits (see the class
         docstring).
+
+        A release completes even when a signal handler's exception (``KeyboardInterrupt``)
+        lands inside it; the exception then propagates.
 
         Raises:
             ValueError: ``n`` is less than 1; for a :class:`SafeBoundedSemaphore`, the
@@ -437,39 +440,52 @@ class SafeSemaphore(SyncPrimitive):
             TypeError: ``n`` is not an int.
             OverflowError: the count would overflow 64 bits (nothing is released).
         """
-        if n.__class__ is not int or n != 1:
-            n = _check_release(n)
-        p, owner, mutex = self._hot
-        w = self._w
-        seq = self._seq
+        done = [False]
         rc = -1
-        if owner[0]:
-            mutex.check_not_mine()
         try:
-            rc = _trylock(p)
-            if rc:
-                rc = self._lock_slow(rc, _NEVER)
-            mpid, rec = self._mine
-            if (
-                n == 1
-                and mpid == _compat.pid
-                and w[rec + _HELD] > 0
-                and not (self._BOUNDED and w[_VALUE] >= w[_INITIAL])
-            ):
-                # One of this process's own permits back: the record's count is the commit.
-                w[rec + _HELD] -= 1
-                w[_VALUE] += 1
-                seq[0] = (seq[0] + 1) & _SEQ_MASK
-            else:
-                self._release_locked(n)
-        finally:
-            if not rc:
-                _unlock(p)
-            elif rc != EDEADLK:
-                try:
-                    _consistent(p)
-                finally:
+            if n.__class__ is not int or n != 1:
+                n = _check_release(n)
+            p, owner, mutex = self._hot
+            w = self._w
+            seq = self._seq
+            if owner[0]:
+                mutex.check_not_mine()
+            try:
+                rc = _trylock(p)
+                if rc:
+                    rc = self._lock_slow(rc, _NEVER)
+                mpid, rec = self._mine
+                if (
+                    n == 1
+                    and mpid == _compat.pid
+                    and w[rec + _HELD] > 0
+                    and not (self._BOUNDED and w[_VALUE] >= w[_INITIAL])
+                ):
+                    # One of this process's own permits back: the record's count is the
+                    # commit.
+                    w[rec + _HELD] -= 1
+                    w[_VALUE] += 1
+                    done[0] = True
+                    seq[0] = (seq[0] + 1) & _SEQ_MASK
+                else:
+                    self._release_locked(n, done)
+            finally:
+                if not rc:
                     _unlock(p)
+                elif rc != EDEADLK:
+                    try:
+                        _consistent(p)
+                    finally:
+                        _unlock(p)
+        except (SafeShmError, ValueError, OverflowError, TypeError):
+            raise  # bad input, a closed handle, a bound: nothing was released
+        except BaseException:
+            # An exception from a signal handler before the release committed: a release
+            # completes all the same (the caller's ``finally`` has run; it cannot tell),
+            # then the exception propagates (first order: one such exception per call).
+            if not done[0]:
+                self.release(n)
+            raise
         if self._sleepers[0]:
             self._wake_all()
 
