@@ -147,3 +147,58 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"{_compat.implementation()} implementation",
             returncode=pytest.ExitCode.USAGE_ERROR,
         )
+
+
+# -- Redis ------------------------------------------------------------------------------------
+# The Redis tests run against real redis-server processes that the session starts on free
+# loopback ports (tests/_redis_server.py), never a system server. Without redis-server (or
+# redis-py) they skip on a developer's machine and fail in CI (CI=true), where .ci/run
+# installs both: a missing server must not pass as green.
+_redis_names = itertools.count()
+
+
+def _need_redis() -> None:
+    from tests._redis_server import redis_server_binary
+
+    missing = []
+    if redis_server_binary() is None:
+        missing.append("redis-server (Debian: apt-get install redis-server)")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        missing.append("redis-py (pip install -e '.[test]')")
+    if missing:
+        what = " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs {what} for the Redis tests", pytrace=False)
+        pytest.skip(f"{what} not installed")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """One redis-server for the session (AOF, appendfsync always)."""
+    _need_redis()
+    from tests._redis_server import started
+
+    with started() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: Any) -> Callable[[str], str]:
+    """``redis_url(stem)`` -> a URL naming a structure no other test uses."""
+
+    def make(stem: str = "t") -> str:
+        return f"{redis_server.url}#{stem}-{os.getpid()}-{next(_redis_names)}"
+
+    return make
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[Any]:
+    """A redis-server of the test's own, to kill, pause and restart."""
+    _need_redis()
+    from tests._redis_server import started
+
+    with started() as server:
+        yield server

@@ -16,19 +16,24 @@ from ._compat import implementation
 from ._condition import ConditionStatistics, SafeCondition
 from ._counter import CounterStatistics, SafeCounter
 from ._errors import (
+    BackendAuthenticationError,
+    BackendUnavailableError,
     HandleClosedError,
     HolderDiedWarning,
+    IncompatibleKeyError,
     IncompatibleSegmentError,
     IncompatibleStoreError,
     InsecureDirectoryError,
     InvalidNameError,
     ItemDecodeError,
     LeaseExpiredError,
+    LeaseLostError,
     LeaseTableFullError,
     LockedViewLeakedError,
     LockNotHeldError,
     LockReentryError,
     LockTimeoutError,
+    OutcomeUnknownError,
     ProcessTableFullError,
     QueueShutDown,
     SafeShmError,
@@ -46,6 +51,15 @@ from ._errors import (
 )
 from ._event import EventStatistics, SafeEvent
 from ._lock import LockStatistics, SafeLock
+from ._open import open_counter, open_lock, open_queue, open_store
+from ._protocols import (
+    Guarantees,
+    SharedCounter,
+    SharedLock,
+    SharedQueue,
+    SharedShardedCounter,
+    SharedStore,
+)
 from ._queue import Lease, QueueStatistics, SafeQueue
 from ._rlock import RLockStatistics, SafeRLock
 from ._rwlock import RWLockStatistics, SafeRWLock
@@ -64,13 +78,17 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ArrayStatistics",
+    "BackendAuthenticationError",
+    "BackendUnavailableError",
     "BarrierStatistics",
     "ConditionStatistics",
     "CounterStatistics",
     "DamagedRecord",
     "EventStatistics",
+    "Guarantees",
     "HandleClosedError",
     "HolderDiedWarning",
+    "IncompatibleKeyError",
     "IncompatibleSegmentError",
     "IncompatibleStoreError",
     "InsecureDirectoryError",
@@ -78,12 +96,14 @@ __all__ = [
     "ItemDecodeError",
     "Lease",
     "LeaseExpiredError",
+    "LeaseLostError",
     "LeaseTableFullError",
     "LockNotHeldError",
     "LockReentryError",
     "LockStatistics",
     "LockTimeoutError",
     "LockedViewLeakedError",
+    "OutcomeUnknownError",
     "ProcessTableFullError",
     "QueueShutDown",
     "QueueStatistics",
@@ -113,6 +133,11 @@ __all__ = [
     "Serializer",
     "ShardedCounter",
     "ShardedCounterStatistics",
+    "SharedCounter",
+    "SharedLock",
+    "SharedQueue",
+    "SharedShardedCounter",
+    "SharedStore",
     "StoreClosedError",
     "StoreCorruptedError",
     "StoreNotFoundError",
@@ -122,6 +147,10 @@ __all__ = [
     "Transaction",
     "__version__",
     "implementation",
+    "open_counter",
+    "open_lock",
+    "open_queue",
+    "open_store",
 ]
 
 

@@ -12,12 +12,13 @@ import mmap
 import operator
 import struct
 import sys
-from typing import TYPE_CHECKING, Any, Final, Literal, Self, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, overload
 
 from . import _compat
 from ._errors import IncompatibleSegmentError
 from ._int64 import check_int64
 from ._lock import MUTEX_BLOCK, Held, RobustMutex, init_mutex
+from ._protocols import SHM_GUARANTEES, Guarantees
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 from ._sharded import ShardedCounter
 
@@ -99,6 +100,9 @@ class SafeCounter(SharedStructure):
     """
 
     _KIND = Kind.COUNTER
+    #: What this backend promises (``safeshm.Guarantees``): shared memory on this machine;
+    #: a dead process is known at once; nothing survives a reboot.
+    guarantees: ClassVar[Guarantees] = SHM_GUARANTEES
     _LAYOUT = 1
     _MAPPED = ("_value", "_hot", "_mutex", "_core", "add", "set", "exchange", "compare_and_set")
 

@@ -15,19 +15,24 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "BackendAuthenticationError",
+    "BackendUnavailableError",
     "HandleClosedError",
     "HolderDiedWarning",
+    "IncompatibleKeyError",
     "IncompatibleSegmentError",
     "IncompatibleStoreError",
     "InsecureDirectoryError",
     "InvalidNameError",
     "ItemDecodeError",
     "LeaseExpiredError",
+    "LeaseLostError",
     "LeaseTableFullError",
     "LockNotHeldError",
     "LockReentryError",
     "LockTimeoutError",
     "LockedViewLeakedError",
+    "OutcomeUnknownError",
     "ProcessTableFullError",
     "QueueShutDown",
     "SafeShmError",
@@ -255,3 +260,46 @@ class StoreTimeoutError(LockTimeoutError):
 class StoreClosedError(HandleClosedError):
     """A ``SafeFileStore`` handle was used after ``close()``, or a transaction outside its
     ``with`` block."""
+
+
+# Remote backends (safeshm.redis): outcomes that only happen over a network.
+
+
+class BackendUnavailableError(SafeShmError, ConnectionError):
+    """The server could not be reached (connection refused or timed out while connecting,
+    still loading its data after a restart): the operation was **not** applied.
+
+    A :class:`ConnectionError`. Retrying it is safe; the next call reconnects by itself.
+    """
+
+
+class BackendAuthenticationError(BackendUnavailableError, PermissionError):
+    """The server refused the credentials (wrong password or user, or no permission for
+    the command). Nothing was applied. Also a :class:`PermissionError`."""
+
+
+class OutcomeUnknownError(SafeShmError, ConnectionError):
+    """The connection dropped (or the reply timed out) after a write was sent: it may or
+    may not have been applied, and no automatic retry was made, so it is applied at
+    most once.
+
+    Only a remote backend raises it, and only for writes that are not idempotent
+    (``add()``, ``put()``, ``get()`` ...); reads and idempotent writes are retried once
+    instead. What the caller does next depends on what it wrote: re-read the state, or
+    accept that the write happened zero or one time. A :class:`ConnectionError`.
+    """
+
+
+class LeaseLostError(SafeShmError, RuntimeError):
+    """A remote lock's lease ended before the holder released it: it expired (the holder
+    was paused or cut off longer than the lease, or renewing failed), and another
+    process may have acquired the lock since. What the holder did after the lease ended
+    was not protected by the lock; the fencing token it got tells a resource that checks
+    tokens to refuse its late writes."""
+
+
+class IncompatibleKeyError(IncompatibleSegmentError):
+    """A remote backend's key under this name holds something else: another kind of
+    safeshm structure, a structure created with other parameters, or data that safeshm
+    did not write (a Redis key of another type). Nothing was changed. An
+    :class:`IncompatibleSegmentError`, as for a shared-memory segment of another kind."""

@@ -29,7 +29,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 from . import _compat
 from ._errors import (
@@ -41,6 +41,7 @@ from ._errors import (
     SegmentClosedError,
     SegmentCorruptedError,
 )
+from ._protocols import SHM_GUARANTEES, Guarantees
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 from ._timeout import check_lock_timeout
 
@@ -686,6 +687,9 @@ class SafeLock(SharedStructure):
     """
 
     _KIND = Kind.LOCK
+    #: What this backend promises (``safeshm.Guarantees``): shared memory on this machine;
+    #: a dead process is known at once; nothing survives a reboot.
+    guarantees: ClassVar[Guarantees] = SHM_GUARANTEES
     _LAYOUT = 1
     # ``_core``: only with the compiled core (see _bind).
     _MAPPED = ("_mutex", "_hot", "_core")

@@ -15,7 +15,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any, Final, Generic, Literal, TypeVar, overload
+from typing import Any, ClassVar, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
 from ._errors import (
@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._int64 import INT64_MAX, INT64_MIN
 from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
+from ._protocols import SHM_GUARANTEES, Guarantees
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 from ._sync import holder_alive, my_start_time, user_stacklevel
 from ._timeout import check_timeout
@@ -184,6 +185,9 @@ class SafeQueue(SharedStructure, Generic[T]):
     """
 
     _KIND = Kind.QUEUE
+    #: What this backend promises (``safeshm.Guarantees``): shared memory on this machine;
+    #: a dead process is known at once; nothing survives a reboot.
+    guarantees: ClassVar[Guarantees] = SHM_GUARANTEES
     _LAYOUT = 3  # 3: consumer records for task tracking, join futex, held/credit words
     #              2: record headers carry a check of their length (1: a constant marker)
     _MAPPED = (

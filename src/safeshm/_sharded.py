@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Final, Self
+from typing import ClassVar, Final, Self
 
 from . import _compat
 from ._errors import (
@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._int64 import INT64_MAX, INT64_MIN, check_int64
 from ._lock import Held, RobustMutex, init_mutex
+from ._protocols import SHM_GUARANTEES, Guarantees
 from ._segment import HEADER_SIZE, Kind, Segment, SharedStructure
 
 # --- ShardedCounter layout ----------------------------------------------------------------
@@ -158,6 +159,9 @@ class ShardedCounter(SharedStructure):
     """
 
     _KIND = Kind.SHARDED_COUNTER
+    #: What this backend promises (``safeshm.Guarantees``): shared memory on this machine;
+    #: a dead process is known at once; nothing survives a reboot.
+    guarantees: ClassVar[Guarantees] = SHM_GUARANTEES
     _LAYOUT = 1
     _MAPPED = ("_mv", "_tls", "_mutex", "_core", "add")
 

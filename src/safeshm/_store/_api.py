@@ -35,6 +35,7 @@ from safeshm._errors import (
     StoreNotFoundError,
 )
 from safeshm._lock import _CLevel
+from safeshm._protocols import STORE_DURABLE, STORE_NOT_DURABLE, Guarantees
 from safeshm._timeout import check_timeout, deadline
 
 if TYPE_CHECKING:
@@ -585,6 +586,13 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
     @property
     def durable(self) -> bool:
         return self._durable
+
+    @property
+    def guarantees(self) -> Guarantees:
+        """What this store promises (``safeshm.Guarantees``): files on this machine's disk;
+        with ``durable=True`` an acknowledged write survives a power loss (``"reboot"``),
+        else a crash of the process but not of the machine (``"host"``)."""
+        return STORE_DURABLE if self._durable else STORE_NOT_DURABLE
 
     @property
     def serializer(self) -> Serializer[V]:
