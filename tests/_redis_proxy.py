@@ -23,12 +23,16 @@ class ReplyDroppingProxy:
         self._listener.listen(16)
         self.port = int(self._listener.getsockname()[1])
         self._armed = threading.Event()
+        self._refuse = False
         self.dropped = 0
         self._closed = False
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def drop_next_reply(self) -> None:
+    def drop_next_reply(self, *, then_refuse: bool = False) -> None:
+        """Lose the next reply; ``then_refuse``: and refuse every connection after it
+        (the server looks gone to a retry)."""
+        self._refuse = then_refuse
         self._armed.set()
 
     def _accept(self) -> None:
@@ -36,6 +40,9 @@ class ReplyDroppingProxy:
             try:
                 client, _ = self._listener.accept()
             except OSError:
+                return
+            if self._closed:
+                client.close()
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
             upstream.settimeout(None)
@@ -52,6 +59,8 @@ class ReplyDroppingProxy:
                 if replies and self._armed.is_set():
                     self._armed.clear()
                     self.dropped += 1
+                    if self._refuse:
+                        self._stop_listening()
                     break
                 dst.sendall(data)
         except OSError:
@@ -62,9 +71,17 @@ class ReplyDroppingProxy:
             with contextlib.suppress(OSError):
                 s.close()
 
-    def close(self) -> None:
+    def _stop_listening(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would not, and
+        # the kernel would go on accepting connections.
         self._closed = True
-        self._listener.close()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    def close(self) -> None:
+        self._stop_listening()
         for s in self._sockets:
             with contextlib.suppress(OSError):
                 s.close()

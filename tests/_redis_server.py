@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["RedisServer", "free_port", "redis_server_binary", "start_cluster"]
 
@@ -28,9 +29,15 @@ def redis_server_binary() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port at most 55535: a cluster node also listens on port + 10000
+    (its bus), and redis-server refuses a port beyond that."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port <= 55535:
+            return port
+    raise RuntimeError("no free loopback port at or below 55535")
 
 
 class RedisServer:
@@ -167,3 +174,14 @@ def start_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
     finally:
         for node in nodes:
             node.stop()
+
+
+def raw_client(url: str) -> Any:
+    """A plain redis-py client for ``url`` (its ``#NAME`` ignored), a Cluster client for
+    ``?cluster=1``: what the tests use to look at, or spoil, the keys behind a structure."""
+    import redis
+
+    base, _, _ = url.partition("#")
+    if "cluster=1" in base:
+        return redis.RedisCluster.from_url(base.replace("?cluster=1", "").replace("&cluster=1", ""))
+    return redis.Redis.from_url(base)

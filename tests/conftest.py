@@ -175,10 +175,24 @@ def _need_redis() -> None:
         pytest.skip(f"{what} not installed")
 
 
+class _ExternalRedis:
+    """The server that tests/test_redis_cluster.py started: a Redis Cluster."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[Any]:
-    """One redis-server for the session (AOF, appendfsync always)."""
+    """One redis-server for the session (AOF, appendfsync always); or, when
+    SAFESHM_TEST_REDIS_URL is set (tests/test_redis_cluster.py runs the contract tests
+    again that way), the Redis Cluster it names."""
     _need_redis()
+    external = os.environ.get("SAFESHM_TEST_REDIS_URL")
+    if external:
+        yield _ExternalRedis(external)
+        return
     from tests._redis_server import started
 
     with started() as server:
@@ -219,3 +233,22 @@ def _check_redis_in_ci() -> None:
         pytest.exit("CI needs redis-py for the Redis tests (pip install -e '.[test]')", 1)
     if redis_server_binary() is None:
         pytest.exit("CI needs redis-server for the Redis tests (apt-get install redis-server)", 1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With SAFESHM_TEST_REDIS_URL (the cluster run of tests/test_redis_cluster.py), only the
+    contract tests' Redis cases run: those parametrized with the Redis backend that do not
+    start, kill or pause a server of their own."""
+    if not os.environ.get("SAFESHM_TEST_REDIS_URL"):
+        return
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        fixtures = getattr(item, "fixturenames", ())
+        contract = callspec is not None and "redis" in callspec.id.split("-")
+        if contract and "fresh_redis" not in fixtures:
+            keep.append(item)
+        else:
+            drop.append(item)
+    items[:] = keep
+    config.hook.pytest_deselected(items=drop)

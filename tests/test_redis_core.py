@@ -150,6 +150,53 @@ def test_a_lost_reply_is_not_retried(redis_server: Any) -> None:
         conn.close()
 
 
+def test_a_retried_idempotent_write_that_fails_again_is_outcome_unknown(
+    redis_server: Any,
+) -> None:
+    """SET ran, its reply was lost, and the retry could not connect: the error must not be
+    BackendUnavailableError (which promises that nothing was applied)."""
+    with reply_dropping_proxy(redis_server.port) as proxy:
+        conn = Connection("SafeCounter", f"redis://127.0.0.1:{proxy.port}/0#set-{os.getpid()}")
+        key = conn.key("v")
+        conn.call(lambda c: c.set(key, 0), idempotent=True)
+        proxy.drop_next_reply(then_refuse=True)
+        with pytest.raises(OutcomeUnknownError):
+            conn.call(lambda c: c.set(key, 5), idempotent=True)
+        conn.close()
+    check = Connection("SafeCounter", f"{redis_server.url}#set-{os.getpid()}")
+    assert check.call(lambda c: c.get(key), idempotent=True) == b"5"  # it was applied
+    check.delete_all()
+    check.close()
+
+
+def test_close_from_another_thread_ends_calls_with_a_typed_error(redis_url: Any) -> None:
+    conn = Connection("SafeCounter", redis_url("race"))
+    key = conn.key("v")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                conn.call(lambda c: c.incrby(key, 1), idempotent=False)
+            except HandleClosedError:
+                return
+            except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    conn.close()
+    for t in threads:
+        t.join(timeout=30)
+    stop.set()
+    assert not [t for t in threads if t.is_alive()]
+    assert all(isinstance(e, SafeShmError) for e in errors), errors
+
+
 def test_server_restart_reconnects(fresh_redis: Any) -> None:
     conn = Connection("SafeCounter", f"{fresh_redis.url}#c")
     key = conn.key("v")

@@ -17,6 +17,7 @@ from typing import Any
 __all__ = [
     "BackendAuthenticationError",
     "BackendUnavailableError",
+    "DurabilityError",
     "HandleClosedError",
     "HolderDiedWarning",
     "IncompatibleKeyError",
@@ -42,11 +43,13 @@ __all__ = [
     "SegmentExistsError",
     "SegmentNotFoundError",
     "SegmentPermissionError",
+    "SerializerMismatchError",
     "StoreClosedError",
     "StoreCorruptedError",
     "StoreNotFoundError",
     "StoreTimeoutError",
     "TooManyWaitersError",
+    "TransactionConflictError",
 ]
 
 
@@ -303,3 +306,25 @@ class IncompatibleKeyError(IncompatibleSegmentError):
     safeshm structure, a structure created with other parameters, or data that safeshm
     did not write (a Redis key of another type). Nothing was changed. An
     :class:`IncompatibleSegmentError`, as for a shared-memory segment of another kind."""
+
+
+class DurabilityError(SafeShmError, RuntimeError):
+    """``durable=True`` cannot be honoured: the server does not fsync a write before it
+    replies (``appendonly``/``appendfsync always`` missing, ``CONFIG`` unavailable to
+    check it, and no ``WAITAOF`` before Redis 7.2), or a write was applied but the server
+    did not confirm its fsync. Raised at ``open()`` rather than silently writing less
+    durably; open with ``durable=False`` to accept that a server crash may lose the last
+    writes."""
+
+
+class TransactionConflictError(SafeShmError, RuntimeError):
+    """A remote store's transaction read a key that another writer changed before it
+    committed: nothing of the transaction was written. Run the block again (it reads
+    the new values)."""
+
+
+class SerializerMismatchError(IncompatibleStoreError, IncompatibleKeyError):
+    """The store was created with another serializer. An :class:`IncompatibleStoreError`
+    (what ``SafeFileStore`` raises for the same mismatch) and an
+    :class:`IncompatibleKeyError` (what every Redis structure raises for other
+    parameters)."""

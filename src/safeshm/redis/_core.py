@@ -93,6 +93,11 @@ def parse_url(url: str) -> tuple[str, str, bool]:
                 cluster = True
             elif value.lower() not in _FALSE:
                 raise ValueError(f"cluster={value!r} in a Redis URL: use cluster=1 or cluster=0")
+        elif key == "decode_responses":
+            raise ValueError(
+                "decode_responses in a safeshm Redis URL: safeshm reads bytes and decodes "
+                "them itself (drop the option)"
+            )
         else:
             rest.append((key, value))
     plain = urllib.parse.urlunsplit(
@@ -126,8 +131,8 @@ def make_client(url: str, cluster: bool) -> Any:
         if cluster:
             return redis.RedisCluster.from_url(url, **options)
         return redis.Redis.from_url(url, **options)
-    except rex.RedisError as exc:
-        raise _translate(exc, sent=False, what=_redact(url)) from exc
+    except (rex.RedisError, rex.RedisClusterException) as exc:
+        raise BackendUnavailableError(f"cannot connect to Redis at {_redact(url)}: {exc}") from exc
     except ValueError as exc:  # redis-py's own URL parsing: a bad port, db, option
         raise ValueError(f"bad Redis URL {_redact(url)!r}: {exc}") from exc
 
@@ -139,8 +144,15 @@ def _connect_phase(exc: BaseException) -> bool:
     ``TimeoutError("Timeout connecting to server")`` from ``Connection.connect()``;
     after that, every failure is of a command already (maybe) sent.
     """
+    if isinstance(exc, rex.AuthenticationError | rex.AuthenticationWrongNumberOfArgsError):
+        return True  # the handshake: no command was sent
     text = str(exc)
-    return "connecting to" in text or "Connection refused" in text
+    return (
+        "connecting to" in text
+        or "Connection refused" in text
+        or "HELLO must be called" in text
+        or "NOAUTH" in text
+    )
 
 
 def _translate(exc: rex.RedisError, *, sent: bool, what: str) -> SafeShmError:  # noqa: PLR0911 - one case per kind
@@ -212,26 +224,63 @@ class Connection:
 
         ``idempotent``: applying it twice is the same as once (reads, SET of an absolute
         value, a compare-and-delete): a dropped connection is retried once on a fresh
-        one. Otherwise a dropped connection after sending is ``OutcomeUnknownError``.
+        one; if that fails too, ``OutcomeUnknownError`` (the first try may have run).
+        Otherwise a dropped connection after sending is ``OutcomeUnknownError``.
+        ``BackendUnavailableError`` always means that nothing was applied. Closing the
+        handle from another thread during a call ends it with ``HandleClosedError``.
         The server's LOADING reply (nothing executed) is waited out, up to ``deadline``
         (monotonic) or 10 s.
         """
         self.check_open()
         tries = 2 if idempotent else 1
+        maybe_applied = False  # a try failed after sending: it may have run
         loading_until = time.monotonic() + _LOADING_WAIT if deadline is None else deadline
         while True:
             try:
                 return fn(self.client)
             except rex.BusyLoadingError as exc:
                 if time.monotonic() >= loading_until:
-                    raise _translate(exc, sent=True, what=self.what) from None
+                    raise self._error(exc, maybe_applied) from None
                 time.sleep(0.05)
             except (rex.ConnectionError, rex.TimeoutError) as exc:
                 tries -= 1
-                if tries <= 0 or _connect_phase(exc):
-                    raise _translate(exc, sent=True, what=self.what) from None
+                connecting = _connect_phase(exc)
+                if tries <= 0 or connecting:
+                    raise self._error(exc, maybe_applied or not connecting) from None
+                maybe_applied = True
             except rex.RedisError as exc:
-                raise _translate(exc, sent=True, what=self.what) from None
+                raise self._error(exc, maybe_applied) from None
+            except rex.RedisClusterException as exc:  # not a RedisError: no slot, no node
+                raise BackendUnavailableError(
+                    f"Redis Cluster for {self.what} is not usable: {exc}"
+                ) from None
+            except (ValueError, AttributeError, OSError):
+                # close() from another thread tore the connection down under this call.
+                if self.closed:
+                    raise ClosedHandleError(
+                        f"the handle of {self.what} was closed during the call "
+                        f"({'it may have been applied' if not idempotent else 'not retried'})"
+                    ) from None
+                raise
+
+    def _error(self, exc: rex.RedisError, maybe_applied: bool) -> SafeShmError:
+        if _connect_phase(exc) and "HELLO" in str(exc):
+            return BackendAuthenticationError(
+                f"Redis at {self.what} requires a password (or refused it): {exc}"
+            )
+        if maybe_applied and isinstance(exc, rex.ConnectionError | rex.TimeoutError):
+            return OutcomeUnknownError(
+                f"the connection to Redis at {self.what} failed after the command was "
+                f"sent ({exc}): it may or may not have been applied"
+            )
+        if maybe_applied:
+            # A retried idempotent command failed otherwise (LOADING, an error reply): its
+            # first try may have run.
+            return OutcomeUnknownError(
+                f"Redis at {self.what} failed a retried command ({exc!r}); the first try "
+                "may or may not have been applied"
+            )
+        return _translate(exc, sent=False, what=self.what)
 
     def claim_kind(self, kind_tag: str, params: Mapping[str, str] | None = None) -> None:
         """Mark the name as this kind of structure (first opener), or check that it is.
@@ -341,8 +390,16 @@ class RedisStructure:
         self._conn.close()
 
     def unlink(self) -> None:
-        """Delete the structure (every key under its name) for everyone."""
-        self._conn.delete_all()
+        """Delete the structure (every key under its name) for everyone. Idempotent, and
+        works on a closed handle too (as a shared-memory structure's does)."""
+        if not self._conn.closed:
+            self._conn.delete_all()
+            return
+        conn = Connection(self._conn.kind, self._conn.url)
+        try:
+            conn.delete_all()
+        finally:
+            conn.close()
 
     def _reopen_args(self) -> tuple[Any, ...]:
         """What ``__reduce__`` passes to ``type(self)._reopen``: the URL, then options."""
