@@ -16,6 +16,25 @@ from ._helpers import STRUCTURES, create
 def test_all_is_the_documented_surface() -> None:
     assert safeshm.__all__ == sorted(safeshm.__all__)
     assert set(safeshm.__all__) == {
+        # Backends by URL (docs/redis.md).
+        "Guarantees",
+        "SharedCounter",
+        "SharedLock",
+        "SharedQueue",
+        "SharedShardedCounter",
+        "SharedStore",
+        "open_counter",
+        "open_lock",
+        "open_queue",
+        "open_store",
+        "BackendAuthenticationError",
+        "BackendUnavailableError",
+        "DurabilityError",
+        "IncompatibleKeyError",
+        "LeaseLostError",
+        "OutcomeUnknownError",
+        "SerializerMismatchError",
+        "TransactionConflictError",
         "ArrayStatistics",
         "CounterStatistics",
         "DamagedRecord",

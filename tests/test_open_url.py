@@ -16,12 +16,12 @@ from safeshm import (
     SafeFileStore,
     SafeLock,
     SafeQueue,
+    ShardedCounter,
     SharedCounter,
     SharedLock,
     SharedQueue,
     SharedShardedCounter,
     SharedStore,
-    ShardedCounter,
 )
 
 
@@ -105,16 +105,16 @@ def test_store_in_a_directory(tmp_path: Path, scheme: str) -> None:
         (safeshm.open_counter, "file:///tmp/x"),
         (safeshm.open_lock, "ftp://x"),
         (safeshm.open_store, "file://"),
+        (safeshm.open_store, "shm://jobs"),
+        (safeshm.open_store, "file://jobs"),
+        (safeshm.open_store, "file://host/tmp/x"),
         (safeshm.open_store, "file:///tmp/x?durable=1"),
         (safeshm.open_counter, "redis://localhost:6379/0"),  # no #NAME
     ],
 )
 def test_bad_urls_are_value_errors(call: Any, url: str) -> None:
-    with pytest.raises(ValueError):
-        if call is safeshm.open_store:
-            call(url)
-        else:
-            call(url)
+    with pytest.raises(ValueError, match="URL"):
+        call(url)
 
 
 def test_bad_names_and_types() -> None:
@@ -141,3 +141,32 @@ def test_guarantees_are_data() -> None:
     assert SafeLock.guarantees == SafeQueue.guarantees == ShardedCounter.guarantees == g
     with pytest.raises(AttributeError):
         g.backend = "redis"  # type: ignore[misc]
+
+
+def test_redis_urls_open_the_redis_classes(redis_url: Any, tmp_path: Path) -> None:
+    del tmp_path
+    from safeshm.redis import FleetCounter, RedisCounter, RedisLock, RedisQueue, RedisStore
+
+    c = safeshm.open_counter(redis_url("c"), 5)
+    assert isinstance(c, RedisCounter) and isinstance(c, SharedCounter)
+    assert c.add() == 6 and c.guarantees.backend == "redis"
+    f = safeshm.open_counter(redis_url("f"), sharded=True, flush_interval=None)
+    assert isinstance(f, FleetCounter) and isinstance(f, SharedShardedCounter)
+    f.add(2)
+    f.flush()
+    assert f.value == 2
+    lock = safeshm.open_lock(redis_url("l"), lease=5.0)
+    assert isinstance(lock, RedisLock) and isinstance(lock, SharedLock)
+    with lock:
+        assert lock.locked()
+    q = safeshm.open_queue(redis_url("q"), 4096)
+    assert isinstance(q, RedisQueue) and isinstance(q, SharedQueue)
+    q.put_many([1, 2])
+    assert q.get_many(5, timeout=1) == [1, 2]
+    s = safeshm.open_store(redis_url("s"), durable=True)
+    assert isinstance(s, RedisStore) and isinstance(s, SharedStore)
+    s["k"] = [1]
+    assert s.modify("k", lambda v: [*v, 2]) == [1, 2]
+    for x in (c, f, lock, q, s):
+        x.unlink()
+        x.close()

@@ -18,6 +18,7 @@ from ._counter import CounterStatistics, SafeCounter
 from ._errors import (
     BackendAuthenticationError,
     BackendUnavailableError,
+    DurabilityError,
     HandleClosedError,
     HolderDiedWarning,
     IncompatibleKeyError,
@@ -43,11 +44,13 @@ from ._errors import (
     SegmentExistsError,
     SegmentNotFoundError,
     SegmentPermissionError,
+    SerializerMismatchError,
     StoreClosedError,
     StoreCorruptedError,
     StoreNotFoundError,
     StoreTimeoutError,
     TooManyWaitersError,
+    TransactionConflictError,
 )
 from ._event import EventStatistics, SafeEvent
 from ._lock import LockStatistics, SafeLock
@@ -84,6 +87,7 @@ __all__ = [
     "ConditionStatistics",
     "CounterStatistics",
     "DamagedRecord",
+    "DurabilityError",
     "EventStatistics",
     "Guarantees",
     "HandleClosedError",
@@ -131,6 +135,7 @@ __all__ = [
     "SegmentPermissionError",
     "SemaphoreStatistics",
     "Serializer",
+    "SerializerMismatchError",
     "ShardedCounter",
     "ShardedCounterStatistics",
     "SharedCounter",
@@ -145,6 +150,7 @@ __all__ = [
     "StoreTimeoutError",
     "TooManyWaitersError",
     "Transaction",
+    "TransactionConflictError",
     "__version__",
     "implementation",
     "open_counter",

@@ -144,10 +144,16 @@ def open_store(
     scheme = _scheme(url, "open_store", ("file", "shm", *_REDIS_SCHEMES))
     if scheme in ("file", "shm"):
         parts = urllib.parse.urlsplit(url)
-        if parts.query or parts.fragment:
-            raise ValueError(f"a store URL is file:///PATH, not {url!r}")
-        path = urllib.parse.unquote(parts.netloc + parts.path)
-        if not path:
-            raise ValueError(f"a store URL is file:///PATH, not {url!r}")
+        if (
+            parts.query
+            or parts.fragment
+            or parts.netloc not in ("", "localhost")
+            or not parts.path.startswith("/")
+        ):
+            raise ValueError(
+                f"a store URL is file:///ABSOLUTE/PATH (three slashes), not {url!r}: a "
+                "store is a directory, not a shared-memory name"
+            )
+        path = urllib.parse.unquote(parts.path)
         return SafeFileStore(path, durable=durable, serializer=serializer)  # type: ignore[arg-type]
     return _redis().RedisStore.open(url, durable=durable, serializer=serializer)  # type: ignore[no-any-return]

@@ -14,12 +14,12 @@ from safeshm import (
     SafeFileStore,
     SafeLock,
     SafeQueue,
+    ShardedCounter,
     SharedCounter,
     SharedLock,
     SharedQueue,
     SharedShardedCounter,
     SharedStore,
-    ShardedCounter,
 )
 
 
@@ -59,3 +59,19 @@ def open_by_url() -> None:
     assert_type(safeshm.open_store("file:///var/lib/app", serializer="bytes"), SharedStore[bytes])
     assert_type(safeshm.Guarantees, type[safeshm.Guarantees])
     assert_type(SafeCounter.guarantees, safeshm.Guarantees)
+
+
+def what_is_promised(c: SharedCounter, q: SharedQueue[int], s: SharedStore[int]) -> bool:
+    return c.guarantees.exact and q.guarantees.scope == "host" and s.guarantees.survives == "reboot"
+
+
+def redis_classes_satisfy_the_protocols(url: str) -> None:
+    from safeshm.redis import FleetCounter, RedisCounter, RedisLock, RedisQueue, RedisStore
+
+    count_jobs(RedisCounter.open(url))
+    lead(RedisLock.open(url, lease=10.0))
+    drain(RedisQueue[int].open(url, 1024))
+    bump(RedisStore[int].open(url))
+    tally: SharedShardedCounter = FleetCounter.open(url)
+    tally.add(2)
+    assert_type(RedisCounter.open(url).add(), int)

@@ -14,4 +14,28 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by the pure install check
     raise ImportError("safeshm.redis needs redis-py: pip install 'safeshm[redis]'") from exc
 
-__all__: list[str] = []
+from safeshm.redis._counter import FleetCounter, RedisCounter
+from safeshm.redis._lock import RedisLock
+from safeshm.redis._queue import RedisLease, RedisQueue, RedisQueueStatistics
+from safeshm.redis._store import RedisStore, RedisTransaction
+
+__all__ = [
+    "FleetCounter",
+    "RedisCounter",
+    "RedisLease",
+    "RedisLock",
+    "RedisQueue",
+    "RedisQueueStatistics",
+    "RedisStore",
+    "RedisTransaction",
+]
+
+
+def _adopt_public_classes() -> None:
+    """Public classes say ``safeshm.redis.X`` in reprs, tracebacks and ``help()``."""
+    for name in __all__:
+        globals()[name].__module__ = __name__
+
+
+_adopt_public_classes()
+del _adopt_public_classes
