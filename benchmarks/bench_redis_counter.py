@@ -16,7 +16,14 @@ process, back to back and interleaved over several rounds:
 * ``FleetCounter.add()``: the fleet counter, its flusher thread running. Expected:
   about 1x the local ``ShardedCounter`` (it *is* its add), hundreds of times the raw
   ``INCR``;
-* ``r.get(key)`` against ``RedisCounter.value`` for reads.
+* ``r.get(key)`` against ``RedisCounter.value`` for reads;
+* when pottery is installed (``pip install pottery``; without it its rows are skipped):
+  ``pottery.RedisCounter.update({k: 1})`` and ``c[k]``. pottery has no atomic increment:
+  ``update`` is an optimistic ``WATCH``, two ``HGET``, ``MULTI``/``HSET``/``EXEC`` that
+  raises ``redis.WatchError`` instead of retrying when another writer got in between (and
+  ``c[k] += 1`` is a plain ``HGET`` then ``HSET``, which loses updates). So it is a
+  reference for one writer only, not a drop-in for ``INCR``. Only the mapping form is
+  used: in pottery 3.0.1 ``update([k])`` and ``update(k=1)`` add the old count twice.
 
 Network operations are timed one by one (median and p99 per call); local adds in
 batches of 1000 (median per add). Every run checks its count, so a broken counter
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
@@ -54,6 +62,19 @@ import safeshm  # noqa: E402
 from safeshm.redis._counter import FleetCounter, RedisCounter  # noqa: E402
 
 _BATCHED = ("ShardedCounter.add", "FleetCounter.add")
+POTTERY_ADD = "pottery update({k:1})"
+POTTERY_GET = "pottery c[k]"
+
+
+def _import_pottery() -> Any:
+    """pottery, or ``None``: it is optional (the ``bench`` extra), and untyped here."""
+    try:
+        return importlib.import_module("pottery")
+    except ImportError:
+        return None
+
+
+pottery: Any = _import_pottery()
 
 
 def _per_call(fn: Callable[[], Any], n: int) -> list[float]:
@@ -77,6 +98,13 @@ def _batched(fn: Callable[[], Any], batches: int, size: int = 1000) -> list[floa
             fn()
         out.append((clock() - t0) / 1e9 / size)
     return out
+
+
+def _pottery_round(pot: Any, n: int, samples: dict[str, list[float]]) -> None:
+    """``n`` adds, then ``n`` reads, of pottery's counter (``pot``, or none)."""
+    if pot is not None:
+        samples[POTTERY_ADD] += _per_call(lambda: pot.update({"n": 1}), n)
+        samples[POTTERY_GET] += _per_call(lambda: pot["n"], n)
 
 
 def _p(samples: list[float], q: float) -> float:
@@ -103,6 +131,7 @@ def _measure(rounds: int, net_n: int, batches: int) -> dict[str, list[float]] | 
             "FleetCounter.add",
             "raw GET",
             "RedisCounter.value",
+            *((POTTERY_ADD, POTTERY_GET) if pottery is not None else ()),
         )
     }
     with started(extra=("--appendfsync", "everysec")) as server:
@@ -115,10 +144,16 @@ def _measure(rounds: int, net_n: int, batches: int) -> dict[str, list[float]] | 
         local = safeshm.ShardedCounter.create()
         raw_key = "bench:raw"
         r.delete(raw_key)
+        pot: Any = None
+        if pottery is not None:
+            # Its own client (as a user's would be), one hash field as the counter.
+            pot = pottery.RedisCounter(redis=redis.Redis.from_url(server.url), key="bench:pottery")
+            pot.clear()
         try:
             for fn in (lambda: r.incr(raw_key), counter.add, local.add, fleet.add):
                 _per_call(fn, 50)  # warm up: connections, scripts, slots
-            adds = {"raw": 50, "ctr": 50, "local": 50, "fleet": 50}
+            _pottery_round(pot, 50, {POTTERY_ADD: [], POTTERY_GET: []})
+            adds = {"raw": 50, "ctr": 50, "local": 50, "fleet": 50, "pottery": 50}
             for _ in range(rounds):
                 samples["raw INCR"] += _per_call(lambda: r.incr(raw_key), net_n)
                 samples["RedisCounter.add"] += _per_call(counter.add, net_n)
@@ -126,6 +161,8 @@ def _measure(rounds: int, net_n: int, batches: int) -> dict[str, list[float]] | 
                 samples["FleetCounter.add"] += _batched(fleet.add, batches)
                 samples["raw GET"] += _per_call(lambda: r.get(raw_key), net_n)
                 samples["RedisCounter.value"] += _per_call(lambda: counter.value, net_n)
+                _pottery_round(pot, net_n, samples)
+                adds["pottery"] += net_n
                 adds["raw"] += net_n
                 adds["ctr"] += net_n
                 adds["local"] += batches * 1000
@@ -136,6 +173,7 @@ def _measure(rounds: int, net_n: int, batches: int) -> dict[str, list[float]] | 
                 "ctr": counter.value,
                 "local": local.value,
                 "fleet": fleet.value,
+                "pottery": adds["pottery"] if pot is None else pot["n"],
             }
             if checks != adds:
                 print(f"WRONG COUNTS: expected {adds}, got {checks}")
@@ -147,6 +185,9 @@ def _measure(rounds: int, net_n: int, batches: int) -> dict[str, list[float]] | 
             fleet.unlink()
             local.close()
             local.unlink()
+            if pot is not None:
+                pot.clear()
+                pot.redis.close()
             r.close()
     if _OWN_DIR is not None:
         with contextlib.suppress(OSError):
@@ -177,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{version}; redis-py {redis.__version__}; safeshm {safeshm.implementation()}")
     print("server: loopback, appendonly yes, appendfsync everysec")
     print(f"rounds: {rounds} (interleaved); per round: {net_n} network calls, ", end="")
-    print(f"{batches} x 1000 local adds\n")
+    print(f"{batches} x 1000 local adds")
+    if pottery is None:
+        print("pottery is not installed: its rows are skipped (pip install pottery)")
+    print()
 
     samples = _measure(rounds, net_n, batches)
     if samples is None:
@@ -194,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         / med["FleetCounter.add"],
         "FleetCounter.add vs raw INCR": med["raw INCR"] / med["FleetCounter.add"],
     }
+    if POTTERY_ADD in med:
+        ratios["RedisCounter.add vs pottery update"] = med[POTTERY_ADD] / med["RedisCounter.add"]
+        ratios["RedisCounter.value vs pottery c[k]"] = med[POTTERY_GET] / med["RedisCounter.value"]
     print("\nratios (above 1: safeshm is faster)")
     for k, ratio in ratios.items():
         print(f"  {k:<42}{ratio:>10.2f}x")

@@ -4,7 +4,8 @@ Usage::
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_redis_lock.py [--quick]
 
-Two measurements, each for both locks:
+Two measurements, each for every lock (pottery's ``Redlock`` too when pottery is
+installed: ``pip install pottery``; without it its rows are skipped):
 
 * **hand-off latency**: one process holds the lock while another is blocked in
   ``acquire()``; the time from the holder's ``release()`` call to the waiter's
@@ -12,9 +13,12 @@ Two measurements, each for both locks:
   on Linux). RedisLock's waiter is woken by the release's publish; redis-py's ``Lock``
   (its defaults: ``sleep=0.1``) polls every 100 ms. The holder releases at a random
   moment 10-110 ms after the waiter started waiting, so every phase of the polling is
-  sampled (its expected latency is then about 50 ms at p50, 100 ms at p99).
+  sampled (its expected latency is then about 50 ms at p50, 100 ms at p99). pottery's
+  ``Redlock`` also polls: a failed attempt sleeps ``random.uniform(0, 0.2)`` s.
 * **uncontended rate**: ``with lock: pass`` in a loop in one process (two round trips
-  each for both; RedisLock's renewal thread is idle for such short holds).
+  each for both redis-py and RedisLock; RedisLock's renewal thread is idle for such short
+  holds; pottery's ``Redlock`` runs each acquire and release through a thread pool, as it
+  would for several masters, here one).
 
 It starts its own redis-server (tests/_redis_server.py) on a free loopback port, with
 ``appendfsync everysec`` by default (``--fsync always`` makes every write wait for an
@@ -24,6 +28,7 @@ fsync, which then dominates the rate of both).
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import multiprocessing
 import os
@@ -45,14 +50,32 @@ from tests._redis_server import redis_server_binary, started  # noqa: E402
 
 from safeshm.redis._lock import RedisLock  # noqa: E402
 
+
+def _import_pottery() -> Any:
+    """pottery, or ``None``: it is optional (the ``bench`` extra), and untyped here."""
+    try:
+        return importlib.import_module("pottery")
+    except ImportError:
+        return None
+
+
+pottery: Any = _import_pottery()
+
 SAFESHM = "RedisLock"
 REDIS_PY = "redis-py Lock"
 REDIS_PY_LEASE = "redis-py Lock(timeout=30)"
+POTTERY = "pottery Redlock"
 CODE = {
     SAFESHM: "safeshm.redis.RedisLock.open(url)  (lease 30 s, renewed; waiters wake on release)",
     REDIS_PY: "redis.Redis.from_url(url).lock(name)  (defaults: no lease, polls every 0.1 s)",
     REDIS_PY_LEASE: "redis.Redis.from_url(url).lock(name, timeout=30)  (a 30 s lease)",
 }
+if pottery is not None:
+    # One master (the Redlock algorithm with a single server), the same 30 s lease.
+    CODE[POTTERY] = (
+        "pottery.Redlock(key=name, masters={redis.Redis.from_url(url)}, "
+        "auto_release_time=30)  (polls 0-0.2 s)"
+    )
 
 
 def _open(kind: str, url: str, name: str) -> Any:
@@ -60,6 +83,8 @@ def _open(kind: str, url: str, name: str) -> Any:
     if kind == SAFESHM:
         return RedisLock.open(f"{url}#{name}")
     client = redis.Redis.from_url(url)
+    if kind == POTTERY:
+        return pottery.Redlock(key=name, masters={client}, auto_release_time=30)
     if kind == REDIS_PY:
         return client.lock(name)
     return client.lock(name, timeout=30)
@@ -68,6 +93,9 @@ def _open(kind: str, url: str, name: str) -> Any:
 def _close(lock: Any) -> None:
     if isinstance(lock, RedisLock):
         lock.close()
+    elif pottery is not None and isinstance(lock, pottery.Redlock):
+        for master in lock.masters:
+            master.close()
     else:
         lock.redis.close()
 
@@ -124,7 +152,8 @@ def handoff(kind: str, url: str, rounds: int) -> list[float]:
 # -- uncontended rate ---------------------------------------------------------------------------
 def rates(url: str, ops: int, repeats: int) -> dict[str, list[float]]:
     """``with lock: pass`` ``ops`` times per repeat, for every implementation in turn
-    within each repeat (so a busy moment of the machine hits them alike): ops/s."""
+    within each repeat (so a busy moment of the machine hits them alike): ops/s.
+    pottery's Redlock, several times slower, does a fifth as many (its rate is per op)."""
     locks = {kind: _open(kind, url, f"rate-{i}-{os.getpid()}") for i, kind in enumerate(CODE)}
     try:
         out: dict[str, list[float]] = {kind: [] for kind in CODE}
@@ -134,11 +163,12 @@ def rates(url: str, ops: int, repeats: int) -> dict[str, list[float]]:
                     pass
         for _ in range(repeats):
             for kind, lock in locks.items():
+                n = max(100, ops // 5) if kind == POTTERY else ops
                 t0 = time.perf_counter()
-                for _ in range(ops):
+                for _ in range(n):
                     with lock:
                         pass
-                out[kind].append(ops / (time.perf_counter() - t0))
+                out[kind].append(n / (time.perf_counter() - t0))
         return out
     finally:
         for lock in locks.values():
@@ -186,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print("Implementations")
     for kind, code in CODE.items():
         print(f"  {kind:<26} {code}")
+    if pottery is None:
+        print("  (pottery is not installed: its rows are skipped; pip install pottery)")
     print()
 
     with started(extra=("--appendfsync", args.fsync)) as server:
@@ -193,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Hand-off latency: release() in one process -> the waiting acquire() returns "
               f"in another ({rounds} hand-offs each)")  # fmt: skip
         lat: dict[str, list[float]] = {}
-        for kind in (SAFESHM, REDIS_PY):
-            # redis-py's 100 ms polling makes each of its rounds slow: fewer of them.
+        for kind in (SAFESHM, REDIS_PY, POTTERY):
+            if kind not in CODE:
+                continue
+            # redis-py's and pottery's polling makes each of their rounds slow: fewer of them.
             n = rounds if kind == SAFESHM else max(10, rounds // 3)
             lat[kind] = handoff(kind, url, n)
         print(f"  {'implementation':<26} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'n':>5}")
@@ -207,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         p50 = percentile(lat[REDIS_PY], 50) / percentile(lat[SAFESHM], 50)
         p99 = percentile(lat[REDIS_PY], 99) / percentile(lat[SAFESHM], 99)
         print(f"  RedisLock hands over {p50:.1f}x faster at p50, {p99:.1f}x at p99")
+        if POTTERY in lat:
+            p50 = percentile(lat[POTTERY], 50) / percentile(lat[SAFESHM], 50)
+            p99 = percentile(lat[POTTERY], 99) / percentile(lat[SAFESHM], 99)
+            print(f"  ... and {p50:.1f}x faster than pottery Redlock at p50, {p99:.1f}x at p99")
         print(f"  (goal: RedisLock p99 <= 5 ms: {percentile(lat[SAFESHM], 99) * 1e3:.2f} ms)")
         print()
 
@@ -221,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {kind:<26} {med:>10.0f} {min(samples):>10.0f} {max(samples):>10.0f} "
                 f"{med / base:>16.2f}x"
             )
+        if POTTERY in rates_:
+            ratio = statistics.median(rates_[SAFESHM]) / statistics.median(rates_[POTTERY])
+            print(f"  RedisLock does {ratio:.2f}x as many as pottery Redlock")
     return 0
 
 

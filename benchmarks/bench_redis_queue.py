@@ -19,6 +19,22 @@ same bytes):
   a ``put`` (``RPUSH``) from this process; the time from the start of the put to the
   consumer's return (both clocks are ``CLOCK_MONOTONIC``). Goal: <= 2 ms.
 
+When pottery is installed (``pip install pottery``; without it its rows are skipped), its
+containers are measured too, each with its own client, moving 64-character strings (its
+containers hold JSON; 66 bytes on the wire):
+
+* ``RedisDeque`` (a Redis list): ``extend`` of 100 (``WATCH``, ``LLEN``, ``MULTI``/one
+  ``RPUSH``/``EXEC``: its optional ``maxlen`` is enforced so) against ``put_many``, and 100
+  ``popleft`` (each ``WATCH``, ``LLEN``, ``MULTI``/``LPOP``/``EXEC``; it has no batch pop)
+  against ``get_many``; single ``append`` / ``popleft`` against ``put`` / ``get``. It has no
+  blocking pop, so it has no wake-up row and it is no bounded queue (``maxlen`` drops the
+  oldest items rather than refusing new ones).
+* ``RedisSimpleQueue`` (a Redis stream): ``put`` (one ``XADD``) and ``get`` (``WATCH``,
+  ``XREAD``, ``MULTI``/``XDEL``/``EXEC``), and its blocking ``get(timeout=30)`` for the
+  wake-up latency. It polls: ``XREAD BLOCK 30`` (the timeout taken as milliseconds), then a
+  ``random.uniform(0, 0.2)`` s sleep; a put that wakes the ``XREAD`` also changes the
+  watched key, so that ``EXEC`` fails and it sleeps too (fewer rounds of it).
+
 Every run checks that what was taken is what was put, so a broken queue cannot report a
 fast time. Ratios above 1 mean safeshm is faster.
 """
@@ -27,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -50,7 +67,35 @@ from safeshm.redis._queue import RedisQueue  # noqa: E402
 
 BATCH = 100
 ITEM = b"x" * 64
-_PER_ITEM = ("raw RPUSH x100", "raw BRPOP x100", "put_many(100)", "get_many(100)")
+PITEM = "x" * 64  # pottery's containers hold JSON values
+_PER_ITEM = (
+    "raw RPUSH x100",
+    "raw BRPOP x100",
+    "put_many(100)",
+    "get_many(100)",
+    "pottery extend(100)",
+    "pottery popleft x100",
+)
+_POTTERY = (
+    "pottery extend(100)",
+    "pottery popleft x100",
+    "pottery deque.append",
+    "pottery deque.popleft",
+    "pottery SimpleQueue.put",
+    "pottery SimpleQueue.get",
+    "wake: pottery SimpleQueue.get",
+)
+
+
+def _import_pottery() -> Any:
+    """pottery, or ``None``: it is optional (the ``bench`` extra), and untyped here."""
+    try:
+        return importlib.import_module("pottery")
+    except ImportError:
+        return None
+
+
+pottery: Any = _import_pottery()
 
 
 def _p(samples: list[float], q: float) -> float:
@@ -117,6 +162,60 @@ def _singles(r: Any, q: RedisQueue[bytes], key: str, n: int, out: dict[str, list
         out["RedisQueue.get"].append((time.perf_counter_ns() - t0) / 1e9)
 
 
+def _pottery_batches(deque: Any, samples: dict[str, list[float]]) -> None:
+    items = [PITEM] * BATCH
+    samples["pottery extend(100)"].append(_timed(lambda: deque.extend(items)))
+    got: list[Any] = []
+
+    def pop() -> None:
+        for _ in range(BATCH):
+            got.append(deque.popleft())
+
+    samples["pottery popleft x100"].append(_timed(pop))
+    _check(got, items)
+
+
+def _pottery_singles(deque: Any, sq: Any, n: int, out: dict[str, list[float]]) -> None:
+    for _ in range(n):
+        out["pottery deque.append"].append(_timed(lambda: deque.append(PITEM)))
+        t0 = time.perf_counter_ns()
+        _check(deque.popleft(), PITEM)
+        out["pottery deque.popleft"].append((time.perf_counter_ns() - t0) / 1e9)
+        out["pottery SimpleQueue.put"].append(_timed(lambda: sq.put(PITEM)))
+        t0 = time.perf_counter_ns()
+        _check(sq.get(timeout=5), PITEM)
+        out["pottery SimpleQueue.get"].append((time.perf_counter_ns() - t0) / 1e9)
+
+
+def _pottery_consumer(url: str, key: str, ready: Any, woke: Any, rounds: int) -> None:
+    sq = pottery.RedisSimpleQueue(redis=redis.Redis.from_url(url), key=key)
+    sq.qsize()  # connected before the first round
+    for k in range(rounds):
+        ready.set()
+        # Not get(): without a timeout it raises QueueEmptyError when the put that would
+        # wake it makes its EXEC fail (pottery 3.0.1). With one, it polls: XREAD BLOCK of
+        # int(timeout) *milliseconds*, a random 0-0.2 s sleep after each miss.
+        _check(sq.get(timeout=30), str(k))
+        woke[k] = time.monotonic()
+
+
+def _pottery_round(
+    pot: tuple[Any, Any] | None, url: str, batches: int, singles: int, wakes: int, *,
+    samples: dict[str, list[float]],
+) -> None:  # fmt: skip
+    """pottery's share of a round: ``pot`` is its (RedisDeque, RedisSimpleQueue), or none."""
+    if pot is None:
+        return
+    deque, sq = pot
+    for _ in range(batches):
+        _pottery_batches(deque, samples)
+    _pottery_singles(deque, sq, singles, samples)
+    wake = pottery.RedisSimpleQueue(redis=sq.redis, key="bench:pottery-wake")
+    samples["wake: pottery SimpleQueue.get"] += _wake_latency(
+        lambda b: wake.put(b.decode()), _pottery_consumer, (url, wake.key), wakes
+    )
+
+
 def _raw_consumer(url: str, key: str, ready: Any, woke: Any, rounds: int) -> None:
     r = redis.Redis.from_url(url)
     r.ping()
@@ -166,7 +265,7 @@ def _wake_latency(
 
 def _measure(rounds: int, batches: int, singles: int, wakes: int) -> dict[str, list[float]]:
     names = (
-        *_PER_ITEM,
+        *(k for k in _PER_ITEM if k not in _POTTERY),
         "raw RPUSH 100 values (ref)",
         "raw LPOP 100 (ref)",
         "raw RPUSH",
@@ -175,16 +274,26 @@ def _measure(rounds: int, batches: int, singles: int, wakes: int) -> dict[str, l
         "RedisQueue.get",
         "wake: raw BRPOP",
         "wake: RedisQueue.get",
+        *(_POTTERY if pottery is not None else ()),
     )
     samples: dict[str, list[float]] = {k: [] for k in names}
     with started(extra=("--appendfsync", "everysec")) as server:
         r = redis.Redis.from_url(server.url)
         q = RedisQueue.open(f"{server.url}#bench-queue", 1 << 24, raw=True)
         key = "bench:raw"
+        pot: tuple[Any, Any] | None = None
+        if pottery is not None:
+            pot = (
+                pottery.RedisDeque(redis=redis.Redis.from_url(server.url), key="bench:pottery-dq"),
+                pottery.RedisSimpleQueue(
+                    redis=redis.Redis.from_url(server.url), key="bench:pottery-sq"
+                ),
+            )
         try:
             for _ in range(3):  # warm up: connections, scripts
                 _batches(r, q, key, {k: [] for k in names})
             _singles(r, q, key, 20, {k: [] for k in names})
+            _pottery_round(pot, server.url, 3, 20, 0, samples={k: [] for k in names})
             for _ in range(rounds):
                 for _ in range(batches):
                     _batches(r, q, key, samples)
@@ -196,8 +305,18 @@ def _measure(rounds: int, batches: int, singles: int, wakes: int) -> dict[str, l
                 samples["wake: RedisQueue.get"] += _wake_latency(
                     q.put, _queue_consumer, (q,), wakes
                 )
+                # Its polled wake-ups take ~0.1 s each: a quarter as many.
+                _pottery_round(
+                    pot, server.url, batches, singles, max(5, wakes // 4), samples=samples
+                )
             _check((r.llen(key), q.qsize(), r.llen("bench:wake")), (0, 0, 0))
+            if pot is not None:
+                _check((len(pot[0]), pot[1].qsize(), r.xlen("bench:pottery-wake")), (0, 0, 0))
         finally:
+            if pot is not None:
+                r.delete("bench:pottery-dq", "bench:pottery-sq", "bench:pottery-wake")
+                for container in pot:
+                    container.redis.close()
             q.unlink()
             q.close()
             r.close()
@@ -229,18 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     print("server: loopback, appendonly yes, appendfsync everysec; items: 64 bytes, raw")
     print(
         f"rounds: {rounds} (interleaved); per round: {batches} batches of {BATCH}, "
-        f"{singles} single put/get pairs, {wakes} wake-ups per consumer\n"
+        f"{singles} single put/get pairs, {wakes} wake-ups per consumer"
     )
+    if pottery is None:
+        print("pottery is not installed: its rows are skipped (pip install pottery)")
+    print()
     try:
         samples = _measure(rounds, batches, singles, wakes)
     except _Wrong as exc:
         print(f"WRONG RESULT: {exc}")
         return 1
     med = {k: statistics.median(v) for k, v in samples.items()}
-    print(f"{'operation':<28}{'median':>12}{'p99':>12}{'items/s':>14}")
+    print(f"{'operation':<31}{'median':>12}{'p99':>12}{'items/s':>14}")
     for k, v in samples.items():
         per = BATCH if k in _PER_ITEM or "(ref)" in k else 1
-        print(f"{k:<28}{_fmt(med[k]):>12}{_fmt(_p(v, 0.99)):>12}{per / med[k]:>14,.0f}")
+        print(f"{k:<31}{_fmt(med[k]):>12}{_fmt(_p(v, 0.99)):>12}{per / med[k]:>14,.0f}")
     ratios = {
         "put_many(100) vs RPUSH per item": med["raw RPUSH x100"] / med["put_many(100)"],
         "get_many(100) vs BRPOP per item": med["raw BRPOP x100"] / med["get_many(100)"],
@@ -254,6 +376,21 @@ def main(argv: list[str] | None = None) -> int:
         "get vs BRPOP": med["raw BRPOP"] / med["RedisQueue.get"],
         "wake p50 vs BRPOP": med["wake: raw BRPOP"] / med["wake: RedisQueue.get"],
     }
+    if pottery is not None:
+        ratios.update({
+            "put_many(100) vs pottery extend(100)": med["pottery extend(100)"]
+            / med["put_many(100)"],
+            "get_many(100) vs pottery popleft x100": med["pottery popleft x100"]
+            / med["get_many(100)"],
+            "put vs pottery deque.append": med["pottery deque.append"] / med["RedisQueue.put"],
+            "get vs pottery deque.popleft": med["pottery deque.popleft"] / med["RedisQueue.get"],
+            "put vs pottery SimpleQueue.put": med["pottery SimpleQueue.put"]
+            / med["RedisQueue.put"],
+            "get vs pottery SimpleQueue.get": med["pottery SimpleQueue.get"]
+            / med["RedisQueue.get"],
+            "wake p50 vs pottery SimpleQueue.get": med["wake: pottery SimpleQueue.get"]
+            / med["wake: RedisQueue.get"],
+        })  # fmt: skip
     print("\nratios (above 1: safeshm is faster)")
     for k, ratio in ratios.items():
         print(f"  {k:<44}{ratio:>10.2f}x")

