@@ -136,8 +136,34 @@ def pytest_report_header() -> str:
     )
 
 
+# What the server integrations' tests import (the test extra installs them). They skip
+# without them on a developer's machine; in CI (CI=true) a missing one stops the run, so
+# that a skipped module never passes as green.
+_INTEGRATION_MODULES = (
+    "prometheus_client",
+    "limits",
+    "flask",
+    "flask_limiter",
+    "slowapi",
+    "fastapi",
+    "uvicorn",
+    "gunicorn",
+)
+
+
+def _check_integrations_in_ci() -> None:
+    if not os.environ.get("CI"):
+        return
+    import importlib.util
+
+    missing = [m for m in _INTEGRATION_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.exit(f"CI needs {', '.join(missing)} (pip install -e '.[test]')", 1)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     _check_redis_in_ci()
+    _check_integrations_in_ci()
     # CI runs the suite once per implementation and sets this, so that a pass meant for the
     # compiled core cannot quietly test the ctypes fallback (a build that failed, an
     # extension that does not load) and report success.
@@ -235,10 +261,40 @@ def _check_redis_in_ci() -> None:
         pytest.exit("CI needs redis-server for the Redis tests (apt-get install redis-server)", 1)
 
 
+_REDIS_ONLY_REASON = (
+    "the Redis backend runs no safeshm implementation code: its tests run in the compiled "
+    "core's run of the suite"
+)
+
+
+def _redis_only(item: pytest.Item) -> bool:
+    """Whether ``item`` tests the Redis backend and nothing of shared memory."""
+    callspec = getattr(item, "callspec", None)
+    ids = set(callspec.id.split("-")) if callspec is not None else set()
+    if "redis" in ids:
+        return True
+    module = item.path.name
+    if module == "test_open_url.py":
+        return bool({"redis_server", "redis_url", "fresh_redis"} & set(item.fixturenames))
+    if not module.startswith("test_redis_"):
+        return False
+    return not (ids & {"shm", "file"}) and "fleet" not in item.name and "shm" not in item.name
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With SAFESHM_TEST_REDIS_URL (the cluster run of tests/test_redis_cluster.py), only the
     contract tests' Redis cases run: those parametrized with the Redis backend that do not
-    start, kill or pause a server of their own."""
+    start, kill or pause a server of their own.
+
+    On the ctypes fallback (CI's second run of the suite), the tests of the Redis backend
+    alone are skipped: it runs no code of either implementation (redis-py and Lua in the
+    server), so they run once per Python, in the compiled core's run. Their shared-memory
+    cases (the contract tests' ``shm`` and ``file`` parameters, the fleet counters' local
+    ``ShardedCounter``) still run."""
+    if _compat.implementation() == "ctypes" and not os.environ.get("SAFESHM_TEST_REDIS_URL"):
+        for item in items:
+            if _redis_only(item):
+                item.add_marker(pytest.mark.skip(reason=_REDIS_ONLY_REASON))
     if not os.environ.get("SAFESHM_TEST_REDIS_URL"):
         return
     keep, drop = [], []

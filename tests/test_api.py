@@ -92,6 +92,10 @@ def test_all_is_the_documented_surface() -> None:
         "StoreStatistics",
         "StoreTimeoutError",
         "Transaction",
+        # One job per tick across workers (docs/how-to/one-job-per-tick.md).
+        "TickLeader",
+        "TickLeaderStatistics",
+        "TickOverrunWarning",
         "__version__",
         "implementation",
     }

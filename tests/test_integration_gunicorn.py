@@ -13,9 +13,7 @@ import fcntl
 import http.client
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,10 +26,10 @@ import pytest
 
 import safeshm
 from safeshm import _compat
+from tests._servers import ServerProcess
 
 pytest.importorskip("gunicorn")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 3
 CLIENT_THREADS = 6
 REQUESTS_PER_PHASE = 1000
@@ -53,12 +51,10 @@ class Reply(NamedTuple):
     mine: int  # this worker's count after this request
 
 
-class Server:
-    """A gunicorn master in its own process group, its log in a file."""
+class Server(ServerProcess):
+    """A gunicorn master (``tests._wsgi_app``, with its configuration file's hooks)."""
 
     def __init__(self, log_path: Path, env: dict[str, str]) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
         cmd = [
             sys.executable,
             "-m",
@@ -71,32 +67,7 @@ class Server:
             "127.0.0.1:0",
             "tests._wsgi_app:application",
         ]
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.port = 0
-        self._stopped = False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_listening(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log())
-            if m:
-                self.port = int(m.group(1))
-                return
-            if self.proc.poll() is not None:
-                pytest.fail(f"gunicorn exited with {self.proc.returncode} before listening")
-            time.sleep(0.05)
-        pytest.fail(f"gunicorn did not listen within {STARTUP_TIMEOUT} s")
+        super().__init__(cmd, log_path, env, timeout=STARTUP_TIMEOUT)
 
     def get(self, path: str) -> bytes:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
@@ -109,22 +80,6 @@ class Server:
         if resp.status != 200:
             raise AssertionError(f"GET {path}: HTTP {resp.status}: {body!r}")
         return body
-
-    def workers(self) -> set[int]:
-        """The master's live child processes (its workers), from /proc."""
-        children = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:  # gone meanwhile
-                continue
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-            if int(ppid) == self.proc.pid and state != "Z":
-                children.add(int(entry))
-        return children
 
     def wait_workers(self, exclude: set[int]) -> set[int]:
         """Wait until exactly WORKERS workers run, none of them in ``exclude``, and each
@@ -150,29 +105,6 @@ class Server:
             f"(children: {sorted(self.workers())}, old: {sorted(exclude)})"
         )
 
-    def stop(self) -> int | None:
-        """SIGTERM (graceful), then SIGKILL to the whole process group; always reaps.
-
-        Returns gunicorn's exit status, or None if it had to be killed (or was stopped
-        before)."""
-        if self._stopped:
-            return None
-        self._stopped = True
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=STOP_TIMEOUT)
-            returncode = self.proc.poll()
-            # Workers gunicorn failed to reap (or all of them, if the master was stuck).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            if returncode is None:
-                self.proc.wait(timeout=10)
-            return returncode
-        finally:
-            self._log.close()
-
 
 @contextlib.contextmanager
 def gunicorn(log_path: Path, env: dict[str, str]) -> Iterator[Server]:
@@ -183,11 +115,11 @@ def gunicorn(log_path: Path, env: dict[str, str]) -> Iterator[Server]:
         server.wait_listening()
         yield server
     except BaseException:
-        server.stop()
+        server.stop(STOP_TIMEOUT)
         print(f"--- gunicorn log ---\n{server.log()}")
         raise
     finally:
-        server.stop()
+        server.stop(STOP_TIMEOUT)
 
 
 def send_requests(
@@ -315,7 +247,7 @@ def test_gunicorn_workers_count_exactly_across_a_reload(attach_in: str, tmp_path
             for slot, n in answered.items():
                 assert sorted(r.mine for r in replies if r.slot == slot) == list(range(1, n + 1))
 
-            returncode = server.stop()
+            returncode = server.stop(STOP_TIMEOUT)
             log = server.log()
             assert returncode == 0, f"gunicorn exited with {returncode}:\n{log}"
             assert "Traceback" not in log, log

@@ -560,3 +560,38 @@ def test_exit_works_through_the_class_as_exit_stack_calls_it(lock: safeshm.SafeL
     with pytest.raises(safeshm.LockNotHeldError):
         type(lock).__exit__(lock, None, None, None)
     assert "Release the lock" in (safeshm.SafeLock.release.__doc__ or "")
+
+
+def test_an_internal_mutex_wait_can_be_bounded(cleanup: Any) -> None:
+    """``Held(mutex, timeout=...)``, what structures use to bound a wait for a holder that
+    is alive but never releases (SIGSTOP): LockTimeoutError, the block not run, the mutex
+    not taken; once it is free, the same call takes it."""
+    from safeshm._lock import Held
+
+    counter = cleanup(safeshm.ShardedCounter.create())
+    mutex = counter._mutex
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with Held(mutex):
+            holding.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(30)
+        ran = False
+        t0 = time.monotonic()
+        timed_out = pytest.raises(safeshm.LockTimeoutError, match=r"within 0\.2 s")
+        with timed_out, Held(mutex, None, 0.2):
+            ran = True
+        assert not ran
+        assert 0.15 <= time.monotonic() - t0 < 10
+    finally:
+        release.set()
+        t.join(30)
+    with Held(mutex, None, 5.0):
+        pass
+    counter.set(3)  # takes the mutex itself: it was released
+    assert counter.value == 3

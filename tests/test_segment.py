@@ -847,3 +847,13 @@ def test_a_segment_cut_inside_its_header_is_damaged_not_another_layout(
     finally:
         c.close()
         c.unlink()
+
+
+def test_a_closed_views_stand_in_refuses_with_as_closed() -> None:
+    """``with view:`` on a closed handle's view (a structure whose mutex block is used as a
+    context manager) raises SegmentClosedError, not a TypeError about a missing
+    ``__exit__`` (found by review: a closed rate-limit table said TypeError)."""
+    from safeshm._segment import _Closed
+
+    with pytest.raises(safeshm.SegmentClosedError, match="gone"), _Closed("gone"):
+        pass

@@ -49,6 +49,7 @@ from ._errors import (
     StoreCorruptedError,
     StoreNotFoundError,
     StoreTimeoutError,
+    TickOverrunWarning,
     TooManyWaitersError,
     TransactionConflictError,
 )
@@ -76,6 +77,7 @@ from ._store import (
     StoreStatistics,
     Transaction,
 )
+from ._tick import TickLeader, TickLeaderStatistics
 
 __version__ = "0.1.0.dev0"
 
@@ -148,6 +150,9 @@ __all__ = [
     "StoreNotFoundError",
     "StoreStatistics",
     "StoreTimeoutError",
+    "TickLeader",
+    "TickLeaderStatistics",
+    "TickOverrunWarning",
     "TooManyWaitersError",
     "Transaction",
     "TransactionConflictError",

@@ -43,6 +43,8 @@ from ._semaphore import SafeSemaphore
 from ._sharded import ShardedCounter
 from ._store import SafeFileStore
 from ._store_cli import add_store_parser
+from .metrics._registry import MetricsRegistry
+from .ratelimit._table import RateLimitTable
 
 _CLASSES: dict[int, type[SharedStructure]] = {
     Kind.COUNTER: SafeCounter,
@@ -56,6 +58,8 @@ _CLASSES: dict[int, type[SharedStructure]] = {
     Kind.CONDITION: SafeCondition,
     Kind.RLOCK: SafeRLock,
     Kind.RWLOCK: SafeRWLock,
+    Kind.METRICS: MetricsRegistry,
+    Kind.RATE_LIMITS: RateLimitTable,
 }
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreNotFoundError",
     "StoreTimeoutError",
+    "TickOverrunWarning",
     "TooManyWaitersError",
     "TransactionConflictError",
 ]
@@ -175,6 +176,43 @@ class HolderDiedWarning(SafeShmWarning, RuntimeWarning):
     built so that they stay consistent, but data of your own that the lock guarded
     may need checking.
     """
+
+
+class TickOverrunWarning(SafeShmWarning, RuntimeWarning):
+    """A tick was skipped because a job has held the lead longer than ``max_run``.
+
+    Issued by :meth:`TickLeader.lead` (and the loops) in the one caller that claimed the
+    tick, so at most once per tick across all processes. The job may be hung, or its
+    process stopped (``SIGSTOP``, a debugger, a frozen container): no tick runs until it
+    ends or its process dies (the next tick then recovers the lead, with a
+    :class:`~safeshm.HolderDiedWarning`). safeshm never takes the lead from a live holder.
+
+    Attributes:
+        name: the leader's name.
+        tick: the tick that was skipped.
+        holder_pid: the process running the overdue job (``None`` if it cannot be seen:
+            another pid namespace, or it just ended).
+        running_for: seconds the job had held the lead.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        name: str = "",
+        tick: int = 0,
+        holder_pid: int | None = None,
+        running_for: float = 0.0,
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.tick = tick
+        self.holder_pid = holder_pid
+        self.running_for = running_for
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The attributes travel with a pickled warning (a multiprocessing result, a log
+        # record): the default keeps only the message.
+        return (type(self), (str(self), self.name, self.tick, self.holder_pid, self.running_for))
 
 
 if sys.version_info >= (3, 13):

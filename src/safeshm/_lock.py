@@ -53,6 +53,7 @@ _RECOVERIES_OFFSET: Final = 64
 OK: Final = 0
 RECOVERED: Final = 1
 TIMED_OUT: Final = 2
+_NOT_HELD: Final = -2  # Held.__enter__: timed out, the mutex was never ours
 
 _WAIT_SLICE: Final = 0.1
 """Longest single sleep in the kernel while blocking without a deadline. Waking every
@@ -582,13 +583,19 @@ class Held:
     single C-level call (a Python ``__exit__`` would let a signal handler's exception land
     at its first instruction, before the unlock). ``on_recovered`` runs, holding the
     mutex, when the previous holder died (e.g. to repair what it left half-done).
+    ``timeout`` (seconds) bounds the wait for a holder that is alive but does not release
+    it (stopped by SIGSTOP or a debugger): :class:`~safeshm.LockTimeoutError` then, and
+    the block does not run.
     """
 
-    __slots__ = ("_m", "_on_recovered")
+    __slots__ = ("_m", "_on_recovered", "_timeout")
 
-    def __init__(self, mutex: RobustMutex, on_recovered: Any = None) -> None:
+    def __init__(
+        self, mutex: RobustMutex, on_recovered: Any = None, timeout: float | None = None
+    ) -> None:
         self._m = mutex
         self._on_recovered = on_recovered
+        self._timeout = timeout
 
     def __enter__(self) -> None:
         m = self._m
@@ -598,9 +605,21 @@ class Held:
             m.check_not_mine()
         try:
             rc = _trylock(p)
-            if rc and m.finish_acquire(rc, _NEVER) == RECOVERED and self._on_recovered:
-                self._on_recovered()
+            if rc:
+                timeout = self._timeout
+                deadline = _NEVER if timeout is None else time.monotonic() + timeout
+                got = m.finish_acquire(rc, deadline)
+                if got == TIMED_OUT:
+                    rc = _NOT_HELD
+                    raise LockTimeoutError(
+                        f"{m._what} was not acquired within {timeout} s: its holder is "
+                        "alive but does not release it (stopped, or stuck); nothing was changed"
+                    )
+                if got == RECOVERED and self._on_recovered:
+                    self._on_recovered()
         except BaseException:
+            if rc == _NOT_HELD:
+                raise
             if not rc:
                 _unlock(p)
             elif rc != EDEADLK:

@@ -103,6 +103,8 @@ class Kind(enum.IntEnum):
     CONDITION = 9
     RLOCK = 10
     RWLOCK = 11
+    METRICS = 12
+    RATE_LIMITS = 13
 
     @property
     def type_name(self) -> str:
@@ -121,6 +123,8 @@ _KIND_NAMES: Final = {
     Kind.CONDITION: "SafeCondition",
     Kind.RLOCK: "SafeRLock",
     Kind.RWLOCK: "SafeRWLock",
+    Kind.METRICS: "MetricsRegistry",
+    Kind.RATE_LIMITS: "RateLimitTable",
 }
 
 
@@ -521,7 +525,7 @@ class _Closed:
     def _raise(self, *args: object, **kwargs: object) -> Any:
         raise SegmentClosedError(self._message)
 
-    __getitem__ = __setitem__ = __call__ = __iter__ = __len__ = __enter__ = _raise
+    __getitem__ = __setitem__ = __call__ = __iter__ = __len__ = __enter__ = __exit__ = _raise
 
     def __getattr__(self, attr: str) -> Any:
         raise SegmentClosedError(self._message)
