@@ -7,7 +7,9 @@ Each kind runs in a subprocess, so that a hang or a crash fails the test, not py
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +29,28 @@ def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> No
     env = dict(os.environ)
     src = str(Path(safeshm.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
+    # A hang fails with every thread's stack, in the worker and in its checking process:
+    # SIGABRT to the whole session makes faulthandler print them.
+    env["PYTHONFAULTHANDLER"] = "1"
+    proc = subprocess.Popen(
         [sys.executable, str(WORKER), kind, str(interrupts), str(budget_s), mode],
-        check=False,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=budget_s + 60,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    try:
+        out, err = proc.communicate(timeout=budget_s + 40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=20)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the worker hung; its stacks:\n{out[-2000:]}\n{err[-12000:]}")
+    assert proc.returncode == 0, (proc.returncode, out[-2000:], err[-3000:])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -52,6 +67,7 @@ def test_reentrant_handlers_never_release_the_outer_hold(kind: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(200)  # above _run's own limit, which reports the stacks of a hang
 @pytest.mark.parametrize(
     ("kind", "mode"),
     [(kind, "raise") for kind in KINDS] + [(kind, "reentrant") for kind in REENTRANT_KINDS],

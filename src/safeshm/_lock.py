@@ -27,7 +27,7 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
@@ -110,6 +110,11 @@ _NEVER: Final = math.inf
 # thread having marked it consistent).
 
 
+def _words_holding(words: memoryview, indexes: Iterable[int], tid: int) -> list[int]:
+    """The ``indexes`` whose word holds ``tid`` (a function: no loop inside a try)."""
+    return [i for i in indexes if words[i] & _FUTEX_TID_MASK == tid]
+
+
 def _probe_owner_word() -> int:
     """The index (in ``int``s) of the robust futex word, which holds the owner's thread id.
 
@@ -125,11 +130,9 @@ def _probe_owner_word() -> int:
     try:
         tid = threading.get_native_id()
         _check(_compat.mutex_trylock(ctypes.byref(target)), "pthread_mutex_trylock")
-        held = [
-            i for i in range(_compat.PTHREAD_MUTEX_SIZE // 4) if words[i] & _FUTEX_TID_MASK == tid
-        ]
+        held = _words_holding(words, range(_compat.PTHREAD_MUTEX_SIZE // 4), tid)
         _check(_compat.mutex_unlock(ctypes.byref(target)), "pthread_mutex_unlock")
-        found = [i for i in held if words[i] & _FUTEX_TID_MASK == 0]
+        found = _words_holding(words, held, 0)
     finally:
         words.release()
         del target
@@ -341,15 +344,8 @@ def _held_forever(words: memoryview, tid: int) -> bool:
         return False  # alive and mapping it, or we cannot tell: a real holder
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if (
-                    len(fields) >= 6
-                    and fields[1] == "FLOCK"
-                    and fields[5] == where
-                    and fields[4] != str(_compat.pid)
-                ):
-                    return False
+            if _flocked_by_another_process(f, where):
+                return False
     except OSError:  # pragma: no cover - no /proc: cannot tell
         return False
     # Read the word again now that the thread is gone: a holder exiting while we looked
@@ -363,14 +359,34 @@ def _mapped_file(address: int) -> str | None:
     """``MAJ:MIN:INODE`` (as /proc/locks writes it) of the file mapped at ``address``."""
     try:
         with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                low, _, high = fields[0].partition("-")
-                if int(low, 16) <= address < int(high, 16) and len(fields) >= 5:
-                    return _file_id(fields)
+            return _file_mapped_at(f, address)
     except (OSError, ValueError):  # pragma: no cover - no /proc
         return None
-    return None  # pragma: no cover - we map it
+
+
+# The loops over /proc files are functions of their own, called inside the `with open`:
+# see the note on loops above RobustMutex's pattern (a back edge can skip a with's exit).
+def _flocked_by_another_process(locks: Iterable[str], where: str) -> bool:
+    """Does a line of /proc/locks show another process's flock on the file ``where``?"""
+    for line in locks:
+        fields = line.split()
+        if (
+            len(fields) >= 6
+            and fields[1] == "FLOCK"
+            and fields[5] == where
+            and fields[4] != str(_compat.pid)
+        ):
+            return True
+    return False
+
+
+def _file_mapped_at(maps: Iterable[str], address: int) -> str | None:
+    for line in maps:
+        fields = line.split()
+        low, _, high = fields[0].partition("-")
+        if int(low, 16) <= address < int(high, 16) and len(fields) >= 5:
+            return _file_id(fields)
+    return None
 
 
 def _file_id(fields: list[str]) -> str:
@@ -657,11 +673,15 @@ def tid_to_pid(tid: int) -> int | None:
     """The process (thread group) a kernel thread id belongs to, if it still exists."""
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
+            return _tgid(f)
     except OSError:
         return None
+
+
+def _tgid(status: Iterable[bytes]) -> int | None:
+    for line in status:
+        if line.startswith(b"Tgid:"):
+            return int(line.split()[1])
     return None  # pragma: no cover
 
 

@@ -154,6 +154,15 @@ class QueueStatistics:
     """The number of lease slots (``leases=``)."""
 
 
+def _watch(state: memoryview, word: int, seen: int) -> None:
+    """Up to _SPINS reads of ``state[word]``, until it moves from ``seen`` or the queue is
+    shut down. A function of its own: on 3.13 a signal handler's exception at a loop's back
+    edge can skip the enclosing ``finally`` (CPython gh-130279; tests/test_async_bytecode.py)."""
+    for _ in range(_SPINS):
+        if state[word] != seen or state[_SHUT]:
+            return
+
+
 class SafeQueue(SharedStructure, Generic[T]):
     """A bounded multi-producer, multi-consumer FIFO queue in shared memory.
 
@@ -999,9 +1008,7 @@ class SafeQueue(SharedStructure, Generic[T]):
         p = self._hot[4]
         _unlock(p)
         try:
-            for _ in range(_SPINS):
-                if state[word] != seen or state[_SHUT]:
-                    break
+            _watch(state, word, seen)
         finally:
             self._relock(p, deadline, queue.Empty)
 

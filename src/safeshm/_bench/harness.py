@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.shared_memory import SharedMemory
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeVar
 
@@ -573,13 +573,19 @@ class Agents:
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Processor", "cpu model"):
-                    return value.strip()
+            model = _model_line(f)
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        model = None
+    return model or platform.processor() or "unknown"
+
+
+def _model_line(cpuinfo: Iterable[str]) -> str | None:
+    # A function of its own: no loop inside a with (tests/test_async_bytecode.py).
+    for line in cpuinfo:
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Processor", "cpu model"):
+            return value.strip()
+    return None
 
 
 def implementations_text(variants: Sequence[str], unavailable: dict[str, str]) -> str:

@@ -138,16 +138,21 @@ def _time_sets(kind: str, path: str, keys: list[str], value: bytes) -> float:
 
 def _time_gets(kind: str, path: str, keys: list[str], value: bytes) -> float:
     with _opened(kind, path) as store:
-        put, get = _setter(kind, store), _getter(kind, store)
-        for key in keys:
-            put(key, value)
-        order = keys[:]
-        random.Random(7).shuffle(order)
-        start = time.perf_counter()
-        for key in order:
-            if get(key) is None:  # pragma: no cover - a benchmark that lost data is void
-                raise BenchError(f"store get: {kind} lost {key!r}")
-        return time.perf_counter() - start
+        return _fill_and_time_gets(kind, store, keys, value)
+
+
+def _fill_and_time_gets(kind: str, store: Any, keys: list[str], value: bytes) -> float:
+    # A function of its own: no loop inside a with (tests/test_async_bytecode.py).
+    put, get = _setter(kind, store), _getter(kind, store)
+    for key in keys:
+        put(key, value)
+    order = keys[:]
+    random.Random(7).shuffle(order)
+    start = time.perf_counter()
+    for key in order:
+        if get(key) is None:  # pragma: no cover - a benchmark that lost data is void
+            raise BenchError(f"store get: {kind} lost {key!r}")
+    return time.perf_counter() - start
 
 
 def _writer(  # noqa: PLR0917
@@ -171,6 +176,16 @@ def _writer(  # noqa: PLR0917
         times[2 * slot + 1] = time.perf_counter()
 
 
+def _run_writers(kind: str, procs: list[Any]) -> None:
+    # A function of its own: no loop inside a try whose finally kills them.
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=_JOIN_TIMEOUT)
+        if p.exitcode != 0:
+            raise BenchError(f"a {kind} writer failed (exit code {p.exitcode})")
+
+
 def _time_writers(ctx: Context, kind: str, path: str, writers: int, n: int) -> float:
     """Total sets per second of ``writers`` processes writing ``n`` keys each."""
     with _opened(kind, path):
@@ -182,12 +197,7 @@ def _time_writers(ctx: Context, kind: str, path: str, writers: int, n: int) -> f
         for w in range(writers)
     ]
     try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=_JOIN_TIMEOUT)
-            if p.exitcode != 0:
-                raise BenchError(f"a {kind} writer failed (exit code {p.exitcode})")
+        _run_writers(kind, procs)
     finally:
         for p in procs:
             if p.is_alive():

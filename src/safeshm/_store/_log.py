@@ -205,30 +205,33 @@ class _Log(Generic[V]):
             next(maintenance)
             if self._read_current() is not None:
                 return  # another process initialised it first
-            foreign = [n for n in os.listdir(self._dir_fd) if not _is_our_file(n)]
+            foreign = _foreign_files(self._dir_fd)
             if foreign:
                 shown = ", ".join(sorted(foreign)[:5])
                 raise IncompatibleStoreError(
                     f"{self._path!r} is not empty and holds no SafeFileStore "
                     f"(found {shown}); use an empty or new directory"
                 )
-            # An initialisation killed before it wrote CURRENT leaves temp files and a log
-            # holding only its HEADER: debris, removed. A log with records in it means
-            # CURRENT was lost from a store in use: that is for a person to look at.
-            for name in os.listdir(self._dir_fd):
-                if name.endswith(_TMP_SUFFIX):
-                    _unlink_quietly(self._dir_fd, name)
-                elif _generation_of(name) is not None:
-                    if not self._only_header(name):
-                        raise StoreCorruptedError(
-                            f"{self._path!r} has no {CURRENT_FILE} but its log {name} holds "
-                            f"data; restore {CURRENT_FILE} or move the logs away"
-                        )
-                    _unlink_quietly(self._dir_fd, name)
+            self._remove_initialisation_debris()
             self._write_generation(1, [])
             _replace_file(self._dir_fd, CURRENT_FILE, _current_text(1), self._path)
         finally:
             maintenance.close()
+
+    def _remove_initialisation_debris(self) -> None:
+        """An initialisation killed before it wrote CURRENT leaves temp files and a log
+        holding only its HEADER: debris, removed. A log with records in it means CURRENT
+        was lost from a store in use: that is for a person to look at."""
+        for name in os.listdir(self._dir_fd):
+            if name.endswith(_TMP_SUFFIX):
+                _unlink_quietly(self._dir_fd, name)
+            elif _generation_of(name) is not None:
+                if not self._only_header(name):
+                    raise StoreCorruptedError(
+                        f"{self._path!r} has no {CURRENT_FILE} but its log {name} holds "
+                        f"data; restore {CURRENT_FILE} or move the logs away"
+                    )
+                _unlink_quietly(self._dir_fd, name)
 
     def _only_header(self, name: str) -> bool:
         fd = _open_file(self._dir_fd, name, os.O_RDONLY, self._path)
@@ -254,15 +257,7 @@ class _Log(Generic[V]):
         fd = _open_file(self._dir_fd, tmp, os.O_WRONLY | os.O_EXCL, self._path, create=True)
         try:
             _write_all(fd, self._header_record())
-            chunk: list[bytes] = []
-            size = 0
-            for record in records:
-                chunk.append(record)
-                size += len(record)
-                if size >= 1 << 20:
-                    _write_all(fd, b"".join(chunk))
-                    chunk, size = [], 0
-            _write_all(fd, b"".join(chunk))
+            _write_records(fd, records)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -1062,11 +1057,12 @@ class _Log(Generic[V]):
                     records.append(encode_record(SET, key.encode(), value))
                 # Debris of compactions that were killed: temp files, and logs that are
                 # neither the current one nor the one we are about to publish.
-                for name in os.listdir(self._dir_fd):
-                    generation = _generation_of(name)
-                    stale = generation is not None and generation > old_generation
-                    if stale or name.endswith(_TMP_SUFFIX):
-                        _unlink_quietly(self._dir_fd, name)
+                _remove_files(
+                    self._dir_fd,
+                    lambda name: (
+                        name.endswith(_TMP_SUFFIX) or _generation_in(name, old_generation + 1)
+                    ),
+                )
                 self._write_generation(new_generation, records)
                 # The MOVED record is the commit point: from here on, every process that
                 # reads the old log follows it to the new one.
@@ -1084,10 +1080,7 @@ class _Log(Generic[V]):
                 _replace_file(self._dir_fd, CURRENT_FILE, _current_text(new_generation), self._path)
                 self._switch_to(new_generation)
                 self._sync_as_writer(writer)
-                for name in os.listdir(self._dir_fd):
-                    generation = _generation_of(name)
-                    if generation is not None and generation < new_generation:
-                        _unlink_quietly(self._dir_fd, name)
+                _remove_files(self._dir_fd, lambda name: _generation_in(name, 0, new_generation))
                 self._compactions += 1
         finally:
             hold.close()
@@ -1109,3 +1102,35 @@ class _Log(Generic[V]):
         self._pid = _compat.pid
         if not self._closed:
             self._writer = _process_writer(self._dir_fd, self._path)
+
+
+# Loops that run inside a `with` or a `try` whose exit releases something are functions of
+# their own: on 3.13 an exception from a signal handler landing at a loop's back edge can
+# skip the enclosing __exit__ or finally (CPython gh-130279; tests/test_async_bytecode.py).
+def _foreign_files(dir_fd: int) -> list[str]:
+    return [name for name in os.listdir(dir_fd) if not _is_our_file(name)]
+
+
+def _generation_in(name: str, low: int, high: float = math.inf) -> bool:
+    """Is ``name`` a log whose generation is in ``[low, high)``?"""
+    generation = _generation_of(name)
+    return generation is not None and low <= generation < high
+
+
+def _remove_files(dir_fd: int, doomed: Callable[[str], bool]) -> None:
+    for name in os.listdir(dir_fd):
+        if doomed(name):
+            _unlink_quietly(dir_fd, name)
+
+
+def _write_records(fd: int, records: list[bytes]) -> None:
+    """Write ``records`` in chunks of about 1 MiB."""
+    chunk: list[bytes] = []
+    size = 0
+    for record in records:
+        chunk.append(record)
+        size += len(record)
+        if size >= 1 << 20:
+            _write_all(fd, b"".join(chunk))
+            chunk, size = [], 0
+    _write_all(fd, b"".join(chunk))
