@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import queue
 import random
+import re
 import warnings
 from collections import Counter as Multiset
 from typing import Any
@@ -293,6 +294,30 @@ def _producer_accounting(
     return acked, in_flight_puts, missing_bytes, absent_batches
 
 
+def _drain(q: Any, raw: bool, consumer_pids: set[int]) -> list[int]:
+    """The tags of the items left in ``q``. This process's first get may free the records
+    of dead consumers: each HolderDiedWarning it gives must name one of ``consumer_pids``
+    (all dead by now), and must be the only kind of warning."""
+    drained: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        while True:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                break
+            tag = cp.q_untag(item, raw)
+            assert tag is not None, f"torn item {item!r}"
+            drained.append(tag)
+    for w in caught:
+        assert issubclass(w.category, safeshm.HolderDiedWarning), w
+        m = re.search(r"consumer process (\d+) died", str(w.message))
+        assert m is not None and int(m.group(1)) in consumer_pids, (
+            f"{w.message} (consumers: {sorted(consumer_pids)})"
+        )
+    return drained
+
+
 @pytest.mark.parametrize("raw", [False, True], ids=["pickled", "raw"])
 def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
     """Two producers (put, put_many) and one consumer at a time (get, get_many) on a small
@@ -303,7 +328,9 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
     bytes it took, and what it recorded must account for all of them unless it died in
     flight; the bytes of the items missing must then be exactly those bytes."""
     name = unique()
-    q: Any = safeshm.SafeQueue.create(4096, name=name, raw=raw)
+    # One consumer record: each consumer's first get frees its killed predecessor's record
+    # (telling of its unfinished tasks), and so does the final drain.
+    q: Any = safeshm.SafeQueue.create(4096, name=name, raw=raw, processes=1)
     log = cp.new_log(1200)
     items = cp.new_items_log(1200)
     heads: dict[int, tuple[int, int]] = {}  # consumer inc -> head word at its start, death
@@ -327,15 +354,9 @@ def test_safequeue_survives_kills(raw: bool, seed: int, unique: Any) -> None:
         for inc, role in out.survivors:
             if role == 2:
                 note_head(cp.Death(inc, role, 0, 0, killed=False))
-        drained: list[int] = []
-        while True:
-            try:
-                item = q.get_nowait()
-            except queue.Empty:
-                break
-            tag = cp.q_untag(item, raw)
-            assert tag is not None, f"torn item {item!r}"
-            drained.append(tag)
+        drained = _drain(
+            q, raw, {log[cp.slot(i, cp.PID)] for i, r in out.incarnations.items() if r == 2}
+        )
         assert cp.q_head(q) - head == sum(cp.q_record_size(t, raw) for t in drained)
         sequences = []
         lost_bytes = 0
