@@ -12,14 +12,15 @@ compaction leaked the store's mutex that way: the next write hung forever (seen 
 This test reads the bytecode of every module of safeshm as the running Python compiles it
 and fails on each back edge that lies in such a gap; the fix is to move the loop into a
 function of its own, whose call is covered. A signal storm finds such a gap only by luck.
+The scan misses some shapes that leak (a loop as the last statement of the body, among
+others): ``tests/test_async_loops.py`` holds the stricter rule, on every Python, that no
+loop runs in such a body at all; this test shows the mechanism in the bytecode.
 """
 
 from __future__ import annotations
 
 import dis
-import importlib
 import math
-import pkgutil
 import sys
 import types
 from collections.abc import Iterator
@@ -109,10 +110,11 @@ def unprotected_back_edges(code: types.CodeType) -> list[int]:
 
 
 def _modules() -> Iterator[tuple[str, Path]]:
-    for info in pkgutil.walk_packages(safeshm.__path__, "safeshm."):
-        spec = importlib.util.find_spec(info.name)
-        if spec is not None and spec.origin and spec.origin.endswith(".py"):
-            yield info.name, Path(spec.origin)
+    # Every file, not pkgutil.walk_packages: that skips a package it cannot import
+    # (safeshm.redis without redis-py).
+    package = Path(safeshm.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        yield ".".join(path.relative_to(package.parent).with_suffix("").parts), path
 
 
 def test_the_scan_finds_the_gap_that_leaked_the_store_mutex() -> None:

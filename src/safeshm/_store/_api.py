@@ -705,6 +705,12 @@ def _reopen(
     )
 
 
+def _operations(ops: dict[str, tuple[bytes, bytes | None]]) -> list[tuple[int, bytes, bytes]]:
+    """A transaction's records: SET or DEL for each key it wrote (a function of its own,
+    called under the transaction's try: the comment above _log._foreign_files)."""
+    return [(SET, kb, value) if value is not None else (DEL, kb, b"") for kb, value in ops.values()]
+
+
 # PyObject_CallOneArg(f, arg), called with two extra arguments that it ignores (every
 # supported ABI passes them in registers, and the caller cleans up): __exit__(t, v, tb) as
 # f(t), in C. PyDLL keeps the GIL and raises what f raised.
@@ -764,14 +770,7 @@ class Transaction(MutableMapping[str, V], Generic[V]):
             self._state = "open"
             exc_type = yield False
             self._state = "done"
-            ops = (
-                None
-                if exc_type is not None
-                else [
-                    (SET, kb, value) if value is not None else (DEL, kb, b"")
-                    for kb, value in self._ops.values()
-                ]
-            )
+            ops = None if exc_type is not None else _operations(self._ops)
             pending = store._commit(ops) if ops else None
         finally:
             self._state = "done"

@@ -308,22 +308,27 @@ def _scan(path: StrPath, serializer: str | None = None) -> tuple[RecoveryReport,
     dir_fd, where = open_directory(path, create=False)
     scan = _Scan(serializer)
     try:
-        generation: int | None = _first_generation(dir_fd, where)
-        while generation is not None:
-            name = log_name(generation)
-            fd = _open_file(dir_fd, name, os.O_RDONLY, where)
-            try:
-                size = os.fstat(fd).st_size
-                data = os.pread(fd, size, 0) if size else b""
-                acknowledged = _trusted_position(dir_fd, fd, generation)
-            finally:
-                os.close(fd)
-            generation = scan.log(name, data, acknowledged)
-            if generation is not None and log_name(generation) not in os.listdir(dir_fd):
-                generation = None  # a compaction's MOVED whose log is gone: nothing more
+        _scan_logs(scan, dir_fd, where)  # the loop in a function of its own: _log.py's header
     finally:
         os.close(dir_fd)
     return scan.report(where), scan.values
+
+
+def _scan_logs(scan: _Scan, dir_fd: int, where: str) -> None:
+    """Feed ``scan`` each log of the chain, from the first generation on."""
+    generation: int | None = _first_generation(dir_fd, where)
+    while generation is not None:
+        name = log_name(generation)
+        fd = _open_file(dir_fd, name, os.O_RDONLY, where)
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0) if size else b""
+            acknowledged = _trusted_position(dir_fd, fd, generation)
+        finally:
+            os.close(fd)
+        generation = scan.log(name, data, acknowledged)
+        if generation is not None and log_name(generation) not in os.listdir(dir_fd):
+            generation = None  # a compaction's MOVED whose log is gone: nothing more
 
 
 def scan_store(path: StrPath) -> RecoveryReport:

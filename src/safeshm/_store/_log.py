@@ -1047,14 +1047,7 @@ class _Log(Generic[V]):
                     return
                 old_fd, old_generation = self._log_fd, self._generation
                 new_generation = old_generation + 1
-                records: list[bytes] = []
-                for key, entry in self._index.items():
-                    # Checked like every read: a record that does not verify raises here,
-                    # before anything is written, and is never copied under a fresh
-                    # checksum (that would launder the damage).
-                    cached = entry[0]
-                    value = cached if cached is not None else self._read_value(entry)
-                    records.append(encode_record(SET, key.encode(), value))
+                records = self._live_records()
                 # Debris of compactions that were killed: temp files, and logs that are
                 # neither the current one nor the one we are about to publish.
                 _remove_files(
@@ -1084,6 +1077,19 @@ class _Log(Generic[V]):
                 self._compactions += 1
         finally:
             hold.close()
+
+    def _live_records(self) -> list[bytes]:
+        """A SET record for each live key (the loop in a function of its own: see the
+        comment above _foreign_files)."""
+        records: list[bytes] = []
+        for key, entry in self._index.items():
+            # Checked like every read: a record that does not verify raises here, before
+            # anything is written, and is never copied under a fresh checksum (that would
+            # launder the damage).
+            cached = entry[0]
+            value = cached if cached is not None else self._read_value(entry)
+            records.append(encode_record(SET, key.encode(), value))
+        return records
 
     def _close_fds(self) -> None:
         self._writer = None

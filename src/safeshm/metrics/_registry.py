@@ -998,8 +998,7 @@ class MetricsRegistry(SharedStructure):
             if used < self._send:
                 raise self._corrupt(f"{used} cells are marked used, its series use {self._send}")
             _check_rows_past(self, high)
-            nseries = len(self._slabels)
-            states = [self._entry(s)[0] for s in range(nseries)]
+            states = _series_states(self)
             gauges = _read_gauges(self, states, high)
         totals = _column_sums(self, high, used)
         out: list[tuple[Definition, list[tuple[tuple[str, ...], list[float]]]]] = []
@@ -1436,6 +1435,12 @@ def _repair_fold(reg: MetricsRegistry) -> None:
         d[base + c] = d[_CTRL + _C_JOLDV]
         d[base + c + 1] = d[_CTRL + _C_JOLDTS]
     q[_CTRL + _C_JACTIVE] = 0
+
+
+def _series_states(reg: MetricsRegistry) -> list[int]:
+    """Each known series' state (holding the mutex; the loop in a function of its own: the
+    comment above safeshm._store._log._foreign_files)."""
+    return [reg._entry(s)[0] for s in range(len(reg._slabels))]
 
 
 def _read_gauges(reg: MetricsRegistry, states: Sequence[int], high: int) -> dict[int, float]:

@@ -576,36 +576,48 @@ class RedisLock(RedisStructure):
         ps = self._subscriber(st)
         ok = False
         try:
-            drops = 0
-            while True:
-                if not self._subscribe(ps, deadline):
-                    ok = True
-                    return False
-                while True:
-                    result, sent = self._attempt(token, deadline)
-                    if result[0] == 1:
-                        ok = True
-                        return self._won(st, me, token, result, sent)
-                    self._check_not_mine(result[1], identity)
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        ok = True
-                        return False
-                    pttl = int(result[2])
-                    # +2 ms: the key is surely gone when we look again. A lease key without
-                    # an expiry (PTTL -1: someone PERSISTed it) is looked at every second.
-                    wait = min(remaining, 1.0 if pttl < 0 else pttl / 1000 + 0.002)
-                    if not self._listen(ps, wait):
-                        break  # the subscriber's connection dropped: subscribe again
-                    drops = 0
-                drops += 1
-                if drops >= _MAX_DROPS:
-                    raise BackendUnavailableError(
-                        f"waiting for {self._what}: the subscriber connection dropped "
-                        f"{drops} times in a row"
-                    )
+            # The loops in a method of their own: see _releasing.
+            won = self._wait_subscribed(ps, st, me, token, identity=identity, deadline=deadline)
+            ok = True
+            return won
         finally:
             self._unsubscribe(ps, clean=ok)
+
+    def _wait_subscribed(
+        self,
+        ps: Any,
+        st: _State,
+        me: threading.Thread,
+        token: str,
+        *,
+        identity: str,
+        deadline: float,
+    ) -> bool:
+        drops = 0
+        while True:
+            if not self._subscribe(ps, deadline):
+                return False
+            while True:
+                result, sent = self._attempt(token, deadline)
+                if result[0] == 1:
+                    return self._won(st, me, token, result, sent)
+                self._check_not_mine(result[1], identity)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                pttl = int(result[2])
+                # +2 ms: the key is surely gone when we look again. A lease key without
+                # an expiry (PTTL -1: someone PERSISTed it) is looked at every second.
+                wait = min(remaining, 1.0 if pttl < 0 else pttl / 1000 + 0.002)
+                if not self._listen(ps, wait):
+                    break  # the subscriber's connection dropped: subscribe again
+                drops = 0
+            drops += 1
+            if drops >= _MAX_DROPS:
+                raise BackendUnavailableError(
+                    f"waiting for {self._what}: the subscriber connection dropped "
+                    f"{drops} times in a row"
+                )
 
     # -- pub/sub ----------------------------------------------------------------------------
     def _subscriber(self, st: _State) -> Any:
@@ -954,25 +966,9 @@ def _work(st: _State, conn: Connection, lease_key: str, state_key: str, channel:
     idle_since = time.monotonic()
     while True:
         with st.cond:
-            while True:
-                now = time.monotonic()
-                if st.stopped or st.pid != os.getpid():
-                    st.worker = None
-                    return
-                job = min(st.jobs, key=_due, default=None)
-                if job is not None:
-                    idle_since = now
-                    if job.due <= now:
-                        break
-                    wait = job.due - now
-                else:
-                    if now - idle_since >= _IDLE_EXIT:
-                        st.worker = None
-                        return
-                    wait = _IDLE_EXIT
-                st.wake_at = now + wait
-                st.cond.wait(wait)
-                st.wake_at = -_NEVER
+            job, idle_since = _next_job(st, idle_since)
+        if job is None:
+            return
         if job.releasing:
             _retry_release(st, conn, release, job, keys=[lease_key, state_key], channel=channel)
         elif not job.thread.is_alive():
@@ -983,6 +979,31 @@ def _work(st: _State, conn: Connection, lease_key: str, state_key: str, channel:
                 st.jobs.discard(job)
         else:
             _renew(st, conn, extend, job, lease_key)
+
+
+def _next_job(st: _State, idle_since: float) -> tuple[_Hold | None, float]:
+    """Holding ``st.cond``: wait for the next hold that is due, and return it with the new
+    idle time; ``None`` when the thread is to end (stopped, forked, or idle too long).
+    The loop is a function of its own, called inside ``with st.cond`` (see _releasing)."""
+    while True:
+        now = time.monotonic()
+        if st.stopped or st.pid != os.getpid():
+            st.worker = None
+            return None, idle_since
+        job = min(st.jobs, key=_due, default=None)
+        if job is not None:
+            idle_since = now
+            if job.due <= now:
+                return job, idle_since
+            wait = job.due - now
+        else:
+            if now - idle_since >= _IDLE_EXIT:
+                st.worker = None
+                return None, idle_since
+            wait = _IDLE_EXIT
+        st.wake_at = now + wait
+        st.cond.wait(wait)
+        st.wake_at = -_NEVER
 
 
 def _releasing(jobs: set[_Hold]) -> list[_Hold]:
