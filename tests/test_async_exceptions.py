@@ -20,9 +20,7 @@ import safeshm
 
 WORKER = Path(__file__).with_name("_async_worker.py")
 KINDS = ["queue", "array", "sharded", "lock", "store"]
-# A store write from a signal handler that interrupted a read holding the handle's index
-# mutex would deadlock (that mutex is a plain threading.Lock): not covered yet.
-REENTRANT_KINDS = ["queue", "array", "sharded", "lock"]
+REENTRANT_KINDS = KINDS
 
 
 def _run(kind: str, interrupts: int, budget_s: float, mode: str = "raise") -> None:

@@ -233,7 +233,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         # byte of the log, not only what writers published.
         self._adopt_serializer_name = isinstance(serializer, _RawSerializer)
         self._durable = durable
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()
         self._pid = _compat.pid
         self._compactions = 0
         self._torn = 0
@@ -254,6 +254,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
                 raise StoreNotFoundError(errno.ENOENT, "no SafeFileStore at this path", self._path)
             self._writer: _ProcessWriter | None = _process_writer(self._dir_fd, self._path)
             self._reset_log()
+            self._refuse_reentry()
             with self._mutex:
                 self._load_current(create=create)
             self._closed = False
@@ -513,6 +514,7 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
         hold = self._hold(until)
         try:
             next(hold)
+            self._refuse_reentry()
             with self._mutex:
                 data = self._value(key)
             if data is not None:
@@ -631,9 +633,10 @@ class SafeFileStore(_Log[V], MutableMapping[str, V]):
             # A forked child: another thread of the parent may have held _mutex at the
             # fork, and nobody in the child will release it (issue 10, a hang in close()).
             # The parent's writer is not ours either; closing needs no writer of its own.
-            self._mutex = threading.Lock()
+            self._mutex = threading.RLock()
             self._pid = _compat.pid
             self._writer = None
+        self._refuse_reentry()
         with self._mutex:
             if self._closed:
                 return

@@ -127,7 +127,9 @@ class _Log(Generic[V]):
     _adopt_serializer_name: bool
     _durable: bool
     _timeout: float | None
-    _mutex: threading.Lock
+    # An RLock only so that _refuse_reentry can ask whether this thread holds it: it is
+    # never taken twice (a signal handler's use of the handle it interrupted is refused).
+    _mutex: threading.RLock
     _pid: int
     _compactions: int
     _torn: int
@@ -634,6 +636,7 @@ class _Log(Generic[V]):
                 fcntl.flock(writer.fd, fcntl.LOCK_UN)
 
     def _settle_excluded(self) -> None:
+        self._refuse_reentry()
         with self._mutex:
             if self._closed:
                 raise self._closed_error()
@@ -731,6 +734,7 @@ class _Log(Generic[V]):
                 raise self._timed_out(until, what)
             writer.owner = threading.get_ident()
             if catch_up is not None:
+                self._refuse_reentry()
                 with self._mutex:
                     if self._closed:
                         raise self._closed_error()
@@ -760,6 +764,7 @@ class _Log(Generic[V]):
         writer = self._writer
         if writer is None:  # pragma: no cover - the caller holds the writer
             raise self._closed_error()
+        self._refuse_reentry()
         with self._mutex:
             if self._closed:
                 raise self._closed_error()
@@ -904,6 +909,7 @@ class _Log(Generic[V]):
         finally:
             hold.close()
         self._finish(pending, until)
+        self._refuse_reentry()
         with self._mutex, contextlib.suppress(StoreCorruptedError):
             # The write is committed: damage in records before it is reported by the next
             # read, never as a failure of a write that took effect.
@@ -914,10 +920,12 @@ class _Log(Generic[V]):
     # --- what Transaction uses ----------------------------------------------------------
     def _committed_value(self, key: str) -> bytes | None:
         """The committed bytes of ``key`` (the write lock held: caught up)."""
+        self._refuse_reentry()
         with self._mutex:
             return self._value(key)
 
     def _committed_keys(self) -> list[str]:
+        self._refuse_reentry()
         with self._mutex:
             return list(self._index)
 
@@ -925,6 +933,7 @@ class _Log(Generic[V]):
         """Check what lies past the end readers see, with nothing changed: records of
         writes in progress (before the acknowledged ``position``, each must check out) and
         what a killed writer left (a torn tail, not damage). Its length in bytes."""
+        self._refuse_reentry()
         with self._mutex:
             end = self._end
             acknowledged = self._acknowledged_end()
@@ -949,6 +958,7 @@ class _Log(Generic[V]):
             raise TypeError(f"store keys are str, not {type(key).__name__}")
         if self._pid != _compat.pid:
             self._after_fork()
+        self._refuse_reentry()
         with self._mutex:
             if self._closed:
                 raise self._closed_error()
@@ -962,6 +972,7 @@ class _Log(Generic[V]):
         if self._pid != _compat.pid:
             self._after_fork()
         for _ in range(_OPEN_RETRIES):
+            self._refuse_reentry()
             with self._mutex:
                 if self._closed:
                     raise self._closed_error()
@@ -1042,6 +1053,7 @@ class _Log(Generic[V]):
         hold = self._hold(until)
         try:
             writer = next(hold)
+            self._refuse_reentry()
             with self._mutex:
                 if not force and (self._end < self._compact_min or self._end <= 2 * self._live):
                     return
@@ -1099,12 +1111,23 @@ class _Log(Generic[V]):
             if fd >= 0:
                 os.close(fd)
 
+    def _refuse_reentry(self) -> None:
+        """Called before every acquire of ``_mutex``: a thread that holds it already -- a
+        signal handler that uses the handle whose call it interrupted -- gets
+        LockReentryError instead of a deadlock (or of changing the index under the
+        interrupted call, were the lock re-entrant)."""
+        if self._mutex._is_owned():  # type: ignore[attr-defined]
+            raise LockReentryError(
+                f"SafeFileStore {self._path!r}: this thread is already inside a call on this "
+                "handle (a signal handler that uses the store whose call it interrupted?)"
+            )
+
     def _closed_error(self) -> StoreClosedError:
         return StoreClosedError(f"SafeFileStore {self._path!r} is closed")
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's locks and lock descriptor are not ours."""
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()
         self._pid = _compat.pid
         if not self._closed:
             self._writer = _process_writer(self._dir_fd, self._path)
