@@ -12,6 +12,7 @@ import gc
 import os
 import random
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -524,6 +525,7 @@ def test_fork_while_held(lock: safeshm.SafeLock, holder: str) -> None:
     """The child sees the lock held by a live thread of the parent, which will release
     it: it waits (no deadlock, no theft) and gets it once the parent releases."""
     r, w = os.pipe()
+    checked_r, checked_w = os.pipe()  # the child's word that it saw the lock held
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -542,6 +544,7 @@ def test_fork_while_held(lock: safeshm.SafeLock, holder: str) -> None:
         assert lock.locked()
         assert lock.acquire(timeout=0.2) is False  # a live holder (in the parent)
         assert lock.acquire_nowait() is False
+        os.write(checked_w, b"k")
         os.read(r, 1)  # the parent released it
         assert lock.acquire(timeout=JOIN_TIMEOUT) is True
         with pytest.raises(safeshm.LockReentryError):
@@ -552,7 +555,13 @@ def test_fork_while_held(lock: safeshm.SafeLock, holder: str) -> None:
         return True
 
     pid = _fork_child(child)
-    time.sleep(0.3)
+    os.close(checked_w)  # the child's exit ends the wait below, had it failed
+    try:
+        readable, _, _ = select.select([checked_r], [], [], JOIN_TIMEOUT)
+        assert readable, "the child did not check the lock in time"
+        os.read(checked_r, 1)
+    finally:
+        os.close(checked_r)
     if holder == "another thread":
         release.set()
         t.join(timeout=JOIN_TIMEOUT)

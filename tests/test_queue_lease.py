@@ -246,8 +246,9 @@ def test_many_kills_every_item_acked(make: Any) -> None:
 def test_several_redelivered_keep_their_order(make: Any) -> None:
     q = make(4096)
     q.put_many(["a", "b", "c", "d"])
-    leases = [q.get_leased(timeout=0, lease=0.05)[1] for _ in range(3)]
-    time.sleep(0.1)
+    # Leases long enough that none runs out while the next is taken (a loaded machine).
+    leases = [q.get_leased(timeout=0, lease=0.5)[1] for _ in range(3)]
+    time.sleep(0.6)
     assert q.reclaim_leases() == 3
     assert q.get_many(10) == ["a", "b", "c", "d"]
     for lease in leases:

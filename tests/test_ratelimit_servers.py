@@ -58,14 +58,19 @@ class Server(ServerProcess):
             conn.close()
 
     def wait_ready(self) -> None:
-        """Until every worker answers (uvicorn's workers boot after the master listens)."""
+        """Until every worker has answered (uvicorn's workers boot after the master
+        listens, and one that is ready early would serve a whole burst alone)."""
         deadline = time.monotonic() + TIMEOUT
+        seen: set[int] = set()
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                if self.get("/pid")[0] == 200:
-                    return
-            time.sleep(0.05)
-        pytest.fail(f"server did not answer within {TIMEOUT} s:\n{self.log()}")
+                status, pid = self.get("/pid")
+                if status == 200:
+                    seen.add(pid)
+                    if len(seen) >= WORKERS:
+                        return
+            time.sleep(0.02)
+        pytest.fail(f"{len(seen)} of {WORKERS} workers answered within {TIMEOUT} s:\n{self.log()}")
 
 
 def burst(server: Server, path: str, total: int) -> tuple[Counter[int], set[int]]:

@@ -164,10 +164,11 @@ def lead_and_wait_worker(leader: TickLeader, inside: SafeEvent, release: SafeEve
 def slow_every_third_worker(
     leader: TickLeader,
     probe: Probe,
-    first: int,
     stop: SafeEvent,
+    start: Start,
 ) -> None:
     """``iter_ticks`` loop whose job on every third tick lasts 1.5 ticks."""
+    first = _await_start(start)
     counts, active, overlaps = probe
     for tick in leader.iter_ticks(stop):
         if first <= tick < first + len(counts):
@@ -362,9 +363,10 @@ def test_slow_jobs_never_overlap_and_lose_their_next_tick(name: str, cleanup: An
     active = cleanup(SafeCounter.create())
     overlaps = cleanup(SafeCounter.create())
     stop = cleanup(SafeEvent.create())
-    first = leader.current_tick() + 3
-    args = (leader, (counts, active, overlaps), first, stop)
+    start = (cleanup(SafeCounter.create()), cleanup(SafeCounter.create()))
+    args = (leader, (counts, active, overlaps), stop, start)
     with processes("fork", slow_every_third_worker, [args] * 3) as procs:
+        first = _open_window(start, 3, leader)
         _sleep_until(leader, first + n)
         stop.set()
         for p in procs:
@@ -374,8 +376,25 @@ def test_slow_jobs_never_overlap_and_lose_their_next_tick(name: str, cleanup: An
     assert overlaps.value == 0
     assert max(led) <= 1, led
     for i in range(0, n - 1, 3):  # a slow run (1.5 ticks) skips the tick after it
-        assert led[i + 1] == 0, (i, led)
+        assert led[i + 1] == 0, (i, led)  # even if no worker asked while the run went on
     assert sum(led) >= n // 2, led
+
+
+def test_a_tick_that_begins_during_a_run_is_skipped_though_nobody_asked(name: str) -> None:
+    """The run claims the tick under way when it ends: nobody leads it late, even with no
+    call for it while the run went on."""
+    with TickLeader.create(0.2, name=name) as leader:
+        tick = _in_mid_tick(leader)
+        with leader.lead() as leading:
+            assert leading
+            _sleep_until(leader, tick + 1)  # the run goes on into the next tick
+        with leader.lead(tick + 1) as leading:
+            assert not leading
+        assert leader.statistics().skipped == 1
+        later = _in_mid_tick(leader)
+        with leader.lead(later) as leading:
+            assert leading
+        assert leader.statistics().skipped == 1  # a run within its tick skips nothing
 
 
 # -- a leader killed mid-job ---------------------------------------------------------------------
@@ -617,9 +636,11 @@ def test_iter_ticks_threads_lead_every_tick_once(name: str) -> None:
     with TickLeader.create(EVERY, name=name) as leader:
         stop = threading.Event()
         led: list[int] = []
-        start = leader.current_tick()
+        begun: list[int] = []
+        start = _in_mid_tick(leader)
 
         def loop() -> None:
+            begun.append(leader.current_tick())
             for tick in leader.iter_ticks(stop):
                 led.append(tick)
 
@@ -632,7 +653,9 @@ def test_iter_ticks_threads_lead_every_tick_once(name: str) -> None:
             t.join(timeout=WAIT)
         assert not any(t.is_alive() for t in threads)
         assert len(led) == len(set(led)), led
-        assert min(led) == start + 1  # the first tick is the next to begin
+        # The first tick led is the next to begin, never the one running: a thread that
+        # started late (a loaded machine) may have seen a later tick than `start`.
+        assert start + 1 <= min(led) <= max(begun) + 2, (start, begun, led)
         assert len(led) >= 5, led
 
 

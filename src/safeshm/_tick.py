@@ -186,7 +186,7 @@ class TickLead(
     ``False`` otherwise.
     """
 
-    __slots__ = ("_entered", "_leader", "_mutex", "_state", "_tick")
+    __slots__ = ("_began", "_entered", "_leader", "_mutex", "_state", "_tick")
 
     def __init__(self, leader: TickLeader, tick: int | None) -> None:
         self._leader = leader
@@ -194,6 +194,7 @@ class TickLead(
         self._entered = False
         self._mutex: RobustMutex | None = None  # set while this lead holds the lock
         self._state: SafeArray[int] | None = None  # the state, while it holds the lock
+        self._began = 0  # the tick under way when the run began
 
     def __bool__(self) -> NoReturn:
         # ``if leader.lead():`` would always be true: every worker would run the job.
@@ -231,6 +232,7 @@ class TickLead(
                 return False
             recovered = rc != 0 and mutex.finish_acquire(rc, 0.0) == RECOVERED
             self._mutex, self._state = mutex, state
+            self._began = _tick_now(state)
             state[_STARTED_NS] = time.monotonic_ns()
             state.add(_RUNS, 1)
             if recovered:
@@ -258,22 +260,38 @@ class TickLead(
         if mutex is None:
             return
         state, self._state = self._state, None
-        if state is not None and mutex.held_here():
-            # No run is timed any more; best effort (a handle closed in the block: the
-            # next leader sets it again).
-            with contextlib.suppress(Exception):
-                state[_STARTED_NS] = 0
-        if _mutex_unlock(mutex.pointer):
-            raise LockNotHeldError(
-                f"TickLeader {self._leader.name!r}: the lead was not released by the "
-                "thread that took it"
-            )
+        try:
+            if state is not None and mutex.held_here():
+                _end_run(state, self._began)
+        finally:  # whatever a signal handler raises meanwhile: the lock is let go
+            if _mutex_unlock(mutex.pointer):
+                raise LockNotHeldError(
+                    f"TickLeader {self._leader.name!r}: the lead was not released by the "
+                    "thread that took it"
+                )
 
     async def __aenter__(self) -> bool:
         return self.__enter__()
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.__exit__(*exc_info)
+
+
+def _tick_now(state: SafeArray[int]) -> int:
+    return (time.time_ns() - state[_OFFSET_NS]) // state[_EVERY_NS]
+
+
+def _end_run(state: SafeArray[int], began: int) -> None:
+    """At the end of a run, still holding the lead: no run is timed any more, and the tick
+    under way now, if it began after the run did (``began``: the tick under way then), is
+    skipped -- claimed before the lock is free, so that nobody leads it late, whether or
+    not anyone asked for it meanwhile. Best effort: a handle closed in the block leaves
+    it to the next leader."""
+    with contextlib.suppress(Exception):
+        state[_STARTED_NS] = 0
+        now = _tick_now(state)
+        if now > began and _claim(state, now):
+            state.add(_SKIPPED, 1)
 
 
 def _warn_if_overrun(name: str, state: SafeArray[int], mutex: RobustMutex, tick: int) -> None:
@@ -534,8 +552,7 @@ class TickLeader:
     def current_tick(self) -> int:
         """The number of the tick under way now: ``floor((time.time() - offset) / every)``,
         in exact integer nanoseconds (every process on the machine gets the same number)."""
-        state = self._state
-        return (time.time_ns() - state[_OFFSET_NS]) // state[_EVERY_NS]
+        return _tick_now(self._state)
 
     def tick_time(self, tick: int) -> float:
         """When ``tick`` begins, as a ``time.time()`` timestamp."""
