@@ -1018,3 +1018,46 @@ def test_a_conflict_says_how_to_redeploy(reg: MetricsRegistry) -> None:
     Histogram("h", "h", registry=reg, buckets=[1, 2])
     with pytest.raises(MetricConflictError, match=r"python -m safeshm rm .*new registry name"):
         Histogram("h", "h", registry=reg, buckets=[1, 2, 3])
+
+
+def test_scrapes_while_another_thread_adds_label_sets(cleanup: Any) -> None:
+    """A scrape reads the series it saw under the registry's lock; a label set another
+    thread adds meanwhile is in the next scrape, never an IndexError in this one."""
+    reg = cleanup(MetricsRegistry.create(series=4096, rows=8))
+    c = Counter("race_total", "labels added during scrapes", ["k"], registry=reg)
+    stop = threading.Event()
+
+    def add() -> None:
+        for i in range(3000):
+            if stop.is_set():
+                return
+            c.labels(str(i)).inc()
+
+    t = threading.Thread(target=add)
+    t.start()
+    try:
+        scrapes = 0
+        while t.is_alive() or scrapes == 0:
+            families = reg.snapshot()
+            for _, samples in families:
+                assert all(v in ([0.0], [1.0]) for _, v in samples), samples[:3]
+            scrapes += 1
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert not t.is_alive()
+    assert [len(s) for _, s in reg.snapshot()] == [3000]
+
+
+def test_a_gauge_used_while_this_thread_writes_one_is_refused(reg: MetricsRegistry) -> None:
+    """What a signal handler (or a GC callback) that sets a gauge meets when the code it
+    interrupted is writing one: LockReentryError, not a deadlock; the gauge still works."""
+    g = Gauge("reentered", "x", registry=reg, multiprocess_mode="livesum")
+    g.set(1)
+    with reg._glock:  # as the interrupted write holds it
+        with pytest.raises(safeshm.LockReentryError):
+            g.inc()
+        with pytest.raises(safeshm.LockReentryError):
+            g.set(5)
+    g.inc(2)
+    assert value(reg, "reentered") == 3

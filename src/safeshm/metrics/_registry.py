@@ -53,6 +53,7 @@ from typing import Any, ClassVar, Final, Self
 from safeshm import _compat
 from safeshm._errors import (
     IncompatibleSegmentError,
+    LockReentryError,
     LockTimeoutError,
     SafeShmError,
     SafeShmWarning,
@@ -385,7 +386,7 @@ def _forget_rows_after_fork() -> None:
         if reg.closed:
             continue
         reg.__dict__["_tls"] = threading.local()
-        reg.__dict__["_glock"] = threading.Lock()
+        reg.__dict__["_glock"] = threading.RLock()
         reg.__dict__["_slock"] = threading.RLock()
         reg._grow = None
         reg._glease = None
@@ -424,7 +425,7 @@ class MetricsRegistry(SharedStructure):
     _d: memoryview[float]
     _tls: threading.local
     _mutex: RobustMutex
-    _glock: threading.Lock
+    _glock: threading.RLock
     _slock: threading.RLock
     _geo: _Geometry
     _grow: memoryview[float] | None
@@ -565,7 +566,7 @@ class MetricsRegistry(SharedStructure):
         self._d = memoryview(mm).cast("d")
         self._mutex = RobustMutex(mm, _MUTEX_OFFSET, f"MetricsRegistry {self._seg.name!r}")
         self._tls = threading.local()
-        self._glock = threading.Lock()
+        self._glock = threading.RLock()  # an RLock only for _gauge_lock's check
         self._slock = threading.RLock()  # this process's index of the directory
         self._grow = None
         self._glease = None
@@ -928,9 +929,22 @@ class MetricsRegistry(SharedStructure):
         return row
 
     # -- gauges (per process) ---------------------------------------------------------------
+    def _gauge_lock(self) -> threading.RLock:
+        """This process's gauge lock, to be taken by ``with``; a thread that holds it
+        already -- a signal handler (or a GC callback) that uses a gauge while the code it
+        interrupted writes one -- gets LockReentryError instead of a deadlock."""
+        glock = self._glock
+        if glock._is_owned():  # type: ignore[attr-defined]
+            raise LockReentryError(
+                f"MetricsRegistry {self._seg.name!r}: this thread is already writing a gauge "
+                "(a signal handler or GC callback that uses a gauge while the code it "
+                "interrupted writes one?)"
+            )
+        return glock
+
     def gauge_write(self, ref: SeriesRef, value: float, *, add: bool) -> None:
         """Set (or add to) this process's value of a gauge series."""
-        with self._glock:
+        with self._gauge_lock():
             row = self._grow
             if row is None and time.monotonic() >= self._gretry:
                 row = self._claim(gauge=True)
@@ -957,7 +971,7 @@ class MetricsRegistry(SharedStructure):
 
     def gauge_value(self, ref: SeriesRef) -> float:
         """This process's current value of a gauge series (tests and ``Gauge._value``)."""
-        with self._glock:
+        with self._gauge_lock():
             row = self._grow
             if row is None:
                 return 0.0
@@ -1000,13 +1014,17 @@ class MetricsRegistry(SharedStructure):
             _check_rows_past(self, high)
             states = _series_states(self)
             gauges = _read_gauges(self, states, high)
+            nfams = len(self._fams)
         totals = _column_sums(self, high, used)
         out: list[tuple[Definition, list[tuple[tuple[str, ...], list[float]]]]] = []
-        for fam in self._fams:
+        # What the lock showed: another thread may add families and series from here on
+        # (their lists only grow), and they are in the next snapshot.
+        nseries = len(states)
+        for fam in self._fams[:nfams]:
             d = fam.definition
             samples: list[tuple[tuple[str, ...], list[float]]] = []
             for sid in self._by_fam.get(fam.id, ()):
-                if states[sid] != _ACTIVE:
+                if sid >= nseries or states[sid] != _ACTIVE:
                     continue
                 if d.type == GAUGE:
                     samples.append((self._slabels[sid], [gauges[sid]]))
