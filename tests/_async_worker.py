@@ -257,6 +257,18 @@ def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
             ("acquire(timeout)", acquire_timeout),
             ("acquired", acquired),
         ]
+    if kind == "tick":
+        leader = handle
+
+        def lead() -> None:
+            with leader.lead() as leading:
+                leader.led += leading
+
+        def lead_tick() -> None:
+            with leader.lead(leader.current_tick()):
+                pass
+
+        return [("lead", lead), ("lead_tick", lead_tick)]
     if kind == "store":
         st = handle
         counter = iter(range(1 << 62))
@@ -297,6 +309,10 @@ def _ops(kind: str, handle: Any) -> list[tuple[str, Callable[[], Any]]]:
     raise SystemExit(f"unknown kind {kind!r}")
 
 
+class _Leader(safeshm.TickLeader):
+    led = 0
+
+
 class _Store(safeshm.SafeFileStore[Any]):
     started = 0  # modify() calls begun
     modified = 0  # and returned
@@ -321,6 +337,8 @@ def _handle(kind: str, pool: concurrent.futures.ThreadPoolExecutor) -> Iterator[
             h.close()
             shutil.rmtree(where, ignore_errors=True)
         return
+    elif kind == "tick":
+        h = _Leader.create(0.001)  # a new tick every millisecond: many leads lead
     else:
         h = safeshm.SafeLock.create()
     try:

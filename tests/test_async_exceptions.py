@@ -19,7 +19,7 @@ import pytest
 import safeshm
 
 WORKER = Path(__file__).with_name("_async_worker.py")
-KINDS = ["queue", "array", "sharded", "lock", "store"]
+KINDS = ["queue", "array", "sharded", "lock", "store", "tick"]
 REENTRANT_KINDS = KINDS
 
 

@@ -190,6 +190,15 @@ calls its key from C, so no signal handler can run between the unlocks (a Python
 would check for one at every backward jump)."""
 
 
+# PyObject_CallOneArg(f, arg), called with two extra arguments that it ignores (every
+# supported ABI passes them in registers, and the caller cleans up): __exit__(t, v, tb) as
+# f(t), in C -- ``functools.partial(call_one, generator.send)``. PyDLL keeps the GIL and
+# raises what f raised.
+call_one: Final = ctypes.PyDLL(None)["PyObject_CallOneArg"]
+call_one.restype = ctypes.py_object
+call_one.argtypes = (ctypes.py_object,) * 4
+
+
 class _CLevel(property):
     """A property whose getter is C (``operator.attrgetter``) and that is also callable
     from the class, as ``contextlib.ExitStack`` calls ``type(cm).__exit__(cm, ...)``."""

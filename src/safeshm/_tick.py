@@ -31,13 +31,15 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import math
 import numbers
+import operator
 import sys
 import time
 import warnings
 from collections.abc import AsyncGenerator, Generator
-from typing import Any, Final, NoReturn, Protocol, Self
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, Self
 
 from . import _compat
 from ._array import SafeArray
@@ -51,7 +53,7 @@ from ._errors import (
     TickOverrunWarning,
 )
 from ._int64 import INT64_MAX, INT64_MIN
-from ._lock import EDEADLK, RECOVERED, RobustMutex, SafeLock, tid_to_pid
+from ._lock import EDEADLK, RECOVERED, RobustMutex, SafeLock, _CLevel, call_one, tid_to_pid
 from ._lock import _consistent as _mutex_consistent
 from ._lock import _trylock as _mutex_trylock
 from ._lock import _unlock as _mutex_unlock
@@ -186,7 +188,7 @@ class TickLead(
     ``False`` otherwise.
     """
 
-    __slots__ = ("_began", "_entered", "_leader", "_mutex", "_state", "_tick")
+    __slots__ = ("_began", "_entered", "_exit_c", "_leader", "_mutex", "_run", "_state", "_tick")
 
     def __init__(self, leader: TickLeader, tick: int | None) -> None:
         self._leader = leader
@@ -195,6 +197,9 @@ class TickLead(
         self._mutex: RobustMutex | None = None  # set while this lead holds the lock
         self._state: SafeArray[int] | None = None  # the state, while it holds the lock
         self._began = 0  # the tick under way when the run began
+        # The with statement looks __exit__ up before it calls __enter__: built here.
+        self._run = self._life()
+        self._exit_c = functools.partial(call_one, self._run.send)
 
     def __bool__(self) -> NoReturn:
         # ``if leader.lead():`` would always be true: every worker would run the job.
@@ -207,18 +212,64 @@ class TickLead(
         if self._entered:
             raise RuntimeError("a TickLeader.lead() context can be entered only once")
         self._entered = True
+        run = self._run
+        try:
+            return next(run)  # takes the lead (or raises, holding nothing)
+        except BaseException:
+            run.close()  # an exception right after next() returned: let go of the lead
+            raise
+
+    if TYPE_CHECKING:
+
+        def __exit__(self, *exc_info: object) -> None: ...
+    else:
+        # One C-level call that resumes _life with the exception type: a Python __exit__
+        # would give a signal handler's exception a place to land -- its first
+        # instruction -- before anything let go of the lead (which would then stay held
+        # by this live thread, skipping every later tick in every worker).
+        __exit__ = _CLevel(operator.attrgetter("_exit_c"))
+
+    def _life(self) -> Generator[bool, object, None]:
+        """The lead's life: take it (``__enter__``'s result); then, resumed by
+        ``__exit__``, end the run and let go -- in a ``finally`` that the resumption lands
+        inside, so that an exception from a signal handler there lets go too."""
+        taken = self._take()
+        if taken is None:
+            yield False
+            yield False  # __exit__'s result
+            return
+        mutex, state, p = taken  # p: read before, not in the finally (a property: Python)
+        try:
+            yield True
+        finally:
+            try:
+                if mutex.held_here():
+                    _end_run(state, self._began)
+            finally:
+                failed = _mutex_unlock(p)
+        self._mutex = self._state = None
+        if failed:
+            raise LockNotHeldError(
+                f"TickLeader {self._leader.name!r}: the lead was not released by the "
+                "thread that took it"
+            )
+        yield False  # __exit__'s result: an exception from the block propagates
+
+    def _take(self) -> tuple[RobustMutex, SafeArray[int], Any] | None:
+        """Claim the tick and take the lead (the mutex, the state, the mutex's pointer), or
+        not (``None``)."""
         leader = self._leader
         state, mutex = leader._state, leader._mutex  # SegmentClosedError once closed
         tick = leader._resolve(self._tick)
         if not _claim(state, tick):
-            return False
+            return None
         if mutex.held_here():
             # This thread runs the job already (a coroutine of the same event loop, or a
             # nested lead()): the claimed tick overlaps it. (Checked before trylock: the
             # error-checking mutex would answer EDEADLK.)
             state.add(_SKIPPED, 1)
             _warn_if_overrun(leader.name, state, mutex, tick)
-            return False
+            return None
         # The async-exception-safe locking pattern of _lock.py: whatever is raised from
         # here on (a signal handler's KeyboardInterrupt, a HolderDiedWarning turned into an
         # error) leaves the lock free, never held by this live thread forever.
@@ -229,7 +280,7 @@ class TickLead(
             if rc == _compat.EBUSY:
                 state.add(_SKIPPED, 1)  # the previous run still holds it: no overlap
                 _warn_if_overrun(leader.name, state, mutex, tick)
-                return False
+                return None
             recovered = rc != 0 and mutex.finish_acquire(rc, 0.0) == RECOVERED
             self._mutex, self._state = mutex, state
             self._began = _tick_now(state)
@@ -244,31 +295,19 @@ class TickLead(
                     )
                 )
         except BaseException:
-            if self._state is not None:  # this call took the lock and timed its run
-                with contextlib.suppress(Exception):
+            try:
+                if self._state is not None:  # this call took the lock and timed its run
                     state[_STARTED_NS] = 0
-            self._mutex = self._state = None
-            if rc not in (_compat.EBUSY, EDEADLK):
-                if rc:  # unknown (-1), or recovered: maybe still inconsistent
-                    _mutex_consistent(p)
-                _mutex_unlock(p)  # not held: EPERM, harmless on an error-checking mutex
+            except Exception:  # noqa: BLE001, S110 - best effort (a handle closed meanwhile)
+                pass
+            finally:  # even if another signal's exception lands in the lines above
+                self._mutex = self._state = None
+                if rc not in (_compat.EBUSY, EDEADLK):
+                    if rc:  # unknown (-1), or recovered: maybe still inconsistent
+                        _mutex_consistent(p)
+                    _mutex_unlock(p)  # not held: EPERM, harmless on an error-checking mutex
             raise
-        return True
-
-    def __exit__(self, *exc_info: object) -> None:
-        mutex, self._mutex = self._mutex, None
-        if mutex is None:
-            return
-        state, self._state = self._state, None
-        try:
-            if state is not None and mutex.held_here():
-                _end_run(state, self._began)
-        finally:  # whatever a signal handler raises meanwhile: the lock is let go
-            if _mutex_unlock(mutex.pointer):
-                raise LockNotHeldError(
-                    f"TickLeader {self._leader.name!r}: the lead was not released by the "
-                    "thread that took it"
-                )
+        return mutex, state, p
 
     async def __aenter__(self) -> bool:
         return self.__enter__()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import functools
@@ -22,7 +21,6 @@ from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
-    Final,
     Generic,
     Literal,
     overload,
@@ -34,7 +32,7 @@ from safeshm._errors import (
     StoreClosedError,
     StoreNotFoundError,
 )
-from safeshm._lock import _CLevel
+from safeshm._lock import _CLevel, call_one
 from safeshm._protocols import STORE_DURABLE, STORE_NOT_DURABLE, Guarantees
 from safeshm._timeout import check_timeout, deadline
 
@@ -714,14 +712,6 @@ def _operations(ops: dict[str, tuple[bytes, bytes | None]]) -> list[tuple[int, b
     return [(SET, kb, value) if value is not None else (DEL, kb, b"") for kb, value in ops.values()]
 
 
-# PyObject_CallOneArg(f, arg), called with two extra arguments that it ignores (every
-# supported ABI passes them in registers, and the caller cleans up): __exit__(t, v, tb) as
-# f(t), in C. PyDLL keeps the GIL and raises what f raised.
-_CALL_ONE: Final = ctypes.PyDLL(None)["PyObject_CallOneArg"]
-_CALL_ONE.restype = ctypes.py_object
-_CALL_ONE.argtypes = (ctypes.py_object,) * 4
-
-
 class Transaction(MutableMapping[str, V], Generic[V]):
     """The view of a store inside ``with store.transaction() as tx:`` (see
     :meth:`SafeFileStore.transaction`). Values written to it are encoded at once (an
@@ -734,7 +724,7 @@ class Transaction(MutableMapping[str, V], Generic[V]):
         self._state = "new"
         # The with statement looks __exit__ up before it calls __enter__: built here.
         self._run = self._hold_and_commit()
-        self._exit_c = functools.partial(_CALL_ONE, self._run.send)
+        self._exit_c = functools.partial(call_one, self._run.send)
 
     def __enter__(self) -> Transaction[V]:
         if self._state != "new":
