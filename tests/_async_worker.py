@@ -378,8 +378,12 @@ def main(kind: str, wanted: int, budget_s: float, reentrant: bool) -> int:
                     finally:
                         _Timer.armed = False  # first: from here on the handler does nothing
                         signal.setitimer(signal.ITIMER_REAL, 0, 0)
-                except Alarm:
+                except Alarm as e:
                     hit = True
+                    # Kept alive through the check, as a program that logs or stores it
+                    # would: whatever its traceback's frames hold stays held meanwhile (a
+                    # contextmanager's __enter__ that took a lock, say).
+                    kept = e  # noqa: F841
                 handler.op = None
                 if handler.problems:
                     print(f"RE-ENTRY in {kind} {name}: {handler.problems[0]}", flush=True)

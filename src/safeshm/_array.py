@@ -10,8 +10,8 @@ import operator
 import struct
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -37,12 +37,14 @@ from ._lock import (
     MUTEX_BLOCK,
     OWNER_WORD,
     RECOVERED,
+    GeneratorHold,
     RobustMutex,
     _CLevel,
     init_mutex,
     unlock_each,
 )
 from ._segment import CACHE_LINE, HEADER_SIZE, MAX_SEGMENT_SIZE, Kind, Segment, SharedStructure
+from ._sync import user_stacklevel
 
 T = TypeVar("T", int, float)
 
@@ -450,9 +452,13 @@ class SafeArray(SharedStructure, Generic[T]):
         """``a[i]``: one element (a lock-free atomic read); ``a[i:j:k]``: a list, read as
         a consistent snapshot under every stripe."""
         if isinstance(index, slice):
-            with self._all_stripes(writing=False):
+            hold = self._all_stripes(writing=False)
+            try:
+                next(hold)
                 part: list[T] = cast(Any, self._data[index].tolist())
                 return part
+            finally:
+                hold.close()
         try:
             return self._data[index]  # type: ignore[no-any-return]
         except IndexError:
@@ -631,9 +637,13 @@ class SafeArray(SharedStructure, Generic[T]):
         return TypeError(str(e))  # pragma: no cover
 
     # -- the whole array ---------------------------------------------------------------------
-    @contextmanager
-    def _all_stripes(self, *, writing: bool) -> Iterator[None]:
-        """Hold every stripe, in order (no deadlock with element writers, who hold one).
+    def _all_stripes(self, *, writing: bool) -> Generator[None, None, None]:
+        """Hold every stripe, in order (no deadlock with element writers, who hold one),
+        from the first ``next()`` until the generator is closed: ``hold =
+        self._all_stripes(...)``, then ``try: next(hold) ... finally: hold.close()`` -- an
+        exception from a signal handler right after ``next()`` returned lands in that
+        ``try`` (a ``contextmanager``'s ``__enter__`` would hold the stripes until the
+        exception was collected).
 
         While ``writing``, the control line says "bulk write in progress": if this
         process dies before the end, the next holder learns the array may be partial.
@@ -649,7 +659,7 @@ class SafeArray(SharedStructure, Generic[T]):
             _take_stripes(stripes, ptrs, owners, nstripes, held)
             ctl = self._ctl
             if held[2]:
-                self._recovered(stacklevel=4)
+                self._recovered(stacklevel=user_stacklevel() + 1)
             if writing:
                 ctl[_DIRTY] = 1
                 try:
@@ -680,9 +690,13 @@ class SafeArray(SharedStructure, Generic[T]):
 
     def to_list(self) -> list[T]:
         """All elements, as a consistent snapshot."""
-        with self._all_stripes(writing=False):
+        hold = self._all_stripes(writing=False)
+        try:
+            next(hold)
             snapshot: list[T] = cast(Any, self._data.tolist())
             return snapshot
+        finally:
+            hold.close()
 
     def __iter__(self) -> Iterator[T]:
         """Iterate over a consistent snapshot taken when iteration starts."""
@@ -697,9 +711,13 @@ class SafeArray(SharedStructure, Generic[T]):
         item = array.array(self._typecode, (self._check_value(value),)).tobytes()
         raw = self._bytes
         total = len(raw)
-        with self._all_stripes(writing=True):
+        hold = self._all_stripes(writing=True)
+        try:
+            next(hold)
             if total:
                 _fill_bytes(raw, item, total)  # a function for its loop: see _take_stripes
+        finally:
+            hold.close()
 
     def _set_slice(self, index: slice, values: Iterable[Any]) -> None:
         data = self._data
@@ -710,11 +728,14 @@ class SafeArray(SharedStructure, Generic[T]):
                 f"attempt to assign {len(source)} values to a slice of {len(positions)} "
                 "elements (a SafeArray's length is fixed)"
             )
-        with self._all_stripes(writing=True):
+        hold = self._all_stripes(writing=True)
+        try:
+            next(hold)
             data[index] = source
+        finally:
+            hold.close()
 
-    @contextmanager
-    def locked(self) -> Iterator[memoryview]:
+    def locked(self) -> AbstractContextManager[memoryview]:
         """Hold the whole array: ``with a.locked() as view:``.
 
         ``view`` is a writable :class:`memoryview` of every element (format = typecode,
@@ -734,7 +755,12 @@ class SafeArray(SharedStructure, Generic[T]):
         Raises:
             LockReentryError: this thread is already inside ``locked()`` on this array.
         """
-        with self._all_stripes(writing=True):
+        return GeneratorHold(self._locked())
+
+    def _locked(self) -> Generator[memoryview | bool, object, None]:
+        hold = self._all_stripes(writing=True)
+        try:
+            next(hold)
             # The view comes from a private exporter (a ctypes array over the data), so
             # that at the end we can tell whether anything derived from it is still alive:
             # numpy.asarray(view) makes a memoryview of its own on the same exporter,
@@ -753,12 +779,15 @@ class SafeArray(SharedStructure, Generic[T]):
                 except BufferError:
                     leaked = True
                 del view, raw
+        finally:
+            hold.close()
         if leaked:
             raise LockedViewLeakedError(
                 f"SafeArray {self._seg.name!r}: a view made from locked()'s view (a numpy "
                 "array?) is still referenced after the block; writes through it are no longer "
                 "protected by the lock"
             )
+        yield False  # __exit__'s result: an exception from the block propagates
 
     @property
     def partial_update_suspected(self) -> bool:

@@ -27,9 +27,9 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
+from collections.abc import Generator, Iterable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeVar
 
 from . import _compat
 from ._errors import (
@@ -209,6 +209,45 @@ class _CLevel(property):
 
     def __call__(self, instance: Any, *args: Any) -> Any:
         return self.__get__(instance)(*args)
+
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class GeneratorHold(AbstractContextManager[T_co]):
+    """``with`` around a generator that takes hold of something at its first ``next()``
+    (yielding what ``with ... as`` binds) and lets go in a ``finally`` around that
+    ``yield``, then yields ``False`` once more (``__exit__``'s result).
+
+    Unlike :func:`contextlib.contextmanager`, an exception from a signal handler at any
+    instant lets go: ``__enter__`` closes the generator on any exception -- also one that
+    lands right after the generator took hold -- and ``__exit__`` is one C-level call that
+    resumes the generator inside its ``try`` (a Python ``__exit__``'s first instruction
+    would be a place to land before anything let go). The block's exception is not thrown
+    into the generator: it is resumed with the exception's type sent (``None``: a normal
+    end), and the exception propagates.
+    """
+
+    __slots__ = ("_exit_c", "_gen")
+
+    def __init__(self, gen: Generator[Any, Any, None]) -> None:
+        self._gen = gen
+        # The with statement looks __exit__ up before it calls __enter__: built here.
+        self._exit_c = functools.partial(call_one, gen.send)
+
+    def __enter__(self) -> T_co:
+        gen = self._gen
+        try:
+            return next(gen)  # type: ignore[no-any-return]
+        except BaseException:
+            gen.close()  # raised right after it took hold, or while taking it: let go
+            raise
+
+    if TYPE_CHECKING:
+
+        def __exit__(self, *exc_info: object) -> None: ...
+    else:
+        __exit__ = _CLevel(operator.attrgetter("_exit_c"))
 
 
 def _c_level(attr: str, doc: str | None = None) -> Any:
@@ -947,20 +986,23 @@ Raises:
         # be a place for a signal handler's exception after the lock was taken.
         __enter__ = _compat.native.CLevel("_core", None, True)  # self._core.enter(self)
 
-    @contextmanager
-    def acquired(self, timeout: float | None = None) -> Iterator[Self]:
+    def acquired(self, timeout: float | None = None) -> AbstractContextManager[Self]:
         """``with lock.acquired(timeout=2.0):`` -- hold the lock for a block, or raise.
 
         Raises:
             LockTimeoutError: not acquired within ``timeout`` seconds (also a
                 ``TimeoutError``).
         """
+        return GeneratorHold(self._acquired(timeout))
+
+    def _acquired(self, timeout: float | None) -> Generator[Self | bool, object, None]:
         if not self.acquire(timeout=timeout):
             raise LockTimeoutError(f"SafeLock {self._seg.name!r} not acquired within {timeout} s")
         try:
             yield self
         finally:
             self._release_c()
+        yield False  # __exit__'s result: an exception from the block propagates
 
     def locked(self) -> bool:
         """Whether any thread (of any process) holds the lock right now. A snapshot."""

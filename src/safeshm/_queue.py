@@ -14,7 +14,7 @@ import struct
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import Any, ClassVar, Final, Generic, Literal, TypeVar, overload
 
 from . import _compat
@@ -30,7 +30,16 @@ from ._errors import (
     SegmentCorruptedError,
 )
 from ._int64 import INT64_MAX, INT64_MIN
-from ._lock import EDEADLK, MUTEX_BLOCK, RECOVERED, TIMED_OUT, Held, RobustMutex, init_mutex
+from ._lock import (
+    EDEADLK,
+    MUTEX_BLOCK,
+    RECOVERED,
+    TIMED_OUT,
+    GeneratorHold,
+    Held,
+    RobustMutex,
+    init_mutex,
+)
 from ._protocols import SHM_GUARANTEES, Guarantees
 from ._segment import CACHE_LINE, HEADER_SIZE, Kind, Segment, SharedStructure
 from ._sync import holder_alive, my_start_time, user_stacklevel
@@ -1376,18 +1385,25 @@ class SafeQueue(SharedStructure, Generic[T]):
         item: T = data if self._raw else _loads(data)  # type: ignore[assignment]
         return item, Lease(self, slot, lease_id)
 
-    @contextlib.contextmanager
-    def leased(self, timeout: float | None = None, *, lease: float = 30.0) -> Iterator[T]:
+    def leased(
+        self, timeout: float | None = None, *, lease: float = 30.0
+    ) -> contextlib.AbstractContextManager[T]:
         """``with q.leased() as item:`` -- :meth:`get_leased`, acknowledged when the block
         ends normally; on an exception the item is released at once (delivered again, at
         the front) and the exception propagates."""
+        return GeneratorHold(self._leased(timeout, lease))
+
+    def _leased(self, timeout: float | None, lease: float) -> Generator[T | bool, object, None]:
         item, handle = self.get_leased(timeout, lease=lease)
+        done = False
         try:
-            yield item
-        except BaseException:
-            handle.release()
-            raise
-        handle.ack()
+            done = (yield item) is None  # sent the block's exception type, or None
+        finally:
+            if done:
+                handle.ack()
+            else:
+                handle.release()  # an exception, or a signal's landing right here
+        yield False  # __exit__'s result: an exception from the block propagates
 
     def reclaim_leases(self) -> int:
         """Deliver again now the items whose holder died or whose lease expired (any

@@ -37,8 +37,8 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Final, Self
 
 import redis.exceptions as rex
@@ -54,6 +54,7 @@ from safeshm._errors import (
     OutcomeUnknownError,
     SafeShmError,
 )
+from safeshm._lock import GeneratorHold
 from safeshm._protocols import Guarantees
 from safeshm._timeout import check_lock_timeout
 from safeshm.redis._core import Connection, RedisStructure, _redact
@@ -844,20 +845,23 @@ class RedisLock(RedisStructure):
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    @contextmanager
-    def acquired(self, timeout: float | None = None) -> Iterator[Self]:
+    def acquired(self, timeout: float | None = None) -> AbstractContextManager[Self]:
         """``with lock.acquired(timeout=2.0):`` -- hold the lock for a block, or raise.
 
         Raises:
             LockTimeoutError: not acquired within ``timeout`` seconds (also a
                 ``TimeoutError``).
         """
+        return GeneratorHold(self._acquired(timeout))
+
+    def _acquired(self, timeout: float | None) -> Generator[Self | bool, object, None]:
         if not self.acquire(timeout=timeout):
             raise LockTimeoutError(f"{self._what} not acquired within {timeout} s")
         try:
             yield self
         finally:
             self.release()
+        yield False  # __exit__'s result: an exception from the block propagates
 
     # -- the holder's view ------------------------------------------------------------------
     @property
