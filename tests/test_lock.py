@@ -216,6 +216,27 @@ def test_acquired_context(lock: safeshm.SafeLock) -> None:
     assert not lock.locked()
 
 
+def test_acquired_is_entered_once_and_decorates(lock: safeshm.SafeLock) -> None:
+    """As contextlib's objects: one with block per object (a second is a RuntimeError,
+    never a silent no-op or a stray StopIteration), and usable as a decorator, each call
+    holding the lock afresh."""
+    cm = lock.acquired(timeout=1)
+    with cm:
+        assert lock.locked()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="only once"), cm:
+        pass
+    assert not lock.locked()
+
+    @lock.acquired(timeout=1)
+    def inside(x: int) -> tuple[int, bool]:
+        return x, lock.locked()
+
+    assert inside(1) == (1, True)
+    assert inside(2) == (2, True)
+    assert not lock.locked()
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 def test_mutual_exclusion_across_processes(
     method: str, lock: safeshm.SafeLock, cleanup: Any

@@ -382,19 +382,24 @@ def test_slow_jobs_never_overlap_and_lose_their_next_tick(name: str, cleanup: An
 
 def test_a_tick_that_begins_during_a_run_is_skipped_though_nobody_asked(name: str) -> None:
     """The run claims the tick under way when it ends: nobody leads it late, even with no
-    call for it while the run went on."""
+    call for it while the run went on; every tick that began during the run counts as
+    skipped."""
     with TickLeader.create(0.2, name=name) as leader:
         tick = _in_mid_tick(leader)
         with leader.lead() as leading:
             assert leading
-            _sleep_until(leader, tick + 1)  # the run goes on into the next tick
-        with leader.lead(tick + 1) as leading:
-            assert not leading
-        assert leader.statistics().skipped == 1
+            _sleep_until(leader, tick + 3)  # the run goes on across three boundaries
+        stats = leader.statistics()
+        assert stats.last_tick is not None and stats.last_tick >= tick + 3
+        for t in range(tick + 1, stats.last_tick + 1):
+            with leader.lead(t) as leading:
+                assert not leading, t
+        assert leader.statistics().skipped == stats.last_tick - tick
         later = _in_mid_tick(leader)
         with leader.lead(later) as leading:
             assert leading
-        assert leader.statistics().skipped == 1  # a run within its tick skips nothing
+        # a run within its tick skips nothing
+        assert leader.statistics().skipped == stats.last_tick - tick
 
 
 # -- a leader killed mid-job ---------------------------------------------------------------------

@@ -11,7 +11,6 @@ import struct
 import sys
 import warnings
 from collections.abc import Generator, Iterable, Iterator
-from contextlib import AbstractContextManager
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -735,7 +734,7 @@ class SafeArray(SharedStructure, Generic[T]):
         finally:
             hold.close()
 
-    def locked(self) -> AbstractContextManager[memoryview]:
+    def locked(self) -> GeneratorHold[memoryview]:
         """Hold the whole array: ``with a.locked() as view:``.
 
         ``view`` is a writable :class:`memoryview` of every element (format = typecode,
@@ -755,7 +754,7 @@ class SafeArray(SharedStructure, Generic[T]):
         Raises:
             LockReentryError: this thread is already inside ``locked()`` on this array.
         """
-        return GeneratorHold(self._locked())
+        return GeneratorHold(self._locked)
 
     def _locked(self) -> Generator[memoryview | bool, object, None]:
         hold = self._all_stripes(writing=True)

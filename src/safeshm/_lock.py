@@ -27,9 +27,9 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, ParamSpec, Self, TypeVar
 
 from . import _compat
 from ._errors import (
@@ -212,6 +212,8 @@ class _CLevel(property):
 
 
 T_co = TypeVar("T_co", covariant=True)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class GeneratorHold(AbstractContextManager[T_co]):
@@ -228,20 +230,37 @@ class GeneratorHold(AbstractContextManager[T_co]):
     end), and the exception propagates.
     """
 
-    __slots__ = ("_exit_c", "_gen")
+    __slots__ = ("_entered", "_exit_c", "_gen", "_make")
 
-    def __init__(self, gen: Generator[Any, Any, None]) -> None:
-        self._gen = gen
+    def __init__(self, make: Callable[[], Generator[Any, Any, None]]) -> None:
+        """``make()`` gives the generator (called again for each call of a function that
+        this object decorates, as ``contextlib.contextmanager``'s objects do)."""
+        self._make = make
+        self._gen = gen = make()
+        self._entered = False
         # The with statement looks __exit__ up before it calls __enter__: built here.
         self._exit_c = functools.partial(call_one, gen.send)
 
     def __enter__(self) -> T_co:
+        if self._entered:
+            raise RuntimeError("this context manager can be entered only once")
+        self._entered = True
         gen = self._gen
         try:
             return next(gen)  # type: ignore[no-any-return]
         except BaseException:
             gen.close()  # raised right after it took hold, or while taking it: let go
             raise
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        """As a decorator: each call of ``func`` runs inside a fresh hold."""
+
+        @functools.wraps(func)
+        def held(*args: P.args, **kwargs: P.kwargs) -> R:
+            with GeneratorHold[Any](self._make):
+                return func(*args, **kwargs)
+
+        return held
 
     if TYPE_CHECKING:
 
@@ -986,14 +1005,14 @@ Raises:
         # be a place for a signal handler's exception after the lock was taken.
         __enter__ = _compat.native.CLevel("_core", None, True)  # self._core.enter(self)
 
-    def acquired(self, timeout: float | None = None) -> AbstractContextManager[Self]:
+    def acquired(self, timeout: float | None = None) -> GeneratorHold[Self]:
         """``with lock.acquired(timeout=2.0):`` -- hold the lock for a block, or raise.
 
         Raises:
             LockTimeoutError: not acquired within ``timeout`` seconds (also a
                 ``TimeoutError``).
         """
-        return GeneratorHold(self._acquired(timeout))
+        return GeneratorHold(functools.partial(self._acquired, timeout))
 
     def _acquired(self, timeout: float | None) -> Generator[Self | bool, object, None]:
         if not self.acquire(timeout=timeout):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
+import functools
 import math
 import mmap
 import os
@@ -1385,13 +1385,11 @@ class SafeQueue(SharedStructure, Generic[T]):
         item: T = data if self._raw else _loads(data)  # type: ignore[assignment]
         return item, Lease(self, slot, lease_id)
 
-    def leased(
-        self, timeout: float | None = None, *, lease: float = 30.0
-    ) -> contextlib.AbstractContextManager[T]:
+    def leased(self, timeout: float | None = None, *, lease: float = 30.0) -> GeneratorHold[T]:
         """``with q.leased() as item:`` -- :meth:`get_leased`, acknowledged when the block
         ends normally; on an exception the item is released at once (delivered again, at
         the front) and the exception propagates."""
-        return GeneratorHold(self._leased(timeout, lease))
+        return GeneratorHold(functools.partial(self._leased, timeout, lease))
 
     def _leased(self, timeout: float | None, lease: float) -> Generator[T | bool, object, None]:
         item, handle = self.get_leased(timeout, lease=lease)

@@ -329,8 +329,10 @@ def _end_run(state: SafeArray[int], began: int) -> None:
     with contextlib.suppress(Exception):
         state[_STARTED_NS] = 0
         now = _tick_now(state)
-        if now > began and _claim(state, now):
-            state.add(_SKIPPED, 1)
+        if now > began:
+            last = _claim_last(state, now)
+            if last is not None:  # every tick after max(began, last) began during the run
+                state.add(_SKIPPED, now - max(began, last))
 
 
 def _warn_if_overrun(name: str, state: SafeArray[int], mutex: RobustMutex, tick: int) -> None:
@@ -364,12 +366,18 @@ def _warn_if_overrun(name: str, state: SafeArray[int], mutex: RobustMutex, tick:
 
 def _claim(state: SafeArray[int], tick: int) -> bool:
     """Move the last claimed tick forward to ``tick``; ``True`` for exactly one caller."""
+    return _claim_last(state, tick) is not None
+
+
+def _claim_last(state: SafeArray[int], tick: int) -> int | None:
+    """:func:`_claim`, giving the last claimed tick it moved forward from (``None``: not
+    this caller's)."""
     while True:
         last = state[_LAST]
         if last >= tick:
-            return False  # claimed already (or a later tick was)
+            return None  # claimed already (or a later tick was)
         if state.compare_and_set(_LAST, last, tick):
-            return True
+            return last
         # Another caller moved it meanwhile (to this tick, or to an earlier one that a
         # slow caller claimed): look again.
 

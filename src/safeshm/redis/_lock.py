@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import numbers
@@ -38,7 +39,6 @@ import time
 import types
 import warnings
 from collections.abc import Callable, Generator
-from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Final, Self
 
 import redis.exceptions as rex
@@ -578,34 +578,28 @@ class RedisLock(RedisStructure):
         ok = False
         try:
             # The loops in a method of their own: see _releasing.
-            won = self._wait_subscribed(ps, st, me, token, identity=identity, deadline=deadline)
+            won = self._wait_subscribed(ps, token, identity=identity, deadline=deadline)
             ok = True
-            return won
+            return False if won is None else self._won(st, me, token, *won)
         finally:
             self._unsubscribe(ps, clean=ok)
 
     def _wait_subscribed(
-        self,
-        ps: Any,
-        st: _State,
-        me: threading.Thread,
-        token: str,
-        *,
-        identity: str,
-        deadline: float,
-    ) -> bool:
+        self, ps: Any, token: str, *, identity: str, deadline: float
+    ) -> tuple[list[Any], float] | None:
+        """The winning attempt's reply and when it was sent; ``None``: the deadline passed."""
         drops = 0
         while True:
             if not self._subscribe(ps, deadline):
-                return False
+                return None
             while True:
                 result, sent = self._attempt(token, deadline)
                 if result[0] == 1:
-                    return self._won(st, me, token, result, sent)
+                    return result, sent
                 self._check_not_mine(result[1], identity)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return False
+                    return None
                 pttl = int(result[2])
                 # +2 ms: the key is surely gone when we look again. A lease key without
                 # an expiry (PTTL -1: someone PERSISTed it) is looked at every second.
@@ -845,14 +839,14 @@ class RedisLock(RedisStructure):
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def acquired(self, timeout: float | None = None) -> AbstractContextManager[Self]:
+    def acquired(self, timeout: float | None = None) -> GeneratorHold[Self]:
         """``with lock.acquired(timeout=2.0):`` -- hold the lock for a block, or raise.
 
         Raises:
             LockTimeoutError: not acquired within ``timeout`` seconds (also a
                 ``TimeoutError``).
         """
-        return GeneratorHold(self._acquired(timeout))
+        return GeneratorHold(functools.partial(self._acquired, timeout))
 
     def _acquired(self, timeout: float | None) -> Generator[Self | bool, object, None]:
         if not self.acquire(timeout=timeout):
