@@ -515,3 +515,47 @@ def test_a_write_that_times_out_after_it_committed_says_so(
         assert store["x"] == 1
     with SafeFileStore(path) as fresh:
         assert fresh.to_dict() == {"a": 1, "x": 1, "y": 2}
+
+
+def test_compact_reentered_by_the_compacting_thread_is_refused(tmp_path: Path) -> None:
+    """What a signal handler that compacts the store whose compaction it interrupted meets:
+    LockReentryError (a second flock of the maintenance lock, on a descriptor of its own,
+    would wait for ever for this very thread); a write's own compaction skips instead."""
+    with safeshm.SafeFileStore(tmp_path / "s", durable=False) as store:
+        held = store._maintenance()
+        assert next(held)  # as compact() holds it when the signal comes
+        try:
+            with pytest.raises(safeshm.LockReentryError):
+                store.compact()
+            with pytest.raises(safeshm.LockReentryError):
+                store.compact(timeout=0.1)
+            store["k"] = 1
+        finally:
+            held.close()
+        store.compact()  # free again
+        assert store["k"] == 1
+        # Another thread still waits for it, as before (it is not this thread's).
+        held = store._maintenance()
+        next(held)
+        try:
+            with pytest.raises(safeshm.StoreTimeoutError):
+                _compact_in_thread(store, 0.2)
+        finally:
+            held.close()
+
+
+def _compact_in_thread(store: Any, timeout: float) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            store.compact(timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    if errors:
+        raise errors[0]

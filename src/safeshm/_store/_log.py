@@ -191,15 +191,33 @@ class _Log(Generic[V]):
         descriptor of its own, which closing drops, all in C."""
         if self._dir_fd < 0:
             raise self._closed_error()
+        st = os.fstat(self._dir_fd)
+        key = (st.st_dev, st.st_ino)
+        held = _maintenance_held()
+        if key in held:
+            # This thread holds it already: a signal handler that compacts the store whose
+            # compaction it interrupted. A flock on a descriptor of its own would wait for
+            # ever for this very thread.
+            if until == -math.inf:
+                yield False  # try once: as if another process were compacting
+                return
+            raise LockReentryError(
+                f"SafeFileStore {self._path!r}: this thread is already compacting this store "
+                "(a signal handler that compacts the store whose compaction it interrupted?)"
+            )
         fd = _open_file(self._dir_fd, MAINTENANCE_LOCK_FILE, os.O_RDWR, self._path, create=True)
         try:
+            held.add(key)  # inside the try: the finally takes it out, whatever lands
             if until == math.inf:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield True
             else:
                 yield _poll_exclusive(fd, until)
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            finally:
+                held.discard(key)
 
     def _initialise(self) -> None:
         maintenance = self._maintenance()
@@ -1131,6 +1149,18 @@ class _Log(Generic[V]):
         self._pid = _compat.pid
         if not self._closed:
             self._writer = _process_writer(self._dir_fd, self._path)
+
+
+_maintaining = threading.local()
+
+
+def _maintenance_held() -> set[tuple[int, int]]:
+    """The stores (device, inode of the directory) whose maintenance lock this thread
+    holds."""
+    held: set[tuple[int, int]] | None = getattr(_maintaining, "held", None)
+    if held is None:
+        held = _maintaining.held = set()
+    return held
 
 
 # Loops that run inside a `with` or a `try` whose exit releases something are functions of
